@@ -1,0 +1,569 @@
+"""What must be identical across stages: arguments, model loading, batching, log-probs, generation,
+optimizers, checkpoints, logging and the memory plan.
+
+Every stage script (sft.py, rft.py, rollout_sft.py, eval.py, analyze.py) shows its own algorithm top to bottom;
+only the pieces whose drift between stages would silently break the experiment live here (two copies of a
+log-prob function that disagree would make the KL, the influence scores and the rollout log-probs
+incomparable). The jigsaw task itself is in jigsaw.py.
+
+Batch layout used everywhere (the layout of `generate`'s output, and TRL's):
+    [pad pad P P P P | C C C <|im_end|> pad]
+     prompt, left-padded | completion, right-padded
+so all completions start at the same column and `logits_to_keep = completion_length + 1` covers them.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments: a dataclass whose field docstrings are the --help (cleanRL style, without extra dependencies)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Read the string literal under each dataclass field from the source (they are not kept at runtime)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_args(cls, description: str | None = None, argv=None):
+    """Build an argparse parser from a dataclass: `--name value` per field, `--flag/--no_flag` for bools."""
+    docs = _field_docs(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    try:
+        import typing
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        pass
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        hint = hints.get(f.name, str)
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif base in (int, float, str):
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=help_text)
+        else:  # lists and anything else: a comma-separated string the stage parses itself
+            parser.add_argument(f"--{f.name}", type=str, default=default, help=help_text)
+    namespace = parser.parse_args(argv)
+    return cls(**vars(namespace))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def fail(message: str) -> None:
+    """Stop with a clear message (no traceback) before any GPU time is spent."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and processor
+# ----------------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_path(name_or_path: str, what: str = "--model") -> None:
+    """A local-looking path that does not exist is a typo, not a hub id: say so before loading anything."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
+        or name_or_path.count("/") != 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        fail(f"{what} {name_or_path}: no such folder. Give a hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or the "
+             "folder of a checkpoint saved with save_pretrained (e.g. runs/toy/base).")
+    if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").exists():
+        fail(f"{what} {name_or_path}: folder has no config.json; point at a save_pretrained folder "
+             "(a training checkpoint's final/ or the base model folder).")
+
+
+def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """AutoProcessor with fixed min/max pixels and LEFT padding (generation with batch > 1 needs it)."""
+    from transformers import AutoProcessor
+    kwargs = {}
+    if min_pixels is not None:
+        kwargs["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        kwargs["max_pixels"] = max_pixels
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        fail(f"no processor could be loaded from {name_or_path} ({err}). A checkpoint folder must hold the "
+             "processor files (saved by processor.save_pretrained next to the model).")
+    if min_pixels is not None or max_pixels is not None:
+        size = dict(processor.image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        processor.image_processor.size = size
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
+               device: str | None = None):
+    """AutoModelForImageTextToText by hub id or local path; safetensors only, no remote code."""
+    from transformers import AutoModelForImageTextToText
+    kwargs = {"dtype": DTYPES[dtype], "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    if device:
+        model.to(device)
+    return model
+
+
+def load_model_and_processor(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
+                             min_pixels: int | None = None, max_pixels: int | None = None,
+                             device: str | None = None):
+    check_model_path(name_or_path)
+    processor = load_processor(name_or_path, min_pixels, max_pixels)
+    model = load_model(name_or_path, dtype, attn_implementation, device)
+    return model, processor
+
+
+def vision_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(vision tower without merger, merger) of a Qwen2.5-VL model, wherever transformers puts them."""
+    visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+    return visual, visual.merger
+
+
+def freeze_vision(model, freeze_tower: bool, freeze_merger: bool) -> None:
+    visual, merger = vision_modules(model)
+    if freeze_tower:
+        for name, param in visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if freeze_merger:
+        for param in merger.parameters():
+            param.requires_grad_(False)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total - trainable
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat messages and batches
+# ----------------------------------------------------------------------------------------------------------
+def make_messages(prompt: str, num_images: int) -> list[dict]:
+    """One user turn: the images first, then the text (how Qwen2.5-VL's model cards show it)."""
+    return [{"role": "user", "content": [{"type": "image"} for _ in range(num_images)]
+             + [{"type": "text", "text": prompt}]}]
+
+
+def prompt_texts(processor, prompts: list[str], images: list[list]) -> list[str]:
+    return [processor.apply_chat_template(make_messages(p, len(im)), tokenize=False, add_generation_prompt=True)
+            for p, im in zip(prompts, images)]
+
+
+def build_batch(processor, prompts: list[str], images: list[list], completions: list[str] | None = None,
+                max_completion_tokens: int | None = None, completion_ids: list[list[int]] | None = None) -> dict:
+    """Tokenize rows of (prompt, images[, completion]) into one padded batch.
+
+    Prompts go through the processor (which expands each <|image_pad|> to the image's token count) and are
+    left-padded; completions are tokenized separately (as generate would have produced them, ending in
+    <|im_end|>) and right-padded. `pixel_values` holds each row's images in row order, concatenated along dim 0
+    (rows per image = image_grid_thw.prod(-1)); `completion_mask` is 1 exactly on completion tokens.
+    Completion ids may be given directly (rollouts) instead of text.
+    """
+    tokenizer = processor.tokenizer
+    flat_images = [im for row in images for im in row]
+    texts = prompt_texts(processor, prompts, images)
+    encoded = processor(text=texts, images=flat_images or None, padding=True, padding_side="left",
+                        return_tensors="pt")
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in encoded:
+            batch[key] = encoded[key]
+    batch["prompt_length"] = encoded["input_ids"].shape[1]
+    if completions is None and completion_ids is None:
+        return batch
+    if completion_ids is None:
+        eos = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) if tokenizer.eos_token is None \
+            else tokenizer.eos_token
+        completion_ids = [tokenizer(c + eos, add_special_tokens=False)["input_ids"] for c in completions]
+    if max_completion_tokens is not None:
+        completion_ids = [ids[:max_completion_tokens] for ids in completion_ids]
+    length = max(1, max(len(ids) for ids in completion_ids))
+    pad_id = tokenizer.pad_token_id
+    comp = torch.full((len(completion_ids), length), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((len(completion_ids), length), dtype=torch.long)
+    for i, ids in enumerate(completion_ids):
+        comp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        comp_mask[i, :len(ids)] = 1
+    batch["input_ids"] = torch.cat([batch["input_ids"], comp], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], comp_mask], dim=1)
+    batch["completion_ids"] = comp
+    batch["completion_mask"] = comp_mask
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys the model's forward takes (image_grid_thw always passed: stale rope_deltas trap)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in batch}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs of completion tokens
+# ----------------------------------------------------------------------------------------------------------
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """log_softmax(logits)[..., index] computed a few rows at a time, in fp32: the [B, T, V] log-softmax of
+    a 152k vocabulary would otherwise double the largest tensor of the step."""
+    out = []
+    for logits_chunk, index_chunk in zip(logits.split(chunk_rows), index.split(chunk_rows)):
+        logits_chunk = logits_chunk.float()
+        picked = torch.gather(logits_chunk, -1, index_chunk.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(logits_chunk, dim=-1))
+    return torch.cat(out)
+
+
+def completion_logits(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict each completion token, [B, Tc, V]; only Tc+1 positions go through lm_head."""
+    length = batch["completion_ids"].shape[1]
+    # A fresh forward with image_grid_thw: rope_deltas cached by generate() may belong to another batch.
+    model_kwargs = model_inputs(batch)
+    if hasattr(model, "model") and hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None
+    logits = model(**model_kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def completion_logprobs(model, batch: dict, temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
+    """Per-token log pi(c_t | prompt, c_<t) of the completion tokens, [B, Tc] (zeros are padding: use
+    batch['completion_mask'])."""
+    logits = completion_logits(model, batch, temperature)
+    return selective_log_softmax(logits, batch["completion_ids"], chunk_rows) * batch["completion_mask"]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def sft_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Cross-entropy on completion tokens only, averaged over the batch's completion tokens."""
+    logprobs = completion_logprobs(model, batch)
+    mask = batch["completion_mask"]
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1), int(mask.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, processor, prompts: list[str], images: list[list], max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True) -> dict:
+    """Batched generation with left padding. Returns the batch (prompt part), completion ids (list per row,
+    ending at and including <|im_end|> when it was produced), the decoded texts, and whether each hit the
+    length limit. To sample G completions per prompt, repeat each row G times in `prompts`/`images` (each
+    image block then repeats in order I1,I1,..,I2,I2,.., never pixel_values.repeat)."""
+    batch = build_batch(processor, prompts, images)
+    device = next(model.parameters()).device
+    inputs = to_device(model_inputs(batch), device)
+    tokenizer = processor.tokenizer
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    output = model.generate(**inputs, **gen_kwargs)
+    model.train(was_training)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+    completion_ids, truncated = [], []
+    for ids in new_tokens:
+        if tokenizer.eos_token_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+            truncated.append(False)
+        else:
+            ids = [t for t in ids if t != tokenizer.pad_token_id]
+            truncated.append(True)
+        completion_ids.append(ids)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return {"completion_ids": completion_ids, "texts": texts, "truncated": truncated}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizers and schedules
+# ----------------------------------------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    """torch AdamW, or bitsandbytes AdamW8bit / PagedAdamW8bit (2 bytes of state per parameter instead of 8)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    if name in ("adamw8bit", "paged_adamw8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail(f"--optimizer {name} needs bitsandbytes (pip install bitsandbytes), or use --optimizer adamw.")
+        klass = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return klass(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    fail(f"--optimizer {name} unknown; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """Linear warmup then cosine decay to min_lr_ratio * lr (the usual TRL/HF 'cosine' schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints, logging, atomic files
+# ----------------------------------------------------------------------------------------------------------
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def export_model(accelerator, model, processor, path) -> None:
+    """save_pretrained of model and processor: a folder any HF tool (and every stage here) loads by path.
+    Gathers the full state dict first, so it also works under FSDP/DeepSpeed."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(str(path))
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, output_dir, step: int, extra: dict, model=None, processor=None) -> Path:
+    """Model, optimizer, scheduler and every RNG state (accelerator.save_state, safetensors for the model),
+    plus `trainer_state.json` (step, data position, ...), plus (when model/processor are given) a
+    save_pretrained copy in `model/` that analyze.py and rollout_sft.py load like any checkpoint (this costs
+    the weights' size once more on disk). Written to a temp folder and renamed, so a crash while saving never
+    damages the last good checkpoint; `latest` names the newest one."""
+    import shutil
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if model is not None and processor is not None:
+        export_model(accelerator, model, processor, tmp / "model")
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (output_dir / "latest.tmp").write_text(final.name)
+        os.replace(output_dir / "latest.tmp", output_dir / "latest")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    pointer = Path(output_dir) / "latest"
+    if pointer.exists():
+        path = Path(output_dir) / pointer.read_text().strip()
+        if (path / "trainer_state.json").exists():
+            return path
+    return None
+
+
+def load_checkpoint(accelerator, checkpoint_dir) -> dict:
+    accelerator.load_state(str(checkpoint_dir))
+    return json.loads((Path(checkpoint_dir) / "trainer_state.json").read_text())
+
+
+def prune_checkpoints(output_dir, keep: int) -> None:
+    import shutil
+    if keep <= 0:
+        return
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for path in checkpoints[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to metrics.jsonl (durable, greppable, plotted by the report)."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def truncate_metrics(path, after_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data sets
+# ----------------------------------------------------------------------------------------------------------
+def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = ()):
+    """A `datasets` folder (save_to_disk; a DatasetDict needs `split`) or a JSONL file, with its columns
+    checked before any model is loaded."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    p = Path(path)
+    if not p.exists():
+        fail(f"data {path}: no such file or folder. Build one with `python jigsaw.py --out {path}` or point "
+             "--data at a save_to_disk folder or a .jsonl file.")
+    if p.is_file():
+        if p.suffix not in (".jsonl", ".json"):
+            fail(f"data {path}: expected a .jsonl file or a save_to_disk folder.")
+        dataset = load_dataset("json", data_files=str(p), split="train")
+    else:
+        dataset = load_from_disk(str(p))
+        if isinstance(dataset, DatasetDict):
+            if split is None or split not in dataset:
+                fail(f"data {path} holds splits {list(dataset)}; choose one with --split.")
+            dataset = dataset[split]
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        fail(f"data {path}: missing column(s) {missing}; it has {dataset.column_names}. Pass the right "
+             "--prompt_column/--target_column, or rebuild the data set.")
+    return dataset
+
+
+def row_images(row: dict) -> list:
+    """The images of a row: column `images` (list) or `image` (one), as RGB PIL images."""
+    if "images" in row and row["images"] is not None:
+        images = row["images"]
+    elif "image" in row and row["image"] is not None:
+        images = [row["image"]]
+    else:
+        images = []
+    return [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory plan (--dry_run)
+# ----------------------------------------------------------------------------------------------------------
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+REAL_CONFIGS = {"Qwen/Qwen2.5-VL-3B-Instruct": CONFIGS_DIR / "qwen2_5_vl_3b_instruct.json",
+                "Qwen/Qwen2.5-VL-7B-Instruct": CONFIGS_DIR / "qwen2_5_vl_7b_instruct.json"}
+
+
+def meta_model(name_or_path: str):
+    """The architecture on the meta device (no memory, no download): shipped configs for the real models,
+    else the config.json of a local folder."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    if name_or_path in REAL_CONFIGS:
+        config = AutoConfig.from_pretrained(str(REAL_CONFIGS[name_or_path]))
+    elif Path(name_or_path).is_dir():
+        config = AutoConfig.from_pretrained(name_or_path)
+    elif Path(name_or_path).suffix == ".json":
+        config = AutoConfig.from_pretrained(name_or_path)
+    else:
+        fail(f"--dry_run knows {list(REAL_CONFIGS)} and local folders; {name_or_path} is neither.")
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return model
+
+
+GiB = 1024 ** 3
+
+
+def memory_plan(model, optimizer: str, mixed_precision: str, reference_model: bool = False,
+                activations_bytes: int = 0) -> dict:
+    """Bytes of weights, gradients, optimizer states and master copy for the chosen options.
+
+    mixed_precision 'bf16' = fp32 master weights (4 B) + bf16 autocast, grads fp32 (4 B);
+    'no' with a bf16 model = pure bf16 weights (2 B) and grads (2 B). AdamW states 8 B/param (fp32 m, v),
+    8-bit AdamW 2 B/param. The reference model (GRPO's KL) is a frozen bf16 copy.
+    """
+    trainable, frozen = count_parameters(model)
+    total = trainable + frozen
+    weight_bytes = 4 if mixed_precision == "bf16" else 2
+    plan = {
+        "parameters_total": total, "parameters_trainable": trainable, "parameters_frozen": frozen,
+        "weights": total * weight_bytes,
+        "gradients": trainable * weight_bytes,
+        "optimizer_states": trainable * (8 if optimizer == "adamw" else 2),
+        "reference_model": total * 2 if reference_model else 0,
+        "activations_estimate": activations_bytes,
+    }
+    plan["total"] = sum(v for k, v in plan.items() if not k.startswith("parameters"))
+    return plan
+
+
+def print_memory_plan(plan: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(f"  parameters: {plan['parameters_total']:,} total, {plan['parameters_trainable']:,} trainable, "
+          f"{plan['parameters_frozen']:,} frozen")
+    for key in ("weights", "gradients", "optimizer_states", "reference_model", "activations_estimate", "total"):
+        print(f"  {key:<22} {plan[key] / GiB:8.2f} GiB")
+    for gpu, size in (("24 GB (RTX 4090/A10)", 24), ("40 GB (A100-40G)", 40), ("80 GB (A100/H100-80G)", 80)):
+        # ~10% of a card goes to the CUDA context, allocator fragmentation and temporaries.
+        fits = plan["total"] / GiB <= size * 0.9
+        print(f"  fits on {gpu}: {'yes' if fits else 'no'}")

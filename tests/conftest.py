@@ -1,0 +1,43 @@
+"""Shared fixtures: everything is built locally (tiny model, tokenizer, data); nothing touches the network."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Offline before anything imports transformers/datasets; caches in a temp folder, never ~/.cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL + processor saved with save_pretrained (loads like a hub id)."""
+    import toy
+    return toy.build_toy_model(str(tmp_path_factory.mktemp("toy") / "init"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def jigsaw_data(tmp_path_factory) -> Path:
+    """A 2x2 procedural jigsaw data set (train 16 / test 8) saved with save_to_disk."""
+    import jigsaw
+    out = tmp_path_factory.mktemp("data") / "jigsaw"
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=16, test=8, out=str(out),
+                                          image_size=56))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prior_data(tmp_path_factory) -> Path:
+    """The toy prior-knowledge questions (train 32 / test 16)."""
+    import toy
+    out = tmp_path_factory.mktemp("data") / "prior"
+    toy.build_prior_dataset(str(out), train=32, test=16, seed=0)
+    return out

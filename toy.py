@@ -1,0 +1,281 @@
+"""The offline toy world: a tiny Qwen2.5-VL built locally, and procedural "prior knowledge".
+
+Nothing here downloads anything. It makes:
+  1. a byte-level BPE tokenizer with Qwen's special tokens and a Qwen2.5-VL chat template,
+  2. a Qwen2.5-VL processor and a randomly initialised tiny Qwen2.5-VL (same classes as the real model,
+     saved with save_pretrained and loaded by path like a hub id),
+  3. "prior knowledge" data: procedural scenes (shapes, colours, counts) with questions in the styles of the
+     real benchmarks (short answer, multiple choice, POPE-style yes/no, counting); a training split in SFT
+     format (some targets in the <think>...</think><answer>...</answer> format so the base model can follow
+     it) and a held-out test split that eval.py scores like any benchmark.
+The toy *base* model is then made by sft.py itself on the training split (see run_all.sh).
+
+    python toy.py --out runs/toy            # writes runs/toy/init (model+processor) and runs/toy/prior
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+import jigsaw
+
+# Qwen2.5's special tokens, in Qwen's order (ids are small here; the real ids start at 151643).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# The Qwen2-VL / Qwen2.5-VL chat format: default system turn, <|vision_start|><|image_pad|><|vision_end|> per
+# image, <|im_start|>role\n ... <|im_end|>\n per turn. Written here so the toy world needs no download.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+THINK_INSTRUCTION = ("First think step by step inside <think> </think> tags, then give the final answer inside "
+                     "<answer> </answer> tags.")
+
+# Sizes of the toy model; `tiny` is what the tests use (fast), `small` what run_all.sh's toy preset uses.
+MODEL_SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
+                 vision_heads=2, vision_intermediate=64),
+    "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vision_hidden=64, vision_depth=2,
+                  vision_heads=2, vision_intermediate=128),
+}
+TOY_MIN_PIXELS = 56 * 56
+TOY_MAX_PIXELS = 112 * 112
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scenes and questions
+# ----------------------------------------------------------------------------------------------------------
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=color)
+    else:
+        w, h = x1 - x0, y1 - y0
+        draw.rectangle((x0 + w // 3, y0, x1 - w // 3, y1), fill=color)
+        draw.rectangle((x0, y0 + h // 3, x1, y1 - h // 3), fill=color)
+
+
+def make_scene(rng: random.Random, size: int = 112) -> tuple[Image.Image, list[dict]]:
+    """1-3 non-overlapping shapes (one per quadrant) on a light background; returns image and objects."""
+    image = Image.new("RGB", (size, size), (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    count = rng.randint(1, 3)
+    quadrants = rng.sample(range(4), count)
+    objects = []
+    half = size // 2
+    for q in quadrants:
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        side = rng.randint(half * 6 // 10, half * 9 // 10)
+        x0 = (q % 2) * half + rng.randint(0, half - side)
+        y0 = (q // 2) * half + rng.randint(0, half - side)
+        draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLORS[color])
+        objects.append({"shape": shape, "color": color})
+    return image, objects
+
+
+def make_question(rng: random.Random, objects: list[dict]) -> dict:
+    """One question about a scene, in one of four benchmark styles; returns prompt, answer, category, and a
+    short reasoning sentence used for the thinking-format targets."""
+    kind = rng.choice(["color", "shape_mc", "yesno", "count"])
+    first = objects[0]
+    if kind == "color" and len(objects) == 1:
+        return {"category": "color", "prompt": "What color is the shape? Answer with one word.",
+                "answer": first["color"], "reason": f"The shape is {first['color']}."}
+    if kind in ("color", "shape_mc"):
+        target = first if len(objects) == 1 else rng.choice(objects)
+        options = [target["shape"]] + rng.sample([s for s in SHAPES if s != target["shape"]], 3)
+        rng.shuffle(options)
+        letter = "ABCD"[options.index(target["shape"])]
+        lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+        return {"category": "shape_mc",
+                "prompt": f"Which shape is {target['color']} in the image?\n{lines}\n"
+                          "Answer with the option's letter from the given choices directly.",
+                "answer": letter, "reason": f"The {target['color']} object is a {target['shape']}."}
+    if kind == "yesno":
+        present = rng.random() < 0.5
+        if present:
+            obj = rng.choice(objects)
+        else:
+            absent = [(s, c) for s in SHAPES for c in COLORS
+                      if not any(o["shape"] == s and o["color"] == c for o in objects)]
+            shape, color = rng.choice(absent)
+            obj = {"shape": shape, "color": color}
+        return {"category": "yesno",
+                "prompt": f"Is there a {obj['color']} {obj['shape']} in the image? Please answer yes or no.",
+                "answer": "yes" if present else "no",
+                "reason": f"I {'see' if present else 'do not see'} a {obj['color']} {obj['shape']}."}
+    return {"category": "count", "prompt": "How many shapes are in the image? Answer with a number.",
+            "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
+
+
+def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3) -> list[dict]:
+    rng = random.Random(f"{seed}/{split}")
+    rows = []
+    for k in range(count):
+        image, objects = make_scene(rng)
+        q = make_question(rng, objects)
+        think = rng.random() < think_share
+        prompt = f"{q['prompt']} {THINK_INSTRUCTION}" if think else q["prompt"]
+        completion = f"<think>{q['reason']}</think>\n<answer>{q['answer']}</answer>" if think else q["answer"]
+        rows.append({"id": f"toy-{split}-{k:06d}", "images": [image], "prompt": prompt,
+                     "question": q["prompt"], "answer": q["answer"], "category": q["category"],
+                     "completion": completion})
+    return rows
+
+
+def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int = 0):
+    from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, List, Value
+    features = Features({"id": Value("string"), "images": List(ImageFeature()), "prompt": Value("string"),
+                         "question": Value("string"), "answer": Value("string"), "category": Value("string"),
+                         "completion": Value("string")})
+    dataset = DatasetDict({"train": Dataset.from_list(prior_rows("train", train, seed), features=features),
+                           # the test split is asked directly (like the benchmarks), never in think format
+                           "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0),
+                                                     features=features)})
+    jigsaw.save_dataset_atomic(dataset, out)
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer, processor, model
+# ----------------------------------------------------------------------------------------------------------
+def tokenizer_corpus() -> list[str]:
+    """Text the toy tokenizer is trained on: every prompt and answer form the toy world produces."""
+    lines = [CHAT_TEMPLATE.replace("{", " ").replace("}", " "), "You are a helpful assistant.", THINK_INSTRUCTION]
+    rng = random.Random(0)
+    for row in prior_rows("corpus", 400, 0, think_share=0.5):
+        lines += [row["prompt"], row["completion"]]
+    for rows, cols in ((2, 2), (3, 3), (2, 3), (3, 2), (4, 4)):
+        for thinking in (True, False):
+            for tiles in (True, False):
+                for convention in jigsaw.CONVENTIONS:
+                    lines.append(jigsaw.build_prompt(rows, cols, thinking, tiles, convention))
+        for _ in range(50):
+            perm = list(range(1, rows * cols + 1))
+            rng.shuffle(perm)
+            lines.append(jigsaw.target_answer_only(perm, rows, cols))
+            lines.append(f"<think>The piece at position 1 shows the top left part, so it came from position "
+                         f"{perm[0]}.</think>\n" + jigsaw.target_answer_only(perm, rows, cols))
+    lines += [str(i) for i in range(100)] + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?()[]")
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 800):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left",
+                                        model_max_length=32768)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(tokenizer, min_pixels: int = TOY_MIN_PIXELS, max_pixels: int = TOY_MAX_PIXELS):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, size: str = "tiny", seed: int = 0):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    s = MODEL_SIZES[size]
+    head_dim = s["hidden"] // s["heads"]
+    # mrope_section must sum to head_dim / 2 (the real models: 128 -> [16, 24, 24]); same 2:3:3 split here.
+    quarter = head_dim // 2
+    t = quarter * 2 // 8
+    mrope = [t, (quarter - t) // 2, quarter - t - (quarter - t) // 2]
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         intermediate_size=s["intermediate"], max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], num_heads=s["vision_heads"],
+                           intermediate_size=s["vision_intermediate"], out_hidden_size=s["hidden"], patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model
+
+
+def build_toy_model(out: str, size: str = "tiny", seed: int = 0) -> Path:
+    """Tokenizer + processor + random tiny Qwen2.5-VL, saved with save_pretrained to `out`."""
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer, size, seed)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_path)
+    processor.save_pretrained(out_path)
+    return out_path
+
+
+@dataclass
+class Args:
+    out: str = "runs/toy"
+    """folder for init/ (the random tiny model + processor) and prior/ (the prior-knowledge data set)"""
+    size: str = "small"
+    """toy model size: tiny (tests) or small (the toy preset)"""
+    prior_train: int = 3000
+    """prior-knowledge training questions (SFT data that makes the toy base model)"""
+    prior_test: int = 300
+    """held-out prior-knowledge questions (the toy benchmark eval.py scores)"""
+    seed: int = 0
+    """seed of the model init and the scenes"""
+
+
+def main(argv=None):
+    from common import parse_args
+    args = parse_args(Args, __doc__, argv)
+    if args.size not in MODEL_SIZES:
+        raise SystemExit(f"error: --size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
+    path = build_toy_model(f"{args.out}/init", args.size, args.seed)
+    build_prior_dataset(f"{args.out}/prior", args.prior_train, args.prior_test, args.seed)
+    print(f"[toy] wrote {path} (tiny Qwen2.5-VL, random init) and {args.out}/prior "
+          f"({args.prior_train} train / {args.prior_test} test questions)")
+
+
+if __name__ == "__main__":
+    main()
