@@ -495,15 +495,26 @@ def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (
     return dataset
 
 
-def row_images(row: dict) -> list:
-    """The images of a row: column `images` (list) or `image` (one), as RGB PIL images."""
+def row_images(row: dict, base_dir: str | Path | None = None) -> list:
+    """The images of a row: column `images` (list) or `image` (one), as RGB PIL images. In JSONL data an
+    image may be a file path, relative to the JSONL file's folder (`base_dir`)."""
+    from PIL import Image
     if "images" in row and row["images"] is not None:
         images = row["images"]
     elif "image" in row and row["image"] is not None:
         images = [row["image"]]
     else:
         images = []
-    return [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+    out = []
+    for im in images:
+        if isinstance(im, str):
+            path = Path(base_dir or ".") / im
+            if not path.exists():
+                fail(f"image {path} (row {row.get('id', '?')}) does not exist; image paths in JSONL data are "
+                     "relative to the JSONL file.")
+            im = Image.open(path)
+        out.append(im.convert("RGB"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,6 +543,28 @@ def meta_model(name_or_path: str):
 
 
 GiB = 1024 ** 3
+
+
+def activation_estimate(config, sequences: int, seq_len: int, completion_len: int,
+                        gradient_checkpointing: bool, bytes_per_value: int = 2) -> int:
+    """Rough bytes of activations kept for backward, for planning only (the exact figure depends on kernels).
+
+    Per token and layer a transformer block keeps about 34*h + 5*a*s values without flash attention
+    (Korthikanti et al. 2022, "Reducing Activation Recomputation"); with flash/SDPA the a*s term is gone, so we
+    use ~(16*h + 3*i) for the MLP and projections. With gradient checkpointing only each layer's input (h
+    values) is kept, plus one layer's full activations during its recomputation. The logits of the completion
+    tokens (fp32, [tokens, vocab], twice for log-softmax) come on top; image tokens are counted in seq_len.
+    """
+    text = config.text_config if hasattr(config, "text_config") else config
+    hidden, inter, layers, vocab = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    tokens = sequences * seq_len
+    per_layer_full = tokens * (16 * hidden + 3 * inter) * bytes_per_value
+    if gradient_checkpointing:
+        kept = layers * tokens * hidden * bytes_per_value + per_layer_full
+    else:
+        kept = layers * per_layer_full
+    logits = sequences * (completion_len + 1) * vocab * 4 * 2
+    return int(kept + logits)
 
 
 def memory_plan(model, optimizer: str, mixed_precision: str, reference_model: bool = False,
