@@ -1,0 +1,692 @@
+"""SFT data sources of the paper's table, each a `datasets` folder that sft.py trains on directly.
+
+The paper's central claim is about data: SFT forgets when it trains on text far from the model's own
+distribution, and forgets little on the model's own correct rollouts. This script makes each data source a
+reproducible artefact (names as in the paper's table):
+
+    non_rea             ground-truth answer only (prompt_no_think -> "<answer>..grid..</answer>")   SFT-Non-Rea
+    rea_external        reasoning someone else wrote + the ground-truth answer                      SFT-Rea-4o
+    rea_grpo_rollout    correct rollouts (reasoning + answer) sampled from the final RFT model      SFT-Rea-GRPO-Rollout
+    rea_self_generated  the <think> text of an early RFT checkpoint (accuracy < 5%) + the true answer
+                                                                                                    SFT-Rea-Self-Generated
+
+Every row of every source has a correct answer in a valid format (jigsaw.jigsaw_reward: acc == 1, fmt == 1).
+Columns: id, images, prompt, completion, answer, rows, cols, reward, source_checkpoint, logprob (sum log-prob of
+the completion under the sampling checkpoint, null where no model was involved). Saved as a DatasetDict with one
+split (--split), plus stats.json inside the folder.
+
+Worked example (2x2 puzzle whose answer is 3 1 / 4 2, K = 3 samples of the RFT model):
+    "<think>top left is blue..</think><answer>3 1\\n4 2</answer>"   acc 1 fmt 1  -> kept
+    "<think>top left is blue..</think><answer>3 1\\n4 2</answer>"   duplicate    -> dropped
+    "<answer>3 1\\n2 4</answer>"                                     acc 0        -> dropped
+  with --max_per_puzzle 1 one row is kept; sampler accuracy 2/3; the puzzle counts as "has a correct rollout".
+
+Rollout generation is resumable: puzzles are processed in fixed chunks (in data order), each chunk seeded from
+(--seed, its first puzzle id), and each finished chunk is appended to OUT.shard.jsonl with write + fsync. A
+crash keeps every finished chunk; rerunning the same command skips the done puzzles and gives the same rows as
+an uninterrupted run. The data set folder is built from the shard at the end (atomic swap).
+
+    # the four sources (run_all.sh calls exactly these)
+    python rollout_sft.py --source non_rea --data data/jigsaw --out data/sft/non_rea
+    python rollout_sft.py --source rea_external --data data/jigsaw --out data/sft/rea_external \\
+        [--traces gpt4o_traces.jsonl]           # JSONL of {"id": puzzle id, "reasoning": text}
+    python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \\
+        --k 8 --temperature 1.0 --max_new_tokens 512 --max_per_puzzle 1 --batch_size 16 --out data/sft/rea_grpo_rollout
+    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-200/model \\
+        --k 8 --out data/sft/rea_self_generated
+    # then, for each: python sft.py --model BASE --data data/sft/NAME --prompt_column prompt --target_column completion ...
+
+    # distance from the model: per-token NLL and perplexity of each source's targets under the base model
+    python rollout_sft.py --perplexity --model Qwen/Qwen2.5-VL-3B-Instruct --limit 500 \\
+        --sources non_rea=data/sft/non_rea,rea_external=data/sft/rea_external,rea_grpo_rollout=data/sft/rea_grpo_rollout \\
+        --out results/perplexity.json          # also writes results/perplexity.md
+
+    # tiny CPU run (toy world)
+    python toy.py --out runs/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 --out runs/toy/jigsaw
+    python rollout_sft.py --source rea_grpo_rollout --data runs/toy/jigsaw --model runs/toy/init --k 4 \\
+        --max_new_tokens 32 --limit 8 --out runs/toy/sft_data/rea_grpo_rollout
+
+Without a usable source (a checkpoint that gets nothing right, traces that match no puzzle) the script stops
+with counts; it never hands sft.py an empty data set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import common
+import jigsaw
+
+SOURCES = ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated")
+NEEDS_MODEL = ("rea_grpo_rollout", "rea_self_generated")
+JIGSAW_COLUMNS = ("id", "images", "prompt", "prompt_no_think", "answer", "rows", "cols", "target_non_rea")
+OUT_COLUMNS = ("id", "images", "prompt", "completion", "answer", "rows", "cols", "reward", "source_checkpoint",
+               "logprob")
+# Fields of the shard's meta file that change what is sampled: a resume with other values would mix two
+# different samplers in one data set, so it is refused. (--batch_size and --limit may change on resume.)
+SHARD_KEYS = ("source", "data", "split", "model", "k", "temperature", "top_p", "max_new_tokens", "max_per_puzzle",
+              "seed", "dtype")
+
+
+@dataclass
+class Args:
+    source: str = ""
+    """which data set to build: non_rea | rea_external | rea_grpo_rollout | rea_self_generated"""
+    data: str = ""
+    """jigsaw data set folder (python jigsaw.py --out DIR)"""
+    split: str = "train"
+    """split of --data whose puzzles are used; the output is saved as a DatasetDict with this one split"""
+    model: str = ""
+    """checkpoint that samples (rea_grpo_rollout: the final RFT model; rea_self_generated: an early RFT
+    checkpoint with task accuracy < 5%), or the base model with --perplexity: any save_pretrained folder or hub id"""
+    out: str = ""
+    """output data set folder (with --perplexity: the JSON file; a .md table is written next to it)"""
+    k: int = 8
+    """samples per puzzle (GRPO group size 8 in public Jigsaw GRPO work; the paper's value is unknown)"""
+    temperature: float = 1.0
+    """sampling temperature (1.0 as in GRPO rollouts, so kept rows follow the RFT policy's own distribution);
+    0 means greedy"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0: plain sampling, as GRPO rollouts)"""
+    max_new_tokens: int = 512
+    """completion length limit (512, the public Jigsaw GRPO max completion length)"""
+    max_per_puzzle: int = 1
+    """most rows kept per puzzle (1: every source then has at most one row per puzzle, so their sizes compare;
+    the paper does not say)"""
+    batch_size: int = 16
+    """sequences per generate / forward call (16 = 2 puzzles x k 8); a chunk holds max(1, batch_size // k)
+    puzzles. May change on resume (later chunks are then drawn differently, equally valid)"""
+    limit: int = 0
+    """use only the first N puzzles of the split (0: all); with --perplexity: first N rows of each source"""
+    traces: str = ""
+    """rea_external: JSONL of reasoning traces keyed by puzzle id (fields id, reasoning), e.g. written by
+    GPT-4o; empty: a programmatic reasoning text made from the ground truth (the offline stand-in)"""
+    seed: int = 0
+    """base seed; each chunk is seeded with hash(seed, first puzzle id of the chunk)"""
+    dtype: str = "auto"
+    """model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32"""
+    attn_implementation: str = ""
+    """attention kernel (e.g. flash_attention_2, sdpa); empty: the transformers default"""
+    min_pixels: int = 0
+    """processor min_pixels (0: as saved with the processor)"""
+    max_pixels: int = 0
+    """processor max_pixels (0: as saved with the processor)"""
+    max_checkpoint_accuracy: float = 0.05
+    """rea_self_generated: warn when the checkpoint's task accuracy is above this (the paper: < 5%)"""
+    perplexity: bool = False
+    """measure the distance of data sources from --model instead of building one (see --sources)"""
+    sources: str = ""
+    """with --perplexity: name=DIR,name=DIR,... data folders made by this script (completion column scored)"""
+
+
+def log(message: str) -> None:
+    print(f"[rollout_sft] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces: targets, selection, perplexity (tests check these by hand)
+# ----------------------------------------------------------------------------------------------------------
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_TAG_RE = re.compile(r"</?(think|answer)>")
+
+
+def think_text(completion: str) -> str | None:
+    """The text inside the first <think>...</think> of a completion, or None when there is no usable block
+    (none, empty, or holding another think/answer tag). Untrusted text: regex only."""
+    if not isinstance(completion, str):
+        return None
+    match = _THINK_RE.search(completion)
+    if match is None:
+        return None
+    inner = match.group(1)
+    if not inner.strip() or _TAG_RE.search(inner):
+        return None
+    return inner.strip()
+
+
+def reasoning_target(reasoning: str, answer: list[int], rows: int, cols: int) -> str:
+    """The reasoning sources' target: <think>reasoning</think> then the ground-truth grid."""
+    return f"<think>{reasoning}</think>\n" + jigsaw.target_answer_only(answer, rows, cols)
+
+
+def position_name(position: int, rows: int, cols: int) -> str:
+    """1-based row-major position -> 'position 4 (row 2, column 1)'."""
+    return f"position {position} (row {(position - 1) // cols + 1}, column {(position - 1) % cols + 1})"
+
+
+def programmatic_reasoning(answer: list[int], rows: int, cols: int, convention: str = "position_to_index") -> str:
+    """Reasoning written from the ground truth, piece by piece: the offline stand-in for the paper's GPT-4o
+    traces. What matters for the experiment is that the model did not write it (its wording is a template, not
+    the model's own distribution); it is not a claim about how GPT-4o reasons.
+
+    2x2, answer 3 1 / 4 2 ->  "... The piece now at position 1 (row 1, column 1) shows the part of the picture
+    that belongs at position 3 (row 2, column 1). ... "
+    """
+    lines = [f"The picture is cut into a {rows}x{cols} grid. I look at the colours, edges and shapes of each "
+             f"piece and how they continue into the pieces next to it."]
+    for index, value in enumerate(answer, start=1):
+        if convention == "index_to_position":
+            lines.append(f"The piece that belongs at {position_name(index, rows, cols)} now stands at "
+                         f"{position_name(value, rows, cols)}.")
+        else:
+            lines.append(f"The piece now at {position_name(index, rows, cols)} shows the part of the picture that "
+                         f"belongs at {position_name(value, rows, cols)}.")
+    lines.append("Writing these positions row by row gives the grid.")
+    return "\n".join(lines)
+
+
+def default_reward(completion: str, answer: list[int]) -> dict:
+    """The shared task reward with thinking format (what RFT was trained on)."""
+    return jigsaw.jigsaw_reward(completion, answer, thinking=True)
+
+
+def is_correct(scores: dict) -> bool:
+    """A kept row: the exact permutation and the exact format."""
+    return scores["acc"] == 1 and scores["fmt"] == 1
+
+
+def select_completions(source: str, texts: list[str], row: dict, reward_fn: Callable, max_per_puzzle: int
+                       ) -> tuple[list[dict], dict]:
+    """From one puzzle's K sampled texts, the rows to keep and the counts behind them.
+
+    rea_grpo_rollout keeps a sample as written when reward_fn says it is correct (acc 1, fmt 1).
+    rea_self_generated keeps the sample's own <think> text and replaces the rest by the ground-truth answer
+    (samples without a usable think block are skipped and counted). Both drop exact duplicates (after strip)
+    and keep the first `max_per_puzzle` in sample order. Counts: samples, acc (the sampler's accuracy),
+    fmt, correct (acc and fmt), no_think, duplicates, kept.
+    """
+    answer, rows, cols = list(row["answer"]), int(row["rows"]), int(row["cols"])
+    counts = {"samples": len(texts), "acc": 0, "fmt": 0, "correct": 0, "no_think": 0, "duplicates": 0,
+              "invalid_target": 0, "kept": 0}
+    kept, seen = [], set()
+    for text in texts:
+        scores = reward_fn(text, answer)
+        counts["acc"] += int(scores["acc"] == 1)
+        counts["fmt"] += int(scores["fmt"] == 1)
+        counts["correct"] += int(is_correct(scores))
+        if source == "rea_grpo_rollout":
+            if not is_correct(scores):
+                continue
+            target, target_scores = text.strip(), scores
+        elif source == "rea_self_generated":
+            reasoning = think_text(text)
+            if reasoning is None:
+                counts["no_think"] += 1
+                continue
+            target = reasoning_target(reasoning, answer, rows, cols)
+            target_scores = reward_fn(target, answer)
+            if not is_correct(target_scores):  # e.g. a think text that breaks the format
+                counts["invalid_target"] += 1
+                continue
+        else:
+            raise ValueError(f"select_completions does not sample for source {source!r}")
+        if target in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(target)
+        if len(kept) < max_per_puzzle:
+            kept.append({"completion": target, "reward": float(target_scores["reward"])})
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def token_weighted_nll(logprob_sums: list[float], token_counts: list[int]) -> tuple[float, float]:
+    """(mean NLL per token, perplexity) over all completion tokens of a set of rows.
+
+    Token-weighted, not a mean of per-row means: two rows of 2 and 6 tokens with log-prob sums -2 and -18
+    give mean NLL (2 + 18) / 8 = 2.5 and perplexity exp(2.5) = 12.18.
+    """
+    tokens = sum(token_counts)
+    if tokens == 0:
+        raise ValueError("no completion tokens to score")
+    mean_nll = -sum(logprob_sums) / tokens
+    return mean_nll, math.exp(mean_nll)
+
+
+def chunk_seed(base_seed: int, puzzle_id: str) -> int:
+    """Seed of a chunk from the base seed and the chunk's first puzzle id (stable across runs and machines,
+    unlike Python's salted hash())."""
+    return int(hashlib.sha256(f"{base_seed}/{puzzle_id}".encode()).hexdigest()[:8], 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: sampling and completion log-probs
+# ----------------------------------------------------------------------------------------------------------
+def check_processor(model: str) -> None:
+    """A local checkpoint must carry its processor (tokenizer + image processor): without it the chat
+    template and image tokens would silently differ from the model's. Checked before loading weights."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return  # a hub id: the hub repo holds the processor
+    files = sorted(p.name for p in folder.iterdir())
+    has_image_processor = any(name in files for name in ("processor_config.json", "preprocessor_config.json"))
+    has_tokenizer = any(name in files for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    if not (has_image_processor and has_tokenizer):
+        common.fail(f"--model {model}: the folder has no processor ({len(files)} files: {', '.join(files[:12])}"
+                    f"{', ...' if len(files) > 12 else ''}; image processor config found: {has_image_processor}, "
+                    f"tokenizer found: {has_tokenizer}). Point at a save_pretrained folder (a training run's final/ "
+                    f"or checkpoint-N/model), or copy the base model's processor into it: python -c \"from "
+                    f"transformers import AutoProcessor; AutoProcessor.from_pretrained('BASE').save_pretrained("
+                    f"'{model}')\"")
+
+
+def load_sampler(args: Args):
+    common.check_model_path(args.model)
+    check_processor(args.model)
+    device = common.default_device()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if dtype not in common.DTYPES:
+        common.fail(f"--dtype {args.dtype} unknown; choose auto, bfloat16 or float32.")
+    model, processor = common.load_model_and_processor(
+        args.model, dtype, args.attn_implementation or None, args.min_pixels or None, args.max_pixels or None, device)
+    model.eval()
+    return model, processor
+
+
+def sample_completions(model, processor, rows: list[dict], args: Args) -> list[list[str]]:
+    """K sampled texts per row: each row repeated K times in place (P1 x K, P2 x K, ...), generated in calls of
+    --batch_size sequences (common.generate: left padding, image blocks repeated in order)."""
+    prompts = [row["prompt"] for row in rows for _ in range(args.k)]
+    images = [common.row_images(row) for row in rows for _ in range(args.k)]
+    texts = []
+    for start in range(0, len(prompts), args.batch_size):
+        out = common.generate(model, processor, prompts[start:start + args.batch_size],
+                              images[start:start + args.batch_size], args.max_new_tokens,
+                              temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                              do_sample=args.temperature > 0)
+        texts += out["texts"]
+    return [texts[i * args.k:(i + 1) * args.k] for i in range(len(rows))]
+
+
+@torch.no_grad()
+def completion_scores(model, processor, prompts: list[str], images: list[list], completions: list[str],
+                      batch_size: int) -> list[tuple[float, int]]:
+    """(sum log pi(completion | prompt), completion token count) per row, completions tokenized as SFT will
+    tokenize them (common.build_batch: text + <|im_end|>, which is scored too, as SFT trains on it)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = common.build_batch(processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                                   completions=completions[start:start + batch_size])
+        batch = common.to_device(batch, device)
+        logprobs = common.completion_logprobs(model, batch)
+        mask = batch["completion_mask"]
+        for row_logprobs, row_mask in zip(logprobs, mask):
+            out.append((float((row_logprobs * row_mask).sum()), int(row_mask.sum())))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shard: append-only JSONL of finished puzzles (write + fsync), the resume state
+# ----------------------------------------------------------------------------------------------------------
+def shard_paths(out: str) -> tuple[Path, Path]:
+    out_path = Path(out)
+    return out_path.with_name(out_path.name + ".shard.jsonl"), out_path.with_name(out_path.name + ".shard.json")
+
+
+def read_shard(path: Path) -> dict[str, dict]:
+    """Finished puzzle records by id. A torn last line (crash during a write) is dropped and the file is
+    rewritten without it, so the next append starts on a clean line."""
+    if not path.exists():
+        return {}
+    records, good_lines, bad = {}, [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("torn line")
+            record = json.loads(line)
+            records[record["id"]] = record
+            good_lines.append(line)
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        log(f"{path}: dropped {bad} unreadable line(s) (a write cut short by a crash); those puzzles are redone")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(good_lines))
+        os.replace(tmp, path)
+    return records
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """One write per chunk, flushed and fsynced: after this returns the chunk survives a crash."""
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_shard_meta(meta_path: Path, meta: dict) -> None:
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = [f"{key}: shard {old.get(key)!r} vs now {meta.get(key)!r}" for key in SHARD_KEYS
+                if old.get(key) != meta.get(key)]
+        if diff:
+            common.fail(f"{meta_path} was written by a run with other settings ({'; '.join(diff)}). Rerun with "
+                        f"the same flags to resume, or delete {meta_path} and {meta_path.with_suffix('.jsonl')} "
+                        "to start over.")
+    else:
+        common.write_json_atomic(meta_path, meta)
+
+
+def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, reward_fn: Callable,
+                      score_fn: Callable | None) -> dict[str, dict]:
+    """Sample, select and score every puzzle not yet in the shard, one chunk at a time.
+
+    Chunks are fixed by puzzle order (chunk c = puzzles [c*n, (c+1)*n)) and seeded from their first puzzle
+    id, so a resumed run draws exactly what the uninterrupted run would have drawn. A chunk with any puzzle
+    missing is redrawn whole (same seed, same batch) and only the missing puzzles are written.
+    """
+    done = read_shard(shard)
+    per_chunk = max(1, args.batch_size // max(1, args.k))
+    ids = dataset["id"]
+    chunks = [list(range(start, min(start + per_chunk, len(ids)))) for start in range(0, len(ids), per_chunk)]
+    todo = [chunk for chunk in chunks if any(ids[i] not in done for i in chunk)]
+    if done:
+        log(f"resuming from {shard}: {sum(i in done for i in ids)} of {len(ids)} puzzles done, "
+            f"{len(todo)} chunk(s) to go")
+    for chunk in tqdm(todo, desc=f"sampling {args.source}", unit="chunk", file=sys.stdout):
+        rows = [dataset[i] for i in chunk]
+        torch.manual_seed(chunk_seed(args.seed, rows[0]["id"]))
+        samples = sample_fn(rows, args)
+        records = []
+        for row, texts in zip(rows, samples):
+            if row["id"] in done:
+                continue
+            kept, counts = select_completions(args.source, texts, row, reward_fn, args.max_per_puzzle)
+            records.append({"id": row["id"], "counts": counts, "kept": kept})
+        if score_fn is not None:
+            flat = [(row, item) for row, rec in zip([r for r in rows if r["id"] not in done], records)
+                    for item in rec["kept"]]
+            if flat:
+                scores = score_fn([row["prompt"] for row, _ in flat], [common.row_images(row) for row, _ in flat],
+                                  [item["completion"] for _, item in flat])
+                for (_, item), (logprob, tokens) in zip(flat, scores):
+                    item["logprob"], item["tokens"] = logprob, tokens
+        append_records(shard, records)
+        done.update({r["id"]: r for r in records})
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources without sampling
+# ----------------------------------------------------------------------------------------------------------
+def read_traces(path: str, known_ids: set[str]) -> tuple[dict[str, list[str]], dict]:
+    """{puzzle id: [reasoning, ...]} from a JSONL of {"id", "reasoning"}; fails on a malformed line or when
+    no id matches a puzzle."""
+    p = Path(path)
+    if not p.is_file():
+        common.fail(f"--traces {path}: no such file (a JSONL with one {{\"id\": ..., \"reasoning\": ...}} per line).")
+    traces, lines, unmatched = {}, 0, []
+    for number, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            common.fail(f"--traces {path} line {number}: not JSON ({err.msg}).")
+        if not isinstance(record, dict) or not isinstance(record.get("reasoning"), str) or "id" not in record:
+            common.fail(f"--traces {path} line {number}: needs fields 'id' and 'reasoning' (a string).")
+        puzzle_id = str(record["id"])
+        if puzzle_id not in known_ids:
+            unmatched.append(puzzle_id)
+            continue
+        traces.setdefault(puzzle_id, []).append(record["reasoning"])
+    if not traces:
+        common.fail(f"--traces {path}: {lines} trace(s), none of whose ids match the {len(known_ids)} puzzles of "
+                    f"this --data/--split (trace ids look like {unmatched[:3]}, puzzle ids like "
+                    f"{sorted(known_ids)[:3]}). Use traces written for these puzzles, or the right --split.")
+    if unmatched:
+        log(f"warning: {len(unmatched)} of {lines} traces match no puzzle (e.g. {unmatched[:3]}); ignored")
+    return traces, {"trace_lines": lines, "traces_unmatched": len(unmatched), "puzzles_with_trace": len(traces)}
+
+
+def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
+    """non_rea / rea_external: one record per puzzle, no model involved (logprob stays null)."""
+    stats = {}
+    if args.source == "rea_external" and args.traces:
+        traces, stats = read_traces(args.traces, set(dataset["id"]))
+    records = {}
+    columns = dataset.select_columns(["id", "answer", "rows", "cols"]
+                                     + (["convention"] if "convention" in dataset.column_names else []))
+    for row in columns:
+        answer, rows, cols = list(row["answer"]), int(row["rows"]), int(row["cols"])
+        counts = {"samples": 0, "invalid_target": 0, "duplicates": 0, "kept": 0}
+        if args.source == "non_rea":
+            candidates = [jigsaw.target_answer_only(answer, rows, cols)]
+            thinking = False
+        elif args.traces:
+            candidates = [reasoning_target(text.strip(), answer, rows, cols)
+                          for text in traces.get(row["id"], [])]
+            thinking = True
+        else:
+            candidates = [reasoning_target(programmatic_reasoning(answer, rows, cols,
+                                                                  row.get("convention") or "position_to_index"),
+                                           answer, rows, cols)]
+            thinking = True
+        kept, seen = [], set()
+        for target in candidates:
+            counts["samples"] += 1
+            scores = jigsaw.jigsaw_reward(target, answer, thinking=thinking)
+            if not is_correct(scores):  # e.g. a trace that writes its own <answer> tags
+                counts["invalid_target"] += 1
+            elif target in seen:
+                counts["duplicates"] += 1
+            elif len(kept) < args.max_per_puzzle:
+                seen.add(target)
+                kept.append({"completion": target, "reward": float(scores["reward"]), "logprob": None})
+        counts["kept"] = len(kept)
+        records[row["id"]] = {"id": row["id"], "counts": counts, "kept": kept}
+    return records, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save: the data set sft.py reads, and its statistics
+# ----------------------------------------------------------------------------------------------------------
+def summarize(records: dict[str, dict], ids: list[str]) -> dict:
+    totals: dict[str, int] = {}
+    for puzzle_id in ids:
+        for key, value in records[puzzle_id]["counts"].items():
+            totals[key] = totals.get(key, 0) + value
+    samples = totals.get("samples", 0)
+    stats = {"puzzles": len(ids), "rows_kept": totals.get("kept", 0),
+             "puzzles_with_rows": sum(records[i]["counts"]["kept"] > 0 for i in ids), **totals}
+    if "acc" in totals:  # sampled sources
+        stats["sampler_accuracy"] = totals["acc"] / max(1, samples)
+        stats["sampler_format_rate"] = totals["fmt"] / max(1, samples)
+        stats["sampler_correct_rate"] = totals["correct"] / max(1, samples)
+        stats["share_puzzles_with_correct"] = sum(records[i]["counts"]["correct"] > 0 for i in ids) / max(1, len(ids))
+    return stats
+
+
+def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint: str, stats: dict) -> None:
+    """Rows of the jigsaw split selected by index (images stay Arrow bytes: nothing is decoded), plus the new
+    columns; saved atomically as DatasetDict({split: ...}) with stats.json inside."""
+    from datasets import DatasetDict, Value
+    ids = dataset["id"]
+    indices, completions, rewards, logprobs = [], [], [], []
+    for index, puzzle_id in enumerate(ids):
+        for item in records[puzzle_id]["kept"]:
+            indices.append(index)
+            completions.append(item["completion"])
+            rewards.append(item["reward"])
+            logprobs.append(item.get("logprob"))
+    if not indices:
+        common.fail(f"source {args.source} gave 0 rows from {len(ids)} puzzles of {args.data} ({args.split}): "
+                    f"{json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}. "
+                    + ("The checkpoint got no puzzle right: sample more (--k, more puzzles), use a later "
+                       "checkpoint, or check --max_new_tokens (truncated completions have no answer)."
+                       if args.source == "rea_grpo_rollout" else
+                       "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
+                       "format (use a later early checkpoint or a larger --k)."
+                       if args.source == "rea_self_generated" else "Nothing usable in the input."))
+    rows = dataset.select(indices)
+    prompt_column = "prompt_no_think" if args.source == "non_rea" else "prompt"
+    rows = rows.select_columns(["id", "images", prompt_column, "answer", "rows", "cols"])
+    if prompt_column != "prompt":
+        rows = rows.rename_column(prompt_column, "prompt")
+    rows = rows.add_column("completion", completions, feature=Value("string"))
+    rows = rows.add_column("reward", rewards, feature=Value("float64"))
+    rows = rows.add_column("source_checkpoint", [source_checkpoint] * len(indices), feature=Value("string"))
+    rows = rows.add_column("logprob", logprobs, feature=Value("float64"))
+    rows = rows.select_columns(list(OUT_COLUMNS))
+    jigsaw.save_dataset_atomic(DatasetDict({args.split: rows}), args.out)
+    common.write_json_atomic(Path(args.out) / "stats.json", stats)
+
+
+def print_stats(stats: dict) -> None:
+    log("statistics:")
+    for key, value in stats.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"  {key:<28} {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Perplexity of each source under the base model (the paper's "direction" proxy)
+# ----------------------------------------------------------------------------------------------------------
+def parse_sources(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in [p for p in text.split(",") if p.strip()]:
+        if "=" not in part:
+            common.fail(f"--sources {text!r}: {part!r} is not name=DIR (e.g. non_rea=data/sft/non_rea).")
+        name, folder = (s.strip() for s in part.split("=", 1))
+        pairs.append((name, folder))
+    if not pairs:
+        common.fail("--perplexity needs --sources name=DIR,name=DIR,... (folders made by this script).")
+    return pairs
+
+
+def source_perplexity(model, processor, dataset, batch_size: int) -> dict:
+    """Token-weighted mean NLL and perplexity of a data set's completion column, each under its own prompt."""
+    sums, counts = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", unit="batch", file=sys.stdout):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        scores = completion_scores(model, processor, [r["prompt"] for r in rows], [common.row_images(r) for r in rows],
+                                   [r["completion"] for r in rows], batch_size)
+        sums += [s for s, _ in scores]
+        counts += [c for _, c in scores]
+    mean_nll, ppl = token_weighted_nll(sums, counts)
+    return {"rows": len(dataset), "tokens": sum(counts), "mean_nll": mean_nll, "perplexity": ppl}
+
+
+def perplexity_table(results: dict) -> str:
+    lines = ["| source | rows | tokens | mean NLL / token | perplexity |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['rows']} | {r['tokens']} | {r['mean_nll']:.4f} | {r['perplexity']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_perplexity(args: Args) -> dict:
+    if not args.model or not args.out:
+        common.fail("--perplexity needs --model (the base model) and --out (a .json file).")
+    pairs = parse_sources(args.sources)
+    datasets = {}
+    for name, folder in pairs:  # every folder checked before the model is loaded
+        dataset = common.load_rows(folder, args.split, required=("prompt", "completion", "images"))
+        if len(dataset) == 0:
+            common.fail(f"--sources {name}={folder}: 0 rows in split {args.split}.")
+        datasets[name] = dataset.select(range(min(args.limit, len(dataset)))) if args.limit else dataset
+    model, processor = load_sampler(args)
+    results = {}
+    for name, dataset in datasets.items():
+        results[name] = {"dir": dict(pairs)[name], **source_perplexity(model, processor, dataset, args.batch_size)}
+    out = Path(args.out)
+    common.write_json_atomic(out, {"model": args.model, "split": args.split, "sources": results})
+    table = perplexity_table(results)
+    md = out.with_suffix(".md")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(f"Per-token NLL of each source's targets under {args.model} (split {args.split}).\n\n{table}\n")
+    os.replace(tmp, md)
+    print(table)
+    log(f"wrote {out} and {md}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | None = None) -> dict:
+    """CLI entry. `reward_fn(completion, answer) -> dict(reward, acc, fmt, ...)` and
+    `sample_fn(model, processor, rows, args) -> [[text] * K per row]` may be injected (tests)."""
+    args = common.parse_args(Args, __doc__, argv)
+    if args.perplexity:
+        return run_perplexity(args)
+
+    # ---------------- config: every check before any model is loaded ----------------
+    if args.source not in SOURCES:
+        common.fail(f"--source {args.source!r} unknown; choose one of {', '.join(SOURCES)}.")
+    if not args.data or not args.out:
+        common.fail("--data (a jigsaw data set folder) and --out (the output folder) are required.")
+    if args.source in NEEDS_MODEL and not args.model:
+        common.fail(f"--source {args.source} samples from a checkpoint: give --model (a save_pretrained folder or "
+                    "hub id).")
+    if args.k < 1 or args.max_per_puzzle < 1 or args.batch_size < 1:
+        common.fail("--k, --max_per_puzzle and --batch_size must be at least 1.")
+    if args.traces and args.source != "rea_external":
+        common.fail("--traces only applies to --source rea_external.")
+    reward_fn = reward_fn or default_reward
+
+    # ---------------- data ----------------
+    dataset = common.load_rows(args.data, args.split, required=JIGSAW_COLUMNS)
+    if args.limit:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    if len(dataset) == 0:
+        common.fail(f"data {args.data} split {args.split} has no puzzles.")
+    ids = dataset["id"]
+    if len(set(ids)) != len(ids):
+        common.fail(f"data {args.data} split {args.split}: {len(ids) - len(set(ids))} duplicate puzzle id(s); the "
+                    "resume state is keyed by id. Rebuild the data set with jigsaw.py.")
+
+    # ---------------- sources without a model ----------------
+    if args.source not in NEEDS_MODEL:
+        records, extra = fixed_source_records(dataset, args)
+        checkpoint = "ground_truth" if args.source == "non_rea" else (args.traces or "programmatic")
+        stats = {"source": args.source, "source_checkpoint": checkpoint, **summarize(records, ids), **extra}
+        save_source(dataset, records, args, checkpoint, stats)
+        print_stats(stats)
+        log(f"wrote {args.out} ({stats['rows_kept']} rows)")
+        return stats
+
+    # ---------------- model ----------------
+    shard, meta_path = shard_paths(args.out)
+    meta = {key: getattr(args, key) for key in SHARD_KEYS}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    check_shard_meta(meta_path, meta)
+    model = processor = None
+    if not all(i in read_shard(shard) for i in ids):
+        model, processor = load_sampler(args)
+    sampler = sample_fn or sample_completions
+
+    # ---------------- rollout: chunks appended to the shard ----------------
+    records = generate_to_shard(
+        dataset, args, shard,
+        sample_fn=lambda rows, a: sampler(model, processor, rows, a),
+        reward_fn=reward_fn,
+        score_fn=lambda prompts, images, completions: completion_scores(model, processor, prompts, images,
+                                                                        completions, args.batch_size))
+
+    # ---------------- save ----------------
+    stats = {"source": args.source, "source_checkpoint": args.model, "k": args.k, "temperature": args.temperature,
+             **summarize(records, ids)}
+    if args.source == "rea_self_generated" and stats["sampler_accuracy"] >= args.max_checkpoint_accuracy:
+        log(f"warning: the checkpoint's task accuracy is {stats['sampler_accuracy']:.1%} (the paper's early "
+            f"checkpoint: < {args.max_checkpoint_accuracy:.0%}); pick an earlier checkpoint for this source.")
+    print_stats(stats)
+    save_source(dataset, records, args, args.model, stats)
+    log(f"wrote {args.out} ({stats['rows_kept']} rows); raw samples' record: {shard}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
