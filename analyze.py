@@ -1,0 +1,878 @@
+"""Learning dynamics: how much, and in which direction, one step on a training sample moves prior knowledge.
+
+After Ren & Sutherland ("Learning Dynamics of LLM Finetuning", arXiv 2407.10490), as used by the paper
+(arXiv 2506.23508) to explain why RFT forgets less: a plain SGD step of size eta on a training sample u changes
+the log-probability of a prior-knowledge sample v by
+
+    Delta log pi(v | u) = -eta * A(v) K(v, u) G(u) + O(eta^2)      (A: log-softmax Jacobian, K: eNTK, G: pi - e_y)
+
+For each training-data source (SFT-Non-Rea data, GPT-4o traces, GRPO rollouts, self-generated traces, ...) and a
+probe set of prior-knowledge questions with a reference answer, this script measures:
+  1. exact one-step influence: step on u's SFT loss (common.sft_loss), re-score v, restore the weights bitwise;
+  2. magnitude: the paper's LBK = ||Delta log pi(v|u)||^2 / (||A(v)||_F^2 ||G(u)||_F^2) from those steps;
+  3. direction: the first-order estimate eta * <grad log pi(v), grad log pi(u)> (token-mean loss: / T_u), the
+     cosine of the two gradients, its sign distribution, the symmetry Delta(v|u) vs Delta(u|v), and the base
+     model's perplexity of each source (the paper's proxy for alignment) next to the measured cosine;
+  4. at scale: one backward pass per sample (N_u + N_v, not N_u x N_v); optionally LoGra-style projected
+     gradients (--proj_dim r: a zero-initialised r x r block between fixed seeded random projections on chosen
+     linear layers, so the block's gradient is the projected weight gradient); the exact step calibrates them;
+  5. probe tracking: log pi(reference answer) of every probe at every saved checkpoint of each run.
+Outputs in --out_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
+
+Worked example of the symmetry check (token-mean SFT loss, T_u = 40 response tokens in u, T_v = 2 in v):
+    Delta(v|u) = eta <g_v, g_u> / 40 = 0.003  and  Delta(u|v) = eta <g_u, g_v> / 2 = 0.060
+    -> the normalised values T_u * Delta(v|u) = 0.12 and T_v * Delta(u|v) = 0.12 agree to first order.
+
+The data sources are made by other stages (sft data from jigsaw.py, rollouts from rollout_sft.py, ...) and may not
+exist yet while you develop: tests/test_analyze.py builds tiny ones from the jigsaw fixture. Run commands:
+
+    # the toy world (CPU, a few minutes; after run_all.sh made the data and runs)
+    python analyze.py --model runs/toy/base \
+        --sources non_rea=data/jigsaw_toy:prompt_no_think:target_non_rea,rea_grpo_rollout=runs/toy/rollouts.jsonl \
+        --probes runs/toy/prior --probe_split test --runs sft_non_rea=runs/toy/sft_non_rea,rft=runs/toy/rft \
+        --out_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
+    # Qwen2.5-VL-3B on one GPU: project gradients to 2 x 36 x 8^2 = 4,608 dims per sample
+    python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
+        --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
+rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
+        --probes data/prior_probes --probe_answer greedy --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
+        --out_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
+    # only the probe curves
+    python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
+        --runs rft=runs/toy/rft --out_dir runs/toy/analysis --no_first_order --no_exact
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    model: str = "runs/toy/base"
+    """model whose learning dynamics are measured (usually the base model): hub id or save_pretrained folder"""
+    sources: str = ""
+    """training-data sources, comma-separated name=path[:prompt_col:target_col] (default columns prompt/completion);
+    path is a datasets folder (split --source_split) or a .jsonl file with columns images, prompt, target. Names
+    used by the report: non_rea, rea_external, rea_grpo_rollout, rea_self_generated"""
+    source_split: str = "train"
+    """split read from datasets folders among --sources (sft.py trains on train)"""
+    probes: str = ""
+    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl"""
+    probe_split: str = "test"
+    """split of --probes (toy.build_prior_dataset's held-out questions are in test)"""
+    probe_prompt_column: str = "prompt"
+    """question column of --probes"""
+    probe_answer_column: str = "answer"
+    """reference-answer column of --probes (ground truth)"""
+    probe_answer: str = "reference"
+    """which answer v's log-prob is measured on: reference (the ground truth) or greedy (the model's own greedy
+    answer, i.e. what it currently 'knows'; Ren & Sutherland track both kinds of responses)"""
+    probe_max_new_tokens: int = 64
+    """max tokens of greedy probe answers (benchmark answers are short)"""
+    runs: str = ""
+    """runs to track, comma-separated name=run_dir (checkpoints run_dir/checkpoint-N/model and run_dir/final)"""
+    out_dir: str = "runs/analysis"
+    """where dynamics.json, dynamics.md and the PNG figures go"""
+    n_train: int = 16
+    """training samples drawn per source (seeded); first-order scores cost one backward pass per sample"""
+    n_probe: int = 16
+    """probe samples drawn (seeded)"""
+    eta: float = 1e-4
+    """SGD step size of the exact one-step influence (small enough for the first-order regime: the test shows the
+    first-order error shrinks with eta; ~10x the usual SFT lr of 1e-5 so the change stands out of fp32 noise)"""
+    exact_pairs: int = 8
+    """K: exact steps on the first K training samples of each source, each re-scored on the first K probes
+    (K x K pairs per source), plus K steps on probes for the symmetry check; 0 disables"""
+    proj_dim: int = 0
+    """r of the LoGra-style projection (r x r block per chosen linear layer, so n_layers * r^2 dims per sample);
+    0 = exact full gradients on --params (fine for tiny models, not for 3B/7B)"""
+    params: str = "model.language_model.*,lm_head.*"
+    """parameter-name patterns (fnmatch, comma-separated) stepped by the exact step and, with --proj_dim 0, used for
+    the gradients. Default: the language model (the paper does not say which parameters; an assumption)"""
+    proj_modules: str = "model.language_model.layers.*.mlp.down_proj,model.language_model.layers.*.self_attn.o_proj"
+    """nn.Linear module-name patterns that get projection adapters when --proj_dim > 0 (LoGra uses linear layers;
+    down_proj and o_proj write into the residual stream: 2 x 36 x 8^2 = 4,608 dims for 3B at r=8)"""
+    max_completion_tokens: int = 512
+    """response tokens kept per sample (public GRPO work on the task used 512)"""
+    first_order: bool = True
+    """compute the per-sample gradients: first-order scores, cosines, sign distribution"""
+    exact: bool = True
+    """run the exact one-step influence (LBK, calibration of the first-order scores)"""
+    symmetry: bool = True
+    """also step on probes and re-score training samples: Delta(u|v) against Delta(v|u)"""
+    track: bool = True
+    """track probe log-probs over the checkpoints of --runs"""
+    dtype: str = "float32"
+    """weights dtype: float32 (default: an eta=1e-4 step is lost in bf16 rounding), bfloat16, or float64 (CPU checks)"""
+    device: str = ""
+    """cuda or cpu (default: cuda when available)"""
+    backup_device: str = "cpu"
+    """where the copy of the weights that restores them after each exact step lives (cpu: no extra GPU memory)"""
+    max_grad_gib: float = 8.0
+    """refuse full per-sample gradients larger than this in total (use --proj_dim or narrower --params)"""
+    min_pixels: int | None = None
+    """processor min_pixels (default: the model folder's processor config)"""
+    max_pixels: int | None = None
+    """processor max_pixels (default: the model folder's processor config)"""
+    seed: int = 0
+    """seed of sample choice and of the random projections"""
+
+
+PROBE_ANSWERS = ("reference", "greedy")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_named_paths(text: str, flag: str, with_columns: bool) -> list[dict]:
+    """'a=dir1,b=f.jsonl:q:t' -> [{'name': 'a', 'path': 'dir1', 'prompt_column': 'prompt', ...}, ...]."""
+    entries, seen = [], set()
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        if "=" not in item:
+            common.fail(f"{flag} entry {item!r} is not name=path (example: {flag} non_rea=data/jigsaw).")
+        name, rest = item.split("=", 1)
+        name = name.strip()
+        if not NAME_RE.fullmatch(name) or name in seen:
+            common.fail(f"{flag} entry {item!r}: name must be unique and use letters, digits, _ . - only.")
+        seen.add(name)
+        entry = {"name": name, "path": rest}
+        if with_columns:
+            entry.update(prompt_column="prompt", target_column="completion")
+            if rest.count(":") >= 2:
+                path, prompt_column, target_column = rest.rsplit(":", 2)
+                if not (path and prompt_column and target_column):
+                    common.fail(f"{flag} entry {item!r}: expected name=path:prompt_col:target_col.")
+                entry.update(path=path, prompt_column=prompt_column, target_column=target_column)
+        entries.append(entry)
+    return entries
+
+
+def match_names(names: list[str], patterns: str) -> list[str]:
+    """Names matching any comma-separated fnmatch pattern, in the given order."""
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+
+
+def pick(count: int, n: int, seed: int, salt: str) -> list[int]:
+    """n row indices out of count, seeded per data set; sorted so the report lists rows in file order."""
+    return sorted(random.Random(f"{seed}/{salt}").sample(range(count), min(n, count)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The math, as small pure functions (checked by hand in tests/test_analyze.py)
+# ----------------------------------------------------------------------------------------------------------
+def log_softmax_jacobian_fro2(probs: torch.Tensor) -> torch.Tensor:
+    """||A_t||_F^2 per token for A_t = I - 1 pi_t^T (the Jacobian of log-softmax, [V, V]), without building it:
+    column j holds 1 - pi_j once and -pi_j (V-1) times, so the sum is V - 2 + V * sum_j pi_j^2.  [T, V] -> [T]."""
+    vocab = probs.shape[-1]
+    return vocab - 2 + vocab * (probs * probs).sum(-1)
+
+
+def ce_gradient_fro2(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """||G_t||^2 = ||pi_t - e_{y_t}||^2 = sum pi^2 - 2 pi_y + 1 per token (the cross-entropy gradient wrt logits)."""
+    picked = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (probs * probs).sum(-1) - 2 * picked + 1
+
+
+def lbk(delta_fro2: float, a_fro2: float, g_fro2: float) -> float:
+    """The paper's LBK = ||Delta log pi(v|u)||^2 / (||A(v)||_F^2 ||G(u)||_F^2).
+
+    Stacking (ours, stated because the paper's text was not available): a sample's per-token matrices form a
+    block-diagonal operator, so ||A(v)||_F^2 = sum over v's response tokens of ||A_t||_F^2 (each V x V);
+    G(u) stacks u's per-token (pi_t - e_y) vectors into a T_u x V matrix, ||G(u)||_F^2 = sum_t ||G_t||^2; and
+    Delta log pi(v|u) is the T_v x V matrix of changes of the full log-softmax at v's response positions (not only
+    the observed tokens), ||.||_F^2 summed over tokens and vocabulary. A, G are taken at the model before the step.
+    Since Delta = -eta A K G + O(eta^2), LBK / eta^2 lower-bounds ||K(v,u)||_2^2 to first order (eta-free)."""
+    return delta_fro2 / max(a_fro2 * g_fro2, 1e-300)
+
+
+def first_order_delta(inner: torch.Tensor, train_tokens: torch.Tensor, eta: float) -> torch.Tensor:
+    """First-order Delta log pi(y_v|x_v) of one SGD step on u's token-mean SFT loss (common.sft_loss):
+    the step is eta * grad S_u / T_u (S = summed response log-prob), so Delta ~ eta <grad S_v, grad S_u> / T_u.
+    inner [N_v, N_u] = <grad S_v, grad S_u>, train_tokens [N_u] = T_u."""
+    return eta * inner / train_tokens.to(inner.dtype).unsqueeze(0)
+
+
+def cosine_matrix(grads_v: torch.Tensor, grads_u: torch.Tensor) -> torch.Tensor:
+    """cos(grad S_v, grad S_u) for all pairs: [N_v, D] x [N_u, D] -> [N_v, N_u] (scale-free: sum or mean loss)."""
+    norms = grads_v.norm(dim=1, keepdim=True) * grads_u.norm(dim=1).unsqueeze(0)
+    return (grads_v @ grads_u.T) / norms.clamp(min=1e-300)
+
+
+def pearson(x, y) -> float:
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / denom) if denom > 0 else float("nan")
+
+
+def sign_agreement(x, y) -> float:
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    return float((torch.sign(x) == torch.sign(y)).double().mean().item()) if x.numel() else float("nan")
+
+
+def summary(values) -> dict:
+    """mean, std (population), median, quartiles, count: the spread shown in tables and error bars."""
+    t = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if t.numel() == 0:
+        return {"n": 0}
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"n": t.numel(), "mean": t.mean().item(), "std": t.std(unbiased=False).item(), "q25": q[0],
+            "median": q[1], "q75": q[2], "min": t.min().item(), "max": t.max().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring one sample (batch of one: no padding inside the response, exact per-sample quantities)
+# ----------------------------------------------------------------------------------------------------------
+def response_logsoftmax(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full log-softmax [T, V], response token ids [T]) at a one-sample batch's response positions.
+
+    Computed in max(model dtype, fp32) rather than through common.selective_log_softmax (which casts to fp32), so
+    that float64 checks keep float64 precision; only response positions go through lm_head (completion_logits)."""
+    logits = common.completion_logits(model, batch)[0]
+    mask = batch["completion_mask"][0].bool()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits[mask].to(dtype), dim=-1), batch["completion_ids"][0][mask]
+
+
+def token_logprobs(model, batch: dict) -> torch.Tensor:
+    logp, ids = response_logsoftmax(model, batch)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def score_sample(model, batch: dict, keep_full: bool = False) -> dict:
+    """Base quantities of a sample: per-token log-probs, ||A||_F^2 and ||G||_F^2 (summed over tokens)."""
+    logp, ids = response_logsoftmax(model, batch)
+    probs = logp.exp()
+    out = {"token_logprobs": logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1),
+           "a_fro2": log_softmax_jacobian_fro2(probs).sum().item(),
+           "g_fro2": ce_gradient_fro2(probs, ids).sum().item()}
+    if keep_full:
+        out["logsoftmax"] = logp
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact one-step influence
+# ----------------------------------------------------------------------------------------------------------
+def set_trainable(model, params: list[torch.nn.Parameter]) -> None:
+    """Only `params` get gradients (saves the memory of every other parameter's gradient)."""
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def backup_params(params: list[torch.nn.Parameter], device: str) -> list[torch.Tensor]:
+    return [p.detach().to(device, copy=True) for p in params]
+
+
+def exact_step(model, params: list[torch.nn.Parameter], backup: list[torch.Tensor], train_batch: dict, eta: float,
+               targets: list[dict], keep_full: list[bool] | None = None) -> list[dict]:
+    """One plain SGD step theta <- theta - eta * grad common.sft_loss(u) on `params`, re-score every target,
+    then copy the weights back from `backup` (bitwise: the step is never 'undone' by subtraction, which would
+    leave rounding residue). Returns score_sample of each target after the step."""
+    keep_full = keep_full or [False] * len(targets)
+    try:
+        loss, _ = common.sft_loss(model, train_batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.add_(g.to(p.dtype), alpha=-eta)
+        del grads, loss
+        return [score_sample(model, batch, keep) for batch, keep in zip(targets, keep_full)]
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, backup):
+                p.copy_(saved)
+
+
+def pair_record(before_v: dict, after_v: dict, g_fro2_u: float) -> dict:
+    """Delta log pi(v|u) summed over v's tokens, per token, and the LBK from the full-vocabulary change."""
+    delta_tokens = (after_v["token_logprobs"] - before_v["token_logprobs"]).double()
+    record = {"delta": delta_tokens.sum().item(), "delta_per_token": delta_tokens.tolist(),
+              "delta_mean_token": delta_tokens.mean().item(),
+              "lbk_tokens": lbk((delta_tokens ** 2).sum().item(), before_v["a_fro2"], g_fro2_u)}
+    if "logsoftmax" in before_v and "logsoftmax" in after_v:
+        delta_full = ((after_v["logsoftmax"] - before_v["logsoftmax"]).double() ** 2).sum().item()
+        record["lbk"] = lbk(delta_full, before_v["a_fro2"], g_fro2_u)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-sample gradients: full, or LoGra-style projected
+# ----------------------------------------------------------------------------------------------------------
+class ProjectedLinear(torch.nn.Module):
+    """y = W x + b + P_out B P_in x with B = 0 (r x r, the only trainable tensor) and fixed seeded Gaussian
+    P_in [r, d_in], P_out [d_out, r] of variance 1/r.
+
+    Because B is zero the output is bitwise that of the wrapped layer (adding exact zeros), and
+    dL/dB = P_out^T (sum_t delta_t x_t^T) P_in^T = P_out^T (dL/dW) P_in^T: the weight gradient projected to r x r
+    (LoGra, arXiv 2405.13954). With variance-1/r entries E[P P^T] = I on both sides, so inner products of projected
+    gradients are unbiased estimates of the weight-gradient inner products."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, seed: int):
+        super().__init__()
+        self.base = base
+        generator = torch.Generator().manual_seed(seed)  # CPU generator: the same projection on every device
+        weight = base.weight
+        self.register_buffer("proj_in", (torch.randn(rank, base.in_features, generator=generator) / math.sqrt(rank))
+                             .to(weight.dtype).to(weight.device), persistent=False)
+        self.register_buffer("proj_out", (torch.randn(base.out_features, rank, generator=generator)
+                                          / math.sqrt(rank)).to(weight.dtype).to(weight.device), persistent=False)
+        self.block = torch.nn.Parameter(torch.zeros(rank, rank, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, x):
+        side = torch.nn.functional.linear(x, self.proj_in)
+        side = torch.nn.functional.linear(side, self.block)
+        return self.base(x) + torch.nn.functional.linear(side, self.proj_out)
+
+
+@contextlib.contextmanager
+def projection_adapters(model, patterns: str, rank: int, seed: int):
+    """Wrap every nn.Linear whose name matches `patterns` in a ProjectedLinear; unwrap on exit.
+    Yields [(name, adapter)] in module order (the projected gradient's layout)."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = match_names(linear_names, patterns)
+    if not names:
+        common.fail(f"--proj_modules {patterns!r} matches no nn.Linear of the model; examples of names: "
+                    f"{linear_names[:3] + linear_names[-3:]}.")
+    adapters = []
+    for index, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = ProjectedLinear(getattr(parent, child), rank, seed * 1_000_003 + index)
+        setattr(parent, child, adapter)
+        adapters.append((name, adapter))
+    try:
+        yield adapters
+    finally:
+        for name, adapter in adapters:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, adapter.base)
+
+
+def summed_logprob_gradient(model, batch: dict, params: list[torch.nn.Parameter], dtype) -> torch.Tensor:
+    """grad of S = sum of the response's log-probs wrt `params`, flattened into one vector (one backward pass)."""
+    total = token_logprobs(model, batch).sum()
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for g, p in zip(grads, params)])
+
+
+def per_sample_gradients(model, batches: list[dict], params: list[torch.nn.Parameter], proj_dim: int,
+                         proj_modules: str, seed: int, desc: str = "gradients") -> tuple[torch.Tensor, dict]:
+    """[N, D] gradients of each sample's summed response log-prob, on CPU: the full gradient on `params`
+    (proj_dim 0) or the LoGra-projected one (D = n_adapted_layers * proj_dim^2). Trainable flags are restored."""
+    from tqdm import tqdm
+    store_dtype = torch.promote_types(params[0].dtype, torch.float32)
+    rows = []
+    if proj_dim > 0:
+        with projection_adapters(model, proj_modules, proj_dim, seed) as adapters:
+            blocks = [a.block for _, a in adapters]
+            set_trainable(model, blocks)
+            try:
+                for batch in tqdm(batches, desc=desc, leave=False):
+                    rows.append(summed_logprob_gradient(model, batch, blocks, store_dtype).cpu())
+            finally:
+                set_trainable(model, params)
+        info = {"mode": "projected", "proj_dim": proj_dim, "layers": [n for n, _ in adapters]}
+    else:
+        set_trainable(model, params)
+        for batch in tqdm(batches, desc=desc, leave=False):
+            rows.append(summed_logprob_gradient(model, batch, params, store_dtype).cpu())
+        info = {"mode": "full"}
+    grads = torch.stack(rows)
+    info["dims"] = grads.shape[1]
+    return grads, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: samples as (prompt, images, response) with one-sample batches
+# ----------------------------------------------------------------------------------------------------------
+def load_source_rows(entry: dict, split: str):
+    return common.load_rows(entry["path"], split, required=(entry["prompt_column"], entry["target_column"]))
+
+
+def make_batch(processor, prompt: str, images: list, completion: str | None = None,
+               completion_ids: list[int] | None = None, max_tokens: int | None = None) -> dict:
+    if completion_ids is not None:
+        return common.build_batch(processor, [prompt], [images], completion_ids=[completion_ids],
+                                  max_completion_tokens=max_tokens)
+    return common.build_batch(processor, [prompt], [images], completions=[completion],
+                              max_completion_tokens=max_tokens)
+
+
+def data_base_dir(path: str) -> Path | None:
+    """Folder that JSONL image paths are relative to (as sft.py reads them); None for datasets folders."""
+    return Path(path).parent if Path(path).is_file() else None
+
+
+def answer_string(value) -> str:
+    """Reference answers may be strings or lists (e.g. a jigsaw permutation): plain text either way."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Probe tracking over checkpoints (forward passes only)
+# ----------------------------------------------------------------------------------------------------------
+def run_checkpoints(run_dir: str, name: str) -> list[tuple[int, str, Path]]:
+    """[(step, label, model_folder)] of run_dir/checkpoint-N (its model/ copy) and run_dir/final, by step."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        common.fail(f"--runs {name}={run_dir}: no such folder (a training run's --output_dir).")
+    found = []
+    for path in root.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if not match:
+            continue
+        model_dir = path / "model" if (path / "model" / "config.json").exists() else path
+        if not (model_dir / "config.json").exists():
+            print(f"[analyze] skipping {path}: no model/config.json (a checkpoint saved without its HF copy)")
+            continue
+        step = int(match.group(1))
+        state_file = path / "trainer_state.json"
+        if state_file.exists():
+            recorded = json.loads(state_file.read_text()).get("step", step)
+            if recorded != step:
+                print(f"[analyze] warning: {state_file} says step {recorded}, folder name says {step}; using {step}")
+        found.append((step, path.name, model_dir))
+    final = root / "final"
+    if (final / "config.json").exists():
+        found.append((final_step(root, [s for s, _, _ in found]), "final", final))
+    if not found:
+        common.fail(f"--runs {name}={run_dir}: no checkpoint-N/model or final/ folder with a config.json inside.")
+    return sorted(found, key=lambda item: (item[0], item[1] == "final"))
+
+
+def final_step(root: Path, checkpoint_steps: list[int]) -> int:
+    """Step of run_dir/final: its trainer_state.json, else the last step in run_dir/metrics.jsonl, else the last
+    checkpoint's step (final is written after the last optimizer step)."""
+    state_file = root / "final" / "trainer_state.json"
+    if state_file.exists():
+        return int(json.loads(state_file.read_text()).get("step", 0))
+    metrics = root / "metrics.jsonl"
+    if metrics.exists():
+        steps = []
+        for line in metrics.read_text().splitlines():
+            try:
+                steps.append(int(json.loads(line).get("step")))
+            except (ValueError, TypeError, json.JSONDecodeError):
+                continue
+        if steps:
+            return max(steps)
+    return max(checkpoint_steps, default=0)
+
+
+@torch.no_grad()
+def probe_logprobs(model, batches: list[dict]) -> list[float]:
+    return [token_logprobs(model, batch).sum().item() for batch in batches]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures and the markdown section
+# ----------------------------------------------------------------------------------------------------------
+def save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_figures(results: dict, out_dir: Path) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures = {}
+    names = list(results["sources"])
+    stats = results["sources"]
+
+    with_lbk = [n for n in names if stats[n].get("lbk", {}).get("n")]
+    if with_lbk:
+        fig, ax = plt.subplots(figsize=(1.6 * len(with_lbk) + 2, 3.5))
+        means = [stats[n]["lbk"]["mean"] for n in with_lbk]
+        stds = [stats[n]["lbk"]["std"] for n in with_lbk]
+        ax.bar(with_lbk, means, yerr=stds, capsize=4, color="tab:blue")
+        if all(m > 0 for m in means):
+            ax.set_yscale("log")
+        ax.set_ylabel("LBK (mean ± std over pairs)")
+        ax.set_title(f"Update magnitude per source (eta={results['config']['eta']:g})")
+        ax.tick_params(axis="x", rotation=20)
+        save_figure(fig, out_dir / "lbk.png")
+        plt.close(fig)
+        figures["lbk"] = "lbk.png"
+
+    with_cos = [n for n in names if "cosines" in stats[n]]
+    if with_cos:
+        fig, ax = plt.subplots(figsize=(1.6 * len(with_cos) + 2, 3.5))
+        ax.boxplot([stats[n]["cosines"] for n in with_cos], tick_labels=with_cos, showmeans=True)
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel("cos(grad log pi(v), grad log pi(u))")
+        ax.set_title("Gradient alignment with prior-knowledge probes")
+        ax.tick_params(axis="x", rotation=20)
+        save_figure(fig, out_dir / "cosine.png")
+        plt.close(fig)
+        figures["cosine"] = "cosine.png"
+
+    key = "first_order" if any("first_order" in stats[n] for n in names) else "exact_delta"
+    with_infl = [n for n in names if stats[n].get(key, {}).get("n") and "perplexity" in stats[n]]
+    if with_infl:
+        panels = [(key, f"mean {'first-order' if key == 'first_order' else 'exact'} Delta log pi(v|u)")]
+        if with_cos:
+            panels.append(("cosine", "mean cosine"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+        for ax, (stat, label) in zip(axes[0], panels):
+            xs = [stats[n]["perplexity"] for n in with_infl]
+            ys = [stats[n][stat]["mean"] for n in with_infl]
+            ax.scatter(xs, ys)
+            for x, y, n in zip(xs, ys, with_infl):
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("base-model perplexity of the source")
+            ax.set_ylabel(label)
+        fig.suptitle("Perplexity (the paper's proxy) against measured influence")
+        save_figure(fig, out_dir / "perplexity_vs_influence.png")
+        plt.close(fig)
+        figures["perplexity_vs_influence"] = "perplexity_vs_influence.png"
+
+    tracking = results.get("tracking") or {}
+    if tracking:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for run, curve in tracking.items():
+            steps = curve["steps"]
+            mean = curve["mean_logprob"]
+            ax.plot(steps, mean, marker="o", label=run)
+            ax.fill_between(steps, curve["q25_logprob"], curve["q75_logprob"], alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"probe log pi({results['config']['probe_answer']} answer)")
+        ax.set_title("Prior-knowledge probes over training (mean, IQR band)")
+        ax.legend(fontsize=8)
+        save_figure(fig, out_dir / "probe_logprob.png")
+        plt.close(fig)
+        figures["probe_logprob"] = "probe_logprob.png"
+    return figures
+
+
+def fmt(value, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def markdown_section(results: dict) -> str:
+    cfg = results["config"]
+    stats = results["sources"]
+    lines = ["## Learning dynamics", "",
+             f"Model `{cfg['model']}`; {results['n_probes']} probes from `{cfg['probes']}` ({cfg['probe_split']}, "
+             f"{cfg['probe_answer']} answers); one SGD step of eta = {cfg['eta']:g} on a training sample's SFT loss. "
+             f"Gradients: {results.get('gradients', {}).get('mode', 'not computed')}"
+             + (f" ({results['gradients']['dims']:,} dims)" if results.get("gradients") else "") + ".", "",
+             "| source | n | perplexity | mean cos | cos > 0 | first-order Δ (mean) | exact Δ (mean) | "
+             "LBK (mean ± std) | corr(exact, first-order) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in stats.items():
+        cos = s.get("cosine", {})
+        lines.append(
+            f"| {name} | {s['n']} | {fmt(s.get('perplexity'))} | {fmt(cos.get('mean'))} | "
+            f"{fmt(s.get('cosine_positive_share'), '.0%') if 'cosine_positive_share' in s else '–'} | "
+            f"{fmt(s.get('first_order', {}).get('mean'))} | {fmt(s.get('exact_delta', {}).get('mean'))} | "
+            f"{fmt(s.get('lbk', {}).get('mean'))} ± {fmt(s.get('lbk', {}).get('std'))} | "
+            f"{fmt(s.get('calibration', {}).get('pearson'), '.3f')} |")
+    lines += ["", "Δ = change of the probe answer's log-prob summed over its tokens; LBK uses the full-vocabulary "
+              "change (see analyze.lbk). Lower perplexity should go with higher cosine if the paper's proxy holds.", ""]
+    sym = results.get("symmetry")
+    if sym:
+        lines += ["**Symmetry** (T_u·Δ(v|u) against T_v·Δ(u|v), equal to first order): "
+                  f"Pearson {fmt(sym['pearson'], '.3f')}, sign agreement {fmt(sym['sign_agreement'], '.0%')}, "
+                  f"median relative asymmetry {fmt(sym['median_relative_asymmetry'], '.2g')} "
+                  f"over {sym['n']} pairs.", ""]
+    cal = results.get("calibration")
+    if cal:
+        lines += [f"**Calibration** of first-order against exact steps ({cal['n']} pairs): Pearson "
+                  f"{fmt(cal['pearson'], '.3f')}, sign agreement {fmt(cal['sign_agreement'], '.0%')}, "
+                  f"slope exact ≈ {fmt(cal['slope'], '.3g')} × first-order.", ""]
+    tracking = results.get("tracking")
+    if tracking:
+        lines += ["| run | checkpoints | steps | probe log-prob at base | at last | change |", "|---|---|---|---|---|---|"]
+        for run, c in tracking.items():
+            lines.append(f"| {run} | {len(c['steps']) - 1} | {c['steps'][1]}–{c['steps'][-1]} | "
+                         f"{fmt(c['mean_logprob'][0])} | {fmt(c['mean_logprob'][-1])} | "
+                         f"{fmt(c['mean_logprob'][-1] - c['mean_logprob'][0])} |")
+        lines.append("")
+    for key, title in (("lbk", "LBK per source"), ("cosine", "Cosine per source"),
+                       ("perplexity_vs_influence", "Perplexity against influence"),
+                       ("probe_logprob", "Probe log-probs over training")):
+        if key in results.get("figures", {}):
+            lines.append(f"![{title}]({results['figures'][key]})")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = common.parse_args(Args, __doc__, argv)
+    timings = {}
+    start = time.time()
+
+    # ---- config checks (before any model is loaded) --------------------------------------------------------
+    if args.probe_answer not in PROBE_ANSWERS:
+        common.fail(f"--probe_answer {args.probe_answer!r}: choose one of {PROBE_ANSWERS}.")
+    if not args.sources:
+        common.fail("--sources is empty: give name=path[:prompt_col:target_col],... (e.g. non_rea=data/jigsaw).")
+    if not args.probes:
+        common.fail("--probes is empty: give the prior-knowledge probe set (e.g. runs/toy/prior).")
+    if args.eta <= 0 or args.n_train < 1 or args.n_probe < 1 or args.exact_pairs < 0 or args.proj_dim < 0:
+        common.fail("--eta must be > 0, --n_train/--n_probe >= 1, --exact_pairs/--proj_dim >= 0.")
+    if args.dtype not in common.DTYPES and args.dtype != "float64":
+        common.fail(f"--dtype {args.dtype}: choose float32, bfloat16, float16 or float64.")
+    sources = parse_named_paths(args.sources, "--sources", with_columns=True)
+    runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
+    run_plans = {r["name"]: run_checkpoints(r["path"], r["name"]) for r in runs}
+    device = args.device or common.default_device()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    source_rows = {}
+    for entry in sources:
+        dataset = load_source_rows(entry, args.source_split)
+        if len(dataset) == 0:
+            common.fail(f"--sources {entry['name']}={entry['path']}: no rows.")
+        rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
+        source_rows[entry["name"]] = (entry, rows)
+    probe_set = common.load_rows(args.probes, args.probe_split,
+                                 required=(args.probe_prompt_column, args.probe_answer_column))
+    probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    model, processor = common.load_model_and_processor(
+        args.model, "float32" if args.dtype == "float64" else args.dtype, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels, device=device)
+    if args.dtype == "float64":
+        model.to(torch.float64)
+    model.eval()  # no dropout: the exact step and the re-scoring must see the same function
+    named = dict(model.named_parameters())
+    param_names = match_names(list(named), args.params)
+    if not param_names:
+        common.fail(f"--params {args.params!r} matches no parameter; examples: {list(named)[:2] + list(named)[-2:]}.")
+    params = [named[n] for n in param_names]
+    set_trainable(model, params)
+    n_samples = args.n_train * len(sources) + args.n_probe
+    grad_bytes = sum(p.numel() for p in params) * n_samples * 4
+    if args.first_order and args.proj_dim == 0 and grad_bytes > args.max_grad_gib * common.GiB:
+        common.fail(f"full per-sample gradients would take {grad_bytes / common.GiB:.1f} GiB "
+                    f"({n_samples} samples x {sum(p.numel() for p in params):,} parameters) > --max_grad_gib "
+                    f"{args.max_grad_gib}; use --proj_dim 8 (LoGra-style projection) or narrower --params.")
+    print(f"[analyze] {args.model}: {len(params)} parameter tensors stepped "
+          f"({sum(p.numel() for p in params):,} values); device {device}")
+
+    # ---- samples: training sources and probes as one-sample batches -------------------------------------------
+    probe_prompts = [r[args.probe_prompt_column] for r in probe_rows]
+    probe_images = [common.row_images(r, data_base_dir(args.probes)) for r in probe_rows]
+    if args.probe_answer == "greedy":
+        completion_ids = []
+        for i in range(0, len(probe_rows), 8):
+            out = common.generate(model, processor, probe_prompts[i:i + 8], probe_images[i:i + 8],
+                                  args.probe_max_new_tokens, do_sample=False)
+            completion_ids += [ids or [processor.tokenizer.eos_token_id] for ids in out["completion_ids"]]
+        probe_answers = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        probe_batches = [make_batch(processor, p, im, completion_ids=ids, max_tokens=args.max_completion_tokens)
+                         for p, im, ids in zip(probe_prompts, probe_images, completion_ids)]
+    else:
+        probe_answers = [answer_string(r[args.probe_answer_column]) for r in probe_rows]
+        probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_tokens)
+                         for p, im, a in zip(probe_prompts, probe_images, probe_answers)]
+    probe_batches = [common.to_device(b, device) for b in probe_batches]
+    train_batches = {}
+    for name, (entry, rows) in source_rows.items():
+        train_batches[name] = [common.to_device(make_batch(processor, r[entry["prompt_column"]],
+                                                           common.row_images(r, data_base_dir(entry["path"])),
+                                                           str(r[entry["target_column"]]),
+                                                           max_tokens=args.max_completion_tokens), device)
+                               for r in rows]
+
+    # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 -------------------------------------
+    from tqdm import tqdm
+    k_exact = min(args.exact_pairs, args.n_probe, len(probe_batches)) if args.exact else 0
+    probe_base = [score_sample(model, b, keep_full=i < k_exact) for i, b in enumerate(probe_batches)]
+    train_base = {name: [score_sample(model, b) for b in tqdm(batches, desc=f"score {name}", leave=False)]
+                  for name, batches in train_batches.items()}
+    results = {"config": asdict(args), "n_probes": len(probe_batches), "sources": {}, "samples": {}}
+    results["samples"]["probes"] = [
+        {"id": r.get("id", i), "answer": a, "tokens": len(s["token_logprobs"]),
+         "logprob": s["token_logprobs"].sum().item(), "a_fro2": s["a_fro2"]}
+        for i, (r, a, s) in enumerate(zip(probe_rows, probe_answers, probe_base))]
+    for name, scores in train_base.items():
+        tokens = [len(s["token_logprobs"]) for s in scores]
+        logps = [s["token_logprobs"].sum().item() for s in scores]
+        # Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy.
+        results["sources"][name] = {
+            "path": source_rows[name][0]["path"], "n": len(scores),
+            "perplexity": math.exp(-sum(logps) / max(1, sum(tokens))),
+            "perplexity_per_sample": summary([math.exp(-lp / max(1, t)) for lp, t in zip(logps, tokens)]),
+            "response_tokens": summary(tokens), "g_fro2": summary([s["g_fro2"] for s in scores])}
+        results["samples"][name] = [
+            {"id": r.get("id", i), "tokens": t, "logprob": lp, "g_fro2": s["g_fro2"]}
+            for i, (r, t, lp, s) in enumerate(zip(source_rows[name][1], tokens, logps, scores))]
+    timings["base_scores_s"] = time.time() - start
+
+    # ---- first-order scores: one backward pass per sample -----------------------------------------------------
+    first_order = {}
+    if args.first_order:
+        t0 = time.time()
+        all_batches = probe_batches + [b for batches in train_batches.values() for b in batches]
+        grads, info = per_sample_gradients(model, all_batches, params, args.proj_dim, args.proj_modules, args.seed)
+        grads = grads.double()
+        results["gradients"] = info
+        grads_v, offset = grads[:len(probe_batches)], len(probe_batches)
+        for name, batches in train_batches.items():
+            grads_u = grads[offset:offset + len(batches)]
+            offset += len(batches)
+            tokens_u = torch.tensor([len(s["token_logprobs"]) for s in train_base[name]])
+            inner = grads_v @ grads_u.T
+            scores = first_order_delta(inner, tokens_u, args.eta)
+            cosines = cosine_matrix(grads_v, grads_u)
+            first_order[name] = scores
+            s = results["sources"][name]
+            s["first_order"] = summary(scores)
+            s["cosine"] = summary(cosines)
+            s["cosines"] = cosines.flatten().tolist()
+            s["cosine_positive_share"] = float((cosines > 0).double().mean())
+            s["cosine_negative_share"] = float((cosines < 0).double().mean())
+            s["pairs_first_order"] = scores.tolist()  # [probe][train sample]
+        timings["first_order_s"] = time.time() - t0
+
+    # ---- exact one-step influence (a K x K subset per source) and the symmetry check --------------------------
+    exact_all, first_all = [], []
+    if k_exact > 0:
+        t0 = time.time()
+        set_trainable(model, params)
+        backup = backup_params(params, args.backup_device if device != "cpu" else "cpu")
+        for name, batches in train_batches.items():
+            k_u = min(k_exact, len(batches))
+            pairs = []
+            for j in tqdm(range(k_u), desc=f"exact {name}", leave=False):
+                after = exact_step(model, params, backup, batches[j], args.eta, probe_batches[:k_exact],
+                                   keep_full=[True] * k_exact)
+                for i, after_v in enumerate(after):
+                    record = {"probe": i, "train": j, **pair_record(probe_base[i], after_v,
+                                                                     train_base[name][j]["g_fro2"])}
+                    if name in first_order:
+                        record["first_order"] = first_order[name][i, j].item()
+                    pairs.append(record)
+            s = results["sources"][name]
+            s["exact_pairs"] = pairs
+            s["exact_delta"] = summary([p["delta"] for p in pairs])
+            s["lbk"] = summary([p["lbk"] for p in pairs])
+            s["lbk_over_eta2"] = summary([p["lbk"] / args.eta ** 2 for p in pairs])
+            s["lbk_tokens"] = summary([p["lbk_tokens"] for p in pairs])
+            s["exact_positive_share"] = sum(p["delta"] > 0 for p in pairs) / len(pairs)
+            if name in first_order:
+                e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
+                s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
+                exact_all += e
+                first_all += f
+        if exact_all:
+            e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
+            results["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement":
+                                      sign_agreement(e, f), "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
+                                      "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300))
+                                                                     .median())}
+        if args.symmetry:
+            # Delta(u|v): step on probe v's SFT loss, re-score training sample u. With token-mean losses the
+            # first-order terms are eta<g_u,g_v>/T_v and eta<g_v,g_u>/T_u, so T_v*Delta(u|v) ~ T_u*Delta(v|u).
+            sym_pairs = []
+            targets = [(name, j) for name, batches in train_batches.items() for j in range(min(k_exact, len(batches)))]
+            for i in tqdm(range(k_exact), desc="symmetry", leave=False):
+                after = exact_step(model, params, backup, probe_batches[i], args.eta,
+                                   [train_batches[n][j] for n, j in targets])
+                t_v = len(probe_base[i]["token_logprobs"])
+                for (name, j), after_u in zip(targets, after):
+                    u_given_v = (after_u["token_logprobs"] - train_base[name][j]["token_logprobs"]).sum().item()
+                    v_given_u = next(p["delta"] for p in results["sources"][name]["exact_pairs"]
+                                     if p["probe"] == i and p["train"] == j)
+                    t_u = len(train_base[name][j]["token_logprobs"])
+                    sym_pairs.append({"source": name, "probe": i, "train": j, "delta_v_given_u": v_given_u,
+                                      "delta_u_given_v": u_given_v, "normalised_v_given_u": t_u * v_given_u,
+                                      "normalised_u_given_v": t_v * u_given_v})
+            a = torch.tensor([p["normalised_v_given_u"] for p in sym_pairs], dtype=torch.float64)
+            b = torch.tensor([p["normalised_u_given_v"] for p in sym_pairs], dtype=torch.float64)
+            results["symmetry"] = {
+                "n": len(sym_pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
+                "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300))
+                                                   .median()),
+                "pearson_raw": pearson([p["delta_v_given_u"] for p in sym_pairs],
+                                       [p["delta_u_given_v"] for p in sym_pairs]),
+                "pairs": sym_pairs}
+        del backup
+        timings["exact_s"] = time.time() - t0
+
+    # ---- probe tracking over each run's checkpoints (forward passes only) -------------------------------------
+    if run_plans:
+        t0 = time.time()
+        base_curve = [s["token_logprobs"].sum().item() for s in probe_base]
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        results["tracking"] = {}
+        for run, plan in run_plans.items():
+            steps, labels, logprobs = [0], ["base"], [base_curve]
+            for step, label, folder in tqdm(plan, desc=f"track {run}", leave=False):
+                checkpoint = common.load_model(str(folder), "float32" if args.dtype == "float64" else args.dtype,
+                                               device=device)
+                if args.dtype == "float64":
+                    checkpoint.to(torch.float64)
+                checkpoint.eval()
+                logprobs.append(probe_logprobs(checkpoint, probe_batches))
+                steps.append(step)
+                labels.append(label)
+                del checkpoint
+            table = torch.tensor(logprobs, dtype=torch.float64)
+            results["tracking"][run] = {
+                "path": next(r["path"] for r in runs if r["name"] == run), "steps": steps, "labels": labels,
+                "logprob": table.tolist(), "mean_logprob": table.mean(1).tolist(),
+                "q25_logprob": table.quantile(0.25, dim=1).tolist(),
+                "q75_logprob": table.quantile(0.75, dim=1).tolist()}
+        timings["tracking_s"] = time.time() - t0
+
+    # ---- save ------------------------------------------------------------------------------------------------
+    timings["total_s"] = time.time() - start
+    results["timings"] = timings
+    results["figures"] = make_figures(results, out_dir)
+    common.write_json_atomic(out_dir / "dynamics.json", results)
+    write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
+    print(f"[analyze] wrote {out_dir / 'dynamics.json'}, {out_dir / 'dynamics.md'} and "
+          f"{len(results['figures'])} figures in {timings['total_s']:.1f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
