@@ -133,6 +133,12 @@ def answer_text(answer: list[int], rows: int, cols: int) -> str:
     return "\n".join(" ".join(str(answer[r * cols + c]) for c in range(cols)) for r in range(rows))
 
 
+GRID_FORMAT_THINKING = ("First think step by step inside <think> </think> tags, then give the final grid inside "
+                        "<answer> </answer> tags, one row per line, numbers separated by spaces.")
+GRID_FORMAT_PLAIN = ("Give only the final grid inside <answer> </answer> tags, one row per line, numbers separated "
+                     "by spaces.")
+
+
 def build_prompt(rows: int, cols: int, thinking: bool = True, tiles: bool = False,
                  convention: str = "position_to_index") -> str:
     """User-turn text of the jigsaw question (images go before it in the chat message).
@@ -154,13 +160,7 @@ def build_prompt(rows: int, cols: int, thinking: bool = True, tiles: bool = Fals
     else:
         task = (f"The positions are numbered row by row:\n{grid}\nFor each original position Y, write the "
                 f"position X where its piece stands now, in the same {rows}x{cols} layout.")
-    if thinking:
-        fmt = ("First think step by step inside <think> </think> tags, then give the final grid inside "
-               "<answer> </answer> tags, one row per line, numbers separated by spaces.")
-    else:
-        fmt = ("Give only the final grid inside <answer> </answer> tags, one row per line, numbers separated "
-               "by spaces.")
-    return f"{seen} {task} {fmt}"
+    return f"{seen} {task} {GRID_FORMAT_THINKING if thinking else GRID_FORMAT_PLAIN}"
 
 
 def target_answer_only(answer: list[int], rows: int, cols: int) -> str:

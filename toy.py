@@ -49,6 +49,10 @@ CHAT_TEMPLATE = (
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
+THINK_INSTRUCTION = ("First think step by step inside <think> </think> tags, then give the final grid inside "
+                          "<answer> </answer> tags, one row per line, numbers separated by spaces.")
+PLAIN_INSTRUCTION = ("Give only the final grid inside <answer> </answer> tags, one row per line, numbers "
+                          "separated by spaces.")
 THINK_INSTRUCTION = ("First think step by step inside <think> </think> tags, then give the final answer inside "
                      "<answer> </answer> tags.")
 
@@ -80,22 +84,41 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         draw.rectangle((x0, y0 + h // 3, x1, y1 - h // 3), fill=color)
 
 
-def make_scene(rng: random.Random, size: int = 112) -> tuple[Image.Image, list[dict]]:
-    """1-3 non-overlapping shapes (one per quadrant) on a light background; returns image and objects."""
+def make_scene(rng: random.Random, size: int = 112, full: bool = False) -> tuple[Image.Image, list[dict]]:
+    """1-3 non-overlapping shapes (one per quadrant) on a light background; returns image and objects (each
+    with its quadrant 0..3, row-major). `full`: one shape in every quadrant, the four colours all different."""
     image = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    count = rng.randint(1, 3)
-    quadrants = rng.sample(range(4), count)
+    count = 4 if full else rng.randint(1, 3)
+    quadrants = list(range(4)) if full else rng.sample(range(4), count)
+    colors = rng.sample(list(COLORS), 4) if full else [rng.choice(list(COLORS)) for _ in range(count)]
     objects = []
     half = size // 2
-    for q in quadrants:
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    for q, color in zip(quadrants, colors):
+        shape = rng.choice(SHAPES)
         side = rng.randint(half * 6 // 10, half * 9 // 10)
         x0 = (q % 2) * half + rng.randint(0, half - side)
         y0 = (q // 2) * half + rng.randint(0, half - side)
         draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLORS[color])
-        objects.append({"shape": shape, "color": color})
+        objects.append({"shape": shape, "color": color, "quadrant": q})
     return image, objects
+
+
+COLOR_CODES = {name: i + 1 for i, name in enumerate(COLORS)}  # red=1, green=2, blue=3, yellow=4
+
+
+def color_grid_question(objects: list[dict]) -> dict:
+    """The toy world's instruction-following skill: answer a 2x2 grid of numbers, one per cell, in the exact
+    answer format of the jigsaw task (so the toy base model, like Qwen2.5-VL, can write a well-formed grid
+    but has never placed a jigsaw piece). The answer is a permutation of 1..4 (four distinct colours)."""
+    by_quadrant = sorted(objects, key=lambda o: o["quadrant"])
+    codes = [COLOR_CODES[o["color"]] for o in by_quadrant]
+    legend = ", ".join(f"{name}={code}" for name, code in COLOR_CODES.items())
+    return {"category": "color_grid",
+            "prompt": f"The image is divided into a 2x2 grid of cells numbered row by row:\n1 2\n3 4\nFor each "
+                      f"cell, write the code of the colour of its shape ({legend}), in the same 2x2 layout.",
+            "answer": jigsaw.answer_text(codes, 2, 2),
+            "reason": " ".join(f"Cell {i + 1} holds a {o['color']} {o['shape']}." for i, o in enumerate(by_quadrant))}
 
 
 def make_question(rng: random.Random, objects: list[dict]) -> dict:
@@ -133,15 +156,22 @@ def make_question(rng: random.Random, objects: list[dict]) -> dict:
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
 
-def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3) -> list[dict]:
+def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid_share: float = 0.2) -> list[dict]:
     rng = random.Random(f"{seed}/{split}")
     rows = []
     for k in range(count):
-        image, objects = make_scene(rng)
-        q = make_question(rng, objects)
+        grid_question = rng.random() < grid_share
+        image, objects = make_scene(rng, full=grid_question)
+        q = color_grid_question(objects) if grid_question else make_question(rng, objects)
         think = rng.random() < think_share
-        prompt = f"{q['prompt']} {THINK_INSTRUCTION}" if think else q["prompt"]
-        completion = f"<think>{q['reason']}</think>\n<answer>{q['answer']}</answer>" if think else q["answer"]
+        if grid_question:
+            # Same instructions and answer layout as jigsaw.build_prompt / jigsaw.target_answer_only.
+            prompt = f"{q['prompt']} {THINK_INSTRUCTION if think else PLAIN_INSTRUCTION}"
+            answer_block = f"<answer>\n{q['answer']}\n</answer>"
+            completion = f"<think>{q['reason']}</think>\n{answer_block}" if think else answer_block
+        else:
+            prompt = f"{q['prompt']} {THINK_INSTRUCTION}" if think else q["prompt"]
+            completion = f"<think>{q['reason']}</think>\n<answer>{q['answer']}</answer>" if think else q["answer"]
         rows.append({"id": f"toy-{split}-{k:06d}", "images": [image], "prompt": prompt,
                      "question": q["prompt"], "answer": q["answer"], "category": q["category"],
                      "completion": completion})

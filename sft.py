@@ -1,0 +1,268 @@
+"""Supervised fine-tuning of Qwen2.5-VL on (images, prompt, target) rows: the SFT runs of the paper.
+
+The loss is the cross-entropy of the target tokens only (prompt and padding masked), i.e. maximum likelihood
+of the completion given the prompt. Every SFT variant of the paper is this script on a different data source:
+    SFT-Non-Rea             --data data/jigsaw --prompt_column prompt_no_think --target_column target_non_rea
+    SFT-Rea-4o / external   --data data/sources/rea_external          (built by rollout_sft.py)
+    SFT-Rea-GRPO-Rollout    --data data/sources/rea_grpo_rollout      (built by rollout_sft.py)
+    SFT-Rea-Self-Generated  --data data/sources/rea_self_generated    (built by rollout_sft.py)
+The toy world's base model is also made with this script (on the toy prior-knowledge questions).
+
+Run commands:
+    # one GPU (Qwen2.5-VL-3B, fp32 master weights + bf16 autocast, 8-bit AdamW)
+    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --prompt_column prompt_no_think \\
+        --target_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 400 --optimizer adamw8bit
+    # several GPUs: the same script under accelerate (DDP, or FSDP/DeepSpeed via `accelerate config`)
+    accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw ...
+    # memory plan before renting a GPU (no weights loaded)
+    python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --optimizer adamw8bit
+    # tiny CPU run on the toy world, then resume it after an interruption
+    python sft.py --model runs/toy/init --data runs/toy/prior --output_dir runs/toy/base --max_steps 300
+    python sft.py --model runs/toy/init --data runs/toy/prior --output_dir runs/toy/base --max_steps 300 --resume
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # --- model ---
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    """hub id or local save_pretrained folder of the model to fine-tune (the paper: Qwen2.5-VL-3B/7B-Instruct)"""
+    precision: str = "auto"
+    """auto (bf16_mixed on CUDA, fp32 on CPU) | bf16_mixed (fp32 master weights + bf16 autocast) | bf16 (pure
+    bf16 weights: half the memory, but updates of lr~1e-5..1e-6 mostly round to zero) | fp32"""
+    attn_implementation: str = ""
+    """attention kernel passed to from_pretrained (e.g. sdpa, flash_attention_2); empty = transformers' default"""
+    min_pixels: int = 0
+    """min pixels per image for the processor (0 = the processor's own setting)"""
+    max_pixels: int = 0
+    """max pixels per image; fixes the image-token count (Jigsaw-R1 style runs keep images small; 0 = processor's)"""
+    freeze_vision_tower: bool = False
+    """freeze the ViT blocks (the merger stays trainable unless --freeze_merger)"""
+    freeze_merger: bool = False
+    """freeze the vision-language merger (the MLP that maps patch features into the LLM)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward (non-reentrant); needed for 7B on one 80 GB GPU"""
+    # --- data ---
+    data: str = "data/jigsaw"
+    """a datasets folder (save_to_disk) or a .jsonl file with images, a prompt column and a target column"""
+    split: str = "train"
+    """split to train on when --data holds several"""
+    prompt_column: str = "prompt"
+    """column holding the user-turn text (images are put before it)"""
+    target_column: str = "completion"
+    """column holding the assistant-turn target (the only tokens in the loss)"""
+    max_completion_tokens: int = 1024
+    """targets longer than this are cut (prompts are never cut: image tokens must match the image)"""
+    # --- optimisation ---
+    max_steps: int = 0
+    """optimizer steps; 0 = use --num_epochs"""
+    num_epochs: float = 1.0
+    """passes over the data when --max_steps is 0"""
+    batch_size: int = 4
+    """rows per micro-batch per process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes)"""
+    lr: float = 1e-5
+    """peak learning rate (SFT of Qwen2.5-VL on this task is typically run at 1e-5: paper.md)"""
+    min_lr_ratio: float = 0.0
+    """cosine decays to this fraction of --lr"""
+    warmup_ratio: float = 0.03
+    """share of steps with linear warmup (TRL/HF SFT default range)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TRL's SFTConfig default 0)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (HF Trainer default)"""
+    optimizer: str = "adamw"
+    """adamw (fp32 states, 8 B/param) | adamw8bit | paged_adamw8bit (bitsandbytes, 2 B/param)"""
+    seed: int = 0
+    """seed of data order, dropout and init of anything new"""
+    # --- logging / saving ---
+    output_dir: str = "runs/sft"
+    """where checkpoints, metrics.jsonl and final/ go"""
+    logging_steps: int = 1
+    """write metrics.jsonl every N optimizer steps"""
+    save_steps: int = 0
+    """checkpoint every N optimizer steps (0 = only at the end)"""
+    save_total_limit: int = 0
+    """keep only the newest N checkpoints (0 = keep all: analyze.py tracks probes across them)"""
+    resume: bool = False
+    """continue from the newest checkpoint in --output_dir (exact: weights, optimizer, schedule, RNG, data order)"""
+    dry_run: bool = False
+    """print the parameter counts and memory plan for these options and exit (no weights loaded)"""
+    dry_run_seq_len: int = 1024
+    """sequence length (image + text tokens) assumed by the --dry_run activation estimate"""
+
+
+def main(argv=None):
+    args = common.parse_args(Args, __doc__, argv)
+    from accelerate import Accelerator
+
+    # ======================================================================================================
+    # Config: precision. Pure bf16 weights lose most updates at lr 1e-5..1e-6 (bf16 keeps ~3 significant
+    # digits and bitsandbytes' 8-bit optimizers do not round stochastically), so the default on GPU keeps fp32
+    # master weights and runs the forward/backward under bf16 autocast (accelerate's mixed_precision="bf16").
+    # ======================================================================================================
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16_mixed" if torch.cuda.is_available() else "fp32"
+    if precision not in ("bf16_mixed", "bf16", "fp32"):
+        common.fail(f"--precision {args.precision} unknown; choose auto, bf16_mixed, bf16 or fp32.")
+    load_dtype = "bfloat16" if precision == "bf16" else "float32"
+    mixed = "bf16" if precision == "bf16_mixed" else "no"
+
+    if args.dry_run:
+        model = common.meta_model(args.model)
+        common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
+        activations = common.activation_estimate(model.config, args.batch_size, args.dry_run_seq_len,
+                                                 args.max_completion_tokens, args.gradient_checkpointing)
+        plan = common.memory_plan(model, args.optimizer, "bf16" if precision != "bf16" else "no",
+                                  activations_bytes=activations)
+        common.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
+                                       f"{args.optimizer}, batch {args.batch_size} x {args.dry_run_seq_len} tokens, "
+                                       f"gradient checkpointing {args.gradient_checkpointing}")
+        return plan
+
+    # ======================================================================================================
+    # Data: checked before any model is loaded
+    # ======================================================================================================
+    dataset = common.load_rows(args.data, args.split, required=(args.prompt_column, args.target_column))
+    if len(dataset) == 0:
+        common.fail(f"data {args.data} (split {args.split}) has no rows.")
+    base_dir = Path(args.data).parent if Path(args.data).is_file() else None
+    common.check_model_path(args.model)
+
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    common.seed_everything(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    world = accelerator.num_processes
+    rows_per_step = args.batch_size * args.grad_accum * world
+    micro_per_epoch = math.ceil(len(dataset) / (args.batch_size * world))
+    max_steps = args.max_steps or max(1, math.ceil(args.num_epochs * micro_per_epoch / args.grad_accum))
+
+    def micro_batch_indices(position: int) -> list[int]:
+        """Rows of global micro-batch `position` for this process. The order of each epoch is a permutation
+        seeded by (seed, epoch), so any position can be recomputed on resume without replaying the data."""
+        epoch, within = divmod(position, micro_per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        start = within * args.batch_size * world + accelerator.process_index * args.batch_size
+        return [int(order[i % len(dataset)]) for i in range(start, start + args.batch_size)]
+
+    # ======================================================================================================
+    # Model, optimizer, schedule
+    # ======================================================================================================
+    model, processor = common.load_model_and_processor(args.model, load_dtype, args.attn_implementation or None,
+                                                       args.min_pixels or None, args.max_pixels or None)
+    common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    # A frozen vision tower needs no explicit no_grad: none of its inputs or weights require grad, so autograd
+    # keeps none of its activations.
+    trainable, frozen = common.count_parameters(model)
+    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, round(args.warmup_ratio * max_steps), max_steps, args.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+
+    step, position = 0, 0
+    metrics_path = output_dir / "metrics.jsonl"
+    if args.resume:
+        checkpoint = common.latest_checkpoint(output_dir)
+        if checkpoint is None:
+            accelerator.print(f"[sft] --resume: no checkpoint in {output_dir}; starting from step 0")
+        else:
+            state = common.load_checkpoint(accelerator, checkpoint)
+            step, position = state["step"], state["data_position"]
+            if accelerator.is_main_process:
+                common.truncate_metrics(metrics_path, step)
+            accelerator.print(f"[sft] resumed from {checkpoint} (step {step}, micro-batch {position})")
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    logger = common.MetricsLogger(metrics_path, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        common.write_json_atomic(output_dir / "args.json", asdict(args))
+    accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
+                      f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)")
+
+    # ======================================================================================================
+    # Loop: grad_accum micro-batches per optimizer step; loss = mean over the step's completion tokens
+    # ======================================================================================================
+    progress = tqdm(total=max_steps, initial=step, desc="sft", disable=not accelerator.is_main_process)
+    while step < max_steps:
+        started = time.time()
+        micro_batches = []
+        for _ in range(args.grad_accum):
+            rows = [dataset[i] for i in micro_batch_indices(position)]
+            position += 1
+            micro_batches.append(common.build_batch(
+                processor, [r[args.prompt_column] for r in rows], [common.row_images(r, base_dir) for r in rows],
+                completions=[r[args.target_column] for r in rows], max_completion_tokens=args.max_completion_tokens))
+        # Normalise by the tokens of the whole step (not per micro-batch), so grad_accum=k equals one k-times
+        # larger batch; summed across processes by the gradient all-reduce (which averages, hence * world).
+        step_tokens = sum(int(b["completion_mask"].sum()) for b in micro_batches)
+        step_tokens_all = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+        loss_sum = 0.0
+        for k, batch in enumerate(micro_batches):
+            batch = common.to_device(batch, accelerator.device)
+            sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                logprobs = common.completion_logprobs(model, batch)
+                token_loss_sum = -(logprobs * batch["completion_mask"]).sum()
+                loss = token_loss_sum * world / max(1, step_tokens_all)
+                accelerator.backward(loss)
+            loss_sum += float(token_loss_sum.detach())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss_value = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")) \
+            / max(1, step_tokens_all)
+        seconds = time.time() - started
+        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm), "tokens": step_tokens_all, "tokens_per_s": step_tokens_all / seconds,
+                  "epoch": position / micro_per_epoch}
+        if step % args.logging_steps == 0 or step == max_steps:
+            logger.log(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if not math.isfinite(loss_value):
+            common.fail(f"loss is {loss_value} at step {step}; lower --lr, or use --precision bf16_mixed/fp32. "
+                        f"The last good checkpoint in {output_dir} is untouched.")
+        if args.save_steps and step % args.save_steps == 0 and step < max_steps:
+            common.save_checkpoint(accelerator, output_dir, step, {"data_position": position}, model, processor)
+            common.prune_checkpoints(output_dir, args.save_total_limit)
+    progress.close()
+
+    # ======================================================================================================
+    # Save: a final checkpoint (resumable) and final/ (save_pretrained: loads with from_pretrained)
+    # ======================================================================================================
+    if args.save_steps and not (output_dir / f"checkpoint-{step}").exists():
+        common.save_checkpoint(accelerator, output_dir, step, {"data_position": position}, model, processor)
+    common.export_model(accelerator, model, processor, output_dir / "final")
+    if accelerator.is_main_process:
+        common.write_json_atomic(output_dir / "final" / "train_summary.json",
+                                 {"steps": step, "rows_seen": position * args.batch_size * world,
+                                  "data": args.data, "target_column": args.target_column, "model": args.model})
+    accelerator.print(f"[sft] done: {step} steps; model in {output_dir / 'final'}")
+    accelerator.end_training()
+    return output_dir / "final"
+
+
+if __name__ == "__main__":
+    main()

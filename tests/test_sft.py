@@ -1,0 +1,118 @@
+"""sft.py on the tiny model: memorisation, exact resume, 8-bit optimizer, memory plan, two processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _run(toy_model_dir, data, out, *extra):
+    return sft.main(["--model", str(toy_model_dir), "--data", str(data), "--output_dir", str(out),
+                     "--prompt_column", "prompt_no_think", "--target_column", "target_non_rea", *extra])
+
+
+def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
+    import jigsaw
+    data = tmp_path / "few"
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=6, test=2, out=str(data),
+                                          image_size=56))
+    final = _run(toy_model_dir, data, tmp_path / "run", "--max_steps", "100", "--batch_size", "6", "--lr", "3e-3",
+                 "--warmup_ratio", "0", "--min_lr_ratio", "1")
+    model, processor = common.load_model_and_processor(str(final))
+    rows = list(common.load_rows(str(data), "train"))
+    out = common.generate(model, processor, [r["prompt_no_think"] for r in rows],
+                          [common.row_images(r) for r in rows], max_new_tokens=24, do_sample=False)
+    exact = sum(text.strip() == r["target_non_rea"] for text, r in zip(out["texts"], rows)) / len(rows)
+    assert exact >= 0.9, list(zip(out["texts"], [r["target_non_rea"] for r in rows]))
+    metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] / 5
+
+
+def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--max_steps", "10", "--save_steps", "5", "--batch_size", "3", "--lr", "1e-3", "--seed", "3"]
+    _run(toy_model_dir, jigsaw_data, out, *args)
+    straight = _weights(out / "final")
+    # Interrupt after step 5: forget everything written after it, then resume.
+    shutil.rmtree(out / "checkpoint-10")
+    shutil.rmtree(out / "final")
+    (out / "latest").write_text("checkpoint-5")
+    _run(toy_model_dir, jigsaw_data, out, *args, "--resume")
+    resumed = _weights(out / "final")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # resume truncated and re-logged steps 6..10, no duplicates
+
+
+def test_adamw8bit_runs_and_changes_weights(toy_model_dir, jigsaw_data, tmp_path):
+    final = _run(toy_model_dir, jigsaw_data, tmp_path / "run", "--max_steps", "2", "--batch_size", "2",
+                 "--optimizer", "adamw8bit", "--lr", "1e-3")
+    before, after = _weights(toy_model_dir), _weights(final)
+    changed = [n for n in after if not torch.equal(before[n], after[n])]
+    assert changed, "8-bit AdamW step left every weight unchanged"
+
+
+def test_freeze_vision_tower_keeps_it_fixed(toy_model_dir, jigsaw_data, tmp_path):
+    final = _run(toy_model_dir, jigsaw_data, tmp_path / "run", "--max_steps", "2", "--batch_size", "2",
+                 "--lr", "1e-2", "--freeze_vision_tower")
+    before, after = _weights(toy_model_dir), _weights(final)
+    tower = [n for n in after if "visual." in n and "merger." not in n]
+    assert tower and all(torch.equal(before[n], after[n]) for n in tower)
+    assert any(not torch.equal(before[n], after[n]) for n in after if "merger." in n)
+
+
+def test_dry_run_3b_parameter_count(capsys):
+    plan = sft.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--dry_run", "--optimizer", "adamw8bit"])
+    published = 3.75e9  # the model card's "3.75B params"
+    assert abs(plan["parameters_total"] - published) / published < 0.01
+    printed = capsys.readouterr().out
+    assert "parameters:" in printed and "optimizer_states" in printed and "fits on" in printed
+
+
+def test_bad_input_fails_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sft.main(["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--target_column", "nope",
+                  "--output_dir", str(tmp_path / "x")])
+    assert "missing column(s) ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft.main(["--model", str(tmp_path / "no_model"), "--data", str(jigsaw_data), "--prompt_column",
+                  "prompt_no_think", "--target_column", "target_non_rea", "--output_dir", str(tmp_path / "x")])
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft.main(["--model", str(toy_model_dir), "--data", str(tmp_path / "missing"), "--output_dir",
+                  str(tmp_path / "x")])
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw_data, tmp_path):
+    """accelerate launch --cpu --num_processes 2: gradients are all-reduced, so 2 x batch 2 equals 1 x batch 4."""
+    common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--prompt_column", "prompt_no_think",
+                   "--target_column", "target_non_rea", "--max_steps", "3", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sft.py"), *common_args,
+         "--batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "2 process(es)" in launched.stdout + launched.stderr
+    sft.main([*common_args, "--batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    two, one = _weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
