@@ -31,7 +31,7 @@ exist yet while you develop: tests/test_analyze.py builds tiny ones from the jig
         --sources non_rea=data/jigsaw_toy:prompt_no_think:target_non_rea,rea_grpo_rollout=runs/toy/rollouts.jsonl \
         --probes runs/toy/prior --probe_split test --runs sft_non_rea=runs/toy/sft_non_rea,rft=runs/toy/rft \
         --out_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
-    # Qwen2.5-VL-3B on one GPU: project gradients to 2 x 36 x 8^2 = 4,608 dims per sample
+    # Qwen2.5-VL-3B on one GPU: project gradients to 7 x 36 x 8^2 = 16,128 dims per sample
     python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
 rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
@@ -105,9 +105,9 @@ class Args:
     params: str = "model.language_model.*,lm_head.*"
     """parameter-name patterns (fnmatch, comma-separated) stepped by the exact step and, with --proj_dim 0, used for
     the gradients. Default: the language model (the paper does not say which parameters; an assumption)"""
-    proj_modules: str = "model.language_model.layers.*.mlp.down_proj,model.language_model.layers.*.self_attn.o_proj"
-    """nn.Linear module-name patterns that get projection adapters when --proj_dim > 0 (LoGra uses linear layers;
-    down_proj and o_proj write into the residual stream: 2 x 36 x 8^2 = 4,608 dims for 3B at r=8)"""
+    proj_modules: str = "model.language_model.layers.*"
+    """nn.Linear module-name patterns that get projection adapters when --proj_dim > 0 (LoGra adapts every linear
+    layer; default: the 7 linear layers of each decoder block, 7 x 36 x r^2 dims for 3B: 4,032 at r=4, 16,128 at r=8)"""
     max_completion_tokens: int = 512
     """response tokens kept per sample (public GRPO work on the task used 512)"""
     first_order: bool = True
@@ -532,7 +532,8 @@ def make_figures(results: dict, out_dir: Path) -> dict:
     with_cos = [n for n in names if "cosines" in stats[n]]
     if with_cos:
         fig, ax = plt.subplots(figsize=(1.6 * len(with_cos) + 2, 3.5))
-        ax.boxplot([stats[n]["cosines"] for n in with_cos], tick_labels=with_cos, showmeans=True)
+        ax.boxplot([stats[n]["cosines"] for n in with_cos], showmeans=True)
+        ax.set_xticks(range(1, len(with_cos) + 1), with_cos)  # (boxplot's labels= was renamed in matplotlib 3.9)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_ylabel("cos(grad log pi(v), grad log pi(u))")
         ax.set_title("Gradient alignment with prior-knowledge probes")
@@ -637,6 +638,17 @@ def markdown_section(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
+def check_gradient_memory(model, args: Args, n_samples: int) -> None:
+    """Full per-sample gradients of a 3B model are 12 GiB each: refuse them with the fix, not an OOM later."""
+    named = dict(model.named_parameters())
+    numel = sum(named[n].numel() for n in match_names(list(named), args.params))
+    grad_bytes = numel * n_samples * 4
+    if grad_bytes > args.max_grad_gib * common.GiB:
+        common.fail(f"full per-sample gradients would take {grad_bytes / common.GiB:.1f} GiB ({n_samples} samples x "
+                    f"{numel:,} parameters) > --max_grad_gib {args.max_grad_gib}; use --proj_dim 8 (LoGra-style "
+                    "projection), narrower --params, or --no_first_order.")
+
+
 def main(argv=None) -> dict:
     args = common.parse_args(Args, __doc__, argv)
     timings = {}
@@ -673,6 +685,9 @@ def main(argv=None) -> dict:
     probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
 
     # ---- model ---------------------------------------------------------------------------------------------
+    n_samples = args.n_train * len(sources) + args.n_probe
+    if args.first_order and args.proj_dim == 0 and (args.model in common.REAL_CONFIGS or Path(args.model).is_dir()):
+        check_gradient_memory(common.meta_model(args.model), args, n_samples)  # before minutes of loading
     model, processor = common.load_model_and_processor(
         args.model, "float32" if args.dtype == "float64" else args.dtype, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, device=device)
@@ -685,12 +700,8 @@ def main(argv=None) -> dict:
         common.fail(f"--params {args.params!r} matches no parameter; examples: {list(named)[:2] + list(named)[-2:]}.")
     params = [named[n] for n in param_names]
     set_trainable(model, params)
-    n_samples = args.n_train * len(sources) + args.n_probe
-    grad_bytes = sum(p.numel() for p in params) * n_samples * 4
-    if args.first_order and args.proj_dim == 0 and grad_bytes > args.max_grad_gib * common.GiB:
-        common.fail(f"full per-sample gradients would take {grad_bytes / common.GiB:.1f} GiB "
-                    f"({n_samples} samples x {sum(p.numel() for p in params):,} parameters) > --max_grad_gib "
-                    f"{args.max_grad_gib}; use --proj_dim 8 (LoGra-style projection) or narrower --params.")
+    if args.first_order and args.proj_dim == 0:
+        check_gradient_memory(model, args, n_samples)
     print(f"[analyze] {args.model}: {len(params)} parameter tensors stepped "
           f"({sum(p.numel() for p in params):,} values); device {device}")
 

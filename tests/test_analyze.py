@@ -177,7 +177,7 @@ def test_projection_adapters_leave_output_unchanged(tiny, samples):
         reference = common.completion_logits(model, batch)
     keys = set(model.state_dict())
     with analyze.projection_adapters(model, analyze.Args.proj_modules, 4, seed=0) as adapters:
-        assert len(adapters) == 4  # 2 layers x (down_proj, o_proj)
+        assert len(adapters) == 14  # 2 decoder layers x 7 linear layers
         with torch.no_grad():
             adapted = common.completion_logits(model, batch)
     assert torch.equal(adapted, reference)
@@ -206,7 +206,8 @@ def test_projected_gradient_is_projected_weight_gradient(tiny64, samples):
     i, j = torch.triu_indices(len(batches), len(batches), offset=1)
     exact_inner = (full @ full.T)[i, j]
     proj_inner = (projected @ projected.T)[i, j]
-    assert analyze.pearson(exact_inner, proj_inner) >= 0.95
+    correlation = analyze.pearson(exact_inner, proj_inner)
+    assert correlation >= 0.95, correlation
     for p in model.parameters():  # trainable flags restored
         assert p.requires_grad == any(p is w for w in weights)
 
@@ -253,7 +254,7 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
         "--runs", f"sft_non_rea={run}", "--out_dir", str(out), "--n_train", "3", "--n_probe", "3",
         "--exact_pairs", "2", "--proj_dim", "8", "--eta", "1e-3"])
     saved = json.loads((out / "dynamics.json").read_text())
-    assert saved["gradients"]["mode"] == "projected" and saved["gradients"]["dims"] == 4 * 64
+    assert saved["gradients"]["mode"] == "projected" and saved["gradients"]["dims"] == 14 * 64
     for name in ("non_rea", "rea_self_generated"):
         stats = saved["sources"][name]
         assert stats["n"] == 3 and stats["perplexity"] > 1
@@ -279,3 +280,12 @@ def test_bad_column_fails_before_loading_the_model(jigsaw_data, prior_data, tmp_
                       "--probes", str(prior_data), "--out_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "nope" in err and str(jigsaw_data) in err
+
+
+def test_full_gradients_of_3b_refused_before_loading(jigsaw_data, prior_data, tmp_path, capsys):
+    """Counted on the meta device from the shipped config: no download, no weights, a fix in the message."""
+    with pytest.raises(SystemExit):
+        analyze.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--sources",
+                      f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea", "--probes", str(prior_data),
+                      "--out_dir", str(tmp_path / "o")])
+    assert "--proj_dim 8" in capsys.readouterr().err
