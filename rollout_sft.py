@@ -312,7 +312,11 @@ def sample_completions(model, processor, rows: list[dict], args: Args) -> list[l
 def completion_scores(model, processor, prompts: list[str], images: list[list], completions: list[str],
                       batch_size: int) -> list[tuple[float, int]]:
     """(sum log pi(completion | prompt), completion token count) per row, completions tokenized as SFT will
-    tokenize them (common.build_batch: text + <|im_end|>, which is scored too, as SFT trains on it)."""
+    tokenize them (common.build_batch: text + <|im_end|>, which is scored too, as SFT trains on it).
+
+    The decoded text is scored, not the sampled token ids: what SFT trains on is the text, so the rollout
+    log-probs and the perplexity table measure the same thing. (A model that samples a non-canonical BPE
+    split gets its re-tokenized text scored; rare for a trained model, common for a random one.)"""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -365,15 +369,16 @@ def append_records(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def check_shard_meta(meta_path: Path, meta: dict) -> None:
-    if meta_path.exists():
+def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
+    """Refuse to resume a shard drawn with other sampling settings; a meta file without any finished chunk
+    (a run that stopped before its first chunk) is simply replaced."""
+    if meta_path.exists() and shard.exists() and shard.stat().st_size > 0:
         old = json.loads(meta_path.read_text())
         diff = [f"{key}: shard {old.get(key)!r} vs now {meta.get(key)!r}" for key in SHARD_KEYS
                 if old.get(key) != meta.get(key)]
         if diff:
             common.fail(f"{meta_path} was written by a run with other settings ({'; '.join(diff)}). Rerun with "
-                        f"the same flags to resume, or delete {meta_path} and {meta_path.with_suffix('.jsonl')} "
-                        "to start over.")
+                        f"the same flags to resume, or delete {meta_path} and {shard} to start over.")
     else:
         common.write_json_atomic(meta_path, meta)
 
@@ -659,10 +664,12 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
         return stats
 
     # ---------------- model ----------------
+    common.check_model_path(args.model)
+    check_processor(args.model)
     shard, meta_path = shard_paths(args.out)
     meta = {key: getattr(args, key) for key in SHARD_KEYS}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    check_shard_meta(meta_path, meta)
+    check_shard_meta(meta_path, shard, meta)
     model = processor = None
     if not all(i in read_shard(shard) for i in ids):
         model, processor = load_sampler(args)
