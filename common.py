@@ -53,7 +53,8 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def parse_args(cls, description: str | None = None, argv=None):
-    """Build an argparse parser from a dataclass: `--name value` per field, `--flag/--no_flag` for bools."""
+    """Build an argparse parser from a dataclass: `--name value` per field, `--flag` / `--no_flag` for bools
+    (the --no_ form is accepted but kept out of --help to keep it short)."""
     docs = _field_docs(cls)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -70,7 +71,9 @@ def parse_args(cls, description: str | None = None, argv=None):
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         if base is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(f"--{f.name}", action="store_true", default=default, help=help_text)
+            parser.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
         elif base in (int, float, str):
             parser.add_argument(f"--{f.name}", type=base, default=default, help=help_text)
         else:  # lists and anything else: a comma-separated string the stage parses itself
@@ -460,8 +463,14 @@ def truncate_metrics(path, after_step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+        if record.get("step", 0) <= after_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The whole paper, end to end: data -> base eval -> SFT-Non-Rea -> RFT -> SFT data sources -> SFT on each
+# source -> evaluation of every model -> learning-dynamics analysis -> report.md.
+#
+#   bash run_all.sh                    # toy preset without a CUDA GPU, 3b with one
+#   PRESET=7b bash run_all.sh          # Qwen2.5-VL-7B-Instruct
+#   PRESET=smoke bash run_all.sh       # a few steps of every stage (what CI runs)
+#   bash run_all.sh --from rft         # rerun from a stage on (later stages are redone too)
+#   bash run_all.sh --only report      # one stage
+#   bash run_all.sh --list             # the stages, with an estimated time each
+#   RFT_STEPS=500 LR_RFT=2e-6 bash run_all.sh   # any variable below can be set from the environment
+#
+# A finished stage is skipped on rerun (marker in $RUN/.done/); a training stage that was interrupted resumes
+# from its last checkpoint. Each stage logs to $RUN/logs/STAGE.log.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+FROM="" ; ONLY="" ; LIST=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --from) FROM="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --list) LIST=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --list)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PY:-python}
+export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+if [ -z "${PRESET:-}" ]; then
+  if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    PRESET=3b; echo "[run_all] CUDA GPU found: preset 3b (Qwen2.5-VL-3B-Instruct). PRESET=toy for the offline toy world."
+  else
+    PRESET=toy; echo "[run_all] no CUDA GPU: preset toy (tiny Qwen2.5-VL built locally, offline, on the CPU)."
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------------------
+# Presets. Every value is a plain variable: edit it here or set it in the environment.
+# ------------------------------------------------------------------------------------------------------------
+case "$PRESET" in
+  toy|smoke)
+    # The offline toy world (toy.py): a tiny random Qwen2.5-VL taught "prior knowledge" by sft.py itself.
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    : "${BUILD_TOY_BASE:=1}"              # make the base model with sft.py on the toy prior-knowledge data
+    : "${TOY_SIZE:=small}"                # toy model size (toy.py MODEL_SIZES)
+    : "${MODEL:=}"                        # set by the toy base stage (runs/<preset>/base/final)
+    : "${SOURCE:=procedural}"             # jigsaw images: PIL-drawn gradients whose pieces a small model can place
+    : "${GRID:=2x2}"
+    : "${BENCHMARKS:=toy_prior}"          # prior-knowledge benchmarks (the toy world's held-out questions)
+    : "${PRECISION:=fp32}"
+    : "${OPTIMIZER:=adamw}"
+    : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=12544}"   # 56x56 .. 112x112 (toy.py)
+    : "${JIGSAW_IMAGE_SIZE:=56}"          # 2x2 pieces of 28x28 = one merged vision token each
+    : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
+    : "${MAX_NEW_TOKENS:=48}"             # toy completions are short
+    : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
+    : "${LR_RFT:=2e-4}"
+    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
+    : "${ROLLOUT_K:=8}"
+    if [ "$PRESET" = toy ]; then
+      : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=600}" ; : "${LR_BASE:=2e-3}"
+      : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
+      : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=150}" ; : "${RFT_EARLY_STEP:=10}" ; : "${SAVE_STEPS:=30}"
+      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}"
+    else
+      : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=2e-3}"
+      : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
+      : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
+      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
+      MAX_NEW_TOKENS=16 ; BATCH_SIZE=4
+    fi
+    ;;
+  3b|7b)
+    : "${BUILD_TOY_BASE:=0}"
+    if [ "$PRESET" = 3b ]; then : "${MODEL:=Qwen/Qwen2.5-VL-3B-Instruct}"; else : "${MODEL:=Qwen/Qwen2.5-VL-7B-Instruct}"; fi
+    : "${SOURCE:=detection-datasets/coco}"  # COCO images (Jigsaw-R1 used COCO train2014)
+    : "${GRID:=3x3}"                         # the paper's puzzle
+    : "${BENCHMARKS:=refcoco,docvqa,mme,mmstar,pope,mmmu}"   # the paper's prior-knowledge benchmarks
+    : "${PRECISION:=bf16_mixed}"            # fp32 master weights + bf16 autocast (sft.py explains why)
+    : "${OPTIMIZER:=adamw8bit}"
+    : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=200704}"   # up to 448x448 puzzles: 256 vision tokens
+    : "${JIGSAW_IMAGE_SIZE:=448}"
+    : "${N_TRAIN:=20000}" ; : "${N_TEST:=500}"
+    : "${BATCH_SIZE:=4}" ; : "${EVAL_BATCH_SIZE:=16}"
+    : "${MAX_NEW_TOKENS:=512}"               # Jigsaw-R1: max completion 512
+    : "${LR_SFT:=1e-5}" ; : "${LR_RFT:=1e-6}" # paper.md: SFT typically 1e-5; GRPO on this task 1e-6
+    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
+    : "${ROLLOUT_K:=8}"
+    : "${SFT_STEPS:=400}" ; : "${RFT_STEPS:=2000}" ; : "${RFT_EARLY_STEP:=100}" ; : "${SAVE_STEPS:=100}"
+    : "${EVAL_LIMIT:=500}" ; : "${ANALYZE_N:=32}"
+    ;;
+  *) echo "run_all.sh: PRESET=$PRESET unknown; use toy, smoke, 3b or 7b" >&2; exit 2 ;;
+esac
+: "${RFT_SAVE_STEPS:=$RFT_EARLY_STEP}"   # rft.py checkpoints every N steps; the early one feeds rea_self_generated
+if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
+  echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
+fi
+: "${RUN:=runs/$PRESET}"
+DATA=$RUN/data
+mkdir -p "$RUN/logs" "$RUN/.done"
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage machinery
+# ------------------------------------------------------------------------------------------------------------
+STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
+declare -A ESTIMATE=(   # seconds on a 2-core CPU (toy), a few on one H100 (3b); replaced by this machine's last run
+  [toy:base]=240 [toy:data]=15 [toy:eval_base]=30 [toy:sft_non_rea]=90 [toy:rft]=240 [toy:sources]=60
+  [toy:sft_sources]=240 [toy:eval]=120 [toy:analyze]=90 [toy:report]=10
+  [3b:base]=0 [3b:data]=600 [3b:eval_base]=1800 [3b:sft_non_rea]=1800 [3b:rft]=36000 [3b:sources]=3600
+  [3b:sft_sources]=10800 [3b:eval]=9000 [3b:analyze]=1800 [3b:report]=10)
+estimate() {  # last measured duration on this machine, else the table above
+  local f="$RUN/.done/$1.seconds"
+  if [ -f "$f" ]; then cat "$f"; else
+    local key="$PRESET"; [ "$key" = smoke ] && key=toy; [ "$key" = 7b ] && key=3b
+    local s=${ESTIMATE[$key:$1]:-60}; [ "$PRESET" = smoke ] && s=$(( s / 10 + 1 )); [ "$PRESET" = 7b ] && s=$(( s * 2 ))
+    echo "$s"
+  fi
+}
+selected() {
+  local stage=$1
+  if [ -n "$ONLY" ]; then [ "$stage" = "$ONLY" ]; return; fi
+  if [ -n "$FROM" ]; then
+    local on=0; for s in "${STAGES[@]}"; do [ "$s" = "$FROM" ] && on=1; [ "$s" = "$stage" ] && { [ $on = 1 ]; return; }; done
+  fi
+  return 0
+}
+for s in $ONLY $FROM; do
+  [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "run_all.sh: no stage '$s'; stages: ${STAGES[*]}" >&2; exit 2; }
+done
+
+echo "[run_all] preset $PRESET, run folder $RUN. Stages:"
+total=0
+for s in "${STAGES[@]}"; do
+  if selected "$s"; then
+    if [ -f "$RUN/.done/$s" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then state="done, skipped"; else state="~$(estimate "$s") s"; total=$(( total + $(estimate "$s") )); fi
+  else state="not selected"; fi
+  printf "  %-12s %s\n" "$s" "$state"
+done
+echo "  estimated total: ~$(( total / 60 )) min"
+[ "$LIST" = 1 ] && exit 0
+
+run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.log, time it
+  local name=$1 fn=$2
+  selected "$name" || return 0
+  if [ -f "$RUN/.done/$name" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then echo "[run_all] $name: done, skipped"; return 0; fi
+  rm -f "$RUN/.done/$name"
+  echo "[run_all] $name: running (log: $RUN/logs/$name.log)"
+  local start=$SECONDS
+  if ! ( set -euo pipefail; $fn ) > "$RUN/logs/$name.log" 2>&1; then
+    echo "[run_all] $name FAILED; last lines of $RUN/logs/$name.log:" >&2
+    tail -n 25 "$RUN/logs/$name.log" >&2
+    exit 1
+  fi
+  echo $(( SECONDS - start )) > "$RUN/.done/$name.seconds"
+  touch "$RUN/.done/$name"
+  echo "[run_all] $name: done in $(( SECONDS - start )) s"
+}
+
+# The base model: a hub id for real presets; for the toy world, made here by toy.py + sft.py.
+if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
+PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
+SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
+EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --jigsaw_data "$DATA/jigsaw" "${PIX[@]}")
+[ "$BUILD_TOY_BASE" = 1 ] && EVAL_COMMON+=(--toy_prior_data "$RUN/toy/prior")
+# name | model folder | jigsaw prompt style | training steps (for the report)
+MODELS=(
+  "base|$MODEL|thinking"
+  "sft_non_rea|$RUN/sft_non_rea/final|answer_only"
+  "rft|$RUN/rft/final|thinking"
+  "sft_rea_external|$RUN/sft_rea_external/final|thinking"
+  "sft_rea_grpo_rollout|$RUN/sft_rea_grpo_rollout/final|thinking"
+  "sft_rea_self_generated|$RUN/sft_rea_self_generated/final|thinking"
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------
+stage_base() {
+  [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
+  $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_train "$PRIOR_TRAIN" --prior_test "$PRIOR_TEST"
+  $PY sft.py --model "$RUN/toy/init" --data "$RUN/toy/prior" --prompt_column prompt --target_column completion \
+    --output_dir "$RUN/base" --max_steps "$BASE_STEPS" --lr "$LR_BASE" --warmup_ratio 0.05 --min_lr_ratio 0.1 \
+    --save_steps "$BASE_STEPS" "${SFT_COMMON[@]}"
+}
+stage_data() {
+  $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \
+    --image_size "$JIGSAW_IMAGE_SIZE" --max_side "$JIGSAW_IMAGE_SIZE"
+}
+eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
+  $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --jigsaw_prompt "$3" "${EVAL_COMMON[@]}" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --output "$RUN/eval/$1/results.json"
+}
+stage_eval_base() { eval_model base "$MODEL" thinking; }
+stage_sft_non_rea() {
+  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --target_column target_non_rea \
+    --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
+}
+stage_rft() {
+  $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
+    --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
+    --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
+}
+stage_sources() {
+  local src=$DATA/sources
+  $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --out "$src/non_rea"
+  $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --out "$src/rea_external"
+  $PY rollout_sft.py --source rea_grpo_rollout --data "$DATA/jigsaw" --model "$RUN/rft/final" --k "$ROLLOUT_K" \
+    --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" \
+    --out "$src/rea_grpo_rollout"
+  $PY rollout_sft.py --source rea_self_generated --data "$DATA/jigsaw" --model "$RUN/rft/checkpoint-$RFT_EARLY_STEP/model" \
+    --k 1 --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" \
+    --out "$src/rea_self_generated"
+  $PY rollout_sft.py --perplexity --model "$MODEL" "${PIX[@]}" --out "$src/perplexity.json" \
+    --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated"
+}
+stage_sft_sources() {
+  for s in rea_external rea_grpo_rollout rea_self_generated; do
+    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --target_column completion \
+      --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
+  done
+}
+stage_eval() {
+  for entry in "${MODELS[@]}"; do
+    IFS='|' read -r name folder style <<< "$entry"
+    eval_model "$name" "$folder" "$style"
+  done
+}
+stage_analyze() {
+  local src=$DATA/sources probes=$RUN/toy/prior
+  [ "$BUILD_TOY_BASE" = 1 ] || probes=${PROBES:-}
+  $PY analyze.py --model "$MODEL" --out_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
+    --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
+    --probes "$probes" \
+    --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
+}
+stage_report() {
+  local compare=()
+  for entry in "${MODELS[@]}"; do IFS='|' read -r name folder style <<< "$entry"; compare+=("$name=$RUN/eval/$name/results.json"); done
+  $PY eval.py --compare "${compare[@]}" --out_dir "$RUN/report"
+  $PY report.py --run "$RUN" --preset "$PRESET" --out "$RUN/report.md"
+}
+
+for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done
+echo "[run_all] finished: $RUN/report.md"
