@@ -15,7 +15,6 @@ Worked example of the output lines:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
