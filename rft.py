@@ -1,0 +1,636 @@
+"""RFT: GRPO on the jigsaw task, the whole loop in one file (rollout -> reward -> advantages -> clipped loss).
+
+The paper's RFT arm: Qwen2.5-VL learns 3x3 jigsaw puzzles with GRPO and the reward R_hit + R_acc + R_fmt
+(jigsaw.jigsaw_reward). Each step draws `batch_size` puzzles, samples `group_size` completions per puzzle in one
+batched generate call, scores them, turns rewards into group-relative advantages, and takes `num_iterations`
+PPO-clipped passes over that rollout batch (with a k3 KL penalty to the frozen starting model).
+
+Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing):
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \
+        --max_steps 2000 --batch_size 4 --group_size 8
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b --resume
+    accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw --output_dir runs/rft_7b
+Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
+    python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --group_size 8
+Tiny CPU run (the offline toy world: `python toy.py --out runs/toy`, `python jigsaw.py --source procedural
+--grid 2x2 --train 64 --test 16 --image_size 56 --out data/jigsaw_toy`):
+    python rft.py --model runs/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \
+        --batch_size 2 --group_size 4 --max_new_tokens 32 --lr 1e-3 --optimizer adamw --eval_size 8
+
+Outputs in --output_dir: metrics.jsonl (one line per step, plus eval lines), checkpoint-N/ (accelerate state,
+trainer_state.json with the data position and RNG states, and an HF copy in checkpoint-N/model), final/
+(save_pretrained model + processor).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common
+import jigsaw
+from common import masked_mean
+
+
+@dataclass
+class Args:
+    # --- model and data ---
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    """policy to train: hub id or save_pretrained folder (the paper: Qwen2.5-VL-3B/7B-Instruct)"""
+    data: str = "data/jigsaw"
+    """jigsaw data set folder written by jigsaw.py (save_to_disk with train/test splits)"""
+    output_dir: str = "runs/rft"
+    """where metrics.jsonl, checkpoint-N/ and final/ go"""
+    split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split whose first --eval_size puzzles are scored (greedy, exact accuracy) every --eval_steps"""
+    no_think: bool = False
+    """use the prompt_no_think column (answer only) and score R_fmt without <think> tags"""
+    w_hit: float = 1.0
+    """weight of R_hit, share of positions right (the paper: R = R_hit + R_acc + R_fmt, weights 1)"""
+    w_acc: float = 1.0
+    """weight of R_acc, 1 if the whole permutation is right (the paper)"""
+    w_fmt: float = 1.0
+    """weight of R_fmt, 1 if <think>..</think><answer>..</answer> and the answer parses (the paper)"""
+    min_pixels: int | None = None
+    """image processor min_pixels (None: the processor's own setting)"""
+    max_pixels: int | None = None
+    """image processor max_pixels (None: the processor's own; lower it rather than ever truncating prompts)"""
+    # --- rollout ---
+    max_steps: int = 1000
+    """GRPO steps (one rollout batch each; the paper's RFT ran 27,360 steps, see README for budgets)"""
+    batch_size: int = 4
+    """puzzles per step (B); B * group_size sequences per rollout batch (this project's choice: 32 sequences
+    fit one 80 GB GPU for 3B, see --dry_run)"""
+    group_size: int = 8
+    """completions sampled per puzzle (G; Jigsaw-R1 and TRL's num_generations: 8)"""
+    max_new_tokens: int = 512
+    """max completion length (Jigsaw-R1: 512); also the constant of the dr_grpo loss"""
+    temperature: float = 1.0
+    """sampling temperature, also applied to training log-probs (Jigsaw-R1 and TRL: 1.0)"""
+    top_p: float = 1.0
+    """nucleus sampling (TRL default 1.0: no truncation, so log-probs stay those of the sampled policy)"""
+    # --- loss ---
+    lr: float = 1e-6
+    """learning rate (Jigsaw-R1 and TRL's GRPOConfig: 1e-6)"""
+    beta: float = 0.04
+    """KL coefficient to the frozen reference, k3 estimator (Jigsaw-R1 and the DeepSeekMath GRPO paper: 0.04;
+    0 loads no reference model)"""
+    epsilon: float = 0.2
+    """PPO clip range, lower side (TRL and PPO: 0.2)"""
+    epsilon_high: float | None = None
+    """PPO clip range, upper side (None: = epsilon; DAPO's clip-higher uses 0.28)"""
+    num_iterations: int = 1
+    """mu: optimizer passes over each rollout batch (TRL default 1; >1 keeps old log-probs for the ratio)"""
+    loss_type: str = "grpo"
+    """aggregation: grpo (per-sequence token mean, then mean; the GRPO paper), dapo (token sum / tokens of the
+    step; TRL's default), dr_grpo (token sum / (sequences * max_new_tokens))"""
+    scale_rewards: bool = True
+    """divide advantages by the group std + 1e-4 (GRPO; --no-scale_rewards is Dr. GRPO's choice)"""
+    mask_truncated: bool = False
+    """drop completions that hit --max_new_tokens from the loss (DAPO's overlong filtering; TRL default off)"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (HF Trainer / TRL default 1.0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TRL/HF default 0.0)"""
+    warmup_steps: int = 0
+    """linear warmup optimizer steps (TRL default 0)"""
+    min_lr_ratio: float = 1.0
+    """cosine floor as a share of --lr; 1.0 = constant lr (nano-aha-moment and Jigsaw-R1 use a constant lr)"""
+    # --- one GPU ---
+    optimizer: str = "adamw8bit"
+    """adamw, adamw8bit or paged_adamw8bit (bitsandbytes 8-bit states: 2 B/param instead of 8)"""
+    precision: str = "auto"
+    """amp_bf16 (fp32 master weights + bf16 autocast; the default on GPU), bf16 (pure bf16 weights: lr 1e-6
+    updates mostly round to zero, not recommended), fp32 (the default on CPU), auto"""
+    ref_dtype: str = "auto"
+    """reference model dtype: auto = bf16 on GPU (frozen, so no rounding trap), fp32 on CPU"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward (use_reentrant=False), the usual trade on one GPU"""
+    freeze_vision_tower: bool = False
+    """freeze the vision tower (not the merger); the paper's choice is unknown, Jigsaw-R1 trains everything"""
+    attn_implementation: str | None = None
+    """attention kernel (None: transformers' default, sdpa; flash_attention_2 if installed)"""
+    # --- operations ---
+    seed: int = 0
+    """seed of init, puzzle order and sampling"""
+    save_steps: int = 100
+    """checkpoint every N steps (and at the end)"""
+    save_total_limit: int = 2
+    """checkpoints kept (oldest deleted; 0 keeps all)"""
+    eval_steps: int = 50
+    """evaluate every N steps (0: never)"""
+    eval_size: int = 64
+    """puzzles of --eval_split scored at each evaluation (the first N: a fixed subset)"""
+    eval_batch_size: int = 16
+    """prompts per greedy generate call during evaluation"""
+    resume: bool = False
+    """continue from output_dir's latest checkpoint (weights, optimizer, schedule, data position, RNG)"""
+    max_nonfinite: int = 3
+    """stop after this many non-finite losses/gradients in a row (each one skips its update)"""
+    dry_run: bool = False
+    """print the memory plan for these options (meta device, no weights) and exit"""
+    plan_prompt_tokens: int = 512
+    """prompt length assumed by --dry_run's activation estimate (Jigsaw-R1's max prompt length: 512)"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss math: small pure functions (tests check them by hand)
+# ----------------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4):
+    """Group-relative advantages: (reward - group mean) / (group std + eps); no division when scale=False
+    (Dr. GRPO). Rewards are ordered group by group (the G completions of puzzle 1, then of puzzle 2, ...).
+    The std is the unbiased one, as TRL's GRPOTrainer computes it.
+
+    Worked example, one 2x2 puzzle, a group of 3 generations:
+        "<think>..</think><answer>3 1\\n4 2</answer>"  (right)          R = 1 + 1 + 1 = 3.0
+        "<think>..</think><answer>3 1\\n2 4</answer>"  (2 of 4 right)   R = 0.5 + 0 + 1 = 1.5
+        "the pieces are shuffled"                      (no answer)      R = 0.0
+    mean 1.5, std sqrt((1.5^2 + 0 + 1.5^2) / 2) = 1.5, so the advantages are
+        [1.5, 0.0, -1.5] / (1.5 + 1e-4) = [0.99993, 0.0, -0.99993]
+    and with scale=False simply [1.5, 0.0, -1.5]. A group whose rewards are all equal gets advantages 0:
+    it teaches nothing (logged as zero_std_groups).
+    """
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) by Schulman's k3 estimator: exp(r) - r - 1 with r = log pi_ref - log pi.
+    Never negative, unbiased, and exactly 0 where both models agree (the GRPO paper's KL term)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int = 512,
+              num_sequences: int | None = None, num_tokens: int | float | None = None):
+    """PPO-clipped GRPO loss of one (micro-)batch, [B, T] tensors, advantages [B].
+
+    per-token loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3_kl,
+    ratio = exp(logprobs - old_logprobs). Aggregation, with the normalisers of TRL's GRPOTrainer:
+      grpo:    sum over sequences of (token mean of the sequence) / num_sequences
+      dapo:    sum over tokens / num_tokens
+      dr_grpo: sum over tokens / (num_sequences * max_completion_length)
+    `num_sequences` and `num_tokens` are those of the whole step (default: this batch), so that the losses of
+    the micro-batches of one step add up to the loss of the step (gradient accumulation needs no rescaling).
+    Returns (loss, stats) with stats holding detached per-token tensors (ratio, kl, clipped).
+
+    Example (grpo, beta 0, one sequence of 2 tokens, A = 1): ratios [1.0, 1.5] -> token losses [-1.0, -1.2]
+    (1.5 is clipped to 1.2) -> loss -1.1; the clipped token has no gradient.
+    """
+    if loss_type not in ("grpo", "dapo", "dr_grpo"):
+        raise ValueError(f"loss_type {loss_type!r} unknown; choose grpo, dapo or dr_grpo")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    kl = torch.zeros_like(logprobs)
+    if beta != 0.0:
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    num_sequences = logprobs.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_sequences
+    elif loss_type == "dapo":
+        num_tokens = mask.sum() if num_tokens is None else num_tokens
+        loss = (per_token * mask).sum() / max(float(num_tokens), 1.0)
+    else:
+        loss = (per_token * mask).sum() / (num_sequences * max_completion_length)
+    # Where the clipped term is the smaller one and the ratio is out of range, the gradient is zero.
+    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    return loss, {"ratio": ratio.detach(), "kl": kl.detach(), "clipped": clipped.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order, rewards, RNG state
+# ----------------------------------------------------------------------------------------------------------
+def draw_indices(num_rows: int, position: int, count: int, seed: int) -> list[int]:
+    """Rows for data positions [position, position + count): epoch e walks a permutation seeded by (seed, e).
+    A pure function of the position, so resuming only needs the position (saved in trainer_state.json)."""
+    out = []
+    for pos in range(position, position + count):
+        epoch, offset = divmod(pos, num_rows)
+        order = list(range(num_rows))
+        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, torch.Tensor]:
+    """The shared jigsaw reward of each completion, every component separately. Completions are untrusted
+    text: jigsaw_reward only uses regexes; anything that still raises scores 0 (counted in `reward_errors`)."""
+    parts = {"reward": [], "hit": [], "acc": [], "fmt": [], "parsed": []}
+    errors = 0
+    for text, answer in zip(texts, answers):
+        try:
+            r = jigsaw.jigsaw_reward(text, list(answer), thinking=not args.no_think, w_hit=args.w_hit,
+                                     w_acc=args.w_acc, w_fmt=args.w_fmt)
+        except Exception:  # never let one odd completion crash a long run
+            errors += 1
+            r = {"reward": 0.0, "hit": 0.0, "acc": 0.0, "fmt": 0.0, "parsed": False}
+        for key in parts:
+            parts[key].append(float(r[key]))
+    out = {k: torch.tensor(v) for k, v in parts.items()}
+    out["errors"] = errors
+    return out
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """Python and torch (CPU, CUDA) RNG states as JSON (the sampler of generate draws from torch's)."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout, policy update, evaluation
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_vision_tokens(model):
+    """Forbid sampling <|image_pad|>, <|video_pad|> and <|vision_start|> during generate (as TRL does for the
+    image token): a sampled image token would make the training forward fail with "Image features and image
+    tokens do not match". A random toy model samples them; a trained one almost never (the sampler then
+    renormalises over the remaining vocabulary, a log(1 - p) ~ 0 difference to the training log-probs).
+    Set on the generation config only for the call, so saved checkpoints keep their own config.
+    (common.generate has no such option; see the report.)"""
+    config = model.generation_config
+    ids = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id")]
+    saved = config.suppress_tokens
+    config.suppress_tokens = sorted({*(saved or []), *(i for i in ids if i is not None)})
+    try:
+        yield
+    finally:
+        config.suppress_tokens = saved
+
+
+def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
+    """Sample G completions for each of the B puzzles in ONE generate call (each row repeated G times in
+    order, so each image block repeats I1,I1,..,I2,I2,..), score them, and compute advantages."""
+    prompt_column = "prompt_no_think" if args.no_think else "prompt"
+    prompts = [row[prompt_column] for row in rows for _ in range(args.group_size)]
+    images = [common.row_images(row) for row in rows for _ in range(args.group_size)]
+    answers = [row["answer"] for row in rows for _ in range(args.group_size)]
+    with autocast(), no_vision_tokens(model):
+        out = common.generate(model, processor, prompts, images, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, do_sample=True)
+    scores = score(out["texts"], answers, args)
+    advantages = group_advantages(scores["reward"], args.group_size, scale=args.scale_rewards)
+    return {"prompts": prompts, "images": images, "completion_ids": out["completion_ids"], "texts": out["texts"],
+            "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages}
+
+
+def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
+    """Tokenize the rollout once into micro-batches of `micro_batch_size` sequences (prompt left-padded,
+    completion right-padded, images of each row in row order); reused by every pass."""
+    chunks = []
+    n = len(batch["prompts"])
+    for start in range(0, n, args.micro_batch_size):
+        end = min(n, start + args.micro_batch_size)
+        mb = common.build_batch(processor, batch["prompts"][start:end], batch["images"][start:end],
+                                completion_ids=batch["completion_ids"][start:end])
+        loss_mask = mb["completion_mask"].clone()
+        if args.mask_truncated:
+            loss_mask = loss_mask * (~batch["truncated"][start:end]).long().unsqueeze(1)
+        mb["loss_mask"] = loss_mask
+        mb["advantages"] = batch["advantages"][start:end]
+        chunks.append(mb)
+    return chunks
+
+
+def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: list[dict], args: Args) -> dict:
+    """num_iterations PPO-clipped passes over one rollout batch, each pass one optimizer step with gradient
+    accumulation over the micro-batches. Returns per-pass statistics and the number of skipped updates."""
+    device = accelerator.device
+    num_sequences = sum(mb["loss_mask"].shape[0] for mb in chunks)
+    num_tokens = sum(int(mb["loss_mask"].sum()) for mb in chunks)
+    # Reference log-probs (KL) and, with mu > 1, old log-probs: once per rollout, without gradient.
+    # With mu = 1 the "old" policy IS the current one: ratio = exp(lp - lp.detach()) = 1, the clip never
+    # engages, and GRPO reduces to REINFORCE with a group-mean baseline; no extra forward is needed.
+    with torch.no_grad():
+        for mb in chunks:
+            inputs = common.to_device(mb, device)
+            if ref_model is not None:
+                mb["ref_logprobs"] = common.completion_logprobs(ref_model, inputs, args.temperature).cpu()
+            if args.num_iterations > 1:
+                with accelerator.autocast():
+                    mb["old_logprobs"] = common.completion_logprobs(model, inputs, args.temperature).float().cpu()
+    passes, skipped = [], 0
+    for _ in range(args.num_iterations):
+        stats = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0,
+                 "ratio_min": math.inf, "ratio_max": -math.inf}
+        finite = True
+        for i, mb in enumerate(chunks):
+            inputs = common.to_device(mb, device)
+            sync = accelerator.no_sync(model) if i < len(chunks) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                logprobs = common.completion_logprobs(model, inputs, args.temperature).float()
+                old = inputs["old_logprobs"] if args.num_iterations > 1 else logprobs.detach()
+                loss, s = grpo_loss(logprobs, old, inputs["advantages"].float(), inputs["loss_mask"],
+                                    inputs.get("ref_logprobs"), args.beta, args.epsilon, args.epsilon_high,
+                                    args.loss_type, args.max_new_tokens, num_sequences, num_tokens)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                accelerator.backward(loss)
+            mask = inputs["loss_mask"].bool()
+            stats["loss"] += float(loss.detach())
+            stats["kl_sum"] += float(s["kl"][mask].sum())
+            stats["clipped_sum"] += float(s["clipped"][mask].sum())
+            stats["ratio_sum"] += float(s["ratio"][mask].sum())
+            stats["tokens"] += int(mask.sum())
+            if mask.any():
+                stats["ratio_min"] = min(stats["ratio_min"], float(s["ratio"][mask].min()))
+                stats["ratio_max"] = max(stats["ratio_max"], float(s["ratio"][mask].max()))
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            scheduler.step()
+        else:  # a non-finite loss or gradient: drop this update, keep the weights as they were
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        tokens = max(stats["tokens"], 1)
+        passes.append({"loss": stats["loss"] if finite else float("nan"), "kl": stats["kl_sum"] / tokens,
+                       "clip_fraction": stats["clipped_sum"] / tokens, "ratio_mean": stats["ratio_sum"] / tokens,
+                       "ratio_min": stats["ratio_min"], "ratio_max": stats["ratio_max"], "grad_norm": grad_norm,
+                       "finite": finite})
+    return {"passes": passes, "skipped": skipped}
+
+
+@torch.no_grad()
+def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
+    """Greedy decoding on a fixed subset of the test split: exact accuracy (R_acc), format rate, mean hit."""
+    prompt_column = "prompt_no_think" if args.no_think else "prompt"
+    texts, answers = [], []
+    for start in range(0, len(rows), args.eval_batch_size):
+        chunk = rows[start:start + args.eval_batch_size]
+        with autocast(), no_vision_tokens(model):
+            out = common.generate(model, processor, [r[prompt_column] for r in chunk],
+                                  [common.row_images(r) for r in chunk], max_new_tokens=args.max_new_tokens,
+                                  do_sample=False)
+        texts += out["texts"]
+        answers += [r["answer"] for r in chunk]
+    scores = score(texts, answers, args)
+    return {"eval_accuracy": float(scores["acc"].mean()), "eval_format_rate": float(scores["fmt"].mean()),
+            "eval_hit": float(scores["hit"].mean()), "eval_size": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory plan (--dry_run)
+# ----------------------------------------------------------------------------------------------------------
+def activation_bytes(model, args: Args) -> dict:
+    """Rough peak activation memory of one step, bf16 (2 bytes per value).
+
+    training, per micro-batch of b sequences of s = prompt + completion tokens, with gradient checkpointing:
+      layer inputs kept:         L * b * s * h * 2
+      one layer recomputed:      34 * b * s * h     (Korthikanti et al. 2022, flash/SDPA attention: no s^2 term)
+      completion logits:         b * Tc * V * (2 + 2) + min(b, 4) * Tc * V * 8   (bf16 logits and their grad,
+                                 fp32 log-softmax chunks of selective_log_softmax)
+    generation, all B*G sequences at once:
+      KV cache:                  B*G * s * L * 2 (k, v) * kv_heads * head_dim * 2
+    The two phases do not overlap (the KV cache is freed before training), so the plan takes the larger.
+    """
+    text = getattr(model.config, "text_config", model.config)
+    layers, hidden, vocab = text.num_hidden_layers, text.hidden_size, text.vocab_size
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    seq = args.plan_prompt_tokens + args.max_new_tokens
+    b, tc = min(args.micro_batch_size, args.batch_size * args.group_size), args.max_new_tokens
+    checkpointed = layers * b * seq * hidden * 2 if args.gradient_checkpointing else 0
+    per_layer = 34 * b * seq * hidden * (1 if args.gradient_checkpointing else layers)
+    logits = b * tc * vocab * 4 + min(b, 4) * tc * vocab * 8
+    kv_cache = args.batch_size * args.group_size * seq * layers * 2 * kv_heads * head_dim * 2
+    training = checkpointed + per_layer + logits
+    return {"training": training, "generation": kv_cache, "peak": max(training, kv_cache)}
+
+
+def dry_run(args: Args, mixed_precision: str) -> None:
+    model = common.meta_model(args.model)
+    if args.freeze_vision_tower:
+        common.freeze_vision(model, True, False)
+    acts = activation_bytes(model, args)
+    plan = common.memory_plan(model, args.optimizer, mixed_precision, reference_model=args.beta != 0.0,
+                              activations_bytes=acts["peak"])
+    common.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.group_size} "
+                                   f"micro={args.micro_batch_size} prompt~{args.plan_prompt_tokens} "
+                                   f"completion<={args.max_new_tokens}, {args.optimizer}, precision "
+                                   f"{args.precision}, beta={args.beta}")
+    print(f"  activations: training {acts['training'] / common.GiB:.2f} GiB, generation KV cache "
+          f"{acts['generation'] / common.GiB:.2f} GiB (not at the same time)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def resolve_precision(args: Args) -> tuple[str, str, str]:
+    """(accelerate mixed_precision, policy dtype, reference dtype) for --precision/--ref_dtype."""
+    cuda = torch.cuda.is_available()
+    precision = ("amp_bf16" if cuda else "fp32") if args.precision == "auto" else args.precision
+    table = {"amp_bf16": ("bf16", "float32"), "bf16": ("no", "bfloat16"), "fp32": ("no", "float32")}
+    if precision not in table:
+        common.fail(f"--precision {args.precision} unknown; choose auto, amp_bf16, bf16 or fp32.")
+    ref_dtype = ("bfloat16" if cuda else "float32") if args.ref_dtype == "auto" else args.ref_dtype
+    if ref_dtype not in common.DTYPES:
+        common.fail(f"--ref_dtype {args.ref_dtype} unknown; choose auto, bfloat16 or float32.")
+    return table[precision][0], table[precision][1], ref_dtype
+
+
+def check_args(args: Args) -> None:
+    for name in ("max_steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "num_iterations",
+                 "eval_batch_size", "max_nonfinite"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name} must be at least 1 (got {getattr(args, name)}).")
+    if args.group_size < 2:
+        common.fail("--group_size must be at least 2: GRPO's advantage is relative to the group.")
+    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        common.fail(f"--loss_type {args.loss_type} unknown; choose grpo, dapo or dr_grpo.")
+    if args.optimizer not in common.OPTIMIZERS:
+        common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
+    if args.temperature <= 0:
+        common.fail("--temperature must be > 0 (GRPO samples; greedy is only for evaluation).")
+    if not 0 < args.top_p <= 1:
+        common.fail("--top_p must be in (0, 1].")
+
+
+def main(argv=None) -> dict:
+    # ------------------------------------------------------------------ config
+    args = common.parse_args(Args, __doc__, argv)
+    check_args(args)
+    mixed_precision, policy_dtype, ref_dtype = resolve_precision(args)
+    if args.dry_run:
+        dry_run(args, "bf16" if mixed_precision == "bf16" else "no")
+        return {}
+    from accelerate import Accelerator
+    from tqdm import tqdm
+    output_dir = Path(args.output_dir)
+    resume_from = common.latest_checkpoint(output_dir) if args.resume else None
+    if not args.resume and common.latest_checkpoint(output_dir) is not None:
+        common.fail(f"--output_dir {output_dir} already holds checkpoints; pass --resume to continue that run "
+                    "or choose a new --output_dir.")
+    common.seed_everything(args.seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+    # ------------------------------------------------------------------ data (checked before any model loads)
+    prompt_column = "prompt_no_think" if args.no_think else "prompt"
+    train = common.load_rows(args.data, args.split, required=(prompt_column, "answer", "images"))
+    eval_rows = []
+    if args.eval_steps > 0 and args.eval_size > 0:
+        test = common.load_rows(args.data, args.eval_split, required=(prompt_column, "answer", "images"))
+        eval_rows = [test[i] for i in range(min(args.eval_size, len(test)))]
+    if len(train) == 0:
+        common.fail(f"data {args.data} split {args.split} is empty; rebuild it with jigsaw.py.")
+
+    # ------------------------------------------------------------------ model
+    model, processor = common.load_model_and_processor(args.model, policy_dtype, args.attn_implementation,
+                                                       args.min_pixels, args.max_pixels)
+    if args.freeze_vision_tower:
+        # The frozen tower's parameters need no grad and its input (pixels) none either, so autograd records
+        # nothing inside it: it runs as if under no_grad.
+        common.freeze_vision(model, True, False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    ref_model = None
+    if args.beta != 0.0:  # no reference model at all when there is no KL term
+        ref_model = common.load_model(args.model, ref_dtype, args.attn_implementation, str(accelerator.device))
+        ref_model.eval().requires_grad_(False)
+    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, args.warmup_steps, args.max_steps * args.num_iterations,
+                                     args.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable, frozen = common.count_parameters(model)
+    accelerator.print(f"[rft] {args.model}: {trainable:,} trainable / {frozen:,} frozen parameters; "
+                      f"{len(train)} puzzles; B={args.batch_size} G={args.group_size}; precision "
+                      f"{mixed_precision}/{policy_dtype}; reference {ref_dtype if ref_model is not None else 'none'}")
+
+    # ------------------------------------------------------------------ resume
+    step, position, nonfinite_total = 0, 0, 0
+    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    if resume_from is not None:
+        state = common.load_checkpoint(accelerator, resume_from)
+        step, position = state["step"], state["data_position"]
+        nonfinite_total = state.get("nonfinite_total", 0)
+        set_rng_state(state["rng"])  # after load_state, so ours (saved last) wins
+        common.truncate_metrics(output_dir / "metrics.jsonl", step)
+        accelerator.print(f"[rft] resumed from {resume_from} at step {step}")
+    elif args.resume:
+        accelerator.print(f"[rft] --resume: no checkpoint in {output_dir}, starting from scratch")
+
+    def checkpoint(at_step: int) -> None:
+        common.save_checkpoint(accelerator, output_dir, at_step,
+                               {"data_position": position, "rng": rng_state(), "nonfinite_total": nonfinite_total,
+                                "args": dataclasses.asdict(args)}, model=model, processor=processor)
+        common.prune_checkpoints(output_dir, args.save_total_limit)
+
+    # ------------------------------------------------------------------ loop
+    policy = accelerator.unwrap_model(model)
+    nonfinite_in_row = 0
+    last = {}
+    bar = tqdm(total=args.max_steps, initial=step, desc="rft", disable=not accelerator.is_local_main_process)
+    while step < args.max_steps:
+        step += 1
+        # rollout: B puzzles x G samples, one generate call
+        t0 = time.perf_counter()
+        indices = draw_indices(len(train), position, args.batch_size, args.seed)
+        position += args.batch_size
+        batch = rollout(policy, processor, [train[i] for i in indices], args, accelerator.autocast)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the KV cache of generate is garbage now; give its memory to training
+        t1 = time.perf_counter()
+        # loss: num_iterations clipped passes with gradient accumulation over micro-batches
+        chunks = micro_batches(processor, batch, args)
+        update = policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks, args)
+        t2 = time.perf_counter()
+
+        scores, lengths = batch["scores"], torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float)
+        first = update["passes"][0]
+        grouped = scores["reward"].view(-1, args.group_size)
+        record = {
+            "step": step, "lr": scheduler.get_last_lr()[0],
+            "reward": float(scores["reward"].mean()), "reward_std": float(scores["reward"].std()),
+            "reward_hit": float(scores["hit"].mean()), "reward_acc": float(scores["acc"].mean()),
+            "reward_fmt": float(scores["fmt"].mean()), "parsed_rate": float(scores["parsed"].mean()),
+            "accuracy": float(scores["acc"].mean()), "format_rate": float(scores["fmt"].mean()),
+            "reward_errors": scores["errors"],
+            "completion_length": float(lengths.mean()), "truncated_share": float(batch["truncated"].float().mean()),
+            "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
+            "loss": first["loss"], "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
+                                                                           for p in update["passes"]) / len(update["passes"]),
+            "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
+            "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,
+            "tokens_per_second": float(lengths.sum()) / max(t2 - t0, 1e-9),
+        }
+        # ------------------------------------------------------------------ faults
+        if update["skipped"]:
+            nonfinite_total += update["skipped"]
+            nonfinite_in_row += update["skipped"]
+            record["nonfinite_total"] = nonfinite_total
+            accelerator.print(f"[rft] step {step}: non-finite loss or gradient, update skipped "
+                              f"({nonfinite_in_row} in a row, {nonfinite_total} in all)")
+        else:
+            nonfinite_in_row = 0
+        logger.log(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
+        if nonfinite_in_row >= args.max_nonfinite:
+            bar.close()
+            good = common.latest_checkpoint(output_dir)
+            common.fail(f"{nonfinite_in_row} non-finite losses/gradients in a row at step {step}: stopping. The "
+                        f"last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower --lr, use "
+                        "--precision amp_bf16, or raise --max_nonfinite, then --resume.")
+        # ------------------------------------------------------------------ eval and save
+        if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
+            result = evaluate(policy, processor, eval_rows, args, accelerator.autocast)
+            logger.log({"step": step, **result})
+            record.update(result)
+        # A step whose update was skipped saves nothing: every checkpoint is a known-good state.
+        if (step % args.save_steps == 0 or step == args.max_steps) and not update["skipped"]:
+            checkpoint(step)
+        last = record
+    bar.close()
+
+    # ------------------------------------------------------------------ save
+    common.export_model(accelerator, model, processor, output_dir / "final")
+    accelerator.print(f"[rft] done: {output_dir / 'final'}")
+    return last
+
+
+if __name__ == "__main__":
+    main()
