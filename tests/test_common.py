@@ -271,7 +271,7 @@ def test_parse_args_types_and_defaults():
     assert args == DemoArgs(learning_rate=2e-6, model="runs/x", use_kl=True, save_steps=7)
     assert isinstance(args.learning_rate, float) and isinstance(args.save_steps, int)
     assert common.parse_args(DemoArgs, None, ["--use_kl"]).use_kl is True
-    assert common.parse_args(DemoArgs, None, ["--use_kl"]).use_kl is True
+    assert common.parse_args(DemoArgs, None, ["--no-use_kl"]).use_kl is False  # argparse's usual spelling
     with pytest.raises(SystemExit):
         common.parse_args(DemoArgs, None, ["--save_steps", "ten"])
     with pytest.raises(SystemExit):
@@ -279,7 +279,10 @@ def test_parse_args_types_and_defaults():
 
 
 def test_parse_args_no_underscore_flag_as_documented():
+    """`--no_flag` is the documented spelling (analyze.py's docstring uses --no_first_order); it was rejected
+    while parse_args used argparse.BooleanOptionalAction, which only makes `--no-flag`."""
     assert common.parse_args(DemoArgs, None, ["--no_use_kl"]).use_kl is False
+    assert common.parse_args(DemoArgs, None, ["--no_use_kl", "--use_kl"]).use_kl is True  # last one wins
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,6 +434,7 @@ def test_metrics_logger_and_truncate(tmp_path):
 
 
 def test_truncate_metrics_survives_a_partial_last_line(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; resuming must not crash on it."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     common.truncate_metrics(path, after_step=2)
