@@ -1,0 +1,268 @@
+"""rft.py: the GRPO loss math by hand, log-probs of generate vs a teacher-forced forward, KL and clipping on the
+tiny model, learning on a reward the tiny model can reach, exact resume, and the non-finite guard."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import common
+import jigsaw
+import rft
+
+TINY = ["--batch_size", "2", "--group_size", "4", "--max_new_tokens", "8", "--micro_batch_size", "4",
+        "--optimizer", "adamw", "--eval_size", "4", "--eval_batch_size", "4"]
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure loss math
+# ----------------------------------------------------------------------------------------------------------
+def test_group_advantages_worked_example():
+    rewards = torch.tensor([3.0, 1.5, 0.0, 2.0, 2.0, 2.0])  # two groups of 3; the second has no spread
+    adv = rft.group_advantages(rewards, 3)
+    expected = torch.tensor([1.5 / 1.5001, 0.0, -1.5 / 1.5001, 0.0, 0.0, 0.0])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(rft.group_advantages(rewards, 3, scale=False), torch.tensor([1.5, 0, -1.5, 0, 0, 0.]))
+
+
+def test_masked_mean_and_k3_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert rft.masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3)
+    assert torch.allclose(rft.masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.0, -2.0 + math.log(2.0)]])  # equal, then the reference twice as likely
+    kl = rft.k3_kl(logprobs, ref)
+    assert kl[0, 0].item() == 0.0
+    assert kl[0, 1].item() == pytest.approx(2.0 - math.log(2.0) - 1.0)
+
+
+def _two_group_example():
+    """4 sequences (2 groups of 2), up to 3 tokens; old log-probs 0 so ratio = exp(logprobs)."""
+    ratios = torch.tensor([[1.1, 1.1, 1.1], [0.9, 1.0, 1.0], [1.3, 1.0, 1.0], [0.7, 1.0, 1.1]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    return ratios.log(), torch.zeros(4, 3), advantages, mask
+
+
+def test_loss_modes_by_hand():
+    logprobs, old, advantages, mask = _two_group_example()
+    # Token losses -min(r*A, clip(r, 0.8, 1.2)*A):
+    #   seq 1 (A=1):    -1.1, -1.1, -1.1                sum -3.3, 3 tokens
+    #   seq 2 (A=-1):    0.9,  1.0                      sum  1.9, 2 tokens
+    #   seq 3 (A=0.5):  -0.6 (1.3 clipped to 1.2)       sum -0.6, 1 token
+    #   seq 4 (A=-0.5):  0.4 (0.7 clipped to 0.8), 0.5, 0.55   sum 1.45, 3 tokens
+    grpo = (-3.3 / 3 + 1.9 / 2 - 0.6 / 1 + 1.45 / 3) / 4
+    dapo = (-3.3 + 1.9 - 0.6 + 1.45) / 9
+    dr_grpo = (-3.3 + 1.9 - 0.6 + 1.45) / (4 * 4)
+    for loss_type, expected in (("grpo", grpo), ("dapo", dapo), ("dr_grpo", dr_grpo)):
+        loss, stats = rft.grpo_loss(logprobs, old, advantages, mask, loss_type=loss_type, max_completion_length=4)
+        assert loss.item() == pytest.approx(expected, abs=1e-6), loss_type
+        # Two micro-batches with the step's totals add up to the whole-batch loss (gradient accumulation).
+        parts = [rft.grpo_loss(logprobs[s], old[s], advantages[s], mask[s], loss_type=loss_type,
+                               max_completion_length=4, num_sequences=4, num_tokens=9)[0]
+                 for s in (slice(0, 2), slice(2, 4))]
+        assert sum(p.item() for p in parts) == pytest.approx(expected, abs=1e-6), loss_type
+    expected_clipped = torch.zeros(4, 3, dtype=torch.bool)
+    expected_clipped[2, 0] = expected_clipped[3, 0] = True
+    assert torch.equal(stats["clipped"] & mask.bool(), expected_clipped)
+    # KL term: beta * k3 added per token before aggregation (dapo: one token with k3 = 1 - ln 2).
+    ref = logprobs.clone()
+    ref[0, 0] += math.log(2.0)
+    loss, _ = rft.grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.5, loss_type="dapo")
+    assert loss.item() == pytest.approx(dapo + 0.5 * (1 - math.log(2.0)) / 9, abs=1e-6)
+
+
+def test_clipped_tokens_get_no_gradient():
+    logprobs, old, advantages, mask = _two_group_example()
+    logprobs = logprobs.clone().requires_grad_(True)
+    loss, stats = rft.grpo_loss(logprobs, old, advantages, mask, loss_type="dapo")
+    loss.backward()
+    grad = logprobs.grad
+    assert grad[2, 0].item() == 0.0 and grad[3, 0].item() == 0.0  # clipped
+    # unclipped: d/dlogp of -r*A/9 = -r*A/9
+    assert grad[0, 0].item() == pytest.approx(-1.1 / 9, abs=1e-6)
+    assert grad[3, 2].item() == pytest.approx(1.1 * 0.5 / 9, abs=1e-6)
+    assert grad[1, 2].item() == 0.0  # padding
+
+
+def test_draw_indices_is_a_function_of_position():
+    first = rft.draw_indices(5, 0, 12, seed=3)
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))
+    assert rft.draw_indices(5, 7, 5, seed=3) == first[7:12]
+
+
+def test_score_never_crashes_on_bad_completions():
+    args = rft.Args()
+    answer = [2, 1, 4, 3]
+    texts = ["", "<answer>", "<think>x</think><answer>2 1\n4 3</answer>", "<answer>1e9 ; rm -rf</answer>",
+             "\x00" * 50, "<think></think><answer>" + "9" * 10_000 + "</answer>"]
+    scores = rft.score(texts, [answer] * len(texts), args)
+    assert scores["reward"].tolist() == [0.0, 0.0, 3.0, 0.0, 0.0, 0.0]
+    assert scores["errors"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny model
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(toy_model_dir, jigsaw_data):
+    model, processor = common.load_model_and_processor(str(toy_model_dir))
+    rows = common.load_rows(str(jigsaw_data), "train")
+    return model, processor, [rows[i] for i in range(2)]
+
+
+def test_generate_logprobs_equal_teacher_forced(tiny):
+    """Log-probs of the sampled tokens from generate's scores (at the sampling temperature) equal a fresh
+    teacher-forced forward on the same sequences: 2 prompts with different image sizes, G = 3."""
+    model, processor, rows = tiny
+    temperature, group = 0.7, 3
+    images = [common.row_images(rows[0]), [common.row_images(rows[1])[0].resize((112, 84))]]
+    prompts = [rows[0]["prompt"], rows[1]["prompt"]]
+    prompts = [p for p in prompts for _ in range(group)]
+    images = [im for im in images for _ in range(group)]
+    batch = common.build_batch(processor, prompts, images)
+    assert batch["image_grid_thw"].prod(-1).tolist() == [16] * 3 + [48] * 3  # different sizes, repeated in order
+    assert (batch["attention_mask"][:3] == 0).any()  # the smaller image's prompts are left-padded
+    torch.manual_seed(0)
+    model.eval()
+    tokenizer = processor.tokenizer
+    with rft.no_vision_tokens(model):  # same sampler as the rollouts
+        out = model.generate(**common.model_inputs(batch), max_new_tokens=12, do_sample=True,
+                             temperature=temperature, top_p=1.0, top_k=0, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    scores = torch.stack(out.scores, dim=1)  # [B, T, V], already divided by the temperature
+    sampled = torch.log_softmax(scores.float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    completion_ids = []
+    for ids in new.tolist():
+        completion_ids.append(ids[:ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids)
+    forced_batch = common.build_batch(processor, prompts, images, completion_ids=completion_ids)
+    with torch.no_grad():
+        forced = common.completion_logprobs(model, forced_batch, temperature=temperature)
+    mask = forced_batch["completion_mask"].bool()
+    width = forced.shape[1]
+    # The suppressed vision tokens hold ~1/800 of the tiny model's mass: the sampler renormalises without
+    # them, so allow log(1 - p) on top of float error; the check below bounds it by the suppressed mass.
+    suppressed = torch.tensor([model.config.image_token_id, model.config.video_token_id,
+                               model.config.vision_start_token_id])
+    with torch.no_grad():
+        logits = common.completion_logits(model, forced_batch, temperature).float()
+    suppressed_mass = torch.softmax(logits, -1)[..., suppressed].sum(-1)
+    correction = torch.log1p(-suppressed_mass)  # log pi_sampler = log pi - log(1 - suppressed mass)
+    assert (sampled[:, :width][mask] < 0).all()
+    assert torch.allclose(sampled[:, :width][mask] + correction[mask], forced[mask], atol=1e-4), \
+        (sampled[:, :width][mask] + correction[mask] - forced[mask]).abs().max()
+    assert len(set(map(tuple, completion_ids))) > 1  # real sampling happened
+
+
+def test_kl_zero_at_step0_and_clipping_with_two_iterations(tiny):
+    """Reference = policy: KL exactly 0 on the first pass (ratio exactly 1, nothing clipped). With mu = 2 and a
+    large lr the second pass sees ratio != 1 and the clip engages exactly on out-of-range tokens whose
+    advantage pushes further out."""
+    import copy
+    from accelerate import Accelerator
+    model, processor, rows = tiny
+    model = copy.deepcopy(model)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    args = rft.Args(batch_size=2, group_size=3, max_new_tokens=8, micro_batch_size=4, num_iterations=2,
+                    beta=0.04, lr=3e-2, optimizer="adamw", loss_type="dapo", epsilon=0.1)
+    torch.manual_seed(1)
+    batch = rft.rollout(model, processor, rows, args)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])  # random model: rewards all 0
+    chunks = rft.micro_batches(processor, batch, args)
+    accelerator = Accelerator(cpu=True)
+    optimizer = common.make_optimizer(model.parameters(), "adamw", args.lr)
+    scheduler = common.warmup_cosine(optimizer, 0, 2, 1.0)
+    result = rft.policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks, args)
+    first, second = result["passes"]
+    assert first["kl"] == 0.0 and first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0
+    assert first["clip_fraction"] == 0.0
+    assert second["ratio_max"] > 1 + args.epsilon or second["ratio_min"] < 1 - args.epsilon
+    assert second["kl"] > 0 and second["clip_fraction"] > 0
+    # Where exactly: recompute the second pass's ratios at the current weights against the kept old log-probs.
+    mb = chunks[0]
+    logprobs = common.completion_logprobs(model, mb).float()
+    loss, stats = rft.grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+                                mb["ref_logprobs"], args.beta, args.epsilon, loss_type="dapo")
+    ratio, adv = stats["ratio"], mb["advantages"].unsqueeze(1)
+    expected = ((ratio > 1 + args.epsilon) & (adv > 0)) | ((ratio < 1 - args.epsilon) & (adv < 0))
+    assert torch.equal(stats["clipped"], expected)
+    assert not torch.allclose(ratio[mb["loss_mask"].bool()], torch.ones(1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole runs: learning, exact resume, non-finite guard
+# ----------------------------------------------------------------------------------------------------------
+def digit_reward(completion, answer, thinking=True, w_hit=1.0, w_acc=1.0, w_fmt=1.0):
+    """A reward the random tiny model reaches from the start (it never writes the <think>/<answer> format, so
+    R_fmt alone is 0 for every sample and teaches nothing): digits written, up to 4."""
+    digits = min(1.0, sum(ch.isdigit() for ch in completion) / 4)
+    return {"reward": digits, "hit": 0.0, "acc": 0.0, "fmt": digits, "parsed": False}
+
+
+def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(jigsaw, "jigsaw_reward", digit_reward)
+    out = tmp_path / "full"
+    common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--lr", "1e-2", "--beta", "0.04",
+                   "--eval_steps", "100", "--save_total_limit", "0", "--no-gradient_checkpointing"] + TINY + ["--max_new_tokens", "6"]
+    rft.main(common_args + ["--output_dir", str(out), "--max_steps", "16", "--save_steps", "8"])
+    metrics = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
+    assert [m["step"] for m in metrics] == list(range(1, 17))
+    assert metrics[0]["kl"] == 0.0  # the reference is the starting policy
+    early = sum(m["reward"] for m in metrics[:4]) / 4
+    late = sum(m["reward"] for m in metrics[-4:]) / 4
+    assert late > early + 0.2, (early, late)
+    assert (out / "final" / "config.json").exists() and (out / "checkpoint-8" / "model" / "config.json").exists()
+    common.load_model(str(out / "checkpoint-8" / "model"))  # the HF copy loads like any checkpoint
+
+    # Resume from step 8 in a fresh folder: weights after step 16 must equal the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-8", resumed / "checkpoint-8")
+    (resumed / "latest").write_text("checkpoint-8")
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    rft.main(common_args + ["--output_dir", str(resumed), "--max_steps", "16", "--save_steps", "8", "--resume"])
+    from safetensors.torch import load_file
+    full_weights = load_file(str(out / "final" / "model.safetensors"))
+    resumed_weights = load_file(str(resumed / "final" / "model.safetensors"))
+    assert full_weights.keys() == resumed_weights.keys()
+    for key in full_weights:
+        assert torch.equal(full_weights[key], resumed_weights[key]), key
+    rewards = [m["reward"] for m in read_metrics(resumed / "metrics.jsonl") if "reward" in m]
+    assert rewards == [m["reward"] for m in metrics]
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",
+            "--max_steps", "10", "--save_steps", "1", "--eval_steps", "0", "--max_new_tokens", "4",
+            "--max_nonfinite", "2"] + TINY[:2] + ["--group_size", "2", "--optimizer", "adamw"]
+    real_loss = rft.grpo_loss
+    calls = {"n": 0}
+
+    def loss_nan_after_first_step(*a, **k):
+        loss, stats = real_loss(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 1 else loss), stats
+
+    monkeypatch.setattr(rft, "grpo_loss", loss_nan_after_first_step)
+    with pytest.raises(SystemExit):
+        rft.main(args)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["skipped_updates"] for m in metrics] == [0, 1, 1]
+    assert common.latest_checkpoint(out).name == "checkpoint-1"  # the last good one; the bad steps saved nothing
+    good = common.load_model(str(out / "checkpoint-1" / "model"))
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_dry_run_prints_plan_without_weights(capsys):
+    rft.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--dry_run", "--optimizer", "adamw8bit"])
+    out = capsys.readouterr().out
+    assert "GRPO memory plan" in out and "3,754,622,976" in out and "generation KV cache" in out
