@@ -171,10 +171,10 @@ def target_answer_only(answer: list[int], rows: int, cols: int) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Parsing and rewards (model outputs are untrusted text: plain regex, never eval)
 # ----------------------------------------------------------------------------------------------------------
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ALLOWED_GRID_CHARS = re.compile(r"[\d\s,;|\[\]\(\)\{\}]*")
-_THINK_FORMAT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_PLAIN_FORMAT_RE = re.compile(r"\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+# ASCII only: a model writing "３" or "٣" has not written a grid index (and \d would match them).
+_ALLOWED_GRID_CHARS = re.compile(r"[0-9\s,;|\[\]\(\)\{\}]*", re.ASCII)
+_THINK_FORMAT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL | re.ASCII)
+_PLAIN_FORMAT_RE = re.compile(r"\s*<answer>(.*?)</answer>\s*", re.DOTALL | re.ASCII)
 
 
 def parse_grid_answer(body: str, n: int) -> list[int] | None:
@@ -185,7 +185,7 @@ def parse_grid_answer(body: str, n: int) -> list[int] | None:
     """
     if not isinstance(body, str) or not _ALLOWED_GRID_CHARS.fullmatch(body):
         return None
-    numbers = re.findall(r"\d+", body)
+    numbers = re.findall(r"[0-9]+", body)
     if len(numbers) != n or any(len(x) > 6 for x in numbers):
         return None
     values = [int(x) for x in numbers]
@@ -198,8 +198,10 @@ def extract_answer(text: str, n: int) -> list[int] | None:
     """Indices from the last <answer>...</answer> block of a completion, or None."""
     if not isinstance(text, str):
         return None
-    bodies = _ANSWER_RE.findall(text)
-    return parse_grid_answer(bodies[-1], n) if bodies else None
+    # Scan from the right (linear time, unlike a lazy regex over thousands of unclosed tags).
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end >= 0 else -1
+    return parse_grid_answer(text[start + len("<answer>"):end], n) if start >= 0 else None
 
 
 def format_ok(text: str, n: int, thinking: bool = True) -> bool:
@@ -207,12 +209,11 @@ def format_ok(text: str, n: int, thinking: bool = True) -> bool:
     thinking), each tag once, and an answer that parses."""
     if not isinstance(text, str):
         return False
-    pattern = _THINK_FORMAT_RE if thinking else _PLAIN_FORMAT_RE
-    match = pattern.fullmatch(text)
-    if not match:
-        return False
     expected = {"<answer>": 1, "</answer>": 1, "<think>": int(thinking), "</think>": int(thinking)}
     if any(text.count(tag) != count for tag, count in expected.items()):
+        return False
+    match = (_THINK_FORMAT_RE if thinking else _PLAIN_FORMAT_RE).fullmatch(text)
+    if not match:
         return False
     return parse_grid_answer(match.groups()[-1], n) is not None
 
@@ -225,6 +226,8 @@ def jigsaw_reward(completion: str, answer: list[int], thinking: bool = True, w_h
     R_acc: 1 if the whole permutation is right; R_fmt: 1 if format_ok. Returns every component.
     """
     n = len(answer)
+    if n == 0:
+        raise ValueError("jigsaw_reward needs the ground-truth answer (an empty list was given).")
     parsed = extract_answer(completion, n)
     hit = 0.0 if parsed is None else sum(int(p == a) for p, a in zip(parsed, answer)) / n
     acc = float(parsed is not None and list(parsed) == list(answer))
@@ -365,10 +368,15 @@ def build_rows(args: BuildArgs) -> dict[str, list[dict]]:
             if os.sep in args.source and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.source):
                 raise FileNotFoundError(f"--source {args.source}: no such folder (and not a hub id).")
             collected = []
-            for item in iter_hub_images(args.source, args.hub_split, args.image_column, args.id_column):
-                collected.append(item)
-                if len(collected) >= need_images:
-                    break
+            try:
+                for item in iter_hub_images(args.source, args.hub_split, args.image_column, args.id_column):
+                    collected.append(item)
+                    if len(collected) >= need_images:
+                        break
+            except (OSError, ConnectionError, ValueError) as err:  # datasets raises several types offline
+                raise FileNotFoundError(f"--source {args.source}: not a local folder, and loading it as a hub data "
+                                        f"set failed ({err.__class__.__name__}: {err}). Check the path, or the hub "
+                                        "id and your connection; 'procedural' works offline.") from err
         collected = [(i, _resize(im, args.max_side)) for i, im in collected]
         if len(collected) < args.test + 1:
             raise ValueError(f"--source {args.source} gave {len(collected)} usable images; need more than "
@@ -433,9 +441,12 @@ def save_dataset_atomic(dataset, out: str) -> None:
 
 
 def main(argv=None):
-    from common import parse_args  # the shared dataclass -> argparse helper
+    from common import fail, parse_args  # the shared dataclass -> argparse helper
     args = parse_args(BuildArgs, __doc__, argv)
-    parse_grid(args.grid)
+    try:
+        parse_grid(args.grid)
+    except ValueError as err:
+        fail(f"--grid: {err}")
     dataset = build_dataset(args)
     print(f"[jigsaw] wrote {args.out}: " + ", ".join(f"{k} {len(v)} puzzles" for k, v in dataset.items()))
 

@@ -184,10 +184,9 @@ REWARD_TABLE = [
     ("the_word_None", "None", A, T, 0, 0, 0),
     ("huge_number", "<think>x</think><answer>3 1\n4 99999999999999999999999</answer>", A, T, 0, 0, 0),
     ("seven_digit_index", "<think>x</think><answer>3 1\n4 0000002</answer>", A, T, 0, 0, 0),
-    # Unicode decimal digits (category Nd) are read as their values by the parser ('\d' and int());
-    # superscripts (category No) are not digits and make the answer unparseable.
-    ("arabic_indic_digits", "<think>x</think><answer>\u0663 \u0661\n\u0664 \u0662</answer>", A, T, 1, 1, 1),
-    ("fullwidth_digits", "<think>x</think><answer>\uff13 \uff11\n\uff14 \uff12</answer>", A, T, 1, 1, 1),
+    # Only ASCII digits are grid indices: Arabic-Indic, full-width and superscript digits are unparseable.
+    ("arabic_indic_digits", "<think>x</think><answer>\u0663 \u0661\n\u0664 \u0662</answer>", A, T, 0, 0, 0),
+    ("fullwidth_digits", "<think>x</think><answer>\uff13 \uff11\n\uff14 \uff12</answer>", A, T, 0, 0, 0),
     ("superscript_digits", "<think>x</think><answer>\u00b3 \u00b9\n\u2074 \u00b2</answer>", A, T, 0, 0, 0),
 ]
 
@@ -436,6 +435,6 @@ def test_cli_main_builds_a_dataset(tmp_path):
     row = dataset["train"][0]
     assert (row["rows"], row["cols"], row["convention"], len(row["images"])) == (3, 2, "index_to_position", 6)
     assert not (tmp_path / "jig.tmp").exists()
-    with pytest.raises(ValueError, match="ROWSxCOLS"):
+    with pytest.raises(SystemExit):  # a clear message, no traceback
         jigsaw.main(["--grid", "3x", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
