@@ -64,7 +64,8 @@ class Args:
     model: str = ""
     """hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a save_pretrained folder (runs/rft/final)"""
     benchmarks: str = "jigsaw,toy_prior"
-    """comma-separated benchmark names (see the list below), or 'all' (every hub benchmark + jigsaw)"""
+    """comma-separated benchmark names (see the list below), or 'all' (every hub benchmark, plus jigsaw and
+    toy_prior when their data folders are given)"""
     output: str = ""
     """results file to write (and to resume from: cached per-sample predictions are reused)"""
     limit: int = 0
@@ -734,7 +735,8 @@ def rows_mathvista(row: dict, ctx: Context) -> list[dict]:
     as 'A. ...' lines, then a one-line answer-format hint."""
     choices = list(row["choices"]) if row.get("choices") else []
     qtype, atype = row["question_type"], row["answer_type"]
-    precision = int(row.get("precision") or 0)
+    precision = row.get("precision")
+    precision = int(precision) if isinstance(precision, (int, float)) and not math.isnan(precision) else 0
     if qtype == "multi_choice":
         hint = "Answer with the option's letter from the given choices directly."
     elif atype == "integer":
@@ -920,7 +922,11 @@ def prompt_length(processor, s: dict, ctx: Context) -> int:
 def generate_records(model, processor, samples: list[dict], batch_size: int, max_new_tokens: int, ctx: Context,
                      progress=None) -> list[dict]:
     """Greedy completions for `samples`, longest prompts first (similar lengths share a batch, so little
-    padding; the largest batch comes first, so an out-of-memory error shows up at once)."""
+    padding; the largest batch comes first, so an out-of-memory error shows up at once).
+
+    In fp32 the predictions equal one-by-one decoding (tests/test_eval.py; also 64/64 on an H100). In bf16
+    a few can differ (59/64 on the tiny random model on an H100): padded batches change the kernels' reduction
+    order, and bf16 rounding then flips near-tied argmaxes. So compare models at the same --batch_size."""
     order = sorted(range(len(samples)), key=lambda i: -prompt_length(processor, samples[i], ctx))
     texts, truncated = [None] * len(samples), [False] * len(samples)
     for start in range(0, len(order), batch_size):
@@ -1098,7 +1104,8 @@ def main(argv=None) -> dict | None:
         common.fail("--output is required (e.g. runs/eval/base/results.json).")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     if names == ["all"]:
-        names = [n for n, b in REGISTRY.items() if b.prior] + (["jigsaw"] if args.jigsaw_data else [])
+        names = [n for n, b in REGISTRY.items() if b.prior] + (["jigsaw"] if args.jigsaw_data else []) \
+            + (["toy_prior"] if args.toy_prior_data else [])
     unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:
         common.fail(f"unknown benchmark(s) {unknown or names}; valid: {', '.join(REGISTRY)} (or 'all').\n"
