@@ -124,13 +124,8 @@ def check_model_path(name_or_path: str, what: str = "--model") -> None:
 def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """AutoProcessor with fixed min/max pixels and LEFT padding (generation with batch > 1 needs it)."""
     from transformers import AutoProcessor
-    kwargs = {}
-    if min_pixels is not None:
-        kwargs["min_pixels"] = min_pixels
-    if max_pixels is not None:
-        kwargs["max_pixels"] = max_pixels
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(name_or_path)
     except OSError as err:
         fail(f"no processor could be loaded from {name_or_path} ({err}). A checkpoint folder must hold the "
              "processor files (saved by processor.save_pretrained next to the model).")
@@ -315,8 +310,12 @@ def generate(model, processor, prompts: list[str], images: list[list], max_new_t
     device = next(model.parameters()).device
     inputs = to_device(model_inputs(batch), device)
     tokenizer = processor.tokenizer
+    # Never let the model emit <|image_pad|>, <|video_pad|> or <|vision_start|> (TRL suppresses the image token
+    # too): a sampled image token makes any later forward fail with "Image features and image tokens do not
+    # match". A random toy model samples them; for a trained one the renormalisation is a log(1 - p) ~ 0 change.
+    vision_ids = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id")]
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+                      eos_token_id=tokenizer.eos_token_id, suppress_tokens=[i for i in vision_ids if i is not None])
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:

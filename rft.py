@@ -280,24 +280,6 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Rollout, policy update, evaluation
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_vision_tokens(model):
-    """Forbid sampling <|image_pad|>, <|video_pad|> and <|vision_start|> during generate (as TRL does for the
-    image token): a sampled image token would make the training forward fail with "Image features and image
-    tokens do not match". A random toy model samples them; a trained one almost never (the sampler then
-    renormalises over the remaining vocabulary, a log(1 - p) ~ 0 difference to the training log-probs).
-    Set on the generation config only for the call, so saved checkpoints keep their own config.
-    (common.generate has no such option; see the report.)"""
-    config = model.generation_config
-    ids = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id")]
-    saved = config.suppress_tokens
-    config.suppress_tokens = sorted({*(saved or []), *(i for i in ids if i is not None)})
-    try:
-        yield
-    finally:
-        config.suppress_tokens = saved
-
-
 def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
     """Sample G completions for each of the B puzzles in ONE generate call (each row repeated G times in
     order, so each image block repeats I1,I1,..,I2,I2,..), score them, and compute advantages."""
@@ -305,7 +287,7 @@ def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.
     prompts = [row[prompt_column] for row in rows for _ in range(args.group_size)]
     images = [common.row_images(row) for row in rows for _ in range(args.group_size)]
     answers = [row["answer"] for row in rows for _ in range(args.group_size)]
-    with autocast(), no_vision_tokens(model):
+    with autocast():
         out = common.generate(model, processor, prompts, images, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, do_sample=True)
     scores = score(out["texts"], answers, args)
@@ -401,7 +383,7 @@ def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib
     texts, answers = [], []
     for start in range(0, len(rows), args.eval_batch_size):
         chunk = rows[start:start + args.eval_batch_size]
-        with autocast(), no_vision_tokens(model):
+        with autocast():
             out = common.generate(model, processor, [r[prompt_column] for r in chunk],
                                   [common.row_images(r) for r in chunk], max_new_tokens=args.max_new_tokens,
                                   do_sample=False)

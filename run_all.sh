@@ -63,12 +63,12 @@ case "$PRESET" in
       : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=600}" ; : "${LR_BASE:=2e-3}"
       : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
       : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=150}" ; : "${RFT_EARLY_STEP:=10}" ; : "${SAVE_STEPS:=30}"
-      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}"
+      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}" ; : "${ANALYZE_PROJ_DIM:=0}"
     else
       : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=2e-3}"
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
-      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
+      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
       MAX_NEW_TOKENS=16 ; BATCH_SIZE=4
     fi
     ;;
@@ -90,6 +90,7 @@ case "$PRESET" in
     : "${ROLLOUT_K:=8}"
     : "${SFT_STEPS:=400}" ; : "${RFT_STEPS:=2000}" ; : "${RFT_EARLY_STEP:=100}" ; : "${SAVE_STEPS:=100}"
     : "${EVAL_LIMIT:=500}" ; : "${ANALYZE_N:=32}"
+    : "${ANALYZE_PROJ_DIM:=8}"   # LoGra-style r x r projection: full per-sample gradients of 3B/7B do not fit
     ;;
   *) echo "run_all.sh: PRESET=$PRESET unknown; use toy, smoke, 3b or 7b" >&2; exit 2 ;;
 esac
@@ -100,6 +101,12 @@ fi
 : "${RUN:=runs/$PRESET}"
 DATA=$RUN/data
 mkdir -p "$RUN/logs" "$RUN/.done"
+SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
+  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
+  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS LR_BASE)
+for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
+import json, sys
+print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
 
 # ------------------------------------------------------------------------------------------------------------
 # Stage machinery
@@ -232,6 +239,7 @@ stage_analyze() {
   local src=$DATA/sources probes=$RUN/toy/prior
   [ "$BUILD_TOY_BASE" = 1 ] || probes=${PROBES:-}
   $PY analyze.py --model "$MODEL" --out_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
+    --proj_dim "$ANALYZE_PROJ_DIM" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     --probes "$probes" \
     --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"

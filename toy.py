@@ -84,12 +84,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         draw.rectangle((x0, y0 + h // 3, x1, y1 - h // 3), fill=color)
 
 
-def make_scene(rng: random.Random, size: int = 112, full: bool = False) -> tuple[Image.Image, list[dict]]:
+def make_scene(rng: random.Random, size: int = 112, full: bool = False,
+               count: int | None = None) -> tuple[Image.Image, list[dict]]:
     """1-3 non-overlapping shapes (one per quadrant) on a light background; returns image and objects (each
     with its quadrant 0..3, row-major). `full`: one shape in every quadrant, the four colours all different."""
     image = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    count = 4 if full else rng.randint(1, 3)
+    count = 4 if full else (count or rng.randint(1, 3))
     quadrants = list(range(4)) if full else rng.sample(range(4), count)
     colors = rng.sample(list(COLORS), 4) if full else [rng.choice(list(COLORS)) for _ in range(count)]
     objects = []
@@ -121,37 +122,36 @@ def color_grid_question(objects: list[dict]) -> dict:
             "reason": " ".join(f"Cell {i + 1} holds a {o['color']} {o['shape']}." for i, o in enumerate(by_quadrant))}
 
 
-def make_question(rng: random.Random, objects: list[dict]) -> dict:
-    """One question about a scene, in one of four benchmark styles; returns prompt, answer, category, and a
-    short reasoning sentence used for the thinking-format targets."""
-    kind = rng.choice(["color", "shape_mc", "yesno", "count"])
+QUESTION_KINDS = ("color", "color_mc", "yesno", "count")
+
+
+def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
+    """One question about a scene in a benchmark style: short answer (color), multiple choice (color_mc, as in
+    MMStar), POPE-style yes/no (yesno), counting (count). Returns prompt, answer, category and a short
+    reasoning sentence used for the thinking-format targets. Questions are about colour, position and number,
+    which a 1M-parameter model learns in minutes; shape names only decorate the reasoning."""
     first = objects[0]
-    if kind == "color" and len(objects) == 1:
+    if kind == "color":
         return {"category": "color", "prompt": "What color is the shape? Answer with one word.",
-                "answer": first["color"], "reason": f"The shape is {first['color']}."}
-    if kind in ("color", "shape_mc"):
-        target = first if len(objects) == 1 else rng.choice(objects)
-        options = [target["shape"]] + rng.sample([s for s in SHAPES if s != target["shape"]], 3)
+                "answer": first["color"], "reason": f"The {first['shape']} is {first['color']}."}
+    if kind == "color_mc":
+        options = [first["color"]] + rng.sample([c for c in COLORS if c != first["color"]], 3)
         rng.shuffle(options)
-        letter = "ABCD"[options.index(target["shape"])]
         lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
-        return {"category": "shape_mc",
-                "prompt": f"Which shape is {target['color']} in the image?\n{lines}\n"
+        return {"category": "color_mc",
+                "prompt": f"What color is the shape?\n{lines}\n"
                           "Answer with the option's letter from the given choices directly.",
-                "answer": letter, "reason": f"The {target['color']} object is a {target['shape']}."}
+                "answer": "ABCD"[options.index(first["color"])],
+                "reason": f"The {first['shape']} is {first['color']}."}
     if kind == "yesno":
-        present = rng.random() < 0.5
-        if present:
-            obj = rng.choice(objects)
-        else:
-            absent = [(s, c) for s in SHAPES for c in COLORS
-                      if not any(o["shape"] == s and o["color"] == c for o in objects)]
-            shape, color = rng.choice(absent)
-            obj = {"shape": shape, "color": color}
+        present_colors = {o["color"] for o in objects}
+        present = rng.random() < 0.5 or len(present_colors) == len(COLORS)
+        color = rng.choice(sorted(present_colors)) if present else rng.choice(
+            [c for c in COLORS if c not in present_colors])
         return {"category": "yesno",
-                "prompt": f"Is there a {obj['color']} {obj['shape']} in the image? Please answer yes or no.",
+                "prompt": f"Is there a {color} shape in the image? Please answer yes or no.",
                 "answer": "yes" if present else "no",
-                "reason": f"I {'see' if present else 'do not see'} a {obj['color']} {obj['shape']}."}
+                "reason": f"I {'see' if present else 'do not see'} a {color} shape."}
     return {"category": "count", "prompt": "How many shapes are in the image? Answer with a number.",
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
@@ -161,8 +161,9 @@ def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid
     rows = []
     for k in range(count):
         grid_question = rng.random() < grid_share
-        image, objects = make_scene(rng, full=grid_question)
-        q = color_grid_question(objects) if grid_question else make_question(rng, objects)
+        kind = "color_grid" if grid_question else rng.choice(QUESTION_KINDS)
+        image, objects = make_scene(rng, full=grid_question, count=1 if kind in ("color", "color_mc") else None)
+        q = color_grid_question(objects) if grid_question else make_question(rng, kind, objects)
         think = rng.random() < think_share
         if grid_question:
             # Same instructions and answer layout as jigsaw.build_prompt / jigsaw.target_answer_only.
