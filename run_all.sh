@@ -69,7 +69,7 @@ case "$PRESET" in
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
-      MAX_NEW_TOKENS=16 ; BATCH_SIZE=4
+      MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1
     fi
     ;;
   3b|7b)
@@ -101,12 +101,7 @@ fi
 : "${RUN:=runs/$PRESET}"
 DATA=$RUN/data
 mkdir -p "$RUN/logs" "$RUN/.done"
-SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
-  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
-  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS LR_BASE)
-for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
-import json, sys
-print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Stage machinery
@@ -167,6 +162,12 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 
 # The base model: a hub id for real presets; for the toy world, made here by toy.py + sft.py.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
+SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
+  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
+  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS LR_BASE)
+for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
+import json, sys
+print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --jigsaw_data "$DATA/jigsaw" "${PIX[@]}")
@@ -210,16 +211,26 @@ stage_rft() {
     --max_new_tokens "$MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
     --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
+sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
+  if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \
+      --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" --out "$DATA/sources/$1"; then
+    return 0
+  fi
+  # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
+  # be empty; to exercise the later stages it copies rea_external in their place and says so. Never set for
+  # a real run: an empty source there is an error to fix (train longer, sample more).
+  [ "${PLACEHOLDER_SOURCES:-0}" = 1 ] || return 1
+  echo "PLACEHOLDER: $1 replaced by a copy of rea_external (PLACEHOLDER_SOURCES=1, smoke preset only)"
+  rm -rf "$DATA/sources/$1" && cp -r "$DATA/sources/rea_external" "$DATA/sources/$1"
+  echo '{"placeholder": "copy of rea_external (smoke preset: no correct rollouts)"}' > "$DATA/sources/$1/stats.json"
+}
 stage_sources() {
   local src=$DATA/sources
   $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --out "$src/non_rea"
   $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --out "$src/rea_external"
-  $PY rollout_sft.py --source rea_grpo_rollout --data "$DATA/jigsaw" --model "$RUN/rft/final" --k "$ROLLOUT_K" \
-    --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" \
-    --out "$src/rea_grpo_rollout"
-  $PY rollout_sft.py --source rea_self_generated --data "$DATA/jigsaw" --model "$RUN/rft/checkpoint-$RFT_EARLY_STEP/model" \
-    --k 1 --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" \
-    --out "$src/rea_self_generated"
+  sampled_source rea_grpo_rollout "$RUN/rft/final" "$ROLLOUT_K"
+  # The early checkpoint's own reasoning with the right answer attached (the paper: accuracy < 5%).
+  sampled_source rea_self_generated "$RUN/rft/checkpoint-$RFT_EARLY_STEP/model" "$ROLLOUT_K"
   $PY rollout_sft.py --perplexity --model "$MODEL" "${PIX[@]}" --out "$src/perplexity.json" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated"
 }
