@@ -83,7 +83,7 @@ def training_curves(run: Path, out_png: Path) -> bool:
     if not rft and not any(sft.values()):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("reward", "reward (mean)"), ("acc", "R_acc (rollouts)"), ("eval_accuracy", "test accuracy")):
+    for key, label in (("reward", "reward (mean)"), ("accuracy", "accuracy (rollouts)"), ("eval_accuracy", "test accuracy")):
         points = [(m["step"], m[key]) for m in rft if key in m and m[key] is not None]
         if points:
             axes[0].plot(*zip(*points), label=label)

@@ -578,6 +578,7 @@ def main(argv=None) -> dict:
             "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
             "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,
             "tokens_per_second": float(lengths.sum()) / max(t2 - t0, 1e-9),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None,
         }
         # ------------------------------------------------------------------ faults
         if update["skipped"]:
@@ -603,7 +604,7 @@ def main(argv=None) -> dict:
             logger.log({"step": step, **result})
             record.update(result)
         # A step whose update was skipped saves nothing: every checkpoint is a known-good state.
-        if (step % args.save_steps == 0 or step == args.max_steps) and not update["skipped"]:
+        if ((args.save_steps and step % args.save_steps == 0) or step == args.max_steps) and not update["skipped"]:
             checkpoint(step)
         last = record
     bar.close()

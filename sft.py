@@ -236,7 +236,8 @@ def main(argv=None):
         seconds = time.time() - started
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens": step_tokens_all, "tokens_per_s": step_tokens_all / seconds,
-                  "epoch": position / micro_per_epoch}
+                  "epoch": position / micro_per_epoch,
+                  "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None}
         if step % args.logging_steps == 0 or step == max_steps:
             logger.log(record)
         progress.update(1)
