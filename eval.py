@@ -555,9 +555,15 @@ def rows_toy_prior(row: dict, ctx: Context) -> list[dict]:
 
 def score_toy_prior(prediction: str, s: dict) -> dict:
     """The toy questions mimic the real benchmarks' styles, so each is read by that benchmark's parser:
-    color -> normalised exact match, shape_mc -> option letter, yesno -> POPE yes/no, count -> number."""
+    color -> normalised exact match, color_mc -> option letter, yesno -> POPE yes/no, count -> number,
+    color_grid (training-only in toy.py, scored here if present) -> the jigsaw grid parser."""
     category, target = s["meta"]["category"], s["target"]
-    if category == "shape_mc":
+    if category == "color_grid":
+        expected = jigsaw.parse_grid_answer(target, len(target.split()))
+        extracted = jigsaw.extract_answer(prediction, len(expected or []))
+        return {"correct": float(extracted is not None and extracted == expected), "parsed": extracted is not None,
+                "extracted": extracted}
+    if category in ("color_mc", "shape_mc"):
         extracted = parse_choice_letter(prediction, "ABCD")
         return {"correct": float(extracted == target), "parsed": extracted is not None, "extracted": extracted}
     if category == "yesno":
@@ -790,7 +796,7 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in [
               "this project's jigsaw.py (Jigsaw-R1 conventions)", prior=False),
     Benchmark("toy_prior", None, "test", ("images", "prompt", "answer", "category"), rows_toy_prior, score_toy_prior,
               lambda rs: accuracy_by(rs, "category"), "accuracy", 64,
-              "accuracy % overall and per category (color/shape_mc/yesno/count)", "this project's toy.py",
+              "accuracy % overall and per category (color/color_mc/yesno/count)", "this project's toy.py",
               prior=False),
     Benchmark("refcoco", "lmms-lab/RefCOCO", "val", ("image", "answer", "bbox", "question_id"), rows_refcoco,
               score_refcoco, refcoco_metrics, "acc@0.5", 512,

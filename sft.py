@@ -114,21 +114,15 @@ def main(argv=None):
     # digits and bitsandbytes' 8-bit optimizers do not round stochastically), so the default on GPU keeps fp32
     # master weights and runs the forward/backward under bf16 autocast (accelerate's mixed_precision="bf16").
     # ======================================================================================================
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16_mixed" if torch.cuda.is_available() else "fp32"
-    if precision not in ("bf16_mixed", "bf16", "fp32"):
-        common.fail(f"--precision {args.precision} unknown; choose auto, bf16_mixed, bf16 or fp32.")
-    load_dtype = "bfloat16" if precision == "bf16" else "float32"
-    mixed = "bf16" if precision == "bf16_mixed" else "no"
+    precision = common.resolve_precision(args.precision, cuda=True if args.dry_run else None)
+    mixed, load_dtype = common.PRECISIONS[precision]
 
     if args.dry_run:
         model = common.meta_model(args.model)
         common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
         activations = common.activation_estimate(model.config, args.batch_size, args.dry_run_seq_len,
                                                  args.max_completion_tokens, args.gradient_checkpointing)
-        plan = common.memory_plan(model, args.optimizer, "bf16" if precision != "bf16" else "no",
-                                  activations_bytes=activations)
+        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=activations)
         common.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
                                        f"{args.optimizer}, batch {args.batch_size} x {args.dry_run_seq_len} tokens, "
                                        f"gradient checkpointing {args.gradient_checkpointing}")

@@ -128,15 +128,15 @@ QUESTION_KINDS = ("color", "color_mc", "yesno", "count")
 def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
     """One question about a scene in a benchmark style: short answer (color), multiple choice (color_mc, as in
     MMStar), POPE-style yes/no (yesno), counting (count). Returns prompt, answer, category and a short
-    reasoning sentence used for the thinking-format targets. Questions are about colour, position and number,
-    which a 1M-parameter model learns in minutes; shape names only decorate the reasoning."""
+    reasoning sentence used for the thinking-format targets. Each answer follows from the image alone (no
+    binding of a word in the question to the image), which a 1M-parameter model learns in minutes; shape names
+    only decorate the reasoning."""
     first = objects[0]
     if kind == "color":
         return {"category": "color", "prompt": "What color is the shape? Answer with one word.",
                 "answer": first["color"], "reason": f"The {first['shape']} is {first['color']}."}
     if kind == "color_mc":
-        options = [first["color"]] + rng.sample([c for c in COLORS if c != first["color"]], 3)
-        rng.shuffle(options)
+        options = list(COLORS)  # fixed order: the answer letter follows from the image alone
         lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
         return {"category": "color_mc",
                 "prompt": f"What color is the shape?\n{lines}\n"
@@ -144,14 +144,11 @@ def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
                 "answer": "ABCD"[options.index(first["color"])],
                 "reason": f"The {first['shape']} is {first['color']}."}
     if kind == "yesno":
-        present_colors = {o["color"] for o in objects}
-        present = rng.random() < 0.5 or len(present_colors) == len(COLORS)
-        color = rng.choice(sorted(present_colors)) if present else rng.choice(
-            [c for c in COLORS if c not in present_colors])
+        several = len(objects) > 1
         return {"category": "yesno",
-                "prompt": f"Is there a {color} shape in the image? Please answer yes or no.",
-                "answer": "yes" if present else "no",
-                "reason": f"I {'see' if present else 'do not see'} a {color} shape."}
+                "prompt": "Is there more than one shape in the image? Please answer yes or no.",
+                "answer": "yes" if several else "no",
+                "reason": f"I count {len(objects)} shape{'s' if several else ''}."}
     return {"category": "count", "prompt": "How many shapes are in the image? Answer with a number.",
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
@@ -185,9 +182,10 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
                          "question": Value("string"), "answer": Value("string"), "category": Value("string"),
                          "completion": Value("string")})
     dataset = DatasetDict({"train": Dataset.from_list(prior_rows("train", train, seed), features=features),
-                           # the test split is asked directly (like the benchmarks), never in think format
-                           "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0),
-                                                     features=features)})
+                           # The test split is asked directly (like the benchmarks), never in think format, and
+                           # holds no colour-grid questions: that skill exists to teach the answer format.
+                           "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0,
+                                                                grid_share=0.0), features=features)})
     jigsaw.save_dataset_atomic(dataset, out)
     return dataset
 
@@ -239,7 +237,7 @@ def build_processor(tokenizer, min_pixels: int = TOY_MIN_PIXELS, max_pixels: int
                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
-def build_model(tokenizer, size: str = "tiny", seed: int = 0):
+def build_model(tokenizer, size: str = "tiny", seed: int = 0, rope_theta: float = 10.0):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     s = MODEL_SIZES[size]
@@ -253,7 +251,10 @@ def build_model(tokenizer, size: str = "tiny", seed: int = 0):
         text_config=dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                          intermediate_size=s["intermediate"], max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                         # M-RoPE gives the width axis the lowest frequencies: at theta 1e4 and head_dim 32 a
+                         # step of one patch turns it by ~0.003 rad, so a tiny model cannot tell left from right
+                         # (and a jigsaw piece's position is all that matters). theta 10 makes it ~0.1-0.25 rad.
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
                          tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], num_heads=s["vision_heads"],
@@ -271,11 +272,11 @@ def build_model(tokenizer, size: str = "tiny", seed: int = 0):
     return model
 
 
-def build_toy_model(out: str, size: str = "tiny", seed: int = 0) -> Path:
+def build_toy_model(out: str, size: str = "tiny", seed: int = 0, rope_theta: float = 10.0) -> Path:
     """Tokenizer + processor + random tiny Qwen2.5-VL, saved with save_pretrained to `out`."""
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, size, seed)
+    model = build_model(tokenizer, size, seed, rope_theta)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_path)

@@ -243,7 +243,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(toy_model_dir, ji
     out = tmp_path / "nan"
     args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",
             "--max_steps", "10", "--save_steps", "1", "--eval_steps", "0", "--max_new_tokens", "4",
-            "--max_nonfinite", "2"] + TINY[:2] + ["--group_size", "2", "--optimizer", "adamw"]
+            "--max_nonfinite", "2"] + TINY[:2] + ["--group_size", "2", "--optimizer", "adamw", "--micro_batch_size", "4"]
     real_loss = rft.grpo_loss
     calls = {"n": 0}
 
