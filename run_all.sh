@@ -60,12 +60,14 @@ case "$PRESET" in
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
     if [ "$PRESET" = toy ]; then
-      : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=600}" ; : "${LR_BASE:=2e-3}"
+      : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=500}" ; : "${LR_BASE:=4e-3}"
+      : "${BASE_BATCH:=32}"
       : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
       : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=150}" ; : "${RFT_EARLY_STEP:=10}" ; : "${SAVE_STEPS:=30}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}" ; : "${ANALYZE_PROJ_DIM:=0}"
     else
-      : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=2e-3}"
+      : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=4e-3}"
+      : "${BASE_BATCH:=4}"
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
@@ -164,7 +166,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
 SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
   MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
-  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS LR_BASE)
+  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS BASE_BATCH LR_BASE)
 for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
 import json, sys
 print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
@@ -190,7 +192,7 @@ stage_base() {
   $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_train "$PRIOR_TRAIN" --prior_test "$PRIOR_TEST"
   $PY sft.py --model "$RUN/toy/init" --data "$RUN/toy/prior" --prompt_column prompt --target_column completion \
     --output_dir "$RUN/base" --max_steps "$BASE_STEPS" --lr "$LR_BASE" --warmup_ratio 0.05 --min_lr_ratio 0.1 \
-    --save_steps "$BASE_STEPS" "${SFT_COMMON[@]}"
+    --save_steps "$BASE_STEPS" "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
 }
 stage_data() {
   $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \
@@ -209,7 +211,7 @@ stage_rft() {
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_new_tokens "$MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
-    --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
+    --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \

@@ -17,6 +17,19 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread for the whole suite: the tiny model's matmuls are too small to share, and on a
+    2-core machine shared with other jobs OpenMP's spin-waiting made forward+backward 4-25x slower with 2
+    threads (measured). Subprocesses the tests start get OMP_NUM_THREADS=1 for the same reason."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL + processor saved with save_pretrained (loads like a hub id)."""

@@ -13,13 +13,6 @@ import common
 LM_PARAMS = "model.language_model.*,lm_head.*"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (25x faster for these tiny matmuls here).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

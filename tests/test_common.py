@@ -22,15 +22,6 @@ import jigsaw
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to gain from threads, and on a 2-core machine shared with other
-    jobs OpenMP's spin-waiting made forward+backward ~10x slower with 2 threads than with 1 (measured).
-    Restored afterwards so other test files keep their setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +224,9 @@ def test_greedy_generate_deterministic_and_batch_independent(varied_model, toy):
         batch = common.build_batch(processor, prompts, images, completion_ids=ids)
         logits = common.completion_logits(model, batch)
     mask = batch["completion_mask"].bool()
+    # generate never emits the vision tokens (common.generate suppresses them), so neither may the argmax.
+    suppressed = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
+    logits[..., suppressed] = float("-inf")
     assert torch.equal(logits.argmax(-1)[mask], batch["completion_ids"][mask])
 
 

@@ -9,14 +9,6 @@ from PIL import Image
 import eval as ev
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: the tiny model's matmuls are too small to share, and CI boxes are shared."""
-    import torch
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,14 +30,6 @@ def load_split(path, split="train"):
     return common.load_rows(str(path), split, required=("prompt", "completion"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to gain from intra-op threads; on a busy 2-core machine the
-    threads' spinning made these tests ~4x slower. Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
