@@ -52,11 +52,11 @@ case "$PRESET" in
     : "${PRECISION:=fp32}"
     : "${OPTIMIZER:=adamw}"
     : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=12544}"   # 56x56 .. 112x112 (toy.py)
-    : "${JIGSAW_IMAGE_SIZE:=56}"          # 2x2 pieces of 28x28 = one merged vision token each
+    : "${JIGSAW_IMAGE_SIZE:=112}"         # 2x2 pieces of 56x56 = 2x2 merged vision tokens each
     : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
     : "${MAX_NEW_TOKENS:=48}"             # toy completions are short
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
-    : "${LR_RFT:=2e-4}"
+    : "${LR_RFT:=5e-4}"                   # GRPO on the toy: 2x the SFT-to-RFT lr ratio of the real presets, few steps
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
     if [ "$PRESET" = toy ]; then
