@@ -101,6 +101,9 @@ class Args:
     """compare mode: NAME=results.json entries (space or comma separated); the first one is the base"""
     out_dir: str = ""
     """compare mode: folder for compare.md, compare.json, compare.png"""
+    export_probes: str = ""
+    """write the --limit selected samples of --benchmarks (prompt, images, reference answer) to this datasets
+    folder and exit: the prior-knowledge probe set of analyze.py (no model is loaded)"""
     jigsaw_data: str = ""
     """jigsaw.py data folder (save_to_disk with a test split); no hub default"""
     toy_prior_data: str = ""
@@ -1073,6 +1076,29 @@ def run_compare(args: Args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Main: config -> data (checked) -> model -> loop per benchmark (cached) -> save
 # ----------------------------------------------------------------------------------------------------------
+def export_probes(args: Args, names: list[str], datasets_: dict, ctx: Context) -> None:
+    """The prior-knowledge probe set of analyze.py: the same seeded --limit subset of each benchmark that the
+    evaluation scores, as rows (id, images, prompt, answer, benchmark). The answer is the benchmark's
+    reference as text (the first one where there are several); analyze.py --probe_answer greedy uses the
+    model's own answer instead, which suits free-form references such as RefCOCO boxes."""
+    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    rows = []
+    for name in names:
+        bench = REGISTRY[name]
+        _, dataset = datasets_[name]
+        for row_index in select_rows(dataset, bench, args.limit, args.seed):
+            for k, s in enumerate(bench.build(dataset[row_index], ctx)):
+                target = s["target"][0] if isinstance(s["target"], (list, tuple)) and s["target"] else s["target"]
+                rows.append({"id": f"{name}/{row_index}/{k}", "images": s["images"], "prompt": s["prompt"],
+                             "answer": str(target), "benchmark": name})
+    if not rows:
+        common.fail(f"--export_probes: no samples selected from {names} (check --limit and the data).")
+    features = Features({"id": Value("string"), "images": List(ImageFeature()), "prompt": Value("string"),
+                         "answer": Value("string"), "benchmark": Value("string")})
+    jigsaw.save_dataset_atomic(Dataset.from_list(rows, features=features), args.export_probes)
+    print(f"[eval] wrote {len(rows)} probes from {', '.join(names)} to {args.export_probes}")
+
+
 def _join_compare_values(argv: list[str]) -> list[str]:
     """`--compare a=x.json b=y.json` (several values) -> `--compare a=x.json,b=y.json` for the one-value parser."""
     out, i = [], 0
@@ -1104,9 +1130,9 @@ def main(argv=None) -> dict | None:
         return None
 
     # ---- config ------------------------------------------------------------------------------------------
-    if not args.model:
+    if not args.model and not args.export_probes:
         common.fail("--model is required (hub id or save_pretrained folder), or use --compare.")
-    if not args.output:
+    if not args.output and not args.export_probes:
         common.fail("--output is required (e.g. runs/eval/base/results.json).")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     if names == ["all"]:
@@ -1121,7 +1147,8 @@ def main(argv=None) -> dict | None:
                     "(column prompt_no_think), the style the model was trained with.")
     if args.batch_size < 1 or args.limit < 0:
         common.fail("--batch_size must be >= 1 and --limit >= 0.")
-    common.check_model_path(args.model)
+    if not args.export_probes:
+        common.check_model_path(args.model)
     device = args.device or common.default_device()
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -1135,6 +1162,10 @@ def main(argv=None) -> dict | None:
         bench = REGISTRY[name]
         source = getattr(args, f"{name}_data") or bench.hub_id or ""
         datasets_[name] = (source, open_benchmark_data(bench, source))
+
+    if args.export_probes:
+        export_probes(args, names, datasets_, ctx)
+        return None
 
     # ---- cache -----------------------------------------------------------------------------------------
     output = Path(args.output)

@@ -56,7 +56,7 @@ case "$PRESET" in
     : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
     : "${MAX_NEW_TOKENS:=48}"             # toy completions are short
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
-    : "${LR_RFT:=5e-4}"                   # GRPO on the toy: 2x the SFT-to-RFT lr ratio of the real presets, few steps
+    : "${LR_RFT:=5e-4}"                   # half the toy SFT lr (real presets: a tenth): the toy RFT has few steps
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
     if [ "$PRESET" = toy ]; then
@@ -249,10 +249,16 @@ stage_eval() {
   done
 }
 stage_analyze() {
-  local src=$DATA/sources probes=$RUN/toy/prior
-  [ "$BUILD_TOY_BASE" = 1 ] || probes=${PROBES:-}
+  local src=$DATA/sources probes=$RUN/toy/prior probe_answer=reference
+  if [ "$BUILD_TOY_BASE" != 1 ]; then
+    # Probes: a few questions of each prior-knowledge benchmark, answered by the base model itself (greedy),
+    # since references such as RefCOCO boxes are not in the model's own words.
+    probes=${PROBES:-$DATA/probes}; probe_answer=greedy
+    [ -d "$probes" ] || $PY eval.py --export_probes "$probes" --benchmarks "$BENCHMARKS" \
+      --limit $(( (ANALYZE_N + 5) / 6 )) "${PIX[@]}"
+  fi
   $PY analyze.py --model "$MODEL" --out_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
-    --proj_dim "$ANALYZE_PROJ_DIM" \
+    --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     --probes "$probes" \
     --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"

@@ -349,3 +349,16 @@ def test_end_to_end_cache_and_compare(varied_model_dir, prior_data, jigsaw_data,
     assert "+12.5" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert not math.isnan(next(r for r in table["rows"] if r["benchmark"] == "jigsaw")["values"]["base"])
+
+
+def test_export_probes_writes_the_limited_subset(prior_data, tmp_path):
+    """--export_probes: the seeded --limit subset of a benchmark as a probe set for analyze.py, no model."""
+    from datasets import load_from_disk
+    out = tmp_path / "probes"
+    ev.main(["--export_probes", str(out), "--benchmarks", "toy_prior", "--toy_prior_data", str(prior_data),
+                   "--limit", "5"])
+    probes = load_from_disk(str(out))
+    assert len(probes) == 5 and set(probes.column_names) >= {"images", "prompt", "answer"}
+    test_rows = load_from_disk(str(prior_data))["test"]
+    questions = {(r["prompt"], r["answer"]) for r in test_rows}
+    assert all((p["prompt"], p["answer"]) in questions for p in probes)
