@@ -57,13 +57,13 @@ case "$PRESET" in
     : "${MAX_NEW_TOKENS:=48}"             # toy completions are short
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
     : "${LR_RFT:=5e-4}"                   # half the toy SFT lr (real presets: a tenth): the toy RFT has few steps
-    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
+    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=4}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
     if [ "$PRESET" = toy ]; then
       : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=500}" ; : "${LR_BASE:=4e-3}"
       : "${BASE_BATCH:=32}"
       : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
-      : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=150}" ; : "${RFT_EARLY_STEP:=10}" ; : "${SAVE_STEPS:=30}"
+      : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=60}" ; : "${RFT_EARLY_STEP:=5}" ; : "${SAVE_STEPS:=30}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}" ; : "${ANALYZE_PROJ_DIM:=0}"
     else
       : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=4e-3}"

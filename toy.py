@@ -153,10 +153,28 @@ def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
 
-def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid_share: float = 0.2) -> list[dict]:
+def format_row(rng: random.Random, k: int, split: str) -> dict:
+    """Instruction following on the jigsaw prompt, without the skill: a 2x2 puzzle whose target is a RANDOM
+    permutation in the <think>/<answer> format. Like Qwen2.5-VL (0% on jigsaw zero-shot, yet well-formed
+    answers), the toy base model then writes parseable grids at chance accuracy, so GRPO's reward varies
+    within a group from the first step."""
+    image = jigsaw.procedural_image(rng.randrange(2 ** 31), 112)
+    puzzle = jigsaw.make_puzzle(image, 2, 2, seed=rng.randrange(2 ** 31))
+    guess = rng.sample(range(1, 5), 4)
+    completion = f"<think>I compare the colours of the pieces.</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
+    return {"id": f"toy-{split}-format-{k:06d}", "images": puzzle.images, "prompt": jigsaw.build_prompt(2, 2, True),
+            "question": "jigsaw format", "answer": jigsaw.answer_text(guess, 2, 2), "category": "jigsaw_format",
+            "completion": completion}
+
+
+def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid_share: float = 0.2,
+               format_share: float = 0.0) -> list[dict]:
     rng = random.Random(f"{seed}/{split}")
     rows = []
     for k in range(count):
+        if rng.random() < format_share:
+            rows.append(format_row(rng, k, split))
+            continue
         grid_question = rng.random() < grid_share
         kind = "color_grid" if grid_question else rng.choice(QUESTION_KINDS)
         image, objects = make_scene(rng, full=grid_question, count=1 if kind in ("color", "color_mc") else None)
@@ -181,7 +199,8 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
     features = Features({"id": Value("string"), "images": List(ImageFeature()), "prompt": Value("string"),
                          "question": Value("string"), "answer": Value("string"), "category": Value("string"),
                          "completion": Value("string")})
-    dataset = DatasetDict({"train": Dataset.from_list(prior_rows("train", train, seed), features=features),
+    dataset = DatasetDict({"train": Dataset.from_list(prior_rows("train", train, seed, format_share=0.1),
+                                                      features=features),
                            # The test split is asked directly (like the benchmarks), never in think format, and
                            # holds no colour-grid questions: that skill exists to teach the answer format.
                            "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0,
