@@ -54,11 +54,12 @@ case "$PRESET" in
     : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=12544}"   # 56x56 .. 112x112 (toy.py)
     : "${JIGSAW_IMAGE_SIZE:=112}"         # 2x2 pieces of 56x56 = 2x2 merged vision tokens each
     : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
-    : "${MAX_NEW_TOKENS:=48}"             # toy completions are short
+    : "${MAX_NEW_TOKENS:=320}"            # rea_external targets run to ~260 tokens; the rest stop far earlier
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
     : "${LR_RFT:=5e-4}"                   # half the toy SFT lr (real presets: a tenth): the toy RFT has few steps
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=4}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
+    : "${ROLLOUT_LIMIT:=128}"             # puzzles sampled for the rollout sources (0 = all training puzzles)
     if [ "$PRESET" = toy ]; then
       : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=500}" ; : "${LR_BASE:=4e-3}"
       : "${BASE_BATCH:=32}"
@@ -89,7 +90,7 @@ case "$PRESET" in
     : "${MAX_NEW_TOKENS:=512}"               # Jigsaw-R1: max completion 512
     : "${LR_SFT:=1e-5}" ; : "${LR_RFT:=1e-6}" # paper.md: SFT typically 1e-5; GRPO on this task 1e-6
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
-    : "${ROLLOUT_K:=8}"
+    : "${ROLLOUT_K:=8}" ; : "${ROLLOUT_LIMIT:=0}"
     : "${SFT_STEPS:=400}" ; : "${RFT_STEPS:=2000}" ; : "${RFT_EARLY_STEP:=100}" ; : "${SAVE_STEPS:=100}"
     : "${EVAL_LIMIT:=500}" ; : "${ANALYZE_N:=32}"
     : "${ANALYZE_PROJ_DIM:=8}"   # LoGra-style r x r projection: full per-sample gradients of 3B/7B do not fit
@@ -166,7 +167,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
 SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
   MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
-  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS BASE_BATCH LR_BASE)
+  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS BASE_BATCH LR_BASE)
 for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
 import json, sys
 print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
@@ -215,7 +216,8 @@ stage_rft() {
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \
-      --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" "${PIX[@]}" --out "$DATA/sources/$1"; then
+      --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
+      --out "$DATA/sources/$1"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
