@@ -211,6 +211,10 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
             f"{acc['sft_non_rea']:.1f}% jigsaw accuracy and changed prior knowledge by {d['sft_non_rea']:+.1f} points on "
             f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. SFT-Non-Rea forgot "
             f"{'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with the paper.")
+        if acc["rft"] <= acc.get("base", 0.0):
+            out.append(f"  RFT did not learn the task here (jigsaw {acc['rft']:.1f}% vs base {acc.get('base', 0.0):.1f}%), "
+                       "so this is not the paper's comparison of two runs that both learned it; its forgetting "
+                       "comes from the update alone.")
     if "sft_rea_grpo_rollout" in d and "sft_non_rea" in d:
         better = d["sft_rea_grpo_rollout"] > d["sft_non_rea"]
         tie = abs(d["sft_rea_grpo_rollout"] - d["sft_non_rea"]) < 0.5

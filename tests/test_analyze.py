@@ -132,10 +132,11 @@ def test_first_order_matches_exact_for_small_eta(tiny64, samples):
         after = analyze.exact_step(model, params, backup, train, eta, [probe])[0]
         exact = after["token_logprobs"].sum().item() - base
         errors.append(abs(exact - predicted) / abs(predicted))
-    # O(eta^2) remainder: the relative error shrinks about tenfold per tenfold smaller eta (measured here:
-    # 2.4e-2, 3.0e-3, 2.6e-4; below eta ~1e-5 it hits a floor: RMSNorm computes in fp32 even in a float64 model)
-    assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 1e-3 and errors[0] / errors[2] > 20
+    # O(eta^2) remainder: the relative error shrinks about tenfold per tenfold smaller eta (measured on two
+    # builds of the tiny model: 2.4e-2, 3.0e-3, 2.6e-4 and 8.9e-2, 1.0e-2, 1.1e-3); below eta ~1e-5 it hits a
+    # floor, since RMSNorm computes in fp32 even in a float64 model.
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[0] / errors[1] > 5 and errors[1] / errors[2] > 5 and errors[2] < 3e-3, errors
 
 
 def test_symmetry_holds_to_first_order(tiny64, samples):

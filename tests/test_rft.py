@@ -212,23 +212,23 @@ def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, 
     out = tmp_path / "full"
     common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--lr", "3e-2", "--beta", "0.04",
                    "--eval_steps", "100", "--save_total_limit", "0", "--no-gradient_checkpointing"] + TINY + ["--max_new_tokens", "6"]
-    rft.main(common_args + ["--output_dir", str(out), "--max_steps", "20", "--save_steps", "10"])
+    rft.main(common_args + ["--output_dir", str(out), "--max_steps", "30", "--save_steps", "15"])
     metrics = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
-    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert [m["step"] for m in metrics] == list(range(1, 31))
     assert metrics[0]["kl"] == 0.0  # the reference is the starting policy
     early = sum(m["reward"] for m in metrics[:4]) / 4
     late = sum(m["reward"] for m in metrics[-4:]) / 4
     assert late > early + 0.2, (early, late)
-    assert (out / "final" / "config.json").exists() and (out / "checkpoint-10" / "model" / "config.json").exists()
-    common.load_model(str(out / "checkpoint-10" / "model"))  # the HF copy loads like any checkpoint
+    assert (out / "final" / "config.json").exists() and (out / "checkpoint-15" / "model" / "config.json").exists()
+    common.load_model(str(out / "checkpoint-15" / "model"))  # the HF copy loads like any checkpoint
 
-    # Resume from step 10 in a fresh folder: weights after step 20 must equal the uninterrupted run's.
+    # Resume from step 15 in a fresh folder: weights after step 30 must equal the uninterrupted run's.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(out / "checkpoint-10", resumed / "checkpoint-10")
-    (resumed / "latest").write_text("checkpoint-10")
+    shutil.copytree(out / "checkpoint-15", resumed / "checkpoint-15")
+    (resumed / "latest").write_text("checkpoint-15")
     shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
-    rft.main(common_args + ["--output_dir", str(resumed), "--max_steps", "20", "--save_steps", "10", "--resume"])
+    rft.main(common_args + ["--output_dir", str(resumed), "--max_steps", "30", "--save_steps", "15", "--resume"])
     from safetensors.torch import load_file
     full_weights = load_file(str(out / "final" / "model.safetensors"))
     resumed_weights = load_file(str(resumed / "final" / "model.safetensors"))
