@@ -14,6 +14,8 @@ Run commands:
         --target_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 400 --optimizer adamw8bit
     # several GPUs: the same script under accelerate (DDP, or FSDP/DeepSpeed via `accelerate config`)
     accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw ...
+    # two CPU processes (a check of the distributed path without GPUs; `--cpu` would start only one)
+    accelerate launch --multi_gpu --num_processes 2 sft.py --model runs/toy/init --data runs/toy/prior ...
     # memory plan before renting a GPU (no weights loaded)
     python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --optimizer adamw8bit
     # tiny CPU run on the toy world, then resume it after an interruption
