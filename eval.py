@@ -1115,9 +1115,19 @@ def _join_compare_values(argv: list[str]) -> list[str]:
     return out
 
 
+def weights_identity(model: str) -> list:
+    """Size and modification time of a local model's weight files: a folder retrained in place (run_all.sh
+    --from) must not be served the old model's cached predictions. Hub ids: the id alone."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))]
+
+
 def settings_fingerprint(args: Args, bench: Benchmark, source: str, max_new_tokens: int) -> dict:
     """Everything that changes a prediction; cached predictions are reused only when it matches."""
-    return {"model": args.model, "dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+    return {"model": args.model, "weights": weights_identity(args.model), "dtype": args.dtype,
+            "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
             "max_new_tokens": max_new_tokens, "data": source, "split": bench.split, "decoding": "greedy",
             "prompt_style": args.jigsaw_prompt if bench.name == "jigsaw" else "lmms-eval default"}
 

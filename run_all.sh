@@ -5,7 +5,7 @@
 #   bash run_all.sh                    # toy preset without a CUDA GPU, 3b with one
 #   PRESET=7b bash run_all.sh          # Qwen2.5-VL-7B-Instruct
 #   PRESET=smoke bash run_all.sh       # a few steps of every stage (what CI runs)
-#   bash run_all.sh --from rft         # rerun from a stage on (later stages are redone too)
+#   bash run_all.sh --from rft         # redo a stage and all later ones from scratch
 #   bash run_all.sh --only report      # one stage
 #   bash run_all.sh --list             # the stages, with an estimated time each
 #   RFT_STEPS=500 LR_RFT=2e-6 bash run_all.sh   # any variable below can be set from the environment
@@ -146,6 +146,10 @@ done
 echo "  estimated total: ~$(( total / 60 )) min"
 [ "$LIST" = 1 ] && exit 0
 
+FORCE=0; [ -n "$ONLY$FROM" ] && FORCE=1
+fresh() {  # fresh DIR...: a stage asked for again with --from/--only starts over instead of resuming
+  if [ "$FORCE" = 1 ]; then rm -rf "$@"; fi
+}
 run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.log, time it
   local name=$1 fn=$2
   selected "$name" || return 0
@@ -190,6 +194,7 @@ MODELS=(
 # ------------------------------------------------------------------------------------------------------------
 stage_base() {
   [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
+  fresh "$RUN/toy" "$RUN/base"
   $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_train "$PRIOR_TRAIN" --prior_test "$PRIOR_TEST"
   $PY sft.py --model "$RUN/toy/init" --data "$RUN/toy/prior" --prompt_column prompt --target_column completion \
     --output_dir "$RUN/base" --max_steps "$BASE_STEPS" --lr "$LR_BASE" --warmup_ratio 0.05 --min_lr_ratio 0.1 \
@@ -205,10 +210,12 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
 }
 stage_eval_base() { eval_model base "$MODEL" thinking; }
 stage_sft_non_rea() {
+  fresh "$RUN/sft_non_rea"
   $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --target_column target_non_rea \
     --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
 }
 stage_rft() {
+  fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_new_tokens "$MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
@@ -230,6 +237,7 @@ sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the che
 }
 stage_sources() {
   local src=$DATA/sources
+  fresh "$src"
   $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --out "$src/non_rea"
   $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --out "$src/rea_external"
   sampled_source rea_grpo_rollout "$RUN/rft/final" "$ROLLOUT_K"
@@ -239,6 +247,7 @@ stage_sources() {
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated"
 }
 stage_sft_sources() {
+  fresh "$RUN/sft_rea_external" "$RUN/sft_rea_grpo_rollout" "$RUN/sft_rea_self_generated"
   for s in rea_external rea_grpo_rollout rea_self_generated; do
     $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --target_column completion \
       --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"

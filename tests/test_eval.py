@@ -362,3 +362,19 @@ def test_export_probes_writes_the_limited_subset(prior_data, tmp_path):
     test_rows = load_from_disk(str(prior_data))["test"]
     questions = {(r["prompt"], r["answer"]) for r in test_rows}
     assert all((p["prompt"], p["answer"]) in questions for p in probes)
+
+
+def test_cache_is_dropped_when_the_weights_change(toy_model_dir, tmp_path):
+    """A model folder retrained in place (run_all.sh --from) must not reuse the old model's predictions."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(toy_model_dir, model)
+    args = ev.Args(model=str(model))
+    bench = ev.REGISTRY["toy_prior"]
+    before = ev.settings_fingerprint(args, bench, "data", 8)
+    assert ev.settings_fingerprint(args, bench, "data", 8) == before
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"")  # rewritten: new modification time
+    import os
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert ev.settings_fingerprint(args, bench, "data", 8) != before
