@@ -130,7 +130,11 @@ def run_rft(args: Args, model_path: str, data_path: str, workdir: Path) -> dict:
 def run_trl(args: Args, model_path: str, data_path: str, workdir: Path) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        common.fail("this bench compares against TRL, which is not a dependency of the kit: "
+                    "pip install trl==1.16.0 (the version it was measured with), then rerun.")
 
     rows = common.load_rows(data_path, "train", required=("prompt", "answer", "images"))
     # TRL wants raw conversational prompts and applies the chat template (with the images) itself.
