@@ -83,6 +83,7 @@ case "$PRESET" in
     : "${BENCHMARKS:=refcoco,docvqa,mme,mmstar,pope,mmmu}"   # the paper's prior-knowledge benchmarks
     : "${PRECISION:=bf16_mixed}"            # fp32 master weights + bf16 autocast (sft.py explains why)
     : "${OPTIMIZER:=adamw8bit}"
+    : "${GRADIENT_CHECKPOINTING:=1}"       # sft.py: what the measured 36.5 GiB (3B, batch 4) assumes
     : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=200704}"   # up to 448x448 puzzles: 256 vision tokens
     : "${JIGSAW_IMAGE_SIZE:=448}"
     : "${N_TRAIN:=20000}" ; : "${N_TEST:=500}"
@@ -169,7 +170,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 
 # The base model: a hub id for real presets; for the toy world, made here by toy.py + sft.py.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
-SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER MIN_PIXELS
+SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS
   MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
   RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS BASE_BATCH LR_BASE)
 for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
@@ -177,6 +178,7 @@ import json, sys
 print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
+[ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
 EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --jigsaw_data "$DATA/jigsaw" "${PIX[@]}")
 [ "$BUILD_TOY_BASE" = 1 ] && EVAL_COMMON+=(--toy_prior_data "$RUN/toy/prior")
 # name | model folder | jigsaw prompt style | training steps (for the report)
