@@ -123,6 +123,15 @@ def resolve_precision(name: str, cuda: bool | None = None) -> str:
     return name
 
 
+def resolve_dtype(name: str, device: str, flag: str = "--dtype") -> str:
+    """Dtype of a model that is only run, never trained (evaluation, sampling, the GRPO reference): 'auto' is
+    bfloat16 on CUDA (frozen weights have no rounding trap) and float32 on the CPU."""
+    dtype = ("bfloat16" if str(device).startswith("cuda") else "float32") if name == "auto" else name
+    if dtype not in DTYPES:
+        fail(f"{flag} {name} unknown; choose auto, {', '.join(DTYPES)}.")
+    return dtype
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

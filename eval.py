@@ -1160,10 +1160,7 @@ def main(argv=None) -> dict | None:
     if not args.export_probes:
         common.check_model_path(args.model)
     device = args.device or common.default_device()
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if args.dtype not in common.DTYPES:
-        common.fail(f"--dtype {args.dtype}: choose auto, {', '.join(common.DTYPES)}.")
+    args.dtype = common.resolve_dtype(args.dtype, device)
     ctx = Context(args.jigsaw_prompt, args.min_pixels, args.max_pixels)
 
     # ---- data (every schema checked before the model is loaded) -------------------------------------------

@@ -446,9 +446,7 @@ def resolve_precision(args: Args) -> tuple[str, str, str, str]:
     """(precision name, accelerate mixed_precision, policy dtype, reference dtype); a --dry_run plans for a GPU."""
     cuda = torch.cuda.is_available() or args.dry_run
     precision = common.resolve_precision(args.precision, cuda)
-    ref_dtype = ("bfloat16" if cuda else "float32") if args.ref_dtype == "auto" else args.ref_dtype
-    if ref_dtype not in common.DTYPES:
-        common.fail(f"--ref_dtype {args.ref_dtype} unknown; choose auto, bfloat16 or float32.")
+    ref_dtype = common.resolve_dtype(args.ref_dtype, "cuda" if cuda else "cpu", "--ref_dtype")
     return (precision, *common.PRECISIONS[precision], ref_dtype)
 
 

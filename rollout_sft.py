@@ -284,9 +284,7 @@ def load_sampler(args: Args):
     common.check_model_path(args.model)
     check_processor(args.model)
     device = common.default_device()
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    if dtype not in common.DTYPES:
-        common.fail(f"--dtype {args.dtype} unknown; choose auto, bfloat16 or float32.")
+    dtype = common.resolve_dtype(args.dtype, device)
     model, processor = common.load_model_and_processor(
         args.model, dtype, args.attn_implementation or None, args.min_pixels or None, args.max_pixels or None, device)
     model.eval()
