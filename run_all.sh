@@ -56,19 +56,21 @@ case "$PRESET" in
     : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
     : "${MAX_NEW_TOKENS:=320}"            # rea_external targets run to ~260 tokens; the rest stop far earlier
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
+    : "${LR_BASE_PRETRAIN:=1e-3}"         # toy base, perception stage (at 4e-3 colour questions stayed at chance)
+    : "${LR_BASE:=2e-3}"                  # toy base, instruction stage: sharp enough that T=1 samples keep the format
     : "${LR_RFT:=5e-4}"                   # half the toy SFT lr (real presets: a tenth): the toy RFT has few steps
     : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=4}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
     : "${ROLLOUT_K:=8}"
     : "${ROLLOUT_LIMIT:=128}"             # puzzles sampled for the rollout sources (0 = all training puzzles)
     if [ "$PRESET" = toy ]; then
-      : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}" ; : "${BASE_STEPS:=500}" ; : "${LR_BASE:=4e-3}"
-      : "${BASE_BATCH:=32}"
+      : "${PRIOR_PRETRAIN:=3000}" ; : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}"
+      : "${BASE_PRETRAIN_STEPS:=200}" ; : "${BASE_STEPS:=300}" ; : "${BASE_BATCH:=32}"
       : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
       : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=60}" ; : "${RFT_EARLY_STEP:=5}" ; : "${SAVE_STEPS:=30}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}" ; : "${ANALYZE_PROJ_DIM:=0}"
     else
-      : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}" ; : "${BASE_STEPS:=4}" ; : "${LR_BASE:=4e-3}"
-      : "${BASE_BATCH:=4}"
+      : "${PRIOR_PRETRAIN:=64}" ; : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}"
+      : "${BASE_PRETRAIN_STEPS:=2}" ; : "${BASE_STEPS:=4}" ; : "${BASE_BATCH:=4}"
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
@@ -112,7 +114,7 @@ mkdir -p "$RUN/logs" "$RUN/.done"
 # ------------------------------------------------------------------------------------------------------------
 STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
 declare -A ESTIMATE=(   # seconds on a 2-core CPU (toy), a few on one H100 (3b); replaced by this machine's last run
-  [toy:base]=240 [toy:data]=15 [toy:eval_base]=30 [toy:sft_non_rea]=90 [toy:rft]=240 [toy:sources]=60
+  [toy:base]=300 [toy:data]=15 [toy:eval_base]=30 [toy:sft_non_rea]=90 [toy:rft]=240 [toy:sources]=60
   [toy:sft_sources]=240 [toy:eval]=120 [toy:analyze]=90 [toy:report]=10
   [3b:base]=0 [3b:data]=600 [3b:eval_base]=1800 [3b:sft_non_rea]=1800 [3b:rft]=36000 [3b:sources]=3600
   [3b:sft_sources]=10800 [3b:eval]=9000 [3b:analyze]=1800 [3b:report]=10)
@@ -158,7 +160,14 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
   rm -f "$RUN/.done/$name"
   echo "[run_all] $name: running (log: $RUN/logs/$name.log)"
   local start=$SECONDS
-  if ! ( set -euo pipefail; $fn ) > "$RUN/logs/$name.log" 2>&1; then
+  # Not `if ! ( ... )` nor `( ... ) || ...`: in a condition or an && / || list bash ignores set -e, even inside
+  # the subshell, and a stage would go on past a failed command.
+  local rc
+  set +e
+  ( set -euo pipefail; $fn ) > "$RUN/logs/$name.log" 2>&1
+  rc=$?
+  set -e
+  if [ $rc -ne 0 ]; then
     echo "[run_all] $name FAILED; last lines of $RUN/logs/$name.log:" >&2
     tail -n 25 "$RUN/logs/$name.log" >&2
     exit 1
@@ -172,7 +181,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
 SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS
   MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
-  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_TRAIN PRIOR_TEST BASE_STEPS BASE_BATCH LR_BASE)
+  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE)
 for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
 import json, sys
 print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
@@ -196,11 +205,20 @@ MODELS=(
 # ------------------------------------------------------------------------------------------------------------
 stage_base() {
   [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
-  fresh "$RUN/toy" "$RUN/base"
-  $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_train "$PRIOR_TRAIN" --prior_test "$PRIOR_TEST"
-  $PY sft.py --model "$RUN/toy/init" --data "$RUN/toy/prior" --prompt_column prompt --target_column completion \
-    --output_dir "$RUN/base" --max_steps "$BASE_STEPS" --lr "$LR_BASE" --warmup_ratio 0.05 --min_lr_ratio 0.1 \
-    --save_steps "$BASE_STEPS" "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
+  fresh "$RUN/toy" "$RUN/base_pretrain" "$RUN/base"
+  $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
+    --prior_test "$PRIOR_TEST"
+  # Two SFT runs, like a real MLLM: perception first (direct questions), then instruction tuning (think format,
+  # answer grids, jigsaw-format rows). From random init on the mix alone, the model learns the text and reads
+  # the image late (toy.build_prior_dataset says what we measured).
+  local split from out steps lr
+  for split in pretrain train; do
+    if [ $split = pretrain ]; then from=$RUN/toy/init; out=$RUN/base_pretrain; steps=$BASE_PRETRAIN_STEPS; lr=$LR_BASE_PRETRAIN
+    else from=$RUN/base_pretrain/final; out=$RUN/base; steps=$BASE_STEPS; lr=$LR_BASE; fi
+    $PY sft.py --model "$from" --data "$RUN/toy/prior" --split $split --prompt_column prompt \
+      --target_column completion --output_dir "$out" --max_steps "$steps" --lr "$lr" --warmup_ratio 0.05 \
+      --min_lr_ratio 0.1 --save_steps "$steps" "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
+  done
 }
 stage_data() {
   $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \

@@ -53,7 +53,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     os.environ.setdefault("HF_HOME", str(work / "hf_home"))
     model_dir = toy.build_toy_model(str(work / "model"), size="tiny", seed=0)
-    toy.build_prior_dataset(str(work / "prior"), train=1, test=args.samples, seed=0)
+    toy.build_prior_dataset(str(work / "prior"), train=1, test=args.samples, seed=0, pretrain=1)
     model, processor = common.load_model_and_processor(str(model_dir), "float32", None, ev.DEFAULT_MIN_PIXELS,
                                                        ev.DEFAULT_MAX_PIXELS, "cpu")
     generator = torch.Generator().manual_seed(0)

@@ -52,5 +52,5 @@ def prior_data(tmp_path_factory) -> Path:
     """The toy prior-knowledge questions (train 32 / test 16)."""
     import toy
     out = tmp_path_factory.mktemp("data") / "prior"
-    toy.build_prior_dataset(str(out), train=32, test=16, seed=0)
+    toy.build_prior_dataset(str(out), train=32, test=16, seed=0, pretrain=16)
     return out

@@ -22,3 +22,17 @@ def test_smoke_preset_writes_full_report(tmp_path):
     # Rerun: every stage is skipped, nothing recomputed.
     again = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done, skipped") >= 10, again.stdout
+
+
+def test_a_failed_command_fails_its_stage(tmp_path):
+    """A command failing in the middle of a stage stops it (bash ignores set -e inside `if !` / `||` contexts,
+    where a stage would have run on and been marked done)."""
+    fake = tmp_path / "py"
+    fake.write_text('#!/bin/bash\ncase "$1" in toy.py) exit 3 ;; esac\nexit 0\n')  # later commands "succeed"
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PRESET": "smoke", "RUN": str(run), "PY": str(fake)}
+    result = subprocess.run(["bash", "run_all.sh", "--only", "base"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "base FAILED" in result.stderr, result.stdout + result.stderr
+    assert not (run / ".done" / "base").exists()
