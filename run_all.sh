@@ -211,14 +211,13 @@ stage_base() {
   # Two SFT runs, like a real MLLM: perception first (direct questions), then instruction tuning (think format,
   # answer grids, jigsaw-format rows). From random init on the mix alone, the model learns the text and reads
   # the image late (toy.build_prior_dataset says what we measured).
-  local split from out steps lr
-  for split in pretrain train; do
-    if [ $split = pretrain ]; then from=$RUN/toy/init; out=$RUN/base_pretrain; steps=$BASE_PRETRAIN_STEPS; lr=$LR_BASE_PRETRAIN
-    else from=$RUN/base_pretrain/final; out=$RUN/base; steps=$BASE_STEPS; lr=$LR_BASE; fi
-    $PY sft.py --model "$from" --data "$RUN/toy/prior" --split $split --prompt_column prompt \
-      --target_column completion --output_dir "$out" --max_steps "$steps" --lr "$lr" --warmup_ratio 0.05 \
-      --min_lr_ratio 0.1 --save_steps "$steps" "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
-  done
+  base_sft "$RUN/toy/init" pretrain "$RUN/base_pretrain" "$BASE_PRETRAIN_STEPS" "$LR_BASE_PRETRAIN"
+  base_sft "$RUN/base_pretrain/final" train "$RUN/base" "$BASE_STEPS" "$LR_BASE"
+}
+base_sft() {  # base_sft FROM SPLIT OUT STEPS LR: one sft.py run on a split of the toy prior-knowledge data
+  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --target_column completion \
+    --output_dir "$3" --max_steps "$4" --lr "$5" --warmup_ratio 0.05 --min_lr_ratio 0.1 --save_steps "$4" \
+    "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
 }
 stage_data() {
   $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \

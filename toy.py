@@ -5,9 +5,9 @@ Nothing here downloads anything. It makes:
   2. a Qwen2.5-VL processor and a randomly initialised tiny Qwen2.5-VL (same classes as the real model,
      saved with save_pretrained and loaded by path like a hub id),
   3. "prior knowledge" data: procedural scenes (shapes, colours, counts) with questions in the styles of the
-     real benchmarks (short answer, multiple choice, POPE-style yes/no, counting); a training split in SFT
-     format (some targets in the <think>...</think><answer>...</answer> format so the base model can follow
-     it) and a held-out test split that eval.py scores like any benchmark.
+     real benchmarks (short answer, multiple choice, POPE-style yes/no, counting); a `pretrain` split of
+     direct questions, a `train` split in SFT format (some targets in the <think>...</think><answer>...</answer>
+     format so the base model can follow it) and a held-out `test` split that eval.py scores like any benchmark.
 The toy *base* model is then made by sft.py itself, in two runs: the `pretrain` split (direct questions), then
 the `train` split (instruction tuning); see run_all.sh.
 
