@@ -55,6 +55,8 @@ case "$PRESET" in
     : "${JIGSAW_IMAGE_SIZE:=112}"         # 2x2 pieces of 56x56 = 2x2 merged vision tokens each
     : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
     : "${MAX_NEW_TOKENS:=320}"            # rea_external targets run to ~260 tokens; the rest stop far earlier
+    : "${RFT_MAX_NEW_TOKENS:=64}"         # toy rollouts are ~32 tokens; at 320, one sample that lost the format
+                                          # held up its whole batch (toy RFT stage 256 s instead of ~140 s)
     : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
     : "${LR_BASE_PRETRAIN:=1e-3}"         # toy base, perception stage (at 4e-3 colour questions stayed at chance)
     : "${LR_BASE:=2e-3}"                  # toy base, instruction stage: sharp enough that T=1 samples keep the format
@@ -74,7 +76,7 @@ case "$PRESET" in
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
-      MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1
+      MAX_NEW_TOKENS=16 ; RFT_MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1
     fi
     ;;
   3b|7b)
@@ -100,6 +102,7 @@ case "$PRESET" in
     ;;
   *) echo "run_all.sh: PRESET=$PRESET unknown; use toy, smoke, 3b or 7b" >&2; exit 2 ;;
 esac
+: "${RFT_MAX_NEW_TOKENS:=$MAX_NEW_TOKENS}"  # GRPO rollouts and the sources sampled from RFT checkpoints
 : "${RFT_SAVE_STEPS:=$RFT_EARLY_STEP}"   # rft.py checkpoints every N steps; the early one feeds rea_self_generated
 if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
   echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
@@ -180,7 +183,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 # The base model: a hub id for real presets; for the toy world, made here by toy.py + sft.py.
 if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
 SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS
-  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
+  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS RFT_MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
   RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE)
 for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
 import json, sys
@@ -237,12 +240,12 @@ stage_rft() {
   fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
-    --max_new_tokens "$MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
+    --max_new_tokens "$RFT_MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
     --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \
-      --max_new_tokens "$MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
+      --max_new_tokens "$RFT_MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
       --out "$DATA/sources/$1"; then
     return 0
   fi
