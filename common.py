@@ -232,17 +232,20 @@ def build_batch(processor, prompts: list[str], images: list[list], completions: 
 
     Prompts go through the processor (which expands each <|image_pad|> to the image's token count) and are
     left-padded; completions are tokenized separately (as generate would have produced them, ending in
-    <|im_end|>) and right-padded. `pixel_values` holds each row's images in row order, concatenated along dim 0
-    (rows per image = image_grid_thw.prod(-1)); `completion_mask` is 1 exactly on completion tokens.
-    Completion ids may be given directly (rollouts) instead of text.
+    <|im_end|>) and right-padded (append_completions). `pixel_values` holds each row's images in row order,
+    concatenated along dim 0 (rows per image = image_grid_thw.prod(-1)); `completion_mask` is 1 exactly on
+    completion tokens. Completion ids may be given directly (rollouts) instead of text.
     """
     tokenizer = processor.tokenizer
     flat_images = [im for row in images for im in row]
     texts = prompt_texts(processor, prompts, images)
     encoded = processor(text=texts, images=flat_images or None, padding=True, padding_side="left",
                         return_tensors="pt")
-    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    for key in ("pixel_values", "image_grid_thw"):
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+             "images_per_row": torch.tensor([len(row) for row in images], dtype=torch.long)}
+    # mm_token_type_ids (1 on image tokens) is what makes transformers 5.x compute Qwen2.5-VL's 3D M-RoPE
+    # positions; without it the model silently falls back to 1D text positions for the image tokens too.
+    for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
         if key in encoded:
             batch[key] = encoded[key]
     batch["prompt_length"] = encoded["input_ids"].shape[1]
@@ -254,18 +257,50 @@ def build_batch(processor, prompts: list[str], images: list[list], completions: 
         completion_ids = [tokenizer(c + eos, add_special_tokens=False)["input_ids"] for c in completions]
     if max_completion_tokens is not None:
         completion_ids = [ids[:max_completion_tokens] for ids in completion_ids]
+    return append_completions(batch, completion_ids, tokenizer.pad_token_id)
+
+
+def append_completions(prompt_batch: dict, completion_ids: list[list[int]], pad_id: int) -> dict:
+    """A copy of an encoded prompt batch with one completion per row appended, right-padded with pad_id."""
     length = max(1, max(len(ids) for ids in completion_ids))
-    pad_id = tokenizer.pad_token_id
     comp = torch.full((len(completion_ids), length), pad_id, dtype=torch.long)
     comp_mask = torch.zeros((len(completion_ids), length), dtype=torch.long)
     for i, ids in enumerate(completion_ids):
         comp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         comp_mask[i, :len(ids)] = 1
+    batch = dict(prompt_batch)
     batch["input_ids"] = torch.cat([batch["input_ids"], comp], dim=1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], comp_mask], dim=1)
+    if "mm_token_type_ids" in batch:  # completion tokens are text (type 0)
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], dim=1)
     batch["completion_ids"] = comp
     batch["completion_mask"] = comp_mask
     return batch
+
+
+def select_rows(prompt_batch: dict, rows: list[int]) -> dict:
+    """Rows of an encoded prompt batch (any order, repeats allowed) with each row's own block of pixel rows,
+    without running the processor again. Left-padding columns that none of the chosen rows needs are dropped,
+    so the result is the batch build_batch would have made from those rows alone."""
+    index = torch.tensor(rows, dtype=torch.long)
+    mask = prompt_batch["attention_mask"][index]
+    first = int(mask.any(0).nonzero()[0]) if mask.any() else 0
+    out = {"images_per_row": prompt_batch["images_per_row"][index]}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in prompt_batch:
+            out[key] = prompt_batch[key][index, first:]
+    out["prompt_length"] = out["input_ids"].shape[1]
+    if "pixel_values" in prompt_batch:
+        # image i of the batch owns pixel rows [start_i, start_i + prod(grid_i)); row r owns its images' blocks
+        grid = prompt_batch["image_grid_thw"]
+        pixel_start = torch.cumsum(grid.prod(-1), 0) - grid.prod(-1)
+        image_start = torch.cumsum(prompt_batch["images_per_row"], 0) - prompt_batch["images_per_row"]
+        images = [int(image_start[r]) + j for r in rows for j in range(int(prompt_batch["images_per_row"][r]))]
+        out["image_grid_thw"] = grid[images]
+        out["pixel_values"] = torch.cat([prompt_batch["pixel_values"][int(pixel_start[i]):
+                                                                      int(pixel_start[i] + grid[i].prod())]
+                                         for i in images])
+    return out
 
 
 def to_device(batch: dict, device) -> dict:
@@ -273,8 +308,11 @@ def to_device(batch: dict, device) -> dict:
 
 
 def model_inputs(batch: dict) -> dict:
-    """The keys the model's forward takes (image_grid_thw always passed: stale rope_deltas trap)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in batch}
+    """The keys the model's forward takes. image_grid_thw always goes with the pixels (stale rope_deltas trap), and
+    mm_token_type_ids too: in transformers 5.x the 3D M-RoPE positions of the image tokens are computed only when
+    it is passed, otherwise every token silently gets a 1D text position (what the real model never saw)."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,41 +366,107 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model, processor, prompts: list[str], images: list[list], max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True) -> dict:
-    """Batched generation with left padding. Returns the batch (prompt part), completion ids (list per row,
-    ending at and including <|im_end|> when it was produced), the decoded texts, and whether each hit the
-    length limit. To sample G completions per prompt, repeat each row G times in `prompts`/`images` (each
-    image block then repeats in order I1,I1,..,I2,I2,.., never pixel_values.repeat)."""
+             temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True, num_samples: int = 1) -> dict:
+    """Batched sampling (or greedy decoding) of `num_samples` completions per prompt, left-padded prompts.
+
+    Returns the encoded prompt batch ("batch", one row per prompt), completion ids (a list per completion,
+    ending at and including <|im_end|> when it was produced, the num_samples completions of prompt i at
+    i*num_samples ..), the decoded texts, whether each hit the length limit, and "logprobs": the log-prob of
+    each completion token under the distribution it was drawn from (greedy: log-softmax of the logits).
+
+    Our own decode loop, not model.generate: each prompt (and its images, through the vision tower) is
+    prefilled ONCE and its KV cache copied num_samples times, where generate would prefill every copy of a
+    GRPO group; and the loop only asks the GPU whether all rows are done every `check_every` tokens instead
+    of after each one, so the host can queue the next forward while the GPU runs this one. Sampling is
+    plain multinomial sampling from softmax(logits / temperature), optionally nucleus-truncated (top_p).
+    Tests check it against a teacher-forced forward and against model.generate's greedy output.
+    """
     batch = build_batch(processor, prompts, images)
+    tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     inputs = to_device(model_inputs(batch), device)
-    tokenizer = processor.tokenizer
     # Never let the model emit <|image_pad|>, <|video_pad|> or <|vision_start|> (TRL suppresses the image token
     # too): a sampled image token makes any later forward fail with "Image features and image tokens do not
     # match". A random toy model samples them; for a trained one the renormalisation is a log(1 - p) ~ 0 change.
-    vision_ids = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id")]
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, suppress_tokens=[i for i in vision_ids if i is not None])
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    suppress = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id")]
+    suppress = torch.tensor([i for i in suppress if i is not None], dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    output = model.generate(**inputs, **gen_kwargs)
-    model.train(was_training)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-    completion_ids, truncated = [], []
-    for ids in new_tokens:
+    try:
+        tokens, logprobs = decode(model, inputs, max_new_tokens, tokenizer.eos_token_id, suppress, temperature,
+                                  top_p, do_sample, num_samples)
+    finally:
+        model.train(was_training)
+    completion_ids, truncated, sampler_logprobs = [], [], []
+    for ids, lps in zip(tokens.tolist(), logprobs.tolist()):
         if tokenizer.eos_token_id in ids:
             ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
             truncated.append(False)
         else:
-            ids = [t for t in ids if t != tokenizer.pad_token_id]
             truncated.append(True)
         completion_ids.append(ids)
+        sampler_logprobs.append(lps[:len(ids)])
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return {"completion_ids": completion_ids, "texts": texts, "truncated": truncated}
+    return {"batch": batch, "completion_ids": completion_ids, "texts": texts, "truncated": truncated,
+            "logprobs": sampler_logprobs}
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed the forward's `past_key_values` to `cache` (5.2x); take whichever it has."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode(model, inputs: dict, max_new_tokens: int, eos_id: int, suppress: torch.Tensor, temperature: float,
+           top_p: float, do_sample: bool, num_samples: int = 1, check_every: int = 8) -> tuple:
+    """The decode loop of generate: token ids [rows * num_samples, T <= max_new_tokens] (eos_id after the end)
+    and the sampler's log-prob of each token, same shape.
+
+    Positions: the prefill forward computes the prompt's 3D M-RoPE positions itself (mm_token_type_ids) and
+    leaves rope_deltas = (largest position + 1) - (unpadded prompt length) per row on the model; the t-th new
+    token then sits at position (unpadded prompt length + t) + rope_delta on all three axes, exactly where a
+    teacher-forced forward over prompt + completion puts it. Text-only prompts get the model's 1D fallback:
+    position = column of the padded sequence.
+    """
+    keyword = _cache_keyword(model)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, keyword)
+    has_images = "image_grid_thw" in inputs and getattr(model.model, "rope_deltas", None) is not None
+    rows, prompt_length = inputs["input_ids"].shape
+    if has_images:
+        start = inputs["attention_mask"].sum(1) + model.model.rope_deltas.view(rows).to(inputs["attention_mask"].device)
+    else:
+        start = torch.full((rows,), prompt_length, dtype=torch.long, device=inputs["input_ids"].device)
+    logits, mask = out.logits[:, -1], inputs["attention_mask"]
+    if num_samples > 1:  # the G samples of a prompt share its prefill: copy its cache, logits, mask, positions
+        cache.batch_repeat_interleave(num_samples)
+        logits, mask, start = (t.repeat_interleave(num_samples, dim=0) for t in (logits, mask, start))
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        logits[:, suppress] = float("-inf")
+        if do_sample:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+            token = torch.multinomial(probs, 1).squeeze(1)
+            logprobs.append(torch.log(probs.gather(1, token.unsqueeze(1)).squeeze(1) / probs.sum(-1)))
+        else:
+            token = logits.argmax(dim=-1)
+            logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1))
+        token = token.masked_fill(finished, eos_id)   # a finished row keeps emitting eos (trimmed by the caller)
+        tokens.append(token)
+        finished |= token == eos_id
+        if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and bool(finished.all())):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position = (start + step).view(1, -1, 1).expand(3, -1, 1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                    **{keyword: cache})
+        cache, logits = getattr(out, keyword), out.logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

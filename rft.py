@@ -282,30 +282,32 @@ def set_rng_state(state: dict) -> None:
 # Rollout, policy update, evaluation
 # ----------------------------------------------------------------------------------------------------------
 def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
-    """Sample G completions for each of the B puzzles in ONE generate call (each row repeated G times in
-    order, so each image block repeats I1,I1,..,I2,I2,..), score them, and compute advantages."""
+    """Sample G completions for each of the B puzzles in ONE batched decode (common.generate prefills each
+    puzzle and its images once and copies the cache G times), score them, and compute advantages. The
+    completions come group by group: puzzle 1's G samples, then puzzle 2's, ..."""
     prompt_column = "prompt_no_think" if args.no_think else "prompt"
-    prompts = [row[prompt_column] for row in rows for _ in range(args.group_size)]
-    images = [common.row_images(row) for row in rows for _ in range(args.group_size)]
     answers = [row["answer"] for row in rows for _ in range(args.group_size)]
     with autocast():
-        out = common.generate(model, processor, prompts, images, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, do_sample=True)
+        out = common.generate(model, processor, [row[prompt_column] for row in rows],
+                              [common.row_images(row) for row in rows], max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, do_sample=True,
+                              num_samples=args.group_size)
     scores = score(out["texts"], answers, args)
     advantages = group_advantages(scores["reward"], args.group_size, scale=args.scale_rewards)
-    return {"prompts": prompts, "images": images, "completion_ids": out["completion_ids"], "texts": out["texts"],
+    return {"prompt_batch": out["batch"], "completion_ids": out["completion_ids"], "texts": out["texts"],
             "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages}
 
 
 def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
-    """Tokenize the rollout once into micro-batches of `micro_batch_size` sequences (prompt left-padded,
-    completion right-padded, images of each row in row order); reused by every pass."""
+    """The rollout as training micro-batches of `micro_batch_size` sequences (prompt left-padded, completion
+    right-padded). Sequence i is completion i after prompt i // G, taken from the prompts the rollout already
+    encoded (common.select_rows: no second pass of the image processor); reused by every pass."""
     chunks = []
-    n = len(batch["prompts"])
+    n = len(batch["completion_ids"])
     for start in range(0, n, args.micro_batch_size):
         end = min(n, start + args.micro_batch_size)
-        mb = common.build_batch(processor, batch["prompts"][start:end], batch["images"][start:end],
-                                completion_ids=batch["completion_ids"][start:end])
+        prompts = common.select_rows(batch["prompt_batch"], [i // args.group_size for i in range(start, end)])
+        mb = common.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
         loss_mask = mb["completion_mask"].clone()
         if args.mask_truncated:
             loss_mask = loss_mask * (~batch["truncated"][start:end]).long().unsqueeze(1)

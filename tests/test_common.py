@@ -195,6 +195,39 @@ def test_warmup_cosine_by_hand():
     assert seen == pytest.approx([0.5, 1.0] + cosine + [0.1])
 
 
+def test_image_tokens_get_3d_mrope_positions(varied_model, toy):
+    """Every forward built by build_batch/model_inputs gives the image tokens Qwen2.5-VL's 3D positions, the
+    ones the real model was trained with. Expected positions written out by hand for one 112x84 image (3x4
+    merged tokens after s text tokens): text 0..s-1 on all three axes; image token (r, c) at (s, s + r, s + c);
+    the text after it resumes at s + max(3, 4) = s + 4. (transformers 5.x only computes these when
+    mm_token_type_ids is passed; without it every token silently got a 1D position.)"""
+    model, processor = varied_model, toy[1]
+    batch = common.build_batch(processor, PROMPTS[:1], [[image_b()]], completions=COMPLETIONS[:1])
+    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+    image_at = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
+    assert len(image_at) == 12 and batch["mm_token_type_ids"][0].tolist() == [
+        int(i in image_at) for i in range(batch["input_ids"].shape[1])]
+    s, length = image_at[0], batch["input_ids"].shape[1]
+    expected = []
+    for i in range(length):
+        if i < s:
+            expected.append((i, i, i))
+        elif i < s + 12:
+            r, c = divmod(i - s, 4)
+            expected.append((s, s + r, s + c))
+        else:
+            expected.append((s + 4 + i - s - 12,) * 3)
+    position_ids = torch.tensor(expected).T.unsqueeze(1)                       # [3, batch 1, length]
+    inputs = common.model_inputs(batch)
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        by_hand = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"},
+                        position_ids=position_ids).logits
+        flat = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits
+    assert torch.allclose(ours, by_hand, atol=1e-5)
+    assert not torch.allclose(ours, flat, atol=1e-3)  # the check has teeth: 1D positions change the logits
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------

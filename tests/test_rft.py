@@ -117,49 +117,74 @@ def tiny(toy_model_dir, jigsaw_data):
     return model, processor, [rows[i] for i in range(2)]
 
 
+def perturbed(model):
+    """A copy with the language weights perturbed: the random init greedily repeats one token, which would let
+    a comparison of generated tokens pass trivially."""
+    import copy
+    model = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "visual" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
 def test_generate_logprobs_equal_teacher_forced(tiny):
-    """Log-probs of the sampled tokens from generate's scores (at the sampling temperature) equal a fresh
-    teacher-forced forward on the same sequences: 2 prompts with different image sizes, G = 3."""
+    """Log-probs of the sampled tokens as the sampler drew them (common.generate, at the sampling temperature)
+    equal a fresh teacher-forced forward on the same sequences: 2 prompts with different image sizes, G = 3,
+    the group sharing one prefill (num_samples)."""
     model, processor, rows = tiny
     temperature, group = 0.7, 3
     images = [common.row_images(rows[0]), [common.row_images(rows[1])[0].resize((112, 84))]]
     prompts = [rows[0]["prompt"], rows[1]["prompt"]]
-    prompts = [p for p in prompts for _ in range(group)]
-    images = [im for im in images for _ in range(group)]
-    batch = common.build_batch(processor, prompts, images)
-    assert batch["image_grid_thw"].prod(-1).tolist() == [16] * 3 + [48] * 3  # different sizes, repeated in order
-    assert (batch["attention_mask"][:3] == 0).any()  # the smaller image's prompts are left-padded
     torch.manual_seed(0)
     model.eval()
-    tokenizer = processor.tokenizer
-    suppressed = torch.tensor([model.config.image_token_id, model.config.video_token_id,
-                               model.config.vision_start_token_id])
-    # Same sampler as the rollouts (common.generate suppresses the vision tokens).
-    out = model.generate(**common.model_inputs(batch), max_new_tokens=12, do_sample=True,
-                         temperature=temperature, top_p=1.0, top_k=0, output_scores=True,
-                         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=suppressed.tolist())
-    new = out.sequences[:, batch["input_ids"].shape[1]:]
-    scores = torch.stack(out.scores, dim=1)  # [B, T, V], already divided by the temperature
-    sampled = torch.log_softmax(scores.float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-    completion_ids = []
-    for ids in new.tolist():
-        completion_ids.append(ids[:ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids)
-    forced_batch = common.build_batch(processor, prompts, images, completion_ids=completion_ids)
+    out = common.generate(model, processor, prompts, images, max_new_tokens=12, temperature=temperature,
+                          num_samples=group)
+    completion_ids = out["completion_ids"]
+    assert len(completion_ids) == 2 * group and len(set(map(tuple, completion_ids))) > 1  # real sampling
+    forced_batch = common.build_batch(processor, [p for p in prompts for _ in range(group)],
+                                      [im for im in images for _ in range(group)], completion_ids=completion_ids)
+    assert forced_batch["image_grid_thw"].prod(-1).tolist() == [16] * 3 + [48] * 3  # sizes differ, in order
+    assert (forced_batch["attention_mask"][:3, :forced_batch["prompt_length"]] == 0).any()  # left padding
     with torch.no_grad():
         forced = common.completion_logprobs(model, forced_batch, temperature=temperature)
-    mask = forced_batch["completion_mask"].bool()
-    width = forced.shape[1]
-    # The suppressed vision tokens hold ~1/800 of the tiny model's mass: the sampler renormalises without
-    # them, so allow log(1 - p) on top of float error; the check below bounds it by the suppressed mass.
-    with torch.no_grad():
         logits = common.completion_logits(model, forced_batch, temperature).float()
-    suppressed_mass = torch.softmax(logits, -1)[..., suppressed].sum(-1)
-    correction = torch.log1p(-suppressed_mass)  # log pi_sampler = log pi - log(1 - suppressed mass)
-    assert (sampled[:, :width][mask] < 0).all()
-    assert torch.allclose(sampled[:, :width][mask] + correction[mask], forced[mask], atol=1e-4), \
-        (sampled[:, :width][mask] + correction[mask] - forced[mask]).abs().max()
-    assert len(set(map(tuple, completion_ids))) > 1  # real sampling happened
+    mask = forced_batch["completion_mask"].bool()
+    sampled = torch.zeros_like(forced)
+    for i, lps in enumerate(out["logprobs"]):
+        sampled[i, :len(lps)] = torch.tensor(lps)
+    # The suppressed vision tokens hold ~1/800 of the tiny model's mass: the sampler renormalises without
+    # them, so log pi_sampler = log pi - log(1 - suppressed mass).
+    suppressed = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
+    correction = torch.log1p(-torch.softmax(logits, -1)[..., suppressed].sum(-1))
+    assert (sampled[mask] < 0).all()
+    assert torch.allclose(sampled[mask] + correction[mask], forced[mask], atol=1e-4), \
+        (sampled[mask] + correction[mask] - forced[mask]).abs().max()
+
+
+def test_generate_matches_transformers_greedy_and_shares_the_prefill(tiny):
+    """Greedy decoding with our loop gives model.generate's tokens (so positions and cache are handled as
+    transformers does), and a group of G copies made from one prefill equals G separately encoded prompts."""
+    model, processor, rows = tiny
+    model = perturbed(model)
+    images = [common.row_images(rows[0]), [common.row_images(rows[1])[0].resize((112, 84))]]
+    prompts = [rows[0]["prompt"], rows[1]["prompt"]]
+    ours = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
+    batch = common.build_batch(processor, prompts, images)
+    tokenizer = processor.tokenizer
+    suppressed = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
+    with torch.no_grad():
+        theirs = model.generate(**common.model_inputs(batch), max_new_tokens=10, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                suppress_tokens=suppressed, temperature=None, top_p=None, top_k=None)
+    for row, ids in enumerate(theirs[:, batch["input_ids"].shape[1]:].tolist()):
+        ids = ids[:ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids
+        assert ours["completion_ids"][row] == ids
+    assert len(set(map(tuple, ours["completion_ids"]))) == 2 and len(set(ours["completion_ids"][0])) > 2
+    grouped = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False, num_samples=3)
+    assert grouped["completion_ids"] == [ids for ids in ours["completion_ids"] for _ in range(3)]
 
 
 def test_kl_zero_at_step0_and_clipping_with_two_iterations(tiny):
