@@ -416,6 +416,37 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _next_positions(model, inputs: dict) -> torch.Tensor:
+    """Right after a prefill forward on `inputs`: the position of the first token after each prompt."""
+    rows, prompt_length = inputs["input_ids"].shape
+    if "image_grid_thw" in inputs and getattr(model.model, "rope_deltas", None) is not None:
+        deltas = model.model.rope_deltas.view(rows).to(inputs["attention_mask"].device)
+        return inputs["attention_mask"].sum(1) + deltas
+    return torch.full((rows,), prompt_length, dtype=torch.long, device=inputs["input_ids"].device)
+
+
+@torch.no_grad()
+def shared_prefix_logprobs(model, prefix: dict, index: torch.Tensor, completion_ids: torch.Tensor,
+                           completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """completion_logprobs of the sequences (prompt index[i] of `prefix`, completion i), without gradient,
+    running each distinct prompt (and its images) through the model once: its KV cache is copied to every
+    completion that follows it, then the completions go through in one forward. For the reference and old
+    log-probs of GRPO, whose G completions share a prompt. (No gradient: transformers' gradient checkpointing
+    cannot take a cache, so the policy's own forward with gradient stays a plain full-sequence forward.)"""
+    keyword = _cache_keyword(model)
+    inputs = model_inputs(prefix)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache, start = getattr(out, keyword), _next_positions(model, inputs)[index]
+    cache.batch_select_indices(index)
+    mask = torch.cat([inputs["attention_mask"][index], completion_mask], dim=1)
+    steps = torch.arange(completion_ids.shape[1], device=start.device)
+    position = (start.unsqueeze(1) + steps).unsqueeze(0).expand(3, -1, -1)
+    logits = model(input_ids=completion_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                   **{keyword: cache}).logits
+    logits = torch.cat([out.logits[index, -1:], logits[:, :-1]], dim=1) / temperature
+    return selective_log_softmax(logits, completion_ids) * completion_mask
+
+
 def decode(model, inputs: dict, max_new_tokens: int, eos_id: int, suppress: torch.Tensor, temperature: float,
            top_p: float, do_sample: bool, num_samples: int = 1, check_every: int = 8) -> tuple:
     """The decode loop of generate: token ids [rows * num_samples, T <= max_new_tokens] (eos_id after the end)
@@ -429,13 +460,7 @@ def decode(model, inputs: dict, max_new_tokens: int, eos_id: int, suppress: torc
     """
     keyword = _cache_keyword(model)
     out = model(**inputs, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, keyword)
-    has_images = "image_grid_thw" in inputs and getattr(model.model, "rope_deltas", None) is not None
-    rows, prompt_length = inputs["input_ids"].shape
-    if has_images:
-        start = inputs["attention_mask"].sum(1) + model.model.rope_deltas.view(rows).to(inputs["attention_mask"].device)
-    else:
-        start = torch.full((rows,), prompt_length, dtype=torch.long, device=inputs["input_ids"].device)
+    cache, start = getattr(out, keyword), _next_positions(model, inputs)
     logits, mask = out.logits[:, -1], inputs["attention_mask"]
     if num_samples > 1:  # the G samples of a prompt share its prefill: copy its cache, logits, mask, positions
         cache.batch_repeat_interleave(num_samples)

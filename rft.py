@@ -308,6 +308,11 @@ def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
         end = min(n, start + args.micro_batch_size)
         prompts = common.select_rows(batch["prompt_batch"], [i // args.group_size for i in range(start, end)])
         mb = common.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
+        # The chunk's distinct prompts, for the no-gradient log-probs that run each prompt once.
+        rows = [i // args.group_size for i in range(start, end)]
+        distinct = sorted(set(rows))
+        mb["prefix"] = common.select_rows(batch["prompt_batch"], distinct)
+        mb["prefix_index"] = torch.tensor([distinct.index(r) for r in rows])
         loss_mask = mb["completion_mask"].clone()
         if args.mask_truncated:
             loss_mask = loss_mask * (~batch["truncated"][start:end]).long().unsqueeze(1)
@@ -326,14 +331,17 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
     # Reference log-probs (KL) and, with mu > 1, old log-probs: once per rollout, without gradient.
     # With mu = 1 the "old" policy IS the current one: ratio = exp(lp - lp.detach()) = 1, the clip never
     # engages, and GRPO reduces to REINFORCE with a group-mean baseline; no extra forward is needed.
+    # Both run each distinct prompt once for its completions of the chunk (common.shared_prefix_logprobs).
     with torch.no_grad():
         for mb in chunks:
             inputs = common.to_device(mb, device)
+            prefix = (common.to_device(mb["prefix"], device), inputs["prefix_index"], inputs["completion_ids"],
+                      inputs["completion_mask"], args.temperature)
             if ref_model is not None:
-                mb["ref_logprobs"] = common.completion_logprobs(ref_model, inputs, args.temperature).cpu()
+                mb["ref_logprobs"] = common.shared_prefix_logprobs(ref_model, *prefix).float().cpu()
             if args.num_iterations > 1:
                 with accelerator.autocast():
-                    mb["old_logprobs"] = common.completion_logprobs(model, inputs, args.temperature).float().cpu()
+                    mb["old_logprobs"] = common.shared_prefix_logprobs(model, *prefix).float().cpu()
     passes, skipped = [], 0
     for _ in range(args.num_iterations):
         stats = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0,

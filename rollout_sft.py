@@ -292,16 +292,16 @@ def load_sampler(args: Args):
 
 
 def sample_completions(model, processor, rows: list[dict], args: Args) -> list[list[str]]:
-    """K sampled texts per row: each row repeated K times in place (P1 x K, P2 x K, ...), generated in calls of
-    --batch_size sequences (common.generate: left padding, image blocks repeated in order)."""
-    prompts = [row["prompt"] for row in rows for _ in range(args.k)]
-    images = [common.row_images(row) for row in rows for _ in range(args.k)]
+    """K sampled texts per row, max(1, --batch_size // K) puzzles per common.generate call: each puzzle is
+    prefilled once and its cache copied K times (num_samples), left padding, images in row order."""
+    per_call = max(1, args.batch_size // args.k)
     texts = []
-    for start in range(0, len(prompts), args.batch_size):
-        out = common.generate(model, processor, prompts[start:start + args.batch_size],
-                              images[start:start + args.batch_size], args.max_new_tokens,
+    for start in range(0, len(rows), per_call):
+        chunk = rows[start:start + per_call]
+        out = common.generate(model, processor, [row["prompt"] for row in chunk],
+                              [common.row_images(row) for row in chunk], args.max_new_tokens,
                               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
-                              do_sample=args.temperature > 0)
+                              do_sample=args.temperature > 0, num_samples=args.k)
         texts += out["texts"]
     return [texts[i * args.k:(i + 1) * args.k] for i in range(len(rows))]
 

@@ -1,6 +1,7 @@
 """Throughput and memory of rft.py's GRPO step against TRL's GRPOTrainer, same model, data and settings.
 
-Not a test: a measurement. Both run in this one process, one after the other, on the same model folder, the same
+Not a test: a measurement. Both run in this one process, one after the other (then in the reverse order, and so
+on for --rounds; medians are printed), or each in a fresh process (--isolate), on the same model folder, the same
 jigsaw rows, batch (B puzzles x G completions), completion length, beta, loss aggregation, optimizer (torch
 AdamW), gradient checkpointing and number of steps. Printed for each: seconds per step, completion tokens per
 second, peak memory, and the ratios. The first step of each is a warm-up and is not timed.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -65,7 +68,13 @@ class Args:
     lr: float = 1e-6
     """learning rate"""
     order: str = "rft,trl"
-    """which runs, in which order"""
+    """which runs, in which order (round 2, 4, .. run it reversed)"""
+    rounds: int = 2
+    """rounds of the runs: order A,B then B,A, ... (ABBA), so that neither trainer always runs first and gets
+    the cold caches; the figures are medians over rounds (one round each: 1.12x and 1.56x on the same CPU)"""
+    isolate: bool = False
+    """run each trainer in a fresh subprocess instead (cleanest for CPU peak memory: resident memory a first
+    run leaves behind is not charged to nor reused by the next)"""
     out: str = ""
     """write the figures as JSON here too"""
 
@@ -179,6 +188,19 @@ def run_trl(args: Args, model_path: str, data_path: str, workdir: Path) -> dict:
             "peak_memory_mib": mem.bytes / 2 ** 20, "mean_completion_tokens": sum(toks) / len(toks)}
 
 
+def run_isolated(args: Args, name: str, model_path: str, data_path: str, workdir: Path) -> dict:
+    """One trainer, one round, in a fresh Python process running this script; its JSON comes back."""
+    out = workdir / "result.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, __file__, "--model", model_path, "--data", data_path, "--order", name, "--rounds", "1",
+            "--out", str(out)]
+    for field in ("steps", "batch_size", "group_size", "micro_batch_size", "max_new_tokens", "beta", "loss_type",
+                  "lr"):
+        argv += [f"--{field}", str(getattr(args, field))]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())[name]
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     if (args.batch_size * args.group_size) % args.micro_batch_size:
@@ -201,14 +223,22 @@ def main(argv=None):
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 (w @ w).sum().backward()
         del w
-    results = {}
-    for name in args.order.split(","):
-        torch.manual_seed(0)
-        results[name] = (run_rft if name == "rft" else run_trl)(args, model_path, data_path, workdir)
+    names = args.order.split(",")
+    runs = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if args.isolate:
+                runs[name].append(run_isolated(args, name, model_path, data_path, workdir / f"{name}{r}"))
+            else:
+                torch.manual_seed(0)
+                runs[name].append((run_rft if name == "rft" else run_trl)(args, model_path, data_path,
+                                                                          workdir / f"{name}{r}"))
+    results = {name: {key: statistics.median(run[key] for run in rs) for key in rs[0]} for name, rs in runs.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nGRPO step, {device}: model {model_path}, B={args.batch_size} G={args.group_size} "
           f"micro={args.micro_batch_size} max_new_tokens={args.max_new_tokens} beta={args.beta} "
-          f"loss={args.loss_type}, {args.steps - 1} timed steps")
+          f"loss={args.loss_type}, {args.steps - 1} timed steps; medians over {args.rounds} round(s)"
+          f"{', each run in its own process' if args.isolate else ''}")
     print(f"{'':6}{'s/step':>10}{'tokens/s':>12}{'peak MiB':>12}{'tokens/step':>14}")
     for name, r in results.items():
         print(f"{name:6}{r['seconds_per_step']:>10.3f}{r['tokens_per_second']:>12.1f}{r['peak_memory_mib']:>12.1f}"

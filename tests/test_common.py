@@ -263,6 +263,33 @@ def test_greedy_generate_deterministic_and_batch_independent(varied_model, toy):
     assert torch.equal(logits.argmax(-1)[mask], batch["completion_ids"][mask])
 
 
+def test_shared_prefix_logprobs_equal_full_forward(varied_model, toy):
+    """Log-probs from one pass per distinct prompt (its cache copied to each completion) equal a full forward
+    of every (prompt, completion) sequence: two prompts with different image sizes (so left padding), rows
+    in a shuffled order with repeats, completions of different lengths; select_rows gives the same batch as
+    encoding those rows anew."""
+    model, processor = varied_model, toy[1]
+    prompts, images = PROMPTS, [[image_a()], [image_b()]]
+    prompt_batch = common.build_batch(processor, prompts, images)
+    rows = [1, 0, 1, 1, 0]
+    completions = [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+                   for text in ("red", "a blue square", "no", "3 1 4 2", "<answer>yes</answer>")]
+    assert len({len(ids) for ids in completions}) > 2
+    full = common.build_batch(processor, [prompts[r] for r in rows], [images[r] for r in rows],
+                              completion_ids=completions)
+    selected = common.append_completions(common.select_rows(prompt_batch, rows), completions,
+                                         processor.tokenizer.pad_token_id)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(full[key], selected[key]), key
+    with torch.no_grad():
+        expected = common.completion_logprobs(model, full, temperature=0.7)
+    shared = common.shared_prefix_logprobs(model, prompt_batch, torch.tensor(rows), full["completion_ids"],
+                                           full["completion_mask"], temperature=0.7)
+    mask = full["completion_mask"].bool()
+    assert (expected[mask] < 0).all()
+    assert torch.allclose(shared, expected, atol=1e-5), (shared - expected).abs().max()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
