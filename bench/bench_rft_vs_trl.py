@@ -39,6 +39,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+# Imported here, before any measurement, because both trainers use them (TRL imports them when it is imported,
+# before its run): otherwise rft.main, which imports them lazily, is charged their resident memory.
+import accelerate  # noqa: E402,F401
+import tqdm  # noqa: E402,F401
 
 import common  # noqa: E402
 import jigsaw  # noqa: E402
