@@ -227,6 +227,9 @@ def main(argv=None):
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 (w @ w).sum().backward()
         del w
+    # Open the data once before measuring: the first open imports `datasets` and maps the files, which would
+    # be charged to whichever trainer opens it first (rft.main opens it inside its measurement, TRL's run before).
+    common.load_rows(data_path, "train")
     names = args.order.split(",")
     runs = {name: [] for name in names}
     for r in range(args.rounds):
