@@ -328,10 +328,12 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
     device = accelerator.device
     num_sequences = sum(mb["loss_mask"].shape[0] for mb in chunks)
     num_tokens = sum(int(mb["loss_mask"].sum()) for mb in chunks)
-    # Reference log-probs (KL) and, with mu > 1, old log-probs: once per rollout, without gradient.
+    # Reference log-probs (KL): once per rollout, without gradient.
     # With mu = 1 the "old" policy IS the current one: ratio = exp(lp - lp.detach()) = 1, the clip never
     # engages, and GRPO reduces to REINFORCE with a group-mean baseline; no extra forward is needed.
-    # Both run each distinct prompt once for its completions of the chunk (common.shared_prefix_logprobs).
+    # The reference runs each distinct prompt once for its completions of the chunk (shared_prefix_logprobs).
+    # Old log-probs (mu > 1) need no forward of their own: they are the first pass's log-probs, detached, taken
+    # before any update of this rollout (so the first pass has ratio exactly 1).
     with torch.no_grad():
         for mb in chunks:
             inputs = common.to_device(mb, device)
@@ -339,9 +341,7 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                       inputs["completion_mask"], args.temperature)
             if ref_model is not None:
                 mb["ref_logprobs"] = common.shared_prefix_logprobs(ref_model, *prefix).float().cpu()
-            if args.num_iterations > 1:
-                with accelerator.autocast():
-                    mb["old_logprobs"] = common.shared_prefix_logprobs(model, *prefix).float().cpu()
+
     passes, skipped = [], 0
     for _ in range(args.num_iterations):
         stats = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0,
@@ -352,7 +352,10 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
             sync = accelerator.no_sync(model) if i < len(chunks) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 logprobs = common.completion_logprobs(model, inputs, args.temperature).float()
-                old = inputs["old_logprobs"] if args.num_iterations > 1 else logprobs.detach()
+                if args.num_iterations > 1 and "old_logprobs" not in mb:
+                    # first pass (or one after a skipped first pass: the weights have not moved either way)
+                    mb["old_logprobs"] = logprobs.detach().cpu()
+                old = mb["old_logprobs"].to(device) if args.num_iterations > 1 else logprobs.detach()
                 loss, s = grpo_loss(logprobs, old, inputs["advantages"].float(), inputs["loss_mask"],
                                     inputs.get("ref_logprobs"), args.beta, args.epsilon, args.epsilon_high,
                                     args.loss_type, args.max_new_tokens, num_sequences, num_tokens)
