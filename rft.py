@@ -306,10 +306,10 @@ def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
     n = len(batch["completion_ids"])
     for start in range(0, n, args.micro_batch_size):
         end = min(n, start + args.micro_batch_size)
-        prompts = common.select_rows(batch["prompt_batch"], [i // args.group_size for i in range(start, end)])
+        rows = [i // args.group_size for i in range(start, end)]
+        prompts = common.select_rows(batch["prompt_batch"], rows)
         mb = common.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
         # The chunk's distinct prompts, for the no-gradient log-probs that run each prompt once.
-        rows = [i // args.group_size for i in range(start, end)]
         distinct = sorted(set(rows))
         mb["prefix"] = common.select_rows(batch["prompt_batch"], distinct)
         mb["prefix_index"] = torch.tensor([distinct.index(r) for r in rows])

@@ -21,6 +21,7 @@ function reads the assistant text and calls the same jigsaw.jigsaw_reward.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -43,10 +44,8 @@ import torch  # noqa: E402
 # imports trl before its measurement starts, and rft.main imports accelerate and tqdm lazily inside its own.
 import accelerate  # noqa: E402,F401
 import tqdm  # noqa: E402,F401
-try:  # the same for TRL itself, which pulls in much of transformers' Trainer: imported before either run
+with contextlib.suppress(ImportError):  # TRL too (much of transformers' Trainer): before either run
     import trl  # noqa: E402,F401
-except ImportError:
-    trl = None
 
 import common  # noqa: E402
 import jigsaw  # noqa: E402
@@ -233,11 +232,13 @@ def main(argv=None):
         del w
     # Open the data once before measuring: the first open imports `datasets` and maps the files, which would
     # be charged to whichever trainer opens it first (rft.main opens it inside its measurement, TRL's run before).
-    common.load_rows(data_path, "train")
     # Likewise load the model and processor once: the first processor load imports torchvision's image code
     # (~180 MiB resident on CPU, measured), a one-time library cost that is not the trainer's memory.
-    common.load_model_and_processor(model_path, "float32")
-    gc.collect()
+    # (With --isolate each child process does this itself.)
+    if not args.isolate:
+        common.load_rows(data_path, "train")
+        common.load_model_and_processor(model_path, "float32")
+        gc.collect()
     names = args.order.split(",")
     runs = {name: [] for name in names}
     for r in range(args.rounds):

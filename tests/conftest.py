@@ -54,3 +54,17 @@ def prior_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "prior"
     toy.build_prior_dataset(str(out), train=32, test=16, seed=0, pretrain=16)
     return out
+
+
+def perturbed_copy(model):
+    """A copy of the tiny model with its language weights perturbed (seeded): the random init greedily repeats
+    one token ('\\n' forever), which would make any comparison of generated tokens pass trivially."""
+    import copy
+    import torch
+    model = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "visual" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model

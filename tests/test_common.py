@@ -17,6 +17,7 @@ from PIL import Image
 
 import common
 import jigsaw
+from conftest import perturbed_copy
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,15 +36,8 @@ def toy(toy_model_dir):
 
 @pytest.fixture(scope="module")
 def varied_model(toy):
-    """The tiny model with its language weights perturbed: the random init greedily repeats one token
-    ('\\n' forever), which would make any generation comparison pass trivially."""
-    model = copy.deepcopy(toy[0])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "visual" not in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model
+    """The tiny model with its language weights perturbed (conftest.perturbed_copy)."""
+    return perturbed_copy(toy[0])
 
 
 def image_a():

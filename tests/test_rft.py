@@ -10,6 +10,7 @@ import torch
 import common
 import jigsaw
 import rft
+from conftest import perturbed_copy
 
 TINY = ["--batch_size", "2", "--group_size", "4", "--max_new_tokens", "8", "--micro_batch_size", "4",
         "--optimizer", "adamw", "--eval_size", "4", "--eval_batch_size", "4"]
@@ -117,19 +118,6 @@ def tiny(toy_model_dir, jigsaw_data):
     return model, processor, [rows[i] for i in range(2)]
 
 
-def perturbed(model):
-    """A copy with the language weights perturbed: the random init greedily repeats one token, which would let
-    a comparison of generated tokens pass trivially."""
-    import copy
-    model = copy.deepcopy(model).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "visual" not in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model
-
-
 def test_generate_logprobs_equal_teacher_forced(tiny):
     """Log-probs of the sampled tokens as the sampler drew them (common.generate, at the sampling temperature)
     equal a fresh teacher-forced forward on the same sequences: 2 prompts with different image sizes, G = 3,
@@ -168,7 +156,7 @@ def test_generate_matches_transformers_greedy_and_shares_the_prefill(tiny):
     """Greedy decoding with our loop gives model.generate's tokens (so positions and cache are handled as
     transformers does), and a group of G copies made from one prefill equals G separately encoded prompts."""
     model, processor, rows = tiny
-    model = perturbed(model)
+    model = perturbed_copy(model)
     images = [common.row_images(rows[0]), [common.row_images(rows[1])[0].resize((112, 84))]]
     prompts = [rows[0]["prompt"], rows[1]["prompt"]]
     ours = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
