@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import textwrap
 import time
@@ -528,12 +529,135 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints, logging, atomic files
 # ----------------------------------------------------------------------------------------------------------
-def write_json_atomic(path, obj) -> None:
+def write_text_atomic(path, text: str) -> None:
+    """Write to a temp file next to `path`, then rename: a crash never leaves half a file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+# Every folder a stage writes carries this marker (its stage name), so that a later run may replace the folder
+# only when the same stage made it: no stage deletes what it did not create.
+OUTPUT_MARKER = ".kit_output.json"
+
+
+def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
+    """Refuse to write into an existing, non-empty folder that this stage did not create (a run folder with
+    checkpoints, someone's data), unless --overwrite. Called before any model is loaded."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        fail(f"--output_dir {path} is a file, not a folder; choose another --output_dir.")
+    entries = [p for p in path.iterdir() if p.name != OUTPUT_MARKER]
+    if not entries or overwrite:
+        return
+    marker = path / OUTPUT_MARKER
+    owner = None
+    if marker.exists():
+        try:
+            owner = json.loads(marker.read_text()).get("stage")
+        except (OSError, json.JSONDecodeError):
+            owner = None
+    if owner != stage:
+        made_by = f"was made by {owner}" if owner else "was not made by this kit"
+        fail(f"--output_dir {path} already exists and {made_by} ({len(entries)} entries, e.g. "
+             f"{sorted(e.name for e in entries)[:3]}); {stage} would replace it. Choose another --output_dir, or "
+             "pass --overwrite if you mean it.")
+
+
+def mark_output_dir(path, stage: str) -> None:
+    write_json_atomic(Path(path) / OUTPUT_MARKER, {"stage": stage})
+
+
+def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> None:
+    """save_to_disk into a temporary sibling folder, then swap it in: a crash never leaves half a data set, and
+    an existing folder is replaced only when this stage made it (check_output_dir)."""
+    import shutil
+    out_path = Path(out)
+    check_output_dir(out_path, stage, overwrite)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dataset.save_to_disk(str(tmp))
+    mark_output_dir(tmp, stage)
+    if out_path.exists():
+        old = out_path.with_name(out_path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_path.rename(old)
+        tmp.rename(out_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Range checks of numeric flags: one table per stage, one message style, exit 2 before any model is loaded
+# ----------------------------------------------------------------------------------------------------------
+_RANGE_RE = re.compile(r"^(>=|>|<=|<)\s*(-?[0-9.e+-]+)$|^([\[(])\s*(-?[0-9.e+-]+)\s*,\s*(-?[0-9.e+-]+)\s*([\])])$")
+
+
+def check_ranges(args, ranges: dict[str, str]) -> None:
+    """ranges: flag name -> '>= 1' | '> 0' | '[0, 1]' | '(0, 1]' ... ; None values (optional flags) pass.
+
+    Example: check_ranges(args, {"lr": "> 0", "warmup_ratio": "[0, 1]"}) stops a run given --lr -1 with
+    'error: --lr must be > 0 (got -1.0)'."""
+    for name, spec in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        match = _RANGE_RE.match(spec.strip())
+        if not match:
+            raise ValueError(f"bad range spec {spec!r} for {name}")
+        if match.group(1):
+            op, bound = match.group(1), float(match.group(2))
+            ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+        else:
+            low, high = float(match.group(4)), float(match.group(5))
+            ok = (value >= low if match.group(3) == "[" else value > low) and \
+                 (value <= high if match.group(6) == "]" else value < high)
+        if not ok or (isinstance(value, float) and math.isnan(value)):
+            fail(f"--{name} must be {spec.replace(' ', '')} (got {value}).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What ran: recorded in every results file, metrics header, checkpoint state and the report
+# ----------------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    """Package versions, device, CUDA/cuDNN, threads, the kit's git commit (+ dirty flag) and the command line.
+    No environment variables are recorded (they may hold secrets such as API keys)."""
+    import importlib.metadata as metadata
+    import platform
+    import subprocess
+    versions = {}
+    for package in ("torch", "transformers", "accelerate", "datasets", "bitsandbytes", "pillow", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    root = Path(__file__).resolve().parent
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "packages": versions,
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "torch_threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty,
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else None}
 
 
 def export_model(accelerator, model, processor, path) -> None:

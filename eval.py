@@ -1095,7 +1095,7 @@ def export_probes(args: Args, names: list[str], datasets_: dict, ctx: Context) -
         common.fail(f"--export_probes: no samples selected from {names} (check --limit and the data).")
     features = Features({"id": Value("string"), "images": List(ImageFeature()), "prompt": Value("string"),
                          "answer": Value("string"), "benchmark": Value("string")})
-    jigsaw.save_dataset_atomic(Dataset.from_list(rows, features=features), args.export_probes)
+    common.save_dataset_atomic(Dataset.from_list(rows, features=features), args.export_probes, stage="eval.py --export_probes")
     print(f"[eval] wrote {len(rows)} probes from {', '.join(names)} to {args.export_probes}")
 
 

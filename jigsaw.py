@@ -334,6 +334,8 @@ class BuildArgs:
     """id column of the hub data set (falls back to the row number)"""
     strict_images: bool = False
     """fail on the first corrupt image instead of skipping it"""
+    overwrite: bool = False
+    """replace --out even when jigsaw.py did not make it (by default only its own data sets are replaced)"""
 
 
 def _resize(image: Image.Image, max_side: int) -> Image.Image:
@@ -418,26 +420,9 @@ def build_dataset(args: BuildArgs):
     })
     splits = build_rows(args)
     dataset = DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in splits.items()})
-    save_dataset_atomic(dataset, args.out)
+    import common
+    common.save_dataset_atomic(dataset, args.out, stage="jigsaw.py", overwrite=args.overwrite)
     return dataset
-
-
-def save_dataset_atomic(dataset, out: str) -> None:
-    """save_to_disk into a temporary sibling folder, then swap it in: a crash never leaves half a data set."""
-    import shutil
-    out_path = Path(out)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))
-    if out_path.exists():
-        old = out_path.with_name(out_path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_path.rename(old)
-        tmp.rename(out_path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_path)
 
 
 def main(argv=None):

@@ -543,7 +543,7 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     rows = rows.add_column("source_checkpoint", [source_checkpoint] * len(indices), feature=Value("string"))
     rows = rows.add_column("logprob", logprobs, feature=Value("float64"))
     rows = rows.select_columns(list(OUT_COLUMNS))
-    jigsaw.save_dataset_atomic(DatasetDict({args.split: rows}), args.out)
+    common.save_dataset_atomic(DatasetDict({args.split: rows}), args.out, stage="rollout_sft.py")
     common.write_json_atomic(Path(args.out) / "stats.json", stats)
 
 

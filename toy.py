@@ -216,7 +216,8 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
                            # holds no colour-grid questions: that skill exists to teach the answer format.
                            "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0,
                                                                 grid_share=0.0), features=features)})
-    jigsaw.save_dataset_atomic(dataset, out)
+    import common
+    common.save_dataset_atomic(dataset, out, stage="toy.py")
     return dataset
 
 
