@@ -362,6 +362,44 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1), int(mask.sum())
 
 
+@torch.no_grad()
+def sequence_logprobs(model, processor, prompts: list[str], images: list[list], completions: list[str],
+                      batch_size: int) -> list[tuple[float, int]]:
+    """(sum log pi(completion | prompt), completion token count) per row, completions tokenized as SFT will
+    tokenize them (build_batch: text + <|im_end|>, which is scored too, as SFT trains on it). The ONE
+    sequence-scoring function: rollout_sft.py's per-row log-probs and analyze.py's perplexity of each source.
+
+    The decoded text is scored, not the sampled token ids: what SFT trains on is the text, so the rollout
+    log-probs and the perplexity table measure the same thing. (A model that samples a non-canonical BPE
+    split gets its re-tokenized text scored; rare for a trained model, common for a random one.)"""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = build_batch(processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                                   completions=completions[start:start + batch_size])
+        batch = to_device(batch, device)
+        logprobs = completion_logprobs(model, batch)
+        mask = batch["completion_mask"]
+        for row_logprobs, row_mask in zip(logprobs, mask):
+            out.append((float((row_logprobs * row_mask).sum()), int(row_mask.sum())))
+    return out
+
+
+
+def token_weighted_nll(logprob_sums: list[float], token_counts: list[int]) -> tuple[float, float]:
+    """(mean NLL per token, perplexity) over all completion tokens of a set of rows.
+
+    Token-weighted, not a mean of per-row means: two rows of 2 and 6 tokens with log-prob sums -2 and -18
+    give mean NLL (2 + 18) / 8 = 2.5 and perplexity exp(2.5) = 12.18.
+    """
+    tokens = sum(token_counts)
+    if tokens == 0:
+        raise ValueError("no completion tokens to score")
+    mean_nll = -sum(logprob_sums) / tokens
+    return mean_nll, math.exp(mean_nll)
+
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
