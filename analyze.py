@@ -17,7 +17,7 @@ probe set of prior-knowledge questions with a reference answer, this script meas
      gradients (--proj_dim r: a zero-initialised r x r block between fixed seeded random projections on chosen
      linear layers, so the block's gradient is the projected weight gradient); the exact step calibrates them;
   5. probe tracking: log pi(reference answer) of every probe at every saved checkpoint of each run.
-Outputs in --out_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
+Outputs in --output_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
 
 Worked example of the symmetry check (token-mean SFT loss, T_u = 40 response tokens in u, T_v = 2 in v):
     Delta(v|u) = eta <g_v, g_u> / 40 = 0.003  and  Delta(u|v) = eta <g_u, g_v> / 2 = 0.060
@@ -30,16 +30,16 @@ exist yet while you develop: tests/test_analyze.py builds tiny ones from the jig
     python analyze.py --model runs/toy/base \
         --sources non_rea=data/jigsaw_toy:prompt_no_think:target_non_rea,rea_grpo_rollout=runs/toy/rollouts.jsonl \
         --probes runs/toy/prior --probe_split test --runs sft_non_rea=runs/toy/sft_non_rea,rft=runs/toy/rft \
-        --out_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
+        --output_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
     # Qwen2.5-VL-3B on one GPU: project gradients to 7 x 36 x 8^2 = 16,128 dims per sample
     python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
 rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
         --probes data/prior_probes --probe_answer greedy --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
-        --out_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
+        --output_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
     # only the probe curves
     python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
-        --runs rft=runs/toy/rft --out_dir runs/toy/analysis --no_first_order --no_exact
+        --runs rft=runs/toy/rft --output_dir runs/toy/analysis --no_first_order --no_exact
 """
 from __future__ import annotations
 
@@ -83,11 +83,9 @@ class Args:
     probe_answer: str = "reference"
     """which answer v's log-prob is measured on: reference (the ground truth) or greedy (the model's own greedy
     answer, i.e. what it currently 'knows'; Ren & Sutherland track both kinds of responses)"""
-    probe_max_new_tokens: int = 64
-    """max tokens of greedy probe answers (benchmark answers are short)"""
     runs: str = ""
     """runs to track, comma-separated name=run_dir (checkpoints run_dir/checkpoint-N/model and run_dir/final)"""
-    out_dir: str = "runs/analysis"
+    output_dir: str = "runs/analysis"
     """where dynamics.json, dynamics.md and the PNG figures go"""
     n_train: int = 16
     """training samples drawn per source (seeded); first-order scores cost one backward pass per sample"""
@@ -108,8 +106,9 @@ class Args:
     proj_modules: str = "model.language_model.layers.*"
     """nn.Linear module-name patterns that get projection adapters when --proj_dim > 0 (LoGra adapts every linear
     layer; default: the 7 linear layers of each decoder block, 7 x 36 x r^2 dims for 3B: 4,032 at r=4, 16,128 at r=8)"""
-    max_completion_tokens: int = 512
-    """response tokens kept per sample (public GRPO work on the task used 512)"""
+    max_completion_length: int = 512
+    """response tokens kept per sample, and the cap of greedy probe answers (public GRPO work on the task used
+    512; benchmark answers stop far earlier)"""
     first_order: bool = True
     """compute the per-sample gradients: first-order scores, cosines, sign distribution"""
     exact: bool = True
@@ -118,8 +117,8 @@ class Args:
     """also step on probes and re-score training samples: Delta(u|v) against Delta(v|u)"""
     track: bool = True
     """track probe log-probs over the checkpoints of --runs"""
-    dtype: str = "float32"
-    """weights dtype: float32 (default: an eta=1e-4 step is lost in bf16 rounding), bfloat16, or float64 (CPU checks)"""
+    precision: str = "fp32"
+    """fp32 (the default even on a GPU: an eta=1e-4 step is lost in bf16 rounding), bf16, or fp64 (CPU checks)"""
     device: str = ""
     """cuda or cpu (default: cuda when available)"""
     backup_device: str = "cpu"
@@ -132,9 +131,14 @@ class Args:
     """processor max_pixels (default: the model folder's processor config)"""
     seed: int = 0
     """seed of sample choice and of the random projections"""
+    perplexity_rows: int = 0
+    """rows of each source scored for its perplexity under --model (0: all rows; the n_train drawn rows give the
+    rest of the analysis). The report's one perplexity per source"""
 
 
 PROBE_ANSWERS = ("reference", "greedy")
+RANGES = {"n_train": ">= 1", "n_probe": ">= 1", "eta": "> 0", "exact_pairs": ">= 0", "proj_dim": ">= 0",
+          "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0"}
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -439,51 +443,14 @@ def answer_string(value) -> str:
 # Probe tracking over checkpoints (forward passes only)
 # ----------------------------------------------------------------------------------------------------------
 def run_checkpoints(run_dir: str, name: str) -> list[tuple[int, str, Path]]:
-    """[(step, label, model_folder)] of run_dir/checkpoint-N (its model/ copy) and run_dir/final, by step."""
-    root = Path(run_dir)
-    if not root.is_dir():
+    """[(step, label, model_folder)] of a run's model snapshots and final/ (common.list_checkpoints: the one
+    place that knows the layout), by step."""
+    if not Path(run_dir).is_dir():
         common.fail(f"--runs {name}={run_dir}: no such folder (a training run's --output_dir).")
-    found = []
-    for path in root.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if not match:
-            continue
-        model_dir = path / "model" if (path / "model" / "config.json").exists() else path
-        if not (model_dir / "config.json").exists():
-            print(f"[analyze] skipping {path}: no model/config.json (a checkpoint saved without its HF copy)")
-            continue
-        step = int(match.group(1))
-        state_file = path / "trainer_state.json"
-        if state_file.exists():
-            recorded = json.loads(state_file.read_text()).get("step", step)
-            if recorded != step:
-                print(f"[analyze] warning: {state_file} says step {recorded}, folder name says {step}; using {step}")
-        found.append((step, path.name, model_dir))
-    final = root / "final"
-    if (final / "config.json").exists():
-        found.append((final_step(root, [s for s, _, _ in found]), "final", final))
+    found = common.list_checkpoints(run_dir)
     if not found:
-        common.fail(f"--runs {name}={run_dir}: no checkpoint-N/model or final/ folder with a config.json inside.")
-    return sorted(found, key=lambda item: (item[0], item[1] == "final"))
-
-
-def final_step(root: Path, checkpoint_steps: list[int]) -> int:
-    """Step of run_dir/final: its trainer_state.json, else the last step in run_dir/metrics.jsonl, else the last
-    checkpoint's step (final is written after the last optimizer step)."""
-    state_file = root / "final" / "trainer_state.json"
-    if state_file.exists():
-        return int(json.loads(state_file.read_text()).get("step", 0))
-    metrics = root / "metrics.jsonl"
-    if metrics.exists():
-        steps = []
-        for line in metrics.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line).get("step")))
-            except (ValueError, TypeError, json.JSONDecodeError):
-                continue
-        if steps:
-            return max(steps)
-    return max(checkpoint_steps, default=0)
+        common.fail(f"--runs {name}={run_dir}: no checkpoint-N/ or final/ folder with a config.json inside.")
+    return found
 
 
 @torch.no_grad()
@@ -663,23 +630,25 @@ def main(argv=None) -> dict:
         common.fail("--probes is empty: give the prior-knowledge probe set (e.g. runs/toy/prior).")
     if args.eta <= 0 or args.n_train < 1 or args.n_probe < 1 or args.exact_pairs < 0 or args.proj_dim < 0:
         common.fail("--eta must be > 0, --n_train/--n_probe >= 1, --exact_pairs/--proj_dim >= 0.")
-    if args.dtype not in common.DTYPES and args.dtype != "float64":
-        common.fail(f"--dtype {args.dtype}: choose float32, bfloat16, float16 or float64.")
+    if args.precision not in ("fp32", "bf16", "fp16", "fp64"):
+        common.fail(f"--precision {args.precision}: choose fp32, bf16, fp16 or fp64.")
+    common.check_ranges(args, RANGES)
     sources = parse_named_paths(args.sources, "--sources", with_columns=True)
     runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
     run_plans = {r["name"]: run_checkpoints(r["path"], r["name"]) for r in runs}
     device = args.device or common.default_device()
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data ----------------------------------------------------------------------------------------------
-    source_rows = {}
+    source_rows, source_data = {}, {}
     for entry in sources:
         dataset = load_source_rows(entry, args.source_split)
         if len(dataset) == 0:
             common.fail(f"--sources {entry['name']}={entry['path']}: no rows.")
         rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
         source_rows[entry["name"]] = (entry, rows)
+        source_data[entry["name"]] = dataset
     probe_set = common.load_rows(args.probes, args.probe_split,
                                  required=(args.probe_prompt_column, args.probe_answer_column))
     probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
@@ -689,9 +658,9 @@ def main(argv=None) -> dict:
     if args.first_order and args.proj_dim == 0 and (args.model in common.REAL_CONFIGS or Path(args.model).is_dir()):
         check_gradient_memory(common.meta_model(args.model), args, n_samples)  # before minutes of loading
     model, processor = common.load_model_and_processor(
-        args.model, "float32" if args.dtype == "float64" else args.dtype, min_pixels=args.min_pixels,
+        args.model, "fp32" if args.precision == "fp64" else args.precision, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, device=device)
-    if args.dtype == "float64":
+    if args.precision == "fp64":
         model.to(torch.float64)
     model.eval()  # no dropout: the exact step and the re-scoring must see the same function
     named = dict(model.named_parameters())
@@ -712,14 +681,14 @@ def main(argv=None) -> dict:
         completion_ids = []
         for i in range(0, len(probe_rows), 8):
             out = common.generate(model, processor, probe_prompts[i:i + 8], probe_images[i:i + 8],
-                                  args.probe_max_new_tokens, do_sample=False)
+                                  args.max_completion_length, do_sample=False)
             completion_ids += [ids or [processor.tokenizer.eos_token_id] for ids in out["completion_ids"]]
         probe_answers = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        probe_batches = [make_batch(processor, p, im, completion_ids=ids, max_tokens=args.max_completion_tokens)
+        probe_batches = [make_batch(processor, p, im, completion_ids=ids, max_tokens=args.max_completion_length)
                          for p, im, ids in zip(probe_prompts, probe_images, completion_ids)]
     else:
         probe_answers = [answer_string(r[args.probe_answer_column]) for r in probe_rows]
-        probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_tokens)
+        probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_length)
                          for p, im, a in zip(probe_prompts, probe_images, probe_answers)]
     probe_batches = [common.to_device(b, device) for b in probe_batches]
     train_batches = {}
@@ -727,7 +696,7 @@ def main(argv=None) -> dict:
         train_batches[name] = [common.to_device(make_batch(processor, r[entry["prompt_column"]],
                                                            common.row_images(r, data_base_dir(entry["path"])),
                                                            str(r[entry["target_column"]]),
-                                                           max_tokens=args.max_completion_tokens), device)
+                                                           max_tokens=args.max_completion_length), device)
                                for r in rows]
 
     # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 -------------------------------------
@@ -744,10 +713,24 @@ def main(argv=None) -> dict:
     for name, scores in train_base.items():
         tokens = [len(s["token_logprobs"]) for s in scores]
         logps = [s["token_logprobs"].sum().item() for s in scores]
-        # Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy.
+        # Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy:
+        # over all rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses, so the
+        # report shows one perplexity per source.
+        entry, dataset = source_rows[name][0], source_data[name]
+        count = min(args.perplexity_rows or len(dataset), len(dataset))
+        sums, counts = [], []
+        for begin in tqdm(range(0, count, 8), desc=f"perplexity {name}", leave=False):
+            chunk = [dataset[i] for i in range(begin, min(count, begin + 8))]
+            pairs = common.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
+                                             [common.row_images(r, data_base_dir(entry["path"])) for r in chunk],
+                                             [str(r[entry["target_column"]]) for r in chunk], batch_size=8)
+            sums += [lp for lp, _ in pairs]
+            counts += [c for _, c in pairs]
+        mean_nll, perplexity = common.token_weighted_nll(sums, counts)
         results["sources"][name] = {
-            "path": source_rows[name][0]["path"], "n": len(scores),
-            "perplexity": math.exp(-sum(logps) / max(1, sum(tokens))),
+            "path": entry["path"], "n": len(scores), "perplexity": perplexity, "mean_nll": mean_nll,
+            "perplexity_rows": count, "perplexity_tokens": sum(counts),
+            "perplexity_drawn": math.exp(-sum(logps) / max(1, sum(tokens))),
             "perplexity_per_sample": summary([math.exp(-lp / max(1, t)) for lp, t in zip(logps, tokens)]),
             "response_tokens": summary(tokens), "g_fro2": summary([s["g_fro2"] for s in scores])}
         results["samples"][name] = [
@@ -857,9 +840,9 @@ def main(argv=None) -> dict:
         for run, plan in run_plans.items():
             steps, labels, logprobs = [0], ["base"], [base_curve]
             for step, label, folder in tqdm(plan, desc=f"track {run}", leave=False):
-                checkpoint = common.load_model(str(folder), "float32" if args.dtype == "float64" else args.dtype,
+                checkpoint = common.load_model(str(folder), "fp32" if args.precision == "fp64" else args.precision,
                                                device=device)
-                if args.dtype == "float64":
+                if args.precision == "fp64":
                     checkpoint.to(torch.float64)
                 checkpoint.eval()
                 logprobs.append(probe_logprobs(checkpoint, probe_batches))

@@ -224,16 +224,16 @@ def write_reasoning_jsonl(jigsaw_data, folder):
 
 
 def make_run(toy_model_dir, folder):
-    """checkpoint-2/model = the base weights; final = perturbed weights; final step from metrics.jsonl."""
+    """The training-run layout (common.py): checkpoint-2/ = the base weights; final/ = perturbed weights at step 3."""
     model, _ = common.load_model_and_processor(str(toy_model_dir))
-    (folder / "checkpoint-2").mkdir(parents=True)
-    model.save_pretrained(folder / "checkpoint-2" / "model")
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder / "checkpoint-2")
     (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"step": 2}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(folder / "final")
-    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 3}) + "\n")
+    (folder / "final" / "trainer_state.json").write_text(json.dumps({"step": 3}))
     return folder
 
 
@@ -244,14 +244,16 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
     results = analyze.main([
         "--model", str(toy_model_dir), "--sources",
         f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea,rea_self_generated={rea}",
-        "--probes", str(prior_data), "--probe_answer", "greedy", "--probe_max_new_tokens", "6",
-        "--runs", f"sft_non_rea={run}", "--out_dir", str(out), "--n_train", "3", "--n_probe", "3",
+        "--probes", str(prior_data), "--probe_answer", "greedy", "--max_completion_length", "6",
+        "--runs", f"sft_non_rea={run}", "--output_dir", str(out), "--n_train", "3", "--n_probe", "3",
         "--exact_pairs", "2", "--proj_dim", "8", "--eta", "1e-3"])
     saved = json.loads((out / "dynamics.json").read_text())
     assert saved["gradients"]["mode"] == "projected" and saved["gradients"]["dims"] == 14 * 64
     for name in ("non_rea", "rea_self_generated"):
         stats = saved["sources"][name]
         assert stats["n"] == 3 and stats["perplexity"] > 1
+        # every row of the source (16 puzzles, 4 JSONL rows), not only the 3 drawn
+        assert stats["perplexity_rows"] == {"non_rea": 16, "rea_self_generated": 4}[name]
         assert len(stats["cosines"]) == 9 and all(-1 <= c <= 1 for c in stats["cosines"])
         assert len(stats["exact_pairs"]) == 4 and stats["lbk"]["mean"] > 0
         assert all(len(p["delta_per_token"]) == saved["samples"]["probes"][p["probe"]]["tokens"]
@@ -271,7 +273,7 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
 def test_bad_column_fails_before_loading_the_model(jigsaw_data, prior_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         analyze.main(["--model", str(tmp_path / "no_model_here"), "--sources", f"non_rea={jigsaw_data}:prompt:nope",
-                      "--probes", str(prior_data), "--out_dir", str(tmp_path / "o")])
+                      "--probes", str(prior_data), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "nope" in err and str(jigsaw_data) in err
 
@@ -281,5 +283,5 @@ def test_full_gradients_of_3b_refused_before_loading(jigsaw_data, prior_data, tm
     with pytest.raises(SystemExit):
         analyze.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--sources",
                       f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea", "--probes", str(prior_data),
-                      "--out_dir", str(tmp_path / "o")])
+                      "--output_dir", str(tmp_path / "o")])
     assert "--proj_dim 8" in capsys.readouterr().err
