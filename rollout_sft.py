@@ -34,8 +34,9 @@ an uninterrupted run. The data set folder is built from the shard at the end (at
     # resumable (OUT.teacher.jsonl), tokens and estimated cost in stats.json (teacher.py has the prompt)
     python rollout_sft.py --source rea_external --data data/jigsaw --out data/sft/rea_external \\
         --teacher_url https://api.openai.com/v1 --teacher_model gpt-4o [--teacher_concurrency 8]
-    #   or a local OpenAI-compatible server (vllm serve Qwen/Qwen2.5-VL-72B-Instruct): --teacher_url
-    #   http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct --teacher_prompt_price 0 --teacher_completion_price 0
+    #   or a local OpenAI-compatible server (vllm serve Qwen/Qwen2.5-VL-72B-Instruct):
+    #   --teacher_url http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \\
+    #   --teacher_prompt_price 0 --teacher_completion_price 0
     python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \\
         --k 8 --temperature 1.0 --max_new_tokens 512 --max_per_puzzle 1 --batch_size 16 --out data/sft/rea_grpo_rollout
     python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-200/model \\

@@ -24,7 +24,7 @@ Resume: every answered puzzle (ok or dropped) is appended to OUT.teacher.jsonl a
 with write + fsync, so a crash or a dropped connection loses at most the requests in flight. A rerun reads the
 shard (a torn last line is dropped), skips the puzzles in it and asks only for the rest; the data set is built
 from the shard in data order, so it is the same whatever the order replies came back in. OUT.teacher.json
-holds the settings that change what the teacher writes (model, URL, prompt, token cap): a resume with other
+holds the settings that change what the teacher writes (model, prompt, token cap, data): a resume with other
 values is refused rather than mixing two teachers in one data set.
 
 The API key is read from the environment variable named by --teacher_api_key_env (never from a flag, so it is
@@ -486,8 +486,8 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     reason, tokens, estimated cost). Rows are read and images encoded in this thread; workers only talk HTTP."""
     shard, meta_path = shard_paths(out)
     shard.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"teacher_model": config.model, "teacher_url": public_url(endpoint(config.url)),
-            "prompt_sha256": prompt_sha256(), "max_tokens": config.max_tokens, "temperature": config.temperature,
+    # What changes the traces (not the URL: the same model served on another port or host is the same teacher).
+    meta = {"teacher_model": config.model, "prompt_sha256": prompt_sha256(), "max_tokens": config.max_tokens, "temperature": config.temperature,
             "data": data, "split": split}
     check_shard_meta(meta_path, shard, meta)
     client = TeacherClient(config)
@@ -496,7 +496,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     done = read_shard(shard)
     ids = [str(i) for i in dataset["id"]]
     todo = [index for index, puzzle_id in enumerate(ids) if puzzle_id not in done]
-    log(f"{config.model} at {meta['teacher_url']}: {len(ids) - len(todo)} of {len(ids)} puzzles already in "
+    log(f"{config.model} at {public_url(endpoint(config.url))}: {len(ids) - len(todo)} of {len(ids)} puzzles already in "
         f"{shard}, {len(todo)} to ask ({config.concurrency} at a time)")
     failures: dict[str, str] = {}
     fatal = None
@@ -582,11 +582,11 @@ def summarize(done: dict[str, dict], ids: list[str], events: dict[str, int], fai
         "teacher_replies_without_usage": sum(r.get("prompt_tokens") is None for r in records),
         "teacher_prompt_tokens": prompt_tokens, "teacher_completion_tokens": completion_tokens,
         "teacher_prompt_price_per_m": config.prompt_price, "teacher_completion_price_per_m": config.completion_price,
-        "teacher_cost_usd_estimate": round(cost_usd(prompt_tokens, completion_tokens, config.prompt_price,
-                                                    config.completion_price), 4),
+        "teacher_cost_usd_estimate": cost_usd(prompt_tokens, completion_tokens, config.prompt_price,
+                                              config.completion_price),
     }
-    for name in ("prompt_tokens", "completion_tokens", "requests", "retries", "http_429", "http_5xx", "timeouts", "connection_errors",
-                 "malformed_replies", "rejected", "gave_up"):
+    for name in ("prompt_tokens", "completion_tokens", "requests", "retries", "http_429", "http_5xx", "timeouts",
+                 "connection_errors", "malformed_replies", "rejected", "gave_up"):
         stats[f"teacher_run_{name}"] = events.get(name, 0)
     for name, value in sorted(events.items()):  # other retried statuses (408, 409)
         stats.setdefault(f"teacher_run_{name}", value)
@@ -603,6 +603,7 @@ def print_summary(stats: dict, config: TeacherConfig) -> None:
         f"{stats['teacher_run_malformed_replies']} malformed replies), {stats['teacher_run_rejected']} rejected, "
         f"{stats['teacher_run_gave_up']} given up; {stats['teacher_run_prompt_tokens']} prompt + "
         f"{stats['teacher_run_completion_tokens']} completion tokens")
-    log(f"all replies in the shard: {stats['teacher_prompt_tokens']} prompt + {stats['teacher_completion_tokens']} completion; "
+    log(f"all replies in the shard: {stats['teacher_prompt_tokens']} prompt + "
+        f"{stats['teacher_completion_tokens']} completion tokens; "
         f"estimated cost ${stats['teacher_cost_usd_estimate']:.4f} at ${config.prompt_price:g} / "
         f"${config.completion_price:g} per 1M tokens (defaults: GPT-4o's list price; check current prices)")

@@ -75,6 +75,8 @@ def make_handler(api: FakeAPI):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/moved/v1/chat/completions":  # a redirect would carry the key elsewhere
+                return self.send(307, b"", {"Location": "/v1/chat/completions"})
             if self.path != "/v1/chat/completions":
                 return self.send(404, b'{"error": {"message": "no such route"}}')
             if self.headers.get("Authorization") != f"Bearer {KEY}":
@@ -214,7 +216,8 @@ def test_every_fault_is_counted_and_a_rerun_asks_only_for_the_rest(api, jigsaw_d
         assert f"Reasoning for {puzzle_id}:" in completion
         assert jigsaw.jigsaw_reward(completion, list(row["answer"]))["reward"] == 3.0
     saved = json.loads((out / "stats.json").read_text())
-    assert saved["teacher_run_http_429"] == 3 and saved["teacher_cost_usd_estimate"] == stats["teacher_cost_usd_estimate"]
+    assert saved["teacher_run_http_429"] == 3
+    assert saved["teacher_cost_usd_estimate"] == stats["teacher_cost_usd_estimate"]
     assert saved["source_checkpoint"] == "teacher:teacher-test"
     shard = [json.loads(line) for line in (tmp_path / "rea_external.teacher.jsonl").read_text().splitlines()]
     assert len(shard) == 10 and {r["id"] for r in shard} == set(ids) - {ids[8], ids[11]}
@@ -310,6 +313,14 @@ def test_wrong_key_stops_the_run_with_nothing_written_but_the_settings(api, jigs
     assert "HTTP 401" in err and "Incorrect API key" in err and "sk-wrong-key-0000" not in err
     assert len(api.requests) == 0  # refused before a puzzle was looked at (the server checks the key first)
     assert not (tmp_path / "out.teacher.jsonl").exists() or (tmp_path / "out.teacher.jsonl").read_text() == ""
+
+    # a redirect is refused (it would send the Authorization header to another URL), not followed
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with pytest.raises(SystemExit):
+        rollout_sft.main(["--source", "rea_external", "--data", str(jigsaw_data), OUT, str(tmp_path / "moved"),
+                          "--limit", "2", "--teacher_url", api.url.replace("/v1", "/moved/v1"),
+                          "--teacher_model", "teacher-test", "--teacher_api_key_env", KEY_ENV])
+    assert "HTTP 307" in capsys.readouterr().err and api.requests == []
 
 
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
