@@ -128,8 +128,8 @@ class Args:
     """environment variable holding the API key (never a flag, so it is in no command line or file; unset:
     no Authorization header, as a local server needs)"""
     teacher_concurrency: int = 8
-    """requests in flight at once (8: well inside OpenAI's lower rate-limit tiers for gpt-4o; raise it for a
-    local server or a higher tier)"""
+    """requests in flight at once (8: a modest load, about one gpt-4o request a second; the lowest OpenAI
+    tiers may still answer 429 at times, which is retried; raise it for a local server or a higher tier)"""
     teacher_max_retries: int = 8
     """retries per puzzle on 429 / 5xx / timeouts / dropped connections, with exponential backoff (1 s doubling
     to 60 s, jitter) or the server's Retry-After; then the puzzle is given up for this run (openai-python

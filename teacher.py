@@ -543,12 +543,15 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
                 progress.update(1)
     except BaseException:
         client.stop.set()  # Ctrl-C: workers stop retrying; everything already appended stays in the shard
+        if pending:
+            log(f"stopping: waiting for {len(pending)} request(s) in flight (at most --teacher_timeout_s); "
+                f"{len(done)} replies are safe in {shard}")
         raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         progress.close()
 
-    stats = summarize(done, ids, client.counts.values, failures, config)
+    stats = summarize(done, ids, client.counts.values, config)
     print_summary(stats, config)
     for puzzle_id, message in list(failures.items())[:10]:
         log(f"  not answered: {puzzle_id} ({message})")
@@ -563,8 +566,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     return traces, stats
 
 
-def summarize(done: dict[str, dict], ids: list[str], events: dict[str, int], failures: dict[str, str],
-              config: TeacherConfig) -> dict:
+def summarize(done: dict[str, dict], ids: list[str], events: dict[str, int], config: TeacherConfig) -> dict:
     """The teacher's statistics for stats.json: the shard's totals over the puzzles of this run's data (every
     run that wrote them) and this run's request events."""
     records = [done[i] for i in ids if i in done]
