@@ -16,16 +16,16 @@ Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpo
   * Loss aggregation: grpo (per-sequence token mean, the paper's), dapo or dr_grpo with TRL's normalisers.
 
 Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing):
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
         --max_steps 2000 --batch_size 4 --num_generations 8
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
         --max_steps 2000 --batch_size 4 --num_generations 8 --resume
     accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw --output_dir runs/rft_7b
 Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
     python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --num_generations 8
 Tiny CPU run (the offline toy world: `python toy.py --output_dir runs/toy/toy`, `python jigsaw.py --source procedural
 --grid 2x2 --train 64 --test 16 --image_size 56 --output_dir data/jigsaw_toy`):
-    python rft.py --model runs/toy/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \
+    python rft.py --model runs/toy/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \\
         --batch_size 2 --num_generations 4 --max_completion_length 32 --lr 1e-3 --optimizer adamw --eval_size 8
 
 Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl (one line per step, plus eval

@@ -29,19 +29,26 @@ an uninterrupted run. The data set folder is built from the shard at the end (at
     # the four sources (run_all.sh calls these)
     python rollout_sft.py --source non_rea --data data/jigsaw --output_dir data/sources/non_rea
     python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_external
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \
+    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
         --traces gpt4o_traces.jsonl             # JSONL of {"id": puzzle id, "reasoning": text}
-    python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \
+    # rea_external with a real teacher (the paper's GPT-4o; key in $OPENAI_API_KEY, never on the command line):
+    # resumable (OUT.teacher.jsonl), tokens and estimated cost in stats.json (teacher.py has the prompt)
+    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+        --teacher_url https://api.openai.com/v1 --teacher_model gpt-4o --teacher_concurrency 8
+    #   or a local OpenAI-compatible server (vllm serve Qwen/Qwen2.5-VL-72B-Instruct):
+    #   --teacher_url http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \\
+    #   --teacher_prompt_price 0 --teacher_completion_price 0
+    python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \\
         --num_generations 8 --max_completion_length 512 --max_rows 1800 --output_dir data/sources/rea_grpo_rollout
-    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-100 \
+    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-100 \\
         --num_generations 8 --max_rows 1800 --output_dir data/sources/rea_self_generated
     # then, for each: python sft.py --model BASE --data data/sources/NAME --output_dir runs/sft_NAME ...
     # (analyze.py measures each source's perplexity under the base model)
 
     # tiny CPU run (toy world)
-    python toy.py --output_dir runs/toy/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 \
+    python toy.py --output_dir runs/toy/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 \\
         --image_size 56 --output_dir runs/toy/jigsaw
-    python rollout_sft.py --source rea_self_generated --data runs/toy/jigsaw --model runs/toy/toy/init \
+    python rollout_sft.py --source rea_self_generated --data runs/toy/jigsaw --model runs/toy/toy/init \\
         --num_generations 4 --max_completion_length 32 --limit 8 --output_dir runs/toy/sources/rea_self_generated
 
 Without a usable source (a checkpoint that gets nothing right, traces that match no puzzle) the script stops
@@ -115,6 +122,30 @@ class Args:
     traces: str = ""
     """rea_external: JSONL of reasoning traces keyed by puzzle id (fields id, reasoning), e.g. written by
     GPT-4o; empty: a programmatic reasoning text made from the ground truth (the offline stand-in)"""
+    teacher_url: str = ""
+    """rea_external: base URL of an OpenAI-compatible chat-completions server whose model writes the reasoning
+    (POST URL/chat/completions; https://api.openai.com/v1 for the paper's GPT-4o, or a local vLLM/SGLang,
+    e.g. http://localhost:8000/v1); the reply is capped at --max_new_tokens. See teacher.py"""
+    teacher_model: str = ""
+    """the teacher's model name on that server (the paper: GPT-4o, i.e. gpt-4o)"""
+    teacher_api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key (never a flag, so it is in no command line or file; unset:
+    no Authorization header, as a local server needs)"""
+    teacher_concurrency: int = 8
+    """requests in flight at once (8: a modest load, about one gpt-4o request a second; the lowest OpenAI
+    tiers may still answer 429 at times, which is retried; raise it for a local server or a higher tier)"""
+    teacher_max_retries: int = 8
+    """retries per puzzle on 429 / 5xx / timeouts / dropped connections, with exponential backoff (1 s doubling
+    to 60 s, jitter) or the server's Retry-After; then the puzzle is given up for this run (openai-python
+    retries 2 times; a batch of thousands of requests meets rate limits more often)"""
+    teacher_timeout_s: float = 120.0
+    """seconds without a byte from the server before a request counts as timed out and is retried (a 512-token
+    gpt-4o reply takes seconds; openai-python's default of 600 s would hide a hung connection for 10 minutes)"""
+    teacher_prompt_price: float = 2.5
+    """USD per 1M prompt tokens (image tokens included) for the cost estimate: GPT-4o's list price on
+    openai.com/api/pricing (gpt-4o-2024-08-06; prices change, check the page; 0 for a local server)"""
+    teacher_completion_price: float = 10.0
+    """USD per 1M completion tokens for the cost estimate: GPT-4o's list price (as above)"""
     seed: int = 0
     """base seed; each chunk is seeded with hash(seed, first puzzle id of the chunk)"""
     precision: str = "auto"
@@ -441,6 +472,10 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
     stats = {}
     if args.source == "rea_external" and args.traces:
         traces, stats = read_traces(args.traces, set(dataset["id"]))
+    elif args.source == "rea_external" and args.teacher_url:  # the paper's GPT-4o traces, asked for (teacher.py)
+        import teacher
+        traces, stats = teacher.collect_traces(dataset, teacher.config_from_args(args), args.output_dir, args.data,
+                                               args.split)
     records = {}
     columns = dataset.select_columns(["id", "answer", "rows", "cols"]
                                      + (["convention"] if "convention" in dataset.column_names else []))
@@ -450,7 +485,7 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
         if args.source == "non_rea":
             candidates = [jigsaw.target_answer_only(answer, rows, cols)]
             thinking = False
-        elif args.traces:
+        elif args.traces or args.teacher_url:
             candidates = [reasoning_target(text.strip(), answer, rows, cols)
                           for text in traces.get(row["id"], [])]
             thinking = True
@@ -561,6 +596,9 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     common.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
     if args.traces and args.source != "rea_external":
         common.fail("--traces only applies to --source rea_external.")
+    if args.teacher_url:
+        import teacher
+        teacher.config_from_args(args)  # every --teacher_* check before the data is read
     reward_fn = reward_fn or default_reward
 
     # ---------------- data ----------------
@@ -577,7 +615,8 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     # ---------------- sources without a model ----------------
     if args.source not in NEEDS_MODEL:
         records, extra = fixed_source_records(dataset, args)
-        checkpoint = "ground_truth" if args.source == "non_rea" else (args.traces or "programmatic")
+        checkpoint = "ground_truth" if args.source == "non_rea" else (
+            args.traces or (f"teacher:{args.teacher_model}" if args.teacher_url else "programmatic"))
         stats = {"source": args.source, "source_checkpoint": checkpoint, **summarize(records, ids), **extra}
         save_source(dataset, records, args, checkpoint, stats)
         print_stats(stats)
