@@ -84,7 +84,17 @@ class Args:
     """which answer v's log-prob is measured on: reference (the ground truth) or greedy (the model's own greedy
     answer, i.e. what it currently 'knows'; Ren & Sutherland track both kinds of responses)"""
     runs: str = ""
-    """runs to track, comma-separated name=run_dir (checkpoints run_dir/checkpoint-N/model and run_dir/final)"""
+    """runs to track, comma-separated name=run_dir[:prompt_style] (its checkpoint-N/ snapshots and final/;
+    prompt_style thinking (default) or answer_only is the jigsaw prompt the run was trained on, for --kl_data)"""
+    kl_data: str = ""
+    """jigsaw data folder: at every tracked checkpoint also measure KL(tuned || base) on its --kl_split puzzles,
+    RL's Razor's predictor of forgetting (arXiv 2509.04259); empty: skip"""
+    kl_split: str = "test"
+    """split of --kl_data"""
+    kl_puzzles: int = 16
+    """puzzles of --kl_split (the first N) the KL is measured on"""
+    kl_samples: int = 4
+    """completions sampled per puzzle from the tuned model (temperature 1)"""
     output_dir: str = "runs/analysis"
     """where dynamics.json, dynamics.md and the PNG figures go"""
     n_train: int = 16
@@ -138,7 +148,8 @@ class Args:
 
 PROBE_ANSWERS = ("reference", "greedy")
 RANGES = {"n_train": ">= 1", "n_probe": ">= 1", "eta": "> 0", "exact_pairs": ">= 0", "proj_dim": ">= 0",
-          "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0"}
+          "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0", "kl_puzzles": ">= 1",
+          "kl_samples": ">= 1"}
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -459,6 +470,33 @@ def probe_logprobs(model, batches: list[dict]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# RL's Razor's predictor of forgetting: KL(tuned || base) on the new task
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def task_kl(model, base_model, processor, prompts: list[str], images: list[list], num_samples: int,
+            max_completion_length: int, batch_size: int = 8) -> dict:
+    """E_{x ~ new task, y ~ pi(.|x)} KL per completion (nats), RL's Razor (arXiv 2509.04259): forgetting tracks
+    the KL from the base to the tuned model measured on the task being learnt. Completions are sampled from the
+    tuned model at temperature 1 (common.generate, vision tokens suppressed: a log(1 - p) ~ 0 change)."""
+    values = []
+    for start in range(0, len(prompts), batch_size):
+        out = common.generate(model, processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                              max_completion_length, temperature=1.0, do_sample=True, num_samples=num_samples)
+        rows = [i // num_samples for i in range(len(out["completion_ids"]))]
+        device = next(model.parameters()).device
+        for begin in range(0, len(rows), 4):  # 4 sequences at a time: [4, T, V] fp32 logits of a 152k vocabulary
+            ids = [c or [processor.tokenizer.eos_token_id] for c in out["completion_ids"][begin:begin + 4]]
+            chunk = common.append_completions(common.select_rows(out["batch"], rows[begin:begin + 4]), ids,
+                                              processor.tokenizer.pad_token_id)
+            chunk = common.to_device(chunk, device)
+            tuned = torch.log_softmax(common.completion_logits(model, chunk).float(), -1)
+            base = torch.log_softmax(common.completion_logits(base_model, chunk).float(), -1)
+            per_token = (tuned.exp() * (tuned - base)).sum(-1) * chunk["completion_mask"]
+            values += per_token.sum(1).double().tolist()
+    return {"kl": sum(values) / max(1, len(values)), "kl_std": summary(values).get("std"), "samples": len(values)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Figures and the markdown section
 # ----------------------------------------------------------------------------------------------------------
 def save_figure(fig, path: Path) -> None:
@@ -635,6 +673,10 @@ def main(argv=None) -> dict:
     common.check_ranges(args, RANGES)
     sources = parse_named_paths(args.sources, "--sources", with_columns=True)
     runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
+    for r in runs:
+        r["prompt_style"] = "thinking"
+        if r["path"].endswith((":thinking", ":answer_only")):
+            r["path"], r["prompt_style"] = r["path"].rsplit(":", 1)
     run_plans = {r["name"]: run_checkpoints(r["path"], r["name"]) for r in runs}
     device = args.device or common.default_device()
     out_dir = Path(args.output_dir)
@@ -652,6 +694,10 @@ def main(argv=None) -> dict:
     probe_set = common.load_rows(args.probes, args.probe_split,
                                  required=(args.probe_prompt_column, args.probe_answer_column))
     probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
+    kl_rows = []
+    if args.kl_data and runs:
+        kl_set = common.load_rows(args.kl_data, args.kl_split, required=("prompt", "prompt_no_think", "images"))
+        kl_rows = [kl_set[i] for i in range(min(args.kl_puzzles, len(kl_set)))]
 
     # ---- model ---------------------------------------------------------------------------------------------
     n_samples = args.n_train * len(sources) + args.n_probe
@@ -829,16 +875,20 @@ def main(argv=None) -> dict:
         del backup
         timings["exact_s"] = time.time() - t0
 
-    # ---- probe tracking over each run's checkpoints (forward passes only) -------------------------------------
+    # ---- probe tracking over each run's checkpoints (forward passes only), and the KL on the new task -------
     if run_plans:
         t0 = time.time()
         base_curve = [s["token_logprobs"].sum().item() for s in probe_base]
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        if kl_rows:
+            base_model = model  # the reference of KL(tuned || base)
+        else:
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         results["tracking"] = {}
         for run, plan in run_plans.items():
-            steps, labels, logprobs = [0], ["base"], [base_curve]
+            steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
+            style = next(r for r in runs if r["name"] == run)["prompt_style"]
             for step, label, folder in tqdm(plan, desc=f"track {run}", leave=False):
                 checkpoint = common.load_model(str(folder), "fp32" if args.precision == "fp64" else args.precision,
                                                device=device)
@@ -846,6 +896,11 @@ def main(argv=None) -> dict:
                     checkpoint.to(torch.float64)
                 checkpoint.eval()
                 logprobs.append(probe_logprobs(checkpoint, probe_batches))
+                if kl_rows:
+                    column = "prompt" if style == "thinking" else "prompt_no_think"
+                    kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
+                                       [common.row_images(r) for r in kl_rows], args.kl_samples,
+                                       args.max_completion_length)["kl"])
                 steps.append(step)
                 labels.append(label)
                 del checkpoint
@@ -855,6 +910,8 @@ def main(argv=None) -> dict:
                 "logprob": table.tolist(), "mean_logprob": table.mean(1).tolist(),
                 "q25_logprob": table.quantile(0.25, dim=1).tolist(),
                 "q75_logprob": table.quantile(0.75, dim=1).tolist()}
+            if kl_rows:
+                results["tracking"][run]["task_kl"] = kls
         timings["tracking_s"] = time.time() - t0
 
     # ---- save ------------------------------------------------------------------------------------------------

@@ -154,12 +154,12 @@ def prior_section(run: Path, results: dict, out_dir: Path) -> tuple[list[str], d
 
 def sources_section(run: Path) -> list[str]:
     src = run / "data" / "sources"
-    ppl = read_json(src / "perplexity.json")
+    # One perplexity per source: analyze.py scores every row of each source under the base model.
+    dynamics = read_json(run / "analysis" / "dynamics.json") or {}
+    entries = {name: {"rows": d.get("perplexity_rows"), "mean_nll": d.get("mean_nll"), "perplexity": d.get("perplexity")}
+               for name, d in (dynamics.get("sources") or {}).items()}
     lines = ["## 3. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
              "|---|---|---|---|---|"]
-    entries = {}
-    if isinstance(ppl, dict):
-        entries = ppl.get("sources", ppl)
     for name in ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated"):
         stats = read_json(src / name / "stats.json") or {}
         e = entries.get(name, {}) if isinstance(entries, dict) else {}
@@ -246,6 +246,70 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
                    "procedural images for minutes on a CPU. They check that the pipeline measures the paper's "
                    "quantities end to end; they are not evidence about Qwen2.5-VL.")
     return out + [""]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forgetting at equal skill: each method's curve of (jigsaw accuracy, prior knowledge) along its checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def prior_score(results: dict | None) -> float | None:
+    """Mean headline score over the prior-knowledge benchmarks measured in % (a benchmark declares its unit;
+    MME's /2800 and OCRBench's /1000 would dominate a plain mean), jigsaw excluded."""
+    if not results:
+        return None
+    values = []
+    for name, entry in (results.get("benchmarks") or {}).items():
+        if name == "jigsaw":
+            continue
+        unit = entry.get("unit", "/2800" if name == "mme" else "/1000" if name == "ocrbench" else "%")
+        value = (entry.get("metrics") or {}).get(entry.get("headline", "accuracy"))
+        if unit == "%" and isinstance(value, (int, float)) and not math.isnan(value):
+            values.append(value)
+    return sum(values) / len(values) if values else None
+
+
+def jigsaw_accuracy(results: dict | None) -> float | None:
+    metrics = ((results or {}).get("benchmarks") or {}).get("jigsaw", {}).get("metrics", {})
+    return metrics.get("accuracy")
+
+
+def value_at_accuracy(curve: list[tuple[float, float, float]], level: float) -> float | None:
+    """The prior-knowledge score where a method first reaches jigsaw accuracy `level`, interpolated linearly
+    between the two checkpoints that bracket it. curve: [(step, accuracy, prior)] in step order, base first.
+    None when the curve never reaches the level.
+
+    Example: [(0, 0, 90), (10, 20, 80), (20, 60, 40)] at level 40 -> halfway between 80 and 40 -> 60."""
+    if not curve:
+        return None
+    if curve[0][1] >= level:
+        return curve[0][2]
+    for (_, acc0, prior0), (_, acc1, prior1) in zip(curve, curve[1:]):
+        if acc0 < level <= acc1:
+            return prior0 + (level - acc0) / (acc1 - acc0) * (prior1 - prior0)
+    return None
+
+
+def common_levels(curves: dict[str, list], count: int = 3) -> list[float]:
+    """Accuracy levels every method reached: evenly spaced up to the smallest of the methods' best accuracies
+    (and above the base's), so each method's forgetting is read at the same skill."""
+    if not curves:
+        return []
+    start = max(c[0][1] for c in curves.values() if c)
+    top = min(max(a for _, a, _ in c) for c in curves.values() if c)
+    if top <= start:
+        return []
+    return [round(start + (top - start) * k / count, 1) for k in range(1, count + 1)]
+
+
+def matched_forgetting(curves: dict[str, list], levels: list[float]) -> dict[str, dict[float, float | None]]:
+    """Forgetting (prior at base minus prior at that accuracy, in points) per method and level."""
+    out = {}
+    for method, curve in curves.items():
+        base_prior = curve[0][2]
+        out[method] = {}
+        for level in levels:
+            value = value_at_accuracy(curve, level)
+            out[method][level] = None if value is None or base_prior is None else base_prior - value
+    return out
 
 
 def main(argv=None):

@@ -103,6 +103,9 @@ case "$PRESET" in
   *) echo "run_all.sh: PRESET=$PRESET unknown; use toy, smoke, 3b or 7b" >&2; exit 2 ;;
 esac
 : "${RFT_MAX_NEW_TOKENS:=$MAX_NEW_TOKENS}"  # GRPO rollouts and the sources sampled from RFT checkpoints
+# Rows the SFT stages read from a sampled source (SFT_STEPS x BATCH_SIZE), plus a 10% margin: sampling stops
+# there (rollout_sft.py --max_rows) instead of walking every training puzzle.
+: "${ROLLOUT_MAX_ROWS:=$(( SFT_STEPS * BATCH_SIZE * 11 / 10 ))}"
 : "${RFT_SAVE_STEPS:=$RFT_EARLY_STEP}"   # rft.py checkpoints every N steps; the early one feeds rea_self_generated
 if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
   echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
@@ -218,12 +221,12 @@ stage_base() {
   base_sft "$RUN/base_pretrain/final" train "$RUN/base" "$BASE_STEPS" "$LR_BASE"
 }
 base_sft() {  # base_sft FROM SPLIT OUT STEPS LR: one sft.py run on a split of the toy prior-knowledge data
-  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --target_column completion \
+  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --completion_column completion \
     --output_dir "$3" --max_steps "$4" --lr "$5" --warmup_ratio 0.05 --min_lr_ratio 0.1 --save_steps "$4" \
     "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
 }
 stage_data() {
-  $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \
+  $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --output_dir "$DATA/jigsaw" \
     --image_size "$JIGSAW_IMAGE_SIZE" --max_side "$JIGSAW_IMAGE_SIZE"
 }
 eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
@@ -233,20 +236,20 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
 stage_eval_base() { eval_model base "$MODEL" thinking; }
 stage_sft_non_rea() {
   fresh "$RUN/sft_non_rea"
-  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --target_column target_non_rea \
+  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
     --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
 }
 stage_rft() {
   fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
-    --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
-    --max_new_tokens "$RFT_MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
+    --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
+    --max_completion_length "$RFT_MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" \
     --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
-  if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \
-      --max_new_tokens "$RFT_MAX_NEW_TOKENS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
-      --out "$DATA/sources/$1"; then
+  if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$3" --temperature "$TEMPERATURE" \
+      --max_completion_length "$RFT_MAX_NEW_TOKENS" --max_rows "$ROLLOUT_MAX_ROWS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
+      --output_dir "$DATA/sources/$1"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
@@ -260,18 +263,16 @@ sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the che
 stage_sources() {
   local src=$DATA/sources
   fresh "$src"
-  $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --out "$src/non_rea"
-  $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --out "$src/rea_external"
+  $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --output_dir "$src/non_rea"
+  $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --output_dir "$src/rea_external"
   sampled_source rea_grpo_rollout "$RUN/rft/final" "$ROLLOUT_K"
   # The early checkpoint's own reasoning with the right answer attached (the paper: accuracy < 5%).
-  sampled_source rea_self_generated "$RUN/rft/checkpoint-$RFT_EARLY_STEP/model" "$ROLLOUT_K"
-  $PY rollout_sft.py --perplexity --model "$MODEL" "${PIX[@]}" --out "$src/perplexity.json" \
-    --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated"
+  sampled_source rea_self_generated "$RUN/rft/checkpoint-$RFT_EARLY_STEP" "$ROLLOUT_K"
 }
 stage_sft_sources() {
   fresh "$RUN/sft_rea_external" "$RUN/sft_rea_grpo_rollout" "$RUN/sft_rea_self_generated"
   for s in rea_external rea_grpo_rollout rea_self_generated; do
-    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --target_column completion \
+    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --completion_column completion \
       --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
   done
 }
@@ -290,7 +291,7 @@ stage_analyze() {
     [ -d "$probes" ] || $PY eval.py --export_probes "$probes" --benchmarks "$BENCHMARKS" \
       --limit $(( (ANALYZE_N + 5) / 6 )) "${PIX[@]}"
   fi
-  $PY analyze.py --model "$MODEL" --out_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
+  $PY analyze.py --model "$MODEL" --output_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     --probes "$probes" \

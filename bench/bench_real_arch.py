@@ -76,7 +76,7 @@ def main(argv=None):
     del model
     torch.cuda.empty_cache()
     build_s = time.time() - t0
-    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="3x3", train=64, test=8, out=str(out / "data"),
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="3x3", train=64, test=8, output_dir=str(out / "data"),
                                           image_size=args.image_size))
     results = {"config": args.config, "parameters": params, "build_s": build_s}
 

@@ -219,7 +219,7 @@ def main(argv=None):
         model_path = str(toy.build_toy_model(str(workdir / "toy"), size="tiny", seed=0))
     if not data_path:
         data_path = str(workdir / "jigsaw")
-        jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=32, test=4, out=data_path,
+        jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=32, test=4, output_dir=data_path,
                                               image_size=56))
     if torch.cuda.is_available():
         # cuBLAS keeps a workspace per handle (forward thread, autograd's backward thread) allocated through the

@@ -9,6 +9,7 @@ import torch
 
 import analyze
 import common
+from conftest import perturbed_copy
 
 LM_PARAMS = "model.language_model.*,lm_head.*"
 
@@ -285,3 +286,50 @@ def test_full_gradients_of_3b_refused_before_loading(jigsaw_data, prior_data, tm
                       f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea", "--probes", str(prior_data),
                       "--output_dir", str(tmp_path / "o")])
     assert "--proj_dim 8" in capsys.readouterr().err
+
+
+def test_task_kl_equals_the_enumerated_kl(toy_model_dir, jigsaw_data):
+    """RL's Razor's KL(tuned || base) on the new task: for one-token completions the estimate is exact (the full
+    vocabulary at the only position); for two tokens it matches the KL enumerated over every first token."""
+    model, processor = common.load_model_and_processor(str(toy_model_dir))
+    model.eval()
+    tuned = perturbed_copy(model)
+    rows = [common.load_rows(str(jigsaw_data), "test")[i] for i in range(2)]
+    prompts, images = [r["prompt"] for r in rows], [common.row_images(r) for r in rows]
+
+    def first_position(m, prompt_batch, completion_ids):
+        batch = common.append_completions(prompt_batch, completion_ids, processor.tokenizer.pad_token_id)
+        return torch.log_softmax(common.completion_logits(m, batch).double(), -1)  # [N, T, V]
+
+    torch.manual_seed(0)
+    estimate = analyze.task_kl(tuned, model, processor, prompts, images, num_samples=3, max_completion_length=1)
+    exact = []
+    with torch.no_grad():
+        for p, im in zip(prompts, images):
+            prompt_batch = common.build_batch(processor, [p], [im])
+            lt, lb = first_position(tuned, prompt_batch, [[0]])[0, 0], first_position(model, prompt_batch, [[0]])[0, 0]
+            exact.append(float((lt.exp() * (lt - lb)).sum()))
+    assert estimate["samples"] == 6 and estimate["kl"] == pytest.approx(sum(exact) / 2, rel=1e-4)
+
+    # two tokens, one puzzle: enumerate every first token y1 (eos ends the sequence there)
+    eos = processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        prompt_batch = common.build_batch(processor, prompts[:1], images[:1])
+        vocab = tuned.config.text_config.vocab_size
+        lt1 = first_position(tuned, prompt_batch, [[0]])[0, 0]
+        lb1 = first_position(model, prompt_batch, [[0]])[0, 0]
+        second = torch.zeros(vocab, dtype=torch.float64)
+        # vision tokens are never sampled (common.generate suppresses them) and cannot follow a prompt
+        never = {getattr(tuned.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+        for start in range(0, vocab, 256):
+            ids = [[v if v not in never else 0, 0] for v in range(start, min(vocab, start + 256))]
+            many = common.select_rows(prompt_batch, [0] * len(ids))
+            lt2, lb2 = first_position(tuned, many, ids)[:, 1], first_position(model, many, ids)[:, 1]
+            second[start:start + len(ids)] = (lt2.exp() * (lt2 - lb2)).sum(-1)
+        second[eos] = 0.0
+        second[list(never)] = 0.0
+        exact2 = float((lt1.exp() * ((lt1 - lb1) + second)).sum())
+    torch.manual_seed(1)
+    sampled = analyze.task_kl(tuned, model, processor, prompts[:1], images[:1], num_samples=300,
+                              max_completion_length=2, batch_size=1)
+    assert sampled["kl"] == pytest.approx(exact2, rel=0.1), (sampled, exact2)

@@ -309,7 +309,7 @@ def image_hash(image) -> str:
 
 
 def test_procedural_build_deterministic_and_splits_disjoint():
-    args = jigsaw.BuildArgs(source="procedural", grid="2x3", train=10, test=5, out="unused", seed=7, image_size=48)
+    args = jigsaw.BuildArgs(source="procedural", grid="2x3", train=10, test=5, output_dir="unused", seed=7, image_size=48)
     first, second = jigsaw.build_rows(args), jigsaw.build_rows(args)
     assert [len(first["train"]), len(first["test"])] == [10, 5]
     for split in ("train", "test"):
@@ -419,7 +419,7 @@ def test_cli_help_lists_options():
     result = subprocess.run([sys.executable, "jigsaw.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    for option in ("--source", "--grid", "--train", "--test", "--out", "--strict_images"):
+    for option in ("--source", "--grid", "--train", "--test", "--output_dir", "--strict_images"):
         assert option in result.stdout
     flat = " ".join(result.stdout.split())
     assert "ROWSxCOLS of the puzzle (the paper: 3x3)" in flat  # field docstrings are the help
@@ -429,12 +429,12 @@ def test_cli_help_lists_options():
 def test_cli_main_builds_a_dataset(tmp_path):
     from datasets import load_from_disk
     out = tmp_path / "jig"
-    jigsaw.main(["--source", "procedural", "--grid", "3x2", "--train", "3", "--test", "2", "--out", str(out),
+    jigsaw.main(["--source", "procedural", "--grid", "3x2", "--train", "3", "--test", "2", "--output_dir", str(out),
                  "--image_size", "48", "--convention", "index_to_position", "--tiles"])
     dataset = load_from_disk(str(out))
     row = dataset["train"][0]
     assert (row["rows"], row["cols"], row["convention"], len(row["images"])) == (3, 2, "index_to_position", 6)
     assert not (tmp_path / "jig.tmp").exists()
     with pytest.raises(SystemExit):  # a clear message, no traceback
-        jigsaw.main(["--grid", "3x", "--out", str(tmp_path / "bad")])
+        jigsaw.main(["--grid", "3x", "--output_dir", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()

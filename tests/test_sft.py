@@ -28,7 +28,7 @@ def _run(toy_model_dir, data, out, *extra):
 def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
     import jigsaw
     data = tmp_path / "few"
-    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=6, test=2, out=str(data),
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=6, test=2, output_dir=str(data),
                                           image_size=56))
     # 150 steps: with the image tokens at their 3D M-RoPE positions, 100 steps memorised 5 of the 6 (measured)
     final = _run(toy_model_dir, data, tmp_path / "run", "--max_steps", "150", "--batch_size", "6", "--lr", "3e-3",
