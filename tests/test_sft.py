@@ -208,3 +208,18 @@ def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw
         assert first["two"][key] == pytest.approx(first["one"][key], rel=1e-5), key
     two, before = _weights(tmp_path / "two" / "final"), _weights(toy_model_dir)
     assert any(not torch.equal(two[n], before[n]) for n in two)
+
+
+def test_report_to_tensorboard_logs_the_scalars(toy_model_dir, jigsaw_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    _run(toy_model_dir, jigsaw_data, out, "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3",
+         "--report_to", "tensorboard")
+    events = list((out / "tracking").rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    losses = [e.value for e in accumulator.Scalars("loss")]
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(logged, rel=1e-6)  # the same numbers as metrics.jsonl, which stays the record
