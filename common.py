@@ -736,6 +736,7 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
 #   final/            save_pretrained of the last step (same dtype as the snapshots)
 RUN_FILE, RESUME_DIR = "run.json", "resume"
 TRAINING_OUTPUTS = (RUN_FILE, "metrics.jsonl", RESUME_DIR, "final", "completions.jsonl", "tracking", OUTPUT_MARKER)
+TRAINING_OUTPUT_GLOBS = ("checkpoint-*", "completions.rank*.jsonl", ".*.tmp", ".*.old")
 
 
 def snapshot_dtype(precision: str) -> torch.dtype:
@@ -766,7 +767,7 @@ def save_resume_state(accelerator, output_dir, step: int, extra: dict) -> Path:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra})
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "environment": environment()})
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -845,8 +846,7 @@ def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: boo
             for name in TRAINING_OUTPUTS:
                 target = output_dir / name
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-            for target in list(output_dir.glob("checkpoint-*")) + list(output_dir.glob(".*.tmp")) \
-                    + list(output_dir.glob(".*.old")):
+            for target in [t for pattern in TRAINING_OUTPUT_GLOBS for t in output_dir.glob(pattern)]:
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

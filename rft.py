@@ -490,7 +490,8 @@ def completion_records(step: int, rows: list[dict], batch: dict, args: Args) -> 
             samples.append({"text": batch["texts"][i], "reward": float(batch["scores"]["reward"][i]),
                             "hit": float(batch["scores"]["hit"][i]), "acc": float(batch["scores"]["acc"][i]),
                             "fmt": float(batch["scores"]["fmt"][i]), "advantage": float(batch["advantages"][i]),
-                            "truncated": bool(batch["truncated"][i]), "tokens": len(batch["completion_ids"][i])})
+                            "truncated": bool(batch["truncated"][i]), "tokens": len(batch["completion_ids"][i]),
+                            "completion_ids": list(batch["completion_ids"][i])})
         out.append({"step": step, "puzzle_id": row.get("id"), "answer": list(row["answer"]), "completions": samples})
     return out
 
@@ -568,8 +569,11 @@ def main(argv=None) -> dict:
                                                  if isinstance(v, (int, float, str, bool))})
     logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                   accelerator=accelerator)
-    completions_log = common.MetricsLogger(output_dir / "completions.jsonl",
-                                           enabled=accelerator.is_main_process and args.log_completions > 0)
+    # Every process records what it sampled (rank r > 0 in completions.rank{r}.jsonl): N GPUs must show N
+    # different sets of puzzles and completions.
+    completions_log = common.MetricsLogger(
+        output_dir / ("completions.jsonl" if rank == 0 else f"completions.rank{rank}.jsonl"),
+        enabled=args.log_completions > 0)
     snapshot_dtype = common.snapshot_dtype(precision)
 
     def save(at_step: int, snapshot: bool = True) -> None:
@@ -614,7 +618,9 @@ def main(argv=None) -> dict:
             "reward_errors": scores["errors"],
             "completion_length": float(lengths.mean()), "truncated_share": float(batch["truncated"].float().mean()),
             "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
-            "loss": first["loss"], "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
+            # the step's loss over all processes (each rank's loss is normalised by the step's global counts)
+            "loss": float(accelerator.reduce(torch.tensor(first["loss"], device=accelerator.device), "mean")),
+            "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
                                                                            for p in update["passes"]) / len(update["passes"]),
             "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
             "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,

@@ -335,3 +335,31 @@ def test_dry_run_prints_plan_without_weights(capsys):
     rft.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--dry_run", "--optimizer", "adamw8bit"])
     out = capsys.readouterr().out
     assert "GRPO memory plan" in out and "3,754,622,976" in out and "generation KV cache" in out
+
+
+def test_two_processes_sample_different_puzzles_and_share_one_loss(toy_model_dir, jigsaw_data, tmp_path):
+    """Under accelerate launch each rank draws its own puzzles with its own sampling seed, and dapo divides by the
+    token count gathered over ranks: the logged loss of the step is the loss of one process on the union."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "rft.py"), "--model", str(toy_model_dir),
+         "--data", str(jigsaw_data), "--output_dir", str(out), "--max_steps", "1", "--beta", "0", "--loss_type", "dapo",
+         "--eval_steps", "0", "--log_completions", "2", "--no-gradient_checkpointing"] + TINY,
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (out / name).read_text().splitlines()]
+             for name in ("completions.jsonl", "completions.rank1.jsonl")]
+    ids = [{group["puzzle_id"] for group in rank} for rank in ranks]
+    assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]  # four different puzzles, not two twice
+    samples = [c for rank in ranks for group in rank for c in group["completions"]]
+    # mu = 1: ratio exactly 1, so each token's loss is -A of its sequence; over the union of both ranks
+    union = -sum(c["advantage"] * c["tokens"] for c in samples) / sum(c["tokens"] for c in samples)
+    logged = read_metrics(out / "metrics.jsonl")[0]["loss"]
+    assert logged == pytest.approx(union, rel=1e-5, abs=1e-7)
