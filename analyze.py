@@ -35,7 +35,8 @@ exist yet while you develop: tests/test_analyze.py builds tiny ones from the jig
     python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
 rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
-        --probes data/prior_probes --probe_answer greedy --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
+        --probes benchmarks:refcoco,docvqa,mme,mmstar,pope,mmmu --probe_limit 500 --probe_answer greedy \
+        --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
         --out_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
     # only the probe curves
     python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
@@ -73,7 +74,12 @@ class Args:
     source_split: str = "train"
     """split read from datasets folders among --sources (sft.py trains on train)"""
     probes: str = ""
-    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl"""
+    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl, or
+    benchmarks:NAME,NAME (rows of eval.py's benchmarks, the seeded subset it scores; see --probe_data)"""
+    probe_data: str = ""
+    """with --probes benchmarks:...: local copies NAME=PATH,... (as eval.py --data; toy_prior/jigsaw need one)"""
+    probe_limit: int = 0
+    """with --probes benchmarks:...: eval.py's --limit (the probes are drawn from the rows it scores; 0 = all)"""
     probe_split: str = "test"
     """split of --probes (toy.build_prior_dataset's held-out questions are in test)"""
     probe_prompt_column: str = "prompt"
@@ -680,8 +686,16 @@ def main(argv=None) -> dict:
             common.fail(f"--sources {entry['name']}={entry['path']}: no rows.")
         rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
         source_rows[entry["name"]] = (entry, rows)
-    probe_set = common.load_rows(args.probes, args.probe_split,
-                                 required=(args.probe_prompt_column, args.probe_answer_column))
+    if args.probes.startswith("benchmarks:"):  # rows of eval.py's benchmarks: id, images, prompt, answer, benchmark
+        import benchmarks
+        names = [n.strip() for n in args.probes.split(":", 1)[1].split(",") if n.strip()]
+        probe_set = benchmarks.probe_rows(names, benchmarks.parse_data_flag(args.probe_data, "--probe_data"),
+                                          args.probe_limit, args.seed, per_benchmark=-(-args.n_probe // max(1, len(names))))
+        if not probe_set:
+            common.fail(f"--probes {args.probes}: no rows selected (check --probe_limit and --probe_data).")
+    else:
+        probe_set = common.load_rows(args.probes, args.probe_split,
+                                     required=(args.probe_prompt_column, args.probe_answer_column))
     probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
 
     # ---- model ---------------------------------------------------------------------------------------------
