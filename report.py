@@ -313,9 +313,14 @@ def published_section(results: dict) -> list[str]:
                 flagged.append(name)
         lines.append(f"| {name} | {info['headline']} ({info['unit']}) | {fmt(measured)} | {fmt(b3)} | {fmt(b7)} | "
                      f"{fmt(paper_value)} | {'; '.join(notes)} | {status} |")
-    lines += ["", "Far off = more than 10 points (benchmarks in %) or 10% relative from the figure for this model. "
-              "Sources: " + "; ".join(sorted({benchmark_info(n, [e]).get("published_source", "") for n, e in entries.items()}
-                                            - {""})) + "."]
+    sources = []
+    for name, entry in entries.items():
+        info = benchmark_info(name, [entry])
+        if info.get("published"):
+            sources += [s.strip() for s in info.get("published_source", "").split(";") if s.strip()]
+    lines += ["", "Far off = more than 10 points (benchmarks in %) or 10% relative from the figure for this model."]
+    if sources:
+        lines.append("Sources of the published figures: " + "; ".join(dict.fromkeys(sources)) + ".")
     if flagged:
         lines.append(f"**Warning:** the base model is far from the published figures on {flagged}: check the "
                      "settings (pixel budget, token cap, data copy, precision) before comparing fine-tuned models.")
