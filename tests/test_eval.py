@@ -520,3 +520,34 @@ def test_probe_rows_are_the_evaluated_subset(prior_data):
     assert [(r["prompt"], r["answer"]) for r in rows] == [(test_rows[i]["prompt"], test_rows[i]["answer"]) for i in chosen]
     two = benchmarks.probe_rows(["toy_prior"], {"toy_prior": str(prior_data)}, limit=5, seed=0, per_benchmark=2)
     assert len(two) == 2 and {r["id"] for r in two} <= {r["id"] for r in rows}
+
+
+def test_each_benchmark_is_seen_at_its_own_pixel_budget(toy_model_dir):
+    """The processor is re-set per benchmark: the jigsaw task at the run's budget, a prior benchmark at its own."""
+    import common
+    processor = common.load_processor(str(toy_model_dir))
+    image = Image.new("RGB", (224, 224))
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for bench, args in ((R["jigsaw"], ev.Args(min_pixels=3136, max_pixels=3136)), (R["docvqa"], ev.Args())):
+        settings = ev.benchmark_settings(args, bench)
+        ev.set_pixel_budget(processor, settings["min_pixels"], settings["max_pixels"])
+        batch = common.build_batch(processor, ["x"], [[image]])
+        w, h = benchmarks.base.resized_size(224, 224, settings["min_pixels"], settings["max_pixels"])
+        assert int((batch["input_ids"] == pad).sum()) == (w // 28) * (h // 28)
+    assert (w, h) == (448, 448)   # docvqa: lmms-eval's min 256*28*28 upscales a 224x224 image
+
+
+def test_analyze_takes_benchmark_probes(toy_model_dir, prior_data, jigsaw_data, tmp_path):
+    """analyze.py --probes benchmarks:toy_prior --probe_data toy_prior=... --probe_limit N: its probes are rows
+    of the subset eval.py --limit N scores (what run_all.sh's analyze stage passes for the real presets)."""
+    import analyze
+    from datasets import load_from_disk
+    results = analyze.main(["--model", str(toy_model_dir), "--sources", f"x={jigsaw_data}:prompt_no_think:target_non_rea",
+                            "--source_split", "test", "--probes", "benchmarks:toy_prior", "--probe_data",
+                            f"toy_prior={prior_data}", "--probe_limit", "6", "--n_train", "2", "--n_probe", "3",
+                            "--no_first_order", "--no_exact", "--no_symmetry", "--no_track", "--out_dir",
+                            str(tmp_path / "analysis")])
+    assert results["n_probes"] == 3
+    test_rows = load_from_disk(str(prior_data))["test"]
+    evaluated = {f"toy_prior/{i}/0" for i in benchmarks.select_rows(test_rows, R["toy_prior"], 6, 0)}
+    assert {p["id"] for p in results["samples"]["probes"]} <= evaluated
