@@ -302,6 +302,10 @@ def main(argv=None) -> dict:
 
     # ---- data (every schema checked before the model is loaded) -------------------------------------------
     datasets_ = {name: benchmarks.open_data(REGISTRY[name], data.get(name)) for name in names}
+    empty = [name for name, dataset in datasets_.items() if len(dataset) == 0]
+    if empty:
+        common.fail(f"benchmark data of {empty} has no rows (split {[REGISTRY[n].split for n in empty]}); "
+                    "check the --data copy.")
 
     # ---- cache: what an earlier run into this folder wrote -------------------------------------------------
     output_dir.mkdir(parents=True, exist_ok=True)

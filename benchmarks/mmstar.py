@@ -66,7 +66,9 @@ BENCHMARK = Benchmark(
     name="mmstar", hub_id="Lin-Chen/MMStar", split="val",
     columns=("image", "question", "answer", "category", "l2_category"), build=build, score=score,
     aggregate=aggregate, headline="accuracy", unit="%", metric="accuracy %, macro mean over the 6 categories",
-    max_new_tokens=32,  # mmstar.yaml sets none (the model's default applies); a letter needs a few tokens
+    # mmstar's yamls set no cap, so lmms-eval's Qwen2.5-VL wrapper default applies (32768 tokens,
+    # models/simple/qwen2_5_vl.py); the answer is one letter, so 32 bounds a runaway answer without cutting one.
+    max_new_tokens=32,
     lmms_eval_task="mmstar", official="MMStar authors' exact_match rule (first character), macro mean over categories",
     published={QWEN_3B: 55.9, QWEN_7B: 63.9}, published_source=f"{MODEL_CARD_3B}; {MODEL_CARD_7B}",
     published_note="VLMEvalKit (Qwen's evaluation)")
