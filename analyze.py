@@ -35,7 +35,8 @@ exist yet while you develop: tests/test_analyze.py builds tiny ones from the jig
     python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
 rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
-        --probes data/prior_probes --probe_answer greedy --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
+        --probes benchmarks:refcoco,docvqa,mme,mmstar,pope,mmmu --probe_limit 500 --probe_answer greedy \
+        --runs sft_non_rea=runs/sft_non_rea:answer_only,rft=runs/rft --kl_data data/jigsaw \
         --output_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
     # only the probe curves
     python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
@@ -73,7 +74,12 @@ class Args:
     source_split: str = "train"
     """split read from datasets folders among --sources (sft.py trains on train)"""
     probes: str = ""
-    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl"""
+    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl, or
+    benchmarks:NAME,NAME (rows of eval.py's benchmarks, the seeded subset it scores; see --probe_data)"""
+    probe_data: str = ""
+    """with --probes benchmarks:...: local copies NAME=PATH,... (as eval.py --data; toy_prior/jigsaw need one)"""
+    probe_limit: int = 0
+    """with --probes benchmarks:...: eval.py's --limit (the probes are drawn from the rows it scores; 0 = all)"""
     probe_split: str = "test"
     """split of --probes (toy.build_prior_dataset's held-out questions are in test)"""
     probe_prompt_column: str = "prompt"
@@ -149,7 +155,7 @@ class Args:
 PROBE_ANSWERS = ("reference", "greedy")
 RANGES = {"n_train": ">= 1", "n_probe": ">= 1", "eta": "> 0", "exact_pairs": ">= 0", "proj_dim": ">= 0",
           "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0", "kl_puzzles": ">= 1",
-          "kl_samples": ">= 1"}
+          "kl_samples": ">= 1", "probe_limit": ">= 0"}
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -691,8 +697,16 @@ def main(argv=None) -> dict:
         rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
         source_rows[entry["name"]] = (entry, rows)
         source_data[entry["name"]] = dataset
-    probe_set = common.load_rows(args.probes, args.probe_split,
-                                 required=(args.probe_prompt_column, args.probe_answer_column))
+    if args.probes.startswith("benchmarks:"):  # rows of eval.py's benchmarks: id, images, prompt, answer, benchmark
+        import benchmarks
+        names = [n.strip() for n in args.probes.split(":", 1)[1].split(",") if n.strip()]
+        probe_set = benchmarks.probe_rows(names, benchmarks.parse_data_flag(args.probe_data, "--probe_data"),
+                                          args.probe_limit, args.seed, per_benchmark=-(-args.n_probe // max(1, len(names))))
+        if not probe_set:
+            common.fail(f"--probes {args.probes}: no rows selected (check --probe_limit and --probe_data).")
+    else:
+        probe_set = common.load_rows(args.probes, args.probe_split,
+                                     required=(args.probe_prompt_column, args.probe_answer_column))
     probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
     kl_rows = []
     if args.kl_data and runs:

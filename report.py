@@ -1,8 +1,8 @@
 """Write report.md for a finished run_all.sh run: the paper's tables and figures, for whatever preset ran.
 
-Reads what the stages wrote under --run (nothing is hard-coded; every sentence is computed from the files):
+Reads what the stages wrote under --run (nothing is hard-coded; every sentence is computed from the files) and
+writes report.md with its figures under report/ (compare.png/.json: the changes from the base model):
     eval/<method>/results.json        jigsaw accuracy and prior-knowledge benchmarks (eval.py)
-    report/compare.{json,md,png}      changes from the base model (eval.py --compare)
     <method>/metrics.jsonl            training curves and step counts (sft.py, rft.py)
     data/sources/*                    SFT data sources, their statistics and perplexity (rollout_sft.py)
     analysis/dynamics.{json,md}       learning dynamics (analyze.py)
@@ -125,31 +125,206 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
     return lines, accuracy
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Prior knowledge: changes from the base model (strict and lenient), and the base model vs published figures
+# ----------------------------------------------------------------------------------------------------------
+def benchmark_info(name: str, entries: list[dict]) -> dict:
+    """headline / unit / published figures of a benchmark: from the results files (eval.py writes them), else
+    from the benchmarks registry (results written before eval.py recorded them)."""
+    info = {}
+    try:
+        import benchmarks
+        bench = benchmarks.get(name)
+    except ImportError:
+        bench = None
+    if bench is not None:
+        info = {"headline": bench.headline, "unit": bench.unit, "published": bench.published,
+                "published_source": bench.published_source, "published_note": bench.published_note,
+                "paper_base": bench.paper_base, "min_pixels": bench.min_pixels, "max_pixels": bench.max_pixels,
+                "max_new_tokens": bench.max_new_tokens}
+    for entry in entries:
+        for key in ("headline", "unit", "published", "published_source", "published_note", "paper_base"):
+            if entry.get(key) not in (None, "", {}):
+                info[key] = entry[key]
+    info.setdefault("headline", "accuracy")
+    info.setdefault("unit", "%")
+    return info
+
+
+def compare_rows(results: dict) -> list[dict]:
+    """One row per benchmark: the headline metric of every method, strict ("metrics", the official reading)
+    and lenient ("metrics_lenient"), with its change from the base model. Pure function of the results files."""
+    methods = [m for m, _ in METHODS if results.get(m)]
+    names = []
+    for m in methods:
+        names += [b for b in results[m].get("benchmarks", {}) if b not in names]
+    rows = []
+    for name in names:
+        entries = {m: results[m]["benchmarks"][name] for m in methods if name in results[m].get("benchmarks", {})}
+        info = benchmark_info(name, list(entries.values()))
+        metric = info["headline"]
+        values = {m: e.get("metrics", {}).get(metric) for m, e in entries.items()}
+        lenient = {m: e.get("metrics_lenient", {}).get(metric) for m, e in entries.items()}
+        counts = {m: e.get("num_samples", e.get("metrics", {}).get("num_samples")) for m, e in entries.items()}
+
+        def deltas(table):
+            base = table.get("base")
+            return {m: (v - base if base is not None and v is not None else None) for m, v in table.items()
+                    if m != "base"}
+        rows.append({"benchmark": name, "metric": metric, "unit": info["unit"], "values": values,
+                     "deltas": deltas(values), "values_lenient": lenient, "deltas_lenient": deltas(lenient),
+                     "num_samples": counts, "same_samples": len(set(counts.values())) <= 1})
+    return rows
+
+
+def mean_percent_delta(rows: list[dict], method: str, key: str = "deltas") -> float | None:
+    """Mean change over benchmarks whose headline is a percentage (unit '%'): MME (/2800) and OCRBench (/1000)
+    would dominate a plain mean (with the paper's 7B deltas, SFT-Non-Rea: -54.3 over the four %, -414.3 with MME)."""
+    deltas = [r[key].get(method) for r in rows if r["unit"] == "%"]
+    deltas = [d for d in deltas if d is not None]
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def compare_plot(rows: list[dict], methods: list[str], path: Path) -> bool:
+    """One small bar chart per benchmark (strict Δ from base; scales differ: MME is out of 2800)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not rows or not methods:
+        return False
+    cols = min(4, len(rows))
+    n_rows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.8 * n_rows), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        deltas = [row["deltas"].get(m) or 0.0 for m in methods]
+        ax.bar(methods, deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{row['benchmark']} ({row['metric']}, {row['unit']})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("change from the base model (strict)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def prior_section(run: Path, results: dict, out_dir: Path) -> tuple[list[str], dict]:
-    compare = read_json(run / "report" / "compare.json") or {}
-    rows = [r for r in compare.get("rows", []) if r["benchmark"] != "jigsaw"]
+    rows = [r for r in compare_rows(results) if r["benchmark"] != "jigsaw"]
     methods = [m for m, _ in METHODS[1:]]
     lines = ["## 2. Prior knowledge: change from the base model", "",
-             "| benchmark | metric | base | " + " | ".join(f"Δ {m}" for m in methods) + " |",
-             "|---|---|---|" + "---|" * len(methods)]
-    mean_delta = {}
+             "Each cell: the strict score (the raw answer, read as lmms-eval and the benchmark's official script "
+             "read it) with its change from base in brackets; next to it the lenient score (the `<answer>` block, "
+             "or the text without `<think>`). **The tables, the mean and the findings use the strict scores.**", "",
+             "| benchmark | metric | base | base lenient | "
+             + " | ".join(f"{m} | {m} lenient" for m in methods) + " |",
+             "|---|---|---|---|" + "---|---|" * len(methods)]
     for row in rows:
-        cells = [row["benchmark"], row["metric"], fmt(row["values"].get("base"))]
-        cells += [fmt(row["deltas"].get(m), signed=True) for m in methods]
+        metric = row["metric"] + ("" if row["unit"] == "%" else f" ({row['unit']})")
+        cells = [row["benchmark"], metric, fmt(row["values"].get("base")), fmt(row["values_lenient"].get("base"))]
+        for m in methods:
+            for values, deltas in (("values", "deltas"), ("values_lenient", "deltas_lenient")):
+                value = row[values].get(m)
+                cells.append("-" if value is None else f"{fmt(value)} ({fmt(row[deltas].get(m), signed=True)})")
         lines.append("| " + " | ".join(cells) + " |")
-    for m in methods:
-        # Benchmarks in % only: MME (/2800) and OCRBench (/1000) would dominate a plain mean.
-        deltas = [r["deltas"].get(m) for r in rows if r["metric"] not in ("total_score", "score")]
-        deltas = [d for d in deltas if d is not None]
-        mean_delta[m] = sum(deltas) / len(deltas) if deltas else None
-    lines.append("| **mean Δ (benchmarks in %)** | | | " + " | ".join(fmt(mean_delta[m], signed=True) for m in methods)
-                 + " |")
-    if (run / "report" / "compare.png").exists():
-        lines += ["", f"![change from base]({os.path.relpath(run / 'report' / 'compare.png', out_dir)})"]
+    mean_delta = {m: mean_percent_delta(rows, m) for m in methods}
+    mean_lenient = {m: mean_percent_delta(rows, m, "deltas_lenient") for m in methods}
+    lines.append("| **mean Δ (benchmarks in %)** | | | | "
+                 + " | ".join(f"{fmt(mean_delta[m], signed=True)} | {fmt(mean_lenient[m], signed=True)}"
+                              for m in methods) + " |")
+    lines += ["", "The mean counts benchmarks whose unit is % only (MME is a total out of 2800, OCRBench a score "
+              "out of 1000)."]
+    uneven = [r["benchmark"] for r in rows if not r["same_samples"]]
+    if uneven:
+        lines.append(f"Warning: methods were scored on different numbers of samples for {uneven} (check EVAL_LIMIT).")
+    plot = run / "report" / "compare.png"
+    if compare_plot(rows, [m for m in methods if results.get(m)], plot):
+        lines += ["", f"![change from base]({os.path.relpath(plot, out_dir)})"]
+    common.write_json_atomic(run / "report" / "compare.json",
+                             {"base": "base", "rows": rows, "mean_delta_percent": mean_delta,
+                              "mean_delta_percent_lenient": mean_lenient, "tables_use": "strict"})
     lines += ["", "Paper (7B, Δ from base): RFT -0.6 RefCOCO, 0.0 DocVQA, -8 MME, +1.7 MMStar, -0.2 POPE; SFT-Non-Rea "
               "-57.2, -27.4, -1854, -62.8, -69.9; SFT-Rea-4o -37.5, -2.3, -249, -3.7, -12.1; SFT-Rea-GRPO-Rollout "
               "-8.6, -0.9, -126, -2.4, -3.1.", ""]
+    lines += published_section(results)
     return lines, mean_delta
+
+
+def far_off(measured: float, reference: float, unit: str) -> bool:
+    """A base model far from its published figure: > 10 points (for %) or > 10% relative."""
+    gap = abs(measured - reference)
+    return (unit == "%" and gap > 10) or (reference and gap / abs(reference) > 0.10)
+
+
+def published_section(results: dict) -> list[str]:
+    """The measured base scores next to Qwen's published Qwen2.5-VL-3B/7B-Instruct figures and the paper's own
+    base figure, with the settings that differ; a base far off is flagged before anyone compares fine-tuned
+    models against it."""
+    base = results.get("base") or {}
+    model = base.get("model", "")
+    lines = ["### Base model vs published figures", ""]
+    entries = {n: e for n, e in base.get("benchmarks", {}).items() if n != "jigsaw"}
+    if not entries:
+        return lines + ["(no base-model results)", ""]
+    try:
+        import benchmarks
+        lmms_pixels = (benchmarks.base.LMMS_EVAL_MIN_PIXELS, benchmarks.base.LMMS_EVAL_MAX_PIXELS)
+    except ImportError:
+        lmms_pixels = (None, None)
+    lines += [f"Measured: `{model}` (strict scores). Published: Qwen's figures for Qwen2.5-VL-3B/7B-Instruct; "
+              "paper: arXiv 2506.23508's own base figure.", "",
+              "| benchmark | metric | measured base | published 3B | published 7B | paper base | settings here | check |",
+              "|---|---|---|---|---|---|---|---|"]
+    flagged = []
+    for name, entry in entries.items():
+        info = benchmark_info(name, [entry])
+        published, paper = info.get("published") or {}, info.get("paper_base") or {}
+        measured = entry.get("metrics", {}).get(info["headline"])
+        b3, b7 = published.get("Qwen/Qwen2.5-VL-3B-Instruct"), published.get("Qwen/Qwen2.5-VL-7B-Instruct")
+        paper_value = paper.get(model)
+        if not published and not paper:
+            lines.append(f"| {name} | {info['headline']} | {fmt(measured)} | - | - | - | | no published figures |")
+            continue
+        s = entry.get("settings", {})
+        notes = []
+        if s.get("min_pixels") is not None:
+            default = (s.get("min_pixels"), s.get("max_pixels")) == lmms_pixels
+            notes.append(f"pixels {s.get('min_pixels')}-{s.get('max_pixels')}" + (" (lmms-eval default)" if default
+                                                                                  else " (not lmms-eval's)"))
+        if s.get("max_new_tokens") is not None:
+            own = info.get("max_new_tokens")
+            notes.append(f"cap {s['max_new_tokens']} tokens" + ("" if own in (None, s["max_new_tokens"])
+                                                                else f" (lmms-eval: {own})"))
+        notes.append(f"{entry.get('num_samples', '?')} samples" + (f" (--limit {s['limit']} subset)" if s.get("limit")
+                                                                   else ""))
+        if info.get("published_note"):
+            notes.append(f"published: {info['published_note']}")
+        reference = {"Qwen/Qwen2.5-VL-3B-Instruct": b3, "Qwen/Qwen2.5-VL-7B-Instruct": b7}.get(model)
+        checks = [(reference, "published")] + [(paper_value, "paper")]
+        status = "no published figure for this model"
+        if measured is not None and any(ref is not None for ref, _ in checks):
+            off = [f"{label} {fmt(ref)}" for ref, label in checks if ref is not None and far_off(measured, ref, info["unit"])]
+            status = f"**FAR OFF** ({', '.join(off)})" if off else "close"
+            if off:
+                flagged.append(name)
+        lines.append(f"| {name} | {info['headline']} ({info['unit']}) | {fmt(measured)} | {fmt(b3)} | {fmt(b7)} | "
+                     f"{fmt(paper_value)} | {'; '.join(notes)} | {status} |")
+    sources = []
+    for name, entry in entries.items():
+        info = benchmark_info(name, [entry])
+        if info.get("published"):
+            sources += [s.strip() for s in info.get("published_source", "").split(";") if s.strip()]
+    lines += ["", "Far off = more than 10 points (benchmarks in %) or 10% relative from the figure for this model."]
+    if sources:
+        lines.append("Sources of the published figures: " + "; ".join(dict.fromkeys(sources)) + ".")
+    if flagged:
+        lines.append(f"**Warning:** the base model is far from the published figures on {flagged}: check the "
+                     "settings (pixel budget, token cap, data copy, precision) before comparing fine-tuned models.")
+    return lines + [""]
 
 
 def sources_section(run: Path) -> list[str]:

@@ -194,8 +194,11 @@ print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin),
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
-EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --jigsaw_data "$DATA/jigsaw" "${PIX[@]}")
-[ "$BUILD_TOY_BASE" = 1 ] && EVAL_COMMON+=(--toy_prior_data "$RUN/toy/prior")
+# eval.py: the jigsaw task at the training stages' pixel budget (PIX) and token cap (MAX_NEW_TOKENS); every
+# prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py).
+EVAL_DATA="jigsaw=$DATA/jigsaw"
+[ "$BUILD_TOY_BASE" = 1 ] && EVAL_DATA+=",toy_prior=$RUN/toy/prior"
+EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --data "$EVAL_DATA" "${PIX[@]}")
 # name | model folder | jigsaw prompt style | training steps (for the report)
 MODELS=(
   "base|$MODEL|thinking"
@@ -230,8 +233,8 @@ stage_data() {
     --image_size "$JIGSAW_IMAGE_SIZE" --max_side "$JIGSAW_IMAGE_SIZE"
 }
 eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
-  $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --jigsaw_prompt "$3" "${EVAL_COMMON[@]}" \
-    --max_new_tokens "$MAX_NEW_TOKENS" --output "$RUN/eval/$1/results.json"
+  $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
+    --max_completion_length "$MAX_NEW_TOKENS" --output_dir "$RUN/eval/$1"
 }
 stage_eval_base() { eval_model base "$MODEL" thinking; }
 stage_sft_non_rea() {
@@ -283,24 +286,22 @@ stage_eval() {
   done
 }
 stage_analyze() {
-  local src=$DATA/sources probes=$RUN/toy/prior probe_answer=reference
+  local src=$DATA/sources probes=(--probes "$RUN/toy/prior") probe_answer=reference
   if [ "$BUILD_TOY_BASE" != 1 ]; then
-    # Probes: a few questions of each prior-knowledge benchmark, answered by the base model itself (greedy),
-    # since references such as RefCOCO boxes are not in the model's own words.
-    probes=${PROBES:-$DATA/probes}; probe_answer=greedy
-    [ -d "$probes" ] || $PY eval.py --export_probes "$probes" --benchmarks "$BENCHMARKS" \
-      --limit $(( (ANALYZE_N + 5) / 6 )) "${PIX[@]}"
+    # Probes: questions of each prior-knowledge benchmark (drawn from the seeded EVAL_LIMIT subset eval.py
+    # scores), answered by the base model itself (greedy), since references such as RefCOCO boxes are not in
+    # the model's own words. PROBES=folder overrides them with a probe set of your own.
+    if [ -n "${PROBES:-}" ]; then probes=(--probes "$PROBES"); else
+      probes=(--probes "benchmarks:$BENCHMARKS" --probe_limit "$EVAL_LIMIT"); fi
+    probe_answer=greedy
   fi
   $PY analyze.py --model "$MODEL" --output_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
-    --probes "$probes" \
+    "${probes[@]}" \
     --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
-stage_report() {
-  local compare=()
-  for entry in "${MODELS[@]}"; do IFS='|' read -r name folder style <<< "$entry"; compare+=("$name=$RUN/eval/$name/results.json"); done
-  $PY eval.py --compare "${compare[@]}" --out_dir "$RUN/report"
+stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
   $PY report.py --run "$RUN" --preset "$PRESET" --out "$RUN/report.md"
 }
 
