@@ -333,7 +333,7 @@ def sources_section(run: Path) -> list[str]:
     dynamics = read_json(run / "analysis" / "dynamics.json") or {}
     entries = {name: {"rows": d.get("perplexity_rows"), "mean_nll": d.get("mean_nll"), "perplexity": d.get("perplexity")}
                for name, d in (dynamics.get("sources") or {}).items()}
-    lines = ["## 3. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
+    lines = ["## 4. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
              "|---|---|---|---|---|"]
     for name in ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated"):
         stats = read_json(src / name / "stats.json") or {}
@@ -355,7 +355,7 @@ def sources_section(run: Path) -> list[str]:
 def dynamics_section(run: Path, out_dir: Path) -> tuple[list[str], dict]:
     md_path = run / "analysis" / "dynamics.md"
     dynamics = read_json(run / "analysis" / "dynamics.json") or {}
-    lines = ["## 4. Learning dynamics", ""]
+    lines = ["## 5. Learning dynamics", ""]
     if md_path.exists():
         text = md_path.read_text()
         rel = os.path.relpath(md_path.parent, out_dir)
@@ -375,7 +375,7 @@ def verdict(holds: bool, tie: bool) -> str:
 def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -> list[str]:
     """The paragraph stating what this run shows, computed from the numbers above (differences under 0.5
     points are called ties: a toy test split has a few hundred questions)."""
-    out = ["## 5. What this run shows", ""]
+    out = ["## 6. What this run shows", ""]
     acc = {k: v for k, v in accuracy.items() if v is not None}
     d = {k: v for k, v in mean_delta.items() if v is not None}
     if "rft" in acc and "sft_non_rea" in acc and "rft" in d and "sft_non_rea" in d:
@@ -487,6 +487,102 @@ def matched_forgetting(curves: dict[str, list], levels: list[float]) -> dict[str
     return out
 
 
+def method_curves(run: Path, base_results: dict | None) -> dict[str, list[tuple[int, float, float, str]]]:
+    """Per training method, [(step, jigsaw accuracy, prior score, label)] along its evaluated checkpoints
+    (eval/<method>/checkpoint-N/results.json, then eval/<method>/results.json for final/), the base first."""
+    base = (0, jigsaw_accuracy(base_results), prior_score(base_results), "base")
+    curves = {}
+    for method, _ in METHODS[1:]:
+        points = []
+        for path in (run / "eval" / method).glob("checkpoint-*/results.json"):
+            match = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+            results = read_json(path)
+            if match and results:
+                points.append((int(match.group(1)), jigsaw_accuracy(results), prior_score(results), path.parent.name))
+        final = read_json(run / "eval" / method / "results.json")
+        if final:
+            points.append((training_steps(run, method) or 0, jigsaw_accuracy(final), prior_score(final), "final"))
+        points = sorted(p for p in points if p[1] is not None and p[2] is not None)
+        if points and base[1] is not None and base[2] is not None:
+            curves[method] = [base] + points
+    return curves
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    return None if sx == 0 or sy == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
+
+
+def frontier_section(run: Path, results: dict, out_dir: Path) -> list[str]:
+    """RL's Razor's main plot (arXiv 2509.04259) for this run: prior knowledge against jigsaw accuracy along each
+    method's checkpoints, the forgetting of every method at accuracies all of them reached, and the KL on the
+    new task next to it. What makes a short RFT run comparable with a long SFT run."""
+    curves = method_curves(run, results.get("base"))
+    lines = ["## 3. Forgetting at equal skill", ""]
+    if not curves:
+        return lines + ["(no checkpoint evaluations under eval/<method>/checkpoint-N/: run the eval stage)", ""]
+    dynamics = read_json(run / "analysis" / "dynamics.json") or {}
+    tracking = dynamics.get("tracking") or {}
+    kl_at = {m: dict(zip(t.get("labels", []), t.get("task_kl", []))) for m, t in tracking.items() if t.get("task_kl")}
+    simple = {m: [(step, acc, prior) for step, acc, prior, _ in c] for m, c in curves.items()}
+    levels = common_levels(simple)
+    table = matched_forgetting(simple, levels)
+    base_prior = next(iter(curves.values()))[0][2]
+    lines += [f"Prior knowledge = mean strict score over the prior-knowledge benchmarks in % (base {base_prior:.1f}). "
+              "Each method is read where it first reaches each jigsaw accuracy level, interpolated linearly between "
+              "its two checkpoints around it; levels run up to the best accuracy every method reached.", ""]
+    if levels:
+        lines += ["| method | " + " | ".join(f"forgetting at {lv:.1f}% jigsaw" for lv in levels)
+                  + " | final jigsaw (%) | final forgetting | KL on the new task (final) |",
+                  "|---|" + "---|" * (len(levels) + 3)]
+    else:
+        lines += ["Not every method got above the base's jigsaw accuracy, so no common level exists: the runs "
+                  "cannot be compared at equal skill (an arm that did not learn is a failed run, not a data point).",
+                  "", "| method | final jigsaw (%) | final forgetting | KL on the new task (final) |", "|---|---|---|---|"]
+    xs, ys = [], []
+    for method, curve in curves.items():
+        final = curve[-1]
+        kl = kl_at.get(method, {})
+        cells = [fmt(table[method][lv]) for lv in levels] if levels else []
+        lines.append(f"| {method} | " + " | ".join(cells + [fmt(final[1]), fmt(base_prior - final[2]),
+                                                             fmt(kl.get(final[3]), 3)]) + " |")
+        for _, _, prior, label in curve[1:]:
+            if kl.get(label) is not None:
+                xs.append(kl[label])
+                ys.append(base_prior - prior)
+    r = pearson(xs, ys)
+    lines += ["", f"KL(tuned || base) on the new task, nats per completion (analyze.py, sampled jigsaw completions of "
+              f"each checkpoint); its correlation with forgetting over {len(xs)} checkpoints of all methods: "
+              f"Pearson {fmt(r, 2) if r is not None else '-'} (RL's Razor: forgetting tracks this KL).", ""]
+    png = run / "report" / "frontier.png"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, curve in curves.items():
+            ax.plot([p[1] for p in curve], [p[2] for p in curve], marker="o", label=method)
+        for lv in levels:
+            ax.axvline(lv, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("jigsaw exact accuracy (%)")
+        ax.set_ylabel("prior knowledge (mean %, strict)")
+        ax.set_title("Prior knowledge against new-task skill, along training")
+        ax.legend(fontsize=7)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png.with_name(png.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, png)
+        lines += [f"![frontier]({os.path.relpath(png, out_dir)})", ""]
+    except ImportError:
+        lines += ["(matplotlib is not installed: no figure)", ""]
+    return lines
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     run, out = Path(args.run), Path(args.out)
@@ -505,11 +601,12 @@ def main(argv=None):
     curves.parent.mkdir(parents=True, exist_ok=True)
     if training_curves(run, curves):
         lines += [f"![training curves]({os.path.relpath(curves, out.parent)})", ""]
+    lines += frontier_section(run, results, out.parent)
     lines += sources_section(run)
     dyn_lines, dynamics = dynamics_section(run, out.parent)
     lines += dyn_lines
     lines += conclusions(accuracy, mean_delta, dynamics, args.preset)
-    lines += ["## 6. Settings", "", "| variable | value |", "|---|---|"]
+    lines += ["## 7. Settings", "", "| variable | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(settings.items())]
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
     if timings:

@@ -110,6 +110,8 @@ esac
 if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
   echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
 fi
+: "${CURVE_LIMIT:=$EVAL_LIMIT}"   # rows per benchmark when scoring the checkpoints along training (0: all)
+: "${KL_PUZZLES:=16}" ; : "${KL_SAMPLES:=4}"   # RL's Razor's KL on the new task: test puzzles x samples per checkpoint
 : "${RUN:=runs/$PRESET}"
 DATA=$RUN/data
 mkdir -p "$RUN/logs" "$RUN/.done"
@@ -283,6 +285,15 @@ stage_eval() {
   for entry in "${MODELS[@]}"; do
     IFS='|' read -r name folder style <<< "$entry"
     eval_model "$name" "$folder" "$style"
+    # Forgetting is compared at equal skill: every model-only snapshot a training run saved (checkpoint-N/) is
+    # scored too, on the CURVE_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
+    # accuracies all methods reached (RL's Razor's frontier plot).
+    [ "$name" = base ] && continue
+    for ckpt in "$(dirname "$folder")"/checkpoint-*; do
+      [ -f "$ckpt/config.json" ] || continue
+      $PY eval.py --model "$ckpt" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$style" "${EVAL_COMMON[@]}" \
+        --limit "$CURVE_LIMIT" --max_completion_length "$MAX_NEW_TOKENS" --output_dir "$RUN/eval/$name/$(basename "$ckpt")"
+    done
   done
 }
 stage_analyze() {
@@ -299,7 +310,8 @@ stage_analyze() {
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     "${probes[@]}" \
-    --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
+    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" \
+    --runs "sft_non_rea=$RUN/sft_non_rea:answer_only,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
 stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
   $PY report.py --run "$RUN" --preset "$PRESET" --out "$RUN/report.md"

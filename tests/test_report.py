@@ -34,3 +34,36 @@ def test_prior_score_is_the_mean_of_percentage_benchmarks():
                               "mme": {"metrics": {"total": 2000.0}, "unit": "/2800", "headline": "total"}}}
     assert report.prior_score(results) == pytest.approx(70.0)
     assert report.jigsaw_accuracy(results) == 50.0
+
+
+def _results(acc, prior):
+    return {"benchmarks": {"jigsaw": {"metrics": {"accuracy": acc}, "headline": "accuracy", "unit": "%"},
+                           "toy_prior": {"metrics": {"accuracy": prior}, "headline": "accuracy", "unit": "%"}}}
+
+
+def test_frontier_section_reads_the_checkpoint_evaluations(tmp_path):
+    import json
+    run = tmp_path / "run"
+
+    def write(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    write(run / "eval" / "base" / "results.json", _results(0.0, 90.0))
+    write(run / "eval" / "rft" / "checkpoint-10" / "results.json", _results(20.0, 89.0))
+    write(run / "eval" / "rft" / "results.json", _results(40.0, 88.0))
+    write(run / "eval" / "sft_non_rea" / "checkpoint-5" / "results.json", _results(80.0, 50.0))
+    write(run / "eval" / "sft_non_rea" / "results.json", _results(100.0, 40.0))
+    for method, steps in (("rft", 20), ("sft_non_rea", 10)):
+        (run / method).mkdir(parents=True)
+        (run / method / "metrics.jsonl").write_text(json.dumps({"step": steps}) + "\n")
+    write(run / "analysis" / "dynamics.json", {"tracking": {
+        "rft": {"labels": ["base", "checkpoint-10", "final"], "task_kl": [0.0, 0.1, 0.2]},
+        "sft_non_rea": {"labels": ["base", "checkpoint-5", "final"], "task_kl": [0.0, 2.0, 3.0]}}})
+    results = {"base": json.loads((run / "eval" / "base" / "results.json").read_text())}
+    text = "\n".join(report.frontier_section(run, results, run))
+    # levels up to 40% (RFT's best); SFT at 40%: half-way from (0, 90) to (80, 50) -> forgetting 20
+    assert "forgetting at 40.0% jigsaw" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| rft") or
+            line.startswith("| sft_non_rea")}
+    assert rows["rft"].split("|")[4].strip() == "2.0" and rows["sft_non_rea"].split("|")[4].strip() == "20.0"
+    assert "over 4 checkpoints" in text and (run / "report" / "frontier.png").exists()
