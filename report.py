@@ -8,7 +8,7 @@ writes report.md with its figures under report/ (compare.png/.json: the changes 
     analysis/dynamics.{json,md}       learning dynamics (analyze.py)
     settings.json                     the preset's variables (run_all.sh)
 
-    python report.py --run runs/toy --preset toy --out runs/toy/report.md
+    python report.py --run_dir runs/toy --preset toy       # writes runs/toy/report.md
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ METHODS = [("base", "Base model"), ("rft", "RFT"), ("sft_non_rea", "SFT-Non-Rea"
 
 @dataclass
 class Args:
-    run: str = "runs/toy"
+    run_dir: str = "runs/toy"
     """the run folder run_all.sh wrote (RUN)"""
     preset: str = "toy"
     """the preset's name, for the title"""
-    out: str = "runs/toy/report.md"
-    """where report.md goes (figures are linked relative to it)"""
+    output_dir: str = ""
+    """where report.md goes (empty: --run_dir; figures are linked relative to it)"""
 
 
 def read_json(path: Path):
@@ -585,7 +585,11 @@ def frontier_section(run: Path, results: dict, out_dir: Path) -> list[str]:
 
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    run, out = Path(args.run), Path(args.out)
+    run = Path(args.run_dir)
+    if not run.is_dir() or not any((run / "eval").glob("*/results.json")):
+        common.fail(f"--run_dir {run}: no run folder with eval/<method>/results.json (run `bash run_all.sh`, or point "
+                    "at the RUN folder it wrote).")
+    out = Path(args.output_dir or run) / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {m: read_json(run / "eval" / m / "results.json") for m, _ in METHODS}
     settings = read_json(run / "settings.json") or {}

@@ -217,7 +217,7 @@ MODELS=(
 stage_base() {
   [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
   fresh "$RUN/toy" "$RUN/base_pretrain" "$RUN/base"
-  $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
+  $PY toy.py --output_dir "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
     --prior_test "$PRIOR_TEST"
   # Two SFT runs, like a real MLLM: perception first (direct questions), then instruction tuning (think format,
   # answer grids, jigsaw-format rows). From random init on the mix alone, the model learns the text and reads
@@ -314,7 +314,7 @@ stage_analyze() {
     --runs "sft_non_rea=$RUN/sft_non_rea:answer_only,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
 stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
-  $PY report.py --run "$RUN" --preset "$PRESET" --out "$RUN/report.md"
+  $PY report.py --run_dir "$RUN" --preset "$PRESET"
 }
 
 for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done

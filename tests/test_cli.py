@@ -6,13 +6,17 @@ import pytest
 
 import analyze
 import common
+import importlib
 import jigsaw
+import report
 import rft
 import rollout_sft
 import sft
+import toy
 
+evaluate = importlib.import_module("eval")  # the stage's file name shadows the builtin only as a module name
 STAGES = {"sft.py": sft.Args, "rft.py": rft.Args, "rollout_sft.py": rollout_sft.Args, "analyze.py": analyze.Args,
-          "jigsaw.py": jigsaw.BuildArgs}
+          "jigsaw.py": jigsaw.BuildArgs, "eval.py": evaluate.Args, "toy.py": toy.Args, "report.py": report.Args}
 # The old spellings of one concept each; the kit uses the name on the right everywhere.
 RETIRED = {"out": "output_dir", "output": "output_dir", "out_dir": "output_dir", "dtype": "precision",
            "k": "num_generations", "group_size": "num_generations", "no_think": "prompt_style",
@@ -55,8 +59,11 @@ BAD = {
                    ("--proj_dim", "-1"), ("--max_completion_length", "0"), ("--kl_samples", "0"),
                    ("--precision", "fp8")],
     "jigsaw.py": [("--train", "0"), ("--test", "0"), ("--image_size", "1"), ("--grid", "1x1")],
+    "eval.py": [("--limit", "-1"), ("--batch_size", "0"), ("--max_completion_length", "0"),
+                ("--prompt_style", "nope"), ("--precision", "fp8")],
 }
-MODULES = {"sft.py": sft, "rollout_sft.py": rollout_sft, "analyze.py": analyze, "jigsaw.py": jigsaw}
+MODULES = {"sft.py": sft, "rollout_sft.py": rollout_sft, "analyze.py": analyze, "jigsaw.py": jigsaw,
+           "eval.py": evaluate}
 CASES = [(stage, flag, value) for stage, cases in BAD.items() for flag, value in cases]
 
 
@@ -68,7 +75,9 @@ def test_bad_numbers_stop_before_any_model_loads(stage, flag, value, tmp_path, c
                                "--output_dir", str(tmp_path / "o")],
             "analyze.py": ["--model", str(tmp_path), "--sources", f"a={jigsaw_data}", "--probes", str(jigsaw_data),
                            "--output_dir", str(tmp_path / "o")],
-            "jigsaw.py": ["--output_dir", str(tmp_path / "o"), "--train", "2", "--test", "1"]}[stage]
+            "jigsaw.py": ["--output_dir", str(tmp_path / "o"), "--train", "2", "--test", "1"],
+            "eval.py": ["--model", str(tmp_path), "--benchmarks", "jigsaw", "--data", f"jigsaw={jigsaw_data}",
+                        "--output_dir", str(tmp_path / "o")]}[stage]
     with pytest.raises(SystemExit) as err:
         MODULES[stage].main(base + [flag, value])
     message = capsys.readouterr().err

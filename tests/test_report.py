@@ -67,3 +67,12 @@ def test_frontier_section_reads_the_checkpoint_evaluations(tmp_path):
             line.startswith("| sft_non_rea")}
     assert rows["rft"].split("|")[4].strip() == "2.0" and rows["sft_non_rea"].split("|")[4].strip() == "20.0"
     assert "over 4 checkpoints" in text and (run / "report" / "frontier.png").exists()
+
+
+def test_no_report_for_a_missing_or_empty_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for run in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as err:
+            report.main(["--run_dir", str(run)])
+        assert err.value.code == 2 and "no run folder" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report.md").exists()

@@ -81,7 +81,7 @@ def test_toy_run_says_no_published_figures(tmp_path):
     run = _write_run(tmp_path, base_model="runs/toy/base/final", base={"toy_prior": 70.0},
                      deltas={"sft_non_rea": {"toy_prior": -20.0}})
     out = run / "report.md"
-    report.main(["--run", str(run), "--preset", "toy", "--out", str(out)])
+    report.main(["--run_dir", str(run), "--preset", "toy"])
     text = out.read_text()
     assert re.search(r"^\| toy_prior \| accuracy \| 70\.0 \| - \| - \| - \| \| no published figures \|", text, re.M)
     assert "(-20.0)" in text
