@@ -511,12 +511,6 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_figures(results: dict, out_dir: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -660,42 +654,40 @@ def check_gradient_memory(model, args: Args, n_samples: int) -> None:
                     "projection), narrower --params, or --no_first_order.")
 
 
-def main(argv=None) -> dict:
-    args = common.parse_args(Args, __doc__, argv)
-    timings = {}
-    start = time.time()
-
-    # ---- config checks (before any model is loaded) --------------------------------------------------------
+def check_args(args: Args) -> None:
+    """Every check that needs no model: flags, ranges, names."""
     if args.probe_answer not in PROBE_ANSWERS:
         common.fail(f"--probe_answer {args.probe_answer!r}: choose one of {PROBE_ANSWERS}.")
     if not args.sources:
         common.fail("--sources is empty: give name=path[:prompt_col:target_col],... (e.g. non_rea=data/jigsaw).")
     if not args.probes:
         common.fail("--probes is empty: give the prior-knowledge probe set (e.g. runs/toy/prior).")
-    if args.eta <= 0 or args.n_train < 1 or args.n_probe < 1 or args.exact_pairs < 0 or args.proj_dim < 0:
-        common.fail("--eta must be > 0, --n_train/--n_probe >= 1, --exact_pairs/--proj_dim >= 0.")
     if args.precision not in ("fp32", "bf16", "fp16", "fp64"):
         common.fail(f"--precision {args.precision}: choose fp32, bf16, fp16 or fp64.")
     common.check_ranges(args, RANGES)
-    sources = parse_named_paths(args.sources, "--sources", with_columns=True)
+
+
+def parse_runs(args: Args) -> list[dict]:
+    """--runs entries name=run_dir[:prompt_style], each with its checkpoints (checked now, before any model)."""
     runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
     for r in runs:
         r["prompt_style"] = "thinking"
         if r["path"].endswith((":thinking", ":answer_only")):
             r["path"], r["prompt_style"] = r["path"].rsplit(":", 1)
-    run_plans = {r["name"]: run_checkpoints(r["path"], r["name"]) for r in runs}
-    device = args.device or common.default_device()
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        r["checkpoints"] = run_checkpoints(r["path"], r["name"])
+    return runs
 
-    # ---- data ----------------------------------------------------------------------------------------------
+
+def load_inputs(args: Args, sources: list[dict], runs: list[dict]) -> dict:
+    """The drawn training samples of each source (and the whole source, for its perplexity), the probes, and the
+    new-task puzzles of the KL: every data set opened and its columns checked before the model is loaded."""
     source_rows, source_data = {}, {}
     for entry in sources:
         dataset = load_source_rows(entry, args.source_split)
         if len(dataset) == 0:
             common.fail(f"--sources {entry['name']}={entry['path']}: no rows.")
-        rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
-        source_rows[entry["name"]] = (entry, rows)
+        source_rows[entry["name"]] = (entry, [dataset[i] for i in pick(len(dataset), args.n_train, args.seed,
+                                                                        entry["name"])])
         source_data[entry["name"]] = dataset
     if args.probes.startswith("benchmarks:"):  # rows of eval.py's benchmarks: id, images, prompt, answer, benchmark
         import benchmarks
@@ -707,14 +699,17 @@ def main(argv=None) -> dict:
     else:
         probe_set = common.load_rows(args.probes, args.probe_split,
                                      required=(args.probe_prompt_column, args.probe_answer_column))
-    probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
     kl_rows = []
     if args.kl_data and runs:
         kl_set = common.load_rows(args.kl_data, args.kl_split, required=("prompt", "prompt_no_think", "images"))
         kl_rows = [kl_set[i] for i in range(min(args.kl_puzzles, len(kl_set)))]
+    return {"source_rows": source_rows, "source_data": source_data, "kl_rows": kl_rows,
+            "probe_rows": [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]}
 
-    # ---- model ---------------------------------------------------------------------------------------------
-    n_samples = args.n_train * len(sources) + args.n_probe
+
+def load_base_model(args: Args, device: str, n_samples: int):
+    """The model whose dynamics are measured, in eval mode (no dropout: the exact step and the re-scoring must see
+    the same function), with only --params trainable."""
     if args.first_order and args.proj_dim == 0 and (args.model in common.REAL_CONFIGS or Path(args.model).is_dir()):
         check_gradient_memory(common.meta_model(args.model), args, n_samples)  # before minutes of loading
     model, processor = common.load_model_and_processor(
@@ -722,7 +717,7 @@ def main(argv=None) -> dict:
         max_pixels=args.max_pixels, device=device)
     if args.precision == "fp64":
         model.to(torch.float64)
-    model.eval()  # no dropout: the exact step and the re-scoring must see the same function
+    model.eval()
     named = dict(model.named_parameters())
     param_names = match_names(list(named), args.params)
     if not param_names:
@@ -733,8 +728,12 @@ def main(argv=None) -> dict:
         check_gradient_memory(model, args, n_samples)
     print(f"[analyze] {args.model}: {len(params)} parameter tensors stepped "
           f"({sum(p.numel() for p in params):,} values); device {device}")
+    return model, processor, params
 
-    # ---- samples: training sources and probes as one-sample batches -------------------------------------------
+
+def make_samples(args: Args, model, processor, inputs: dict, device: str) -> dict:
+    """Probes (with the reference or the model's own greedy answer) and training samples as one-sample batches."""
+    probe_rows = inputs["probe_rows"]
     probe_prompts = [r[args.probe_prompt_column] for r in probe_rows]
     probe_images = [common.row_images(r, data_base_dir(args.probes)) for r in probe_rows]
     if args.probe_answer == "greedy":
@@ -750,182 +749,231 @@ def main(argv=None) -> dict:
         probe_answers = [answer_string(r[args.probe_answer_column]) for r in probe_rows]
         probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_length)
                          for p, im, a in zip(probe_prompts, probe_images, probe_answers)]
-    probe_batches = [common.to_device(b, device) for b in probe_batches]
     train_batches = {}
-    for name, (entry, rows) in source_rows.items():
+    for name, (entry, rows) in inputs["source_rows"].items():
         train_batches[name] = [common.to_device(make_batch(processor, r[entry["prompt_column"]],
                                                            common.row_images(r, data_base_dir(entry["path"])),
                                                            str(r[entry["target_column"]]),
                                                            max_tokens=args.max_completion_length), device)
                                for r in rows]
+    return {"probe_batches": [common.to_device(b, device) for b in probe_batches], "probe_answers": probe_answers,
+            "train_batches": train_batches}
 
-    # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 -------------------------------------
+
+def source_perplexity(args: Args, model, processor, entry: dict, dataset) -> dict:
+    """Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy: over all
+    rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses (common.sequence_logprobs),
+    so the report shows one perplexity per source."""
     from tqdm import tqdm
-    k_exact = min(args.exact_pairs, args.n_probe, len(probe_batches)) if args.exact else 0
-    probe_base = [score_sample(model, b, keep_full=i < k_exact) for i, b in enumerate(probe_batches)]
+    count = min(args.perplexity_rows or len(dataset), len(dataset))
+    sums, counts = [], []
+    for begin in tqdm(range(0, count, 8), desc=f"perplexity {entry['name']}", leave=False):
+        chunk = [dataset[i] for i in range(begin, min(count, begin + 8))]
+        pairs = common.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
+                                         [common.row_images(r, data_base_dir(entry["path"])) for r in chunk],
+                                         [str(r[entry["target_column"]]) for r in chunk], batch_size=8)
+        sums += [lp for lp, _ in pairs]
+        counts += [c for _, c in pairs]
+    mean_nll, perplexity = common.token_weighted_nll(sums, counts)
+    return {"perplexity": perplexity, "mean_nll": mean_nll, "perplexity_rows": count, "perplexity_tokens": sum(counts)}
+
+
+def base_scores(args: Args, model, processor, inputs: dict, samples: dict, k_exact: int) -> dict:
+    """Log-probs, ||A(v)||_F^2 and ||G(u)||_F^2 of every sample under the base model, and each source's perplexity."""
+    from tqdm import tqdm
+    probe_base = [score_sample(model, b, keep_full=i < k_exact) for i, b in enumerate(samples["probe_batches"])]
     train_base = {name: [score_sample(model, b) for b in tqdm(batches, desc=f"score {name}", leave=False)]
-                  for name, batches in train_batches.items()}
-    results = {"config": asdict(args), "n_probes": len(probe_batches), "sources": {}, "samples": {}}
-    results["samples"]["probes"] = [
+                  for name, batches in samples["train_batches"].items()}
+    sources, records = {}, {"probes": [
         {"id": r.get("id", i), "answer": a, "tokens": len(s["token_logprobs"]),
          "logprob": s["token_logprobs"].sum().item(), "a_fro2": s["a_fro2"]}
-        for i, (r, a, s) in enumerate(zip(probe_rows, probe_answers, probe_base))]
+        for i, (r, a, s) in enumerate(zip(inputs["probe_rows"], samples["probe_answers"], probe_base))]}
     for name, scores in train_base.items():
+        entry, rows = inputs["source_rows"][name]
         tokens = [len(s["token_logprobs"]) for s in scores]
         logps = [s["token_logprobs"].sum().item() for s in scores]
-        # Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy:
-        # over all rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses, so the
-        # report shows one perplexity per source.
-        entry, dataset = source_rows[name][0], source_data[name]
-        count = min(args.perplexity_rows or len(dataset), len(dataset))
-        sums, counts = [], []
-        for begin in tqdm(range(0, count, 8), desc=f"perplexity {name}", leave=False):
-            chunk = [dataset[i] for i in range(begin, min(count, begin + 8))]
-            pairs = common.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
-                                             [common.row_images(r, data_base_dir(entry["path"])) for r in chunk],
-                                             [str(r[entry["target_column"]]) for r in chunk], batch_size=8)
-            sums += [lp for lp, _ in pairs]
-            counts += [c for _, c in pairs]
-        mean_nll, perplexity = common.token_weighted_nll(sums, counts)
-        results["sources"][name] = {
-            "path": entry["path"], "n": len(scores), "perplexity": perplexity, "mean_nll": mean_nll,
-            "perplexity_rows": count, "perplexity_tokens": sum(counts),
+        sources[name] = {
+            "path": entry["path"], "n": len(scores),
+            **source_perplexity(args, model, processor, entry, inputs["source_data"][name]),
             "perplexity_drawn": math.exp(-sum(logps) / max(1, sum(tokens))),
             "perplexity_per_sample": summary([math.exp(-lp / max(1, t)) for lp, t in zip(logps, tokens)]),
             "response_tokens": summary(tokens), "g_fro2": summary([s["g_fro2"] for s in scores])}
-        results["samples"][name] = [
-            {"id": r.get("id", i), "tokens": t, "logprob": lp, "g_fro2": s["g_fro2"]}
-            for i, (r, t, lp, s) in enumerate(zip(source_rows[name][1], tokens, logps, scores))]
+        records[name] = [{"id": r.get("id", i), "tokens": t, "logprob": lp, "g_fro2": s["g_fro2"]}
+                         for i, (r, t, lp, s) in enumerate(zip(rows, tokens, logps, scores))]
+    return {"probe_base": probe_base, "train_base": train_base, "sources": sources, "samples": records}
+
+
+def first_order_phase(args: Args, model, params, samples: dict, train_base: dict) -> dict:
+    """One backward pass per sample: first-order Delta, cosines and their sign distribution per source."""
+    probe_batches, train_batches = samples["probe_batches"], samples["train_batches"]
+    all_batches = probe_batches + [b for batches in train_batches.values() for b in batches]
+    grads, info = per_sample_gradients(model, all_batches, params, args.proj_dim, args.proj_modules, args.seed)
+    grads = grads.double()
+    grads_v, offset = grads[:len(probe_batches)], len(probe_batches)
+    scores_by_source, stats = {}, {}
+    for name, batches in train_batches.items():
+        grads_u = grads[offset:offset + len(batches)]
+        offset += len(batches)
+        tokens_u = torch.tensor([len(s["token_logprobs"]) for s in train_base[name]])
+        scores = first_order_delta(grads_v @ grads_u.T, tokens_u, args.eta)
+        cosines = cosine_matrix(grads_v, grads_u)
+        scores_by_source[name] = scores
+        stats[name] = {"first_order": summary(scores), "cosine": summary(cosines), "cosines": cosines.flatten().tolist(),
+                       "cosine_positive_share": float((cosines > 0).double().mean()),
+                       "cosine_negative_share": float((cosines < 0).double().mean()),
+                       "pairs_first_order": scores.tolist()}  # [probe][train sample]
+    return {"gradients": info, "scores": scores_by_source, "stats": stats}
+
+
+def exact_phase(args: Args, model, params, backup, samples: dict, base: dict, first_order: dict, k_exact: int) -> dict:
+    """Exact one-step influence on a K x K subset per source: Delta, LBK, and the calibration of the first-order
+    scores against these exact steps."""
+    from tqdm import tqdm
+    probe_batches, probe_base = samples["probe_batches"], base["probe_base"]
+    stats, exact_all, first_all = {}, [], []
+    for name, batches in samples["train_batches"].items():
+        pairs = []
+        for j in tqdm(range(min(k_exact, len(batches))), desc=f"exact {name}", leave=False):
+            after = exact_step(model, params, backup, batches[j], args.eta, probe_batches[:k_exact],
+                               keep_full=[True] * k_exact)
+            for i, after_v in enumerate(after):
+                record = {"probe": i, "train": j, **pair_record(probe_base[i], after_v,
+                                                                 base["train_base"][name][j]["g_fro2"])}
+                if name in first_order:
+                    record["first_order"] = first_order[name][i, j].item()
+                pairs.append(record)
+        s = {"exact_pairs": pairs, "exact_delta": summary([p["delta"] for p in pairs]),
+             "lbk": summary([p["lbk"] for p in pairs]), "lbk_over_eta2": summary([p["lbk"] / args.eta ** 2 for p in pairs]),
+             "lbk_tokens": summary([p["lbk_tokens"] for p in pairs]),
+             "exact_positive_share": sum(p["delta"] > 0 for p in pairs) / len(pairs)}
+        if name in first_order:
+            e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
+            s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
+            exact_all += e
+            first_all += f
+        stats[name] = s
+    out = {"stats": stats}
+    if exact_all:
+        e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
+        out["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f),
+                              "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
+                              "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300)).median())}
+    return out
+
+
+def symmetry_phase(args: Args, model, params, backup, samples: dict, base: dict, exact: dict, k_exact: int) -> dict:
+    """Delta(u|v): step on probe v's SFT loss, re-score training sample u. With token-mean losses the first-order
+    terms are eta<g_u,g_v>/T_v and eta<g_v,g_u>/T_u, so T_v*Delta(u|v) ~ T_u*Delta(v|u)."""
+    from tqdm import tqdm
+    train_batches, probe_base, train_base = samples["train_batches"], base["probe_base"], base["train_base"]
+    pairs = []
+    targets = [(name, j) for name, batches in train_batches.items() for j in range(min(k_exact, len(batches)))]
+    for i in tqdm(range(k_exact), desc="symmetry", leave=False):
+        after = exact_step(model, params, backup, samples["probe_batches"][i], args.eta,
+                           [train_batches[n][j] for n, j in targets])
+        t_v = len(probe_base[i]["token_logprobs"])
+        for (name, j), after_u in zip(targets, after):
+            u_given_v = (after_u["token_logprobs"] - train_base[name][j]["token_logprobs"]).sum().item()
+            v_given_u = next(p["delta"] for p in exact["stats"][name]["exact_pairs"] if p["probe"] == i and p["train"] == j)
+            t_u = len(train_base[name][j]["token_logprobs"])
+            pairs.append({"source": name, "probe": i, "train": j, "delta_v_given_u": v_given_u,
+                          "delta_u_given_v": u_given_v, "normalised_v_given_u": t_u * v_given_u,
+                          "normalised_u_given_v": t_v * u_given_v})
+    a = torch.tensor([p["normalised_v_given_u"] for p in pairs], dtype=torch.float64)
+    b = torch.tensor([p["normalised_u_given_v"] for p in pairs], dtype=torch.float64)
+    return {"n": len(pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
+            "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300)).median()),
+            "pearson_raw": pearson([p["delta_v_given_u"] for p in pairs], [p["delta_u_given_v"] for p in pairs]),
+            "pairs": pairs}
+
+
+def tracking_phase(args: Args, base_model, processor, runs: list[dict], samples: dict, base: dict,
+                   kl_rows: list[dict], device: str) -> dict:
+    """Probe log-probs at every checkpoint of each run (forward passes only), and, with --kl_data, the KL from
+    the base to that checkpoint on the new task (RL's Razor)."""
+    from tqdm import tqdm
+    base_curve = [s["token_logprobs"].sum().item() for s in base["probe_base"]]
+    tracking = {}
+    for run in runs:
+        steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
+        column = "prompt" if run["prompt_style"] == "thinking" else "prompt_no_think"
+        for step, label, folder in tqdm(run["checkpoints"], desc=f"track {run['name']}", leave=False):
+            checkpoint = common.load_model(str(folder), "fp32" if args.precision == "fp64" else args.precision,
+                                           device=device)
+            if args.precision == "fp64":
+                checkpoint.to(torch.float64)
+            checkpoint.eval()
+            logprobs.append(probe_logprobs(checkpoint, samples["probe_batches"]))
+            if kl_rows:
+                kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
+                                   [common.row_images(r) for r in kl_rows], args.kl_samples,
+                                   args.max_completion_length)["kl"])
+            steps.append(step)
+            labels.append(label)
+            del checkpoint
+        table = torch.tensor(logprobs, dtype=torch.float64)
+        tracking[run["name"]] = {"path": run["path"], "steps": steps, "labels": labels, "logprob": table.tolist(),
+                                 "mean_logprob": table.mean(1).tolist(),
+                                 "q25_logprob": table.quantile(0.25, dim=1).tolist(),
+                                 "q75_logprob": table.quantile(0.75, dim=1).tolist(),
+                                 **({"task_kl": kls} if kl_rows else {})}
+    return tracking
+
+
+def main(argv=None) -> dict:
+    # ---- config: every check before any model is loaded ------------------------------------------------------
+    args = common.parse_args(Args, __doc__, argv)
+    check_args(args)
+    timings, start = {}, time.time()
+    sources = parse_named_paths(args.sources, "--sources", with_columns=True)
+    runs = parse_runs(args)
+    device = args.device or common.default_device()
+    out_dir = Path(args.output_dir)
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    inputs = load_inputs(args, sources, runs)
+
+    # ---- model and samples -----------------------------------------------------------------------------------
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor, params = load_base_model(args, device, args.n_train * len(sources) + args.n_probe)
+    samples = make_samples(args, model, processor, inputs, device)
+    k_exact = min(args.exact_pairs, args.n_probe, len(samples["probe_batches"])) if args.exact else 0
+
+    # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 --------------------------------------
+    base = base_scores(args, model, processor, inputs, samples, k_exact)
+    results = {"config": asdict(args), "environment": common.environment(), "n_probes": len(samples["probe_batches"]),
+               "sources": base["sources"], "samples": base["samples"]}
     timings["base_scores_s"] = time.time() - start
 
-    # ---- first-order scores: one backward pass per sample -----------------------------------------------------
+    # ---- first-order scores: one backward pass per sample ----------------------------------------------------
     first_order = {}
     if args.first_order:
         t0 = time.time()
-        all_batches = probe_batches + [b for batches in train_batches.values() for b in batches]
-        grads, info = per_sample_gradients(model, all_batches, params, args.proj_dim, args.proj_modules, args.seed)
-        grads = grads.double()
-        results["gradients"] = info
-        grads_v, offset = grads[:len(probe_batches)], len(probe_batches)
-        for name, batches in train_batches.items():
-            grads_u = grads[offset:offset + len(batches)]
-            offset += len(batches)
-            tokens_u = torch.tensor([len(s["token_logprobs"]) for s in train_base[name]])
-            inner = grads_v @ grads_u.T
-            scores = first_order_delta(inner, tokens_u, args.eta)
-            cosines = cosine_matrix(grads_v, grads_u)
-            first_order[name] = scores
-            s = results["sources"][name]
-            s["first_order"] = summary(scores)
-            s["cosine"] = summary(cosines)
-            s["cosines"] = cosines.flatten().tolist()
-            s["cosine_positive_share"] = float((cosines > 0).double().mean())
-            s["cosine_negative_share"] = float((cosines < 0).double().mean())
-            s["pairs_first_order"] = scores.tolist()  # [probe][train sample]
+        phase = first_order_phase(args, model, params, samples, base["train_base"])
+        results["gradients"], first_order = phase["gradients"], phase["scores"]
+        for name, stats in phase["stats"].items():
+            results["sources"][name].update(stats)
         timings["first_order_s"] = time.time() - t0
 
-    # ---- exact one-step influence (a K x K subset per source) and the symmetry check --------------------------
-    exact_all, first_all = [], []
+    # ---- exact one-step influence (a K x K subset per source) and the symmetry check -------------------------
     if k_exact > 0:
         t0 = time.time()
         set_trainable(model, params)
         backup = backup_params(params, args.backup_device if device != "cpu" else "cpu")
-        for name, batches in train_batches.items():
-            k_u = min(k_exact, len(batches))
-            pairs = []
-            for j in tqdm(range(k_u), desc=f"exact {name}", leave=False):
-                after = exact_step(model, params, backup, batches[j], args.eta, probe_batches[:k_exact],
-                                   keep_full=[True] * k_exact)
-                for i, after_v in enumerate(after):
-                    record = {"probe": i, "train": j, **pair_record(probe_base[i], after_v,
-                                                                     train_base[name][j]["g_fro2"])}
-                    if name in first_order:
-                        record["first_order"] = first_order[name][i, j].item()
-                    pairs.append(record)
-            s = results["sources"][name]
-            s["exact_pairs"] = pairs
-            s["exact_delta"] = summary([p["delta"] for p in pairs])
-            s["lbk"] = summary([p["lbk"] for p in pairs])
-            s["lbk_over_eta2"] = summary([p["lbk"] / args.eta ** 2 for p in pairs])
-            s["lbk_tokens"] = summary([p["lbk_tokens"] for p in pairs])
-            s["exact_positive_share"] = sum(p["delta"] > 0 for p in pairs) / len(pairs)
-            if name in first_order:
-                e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
-                s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
-                exact_all += e
-                first_all += f
-        if exact_all:
-            e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
-            results["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement":
-                                      sign_agreement(e, f), "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
-                                      "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300))
-                                                                     .median())}
+        exact = exact_phase(args, model, params, backup, samples, base, first_order, k_exact)
+        for name, stats in exact["stats"].items():
+            results["sources"][name].update(stats)
+        if "calibration" in exact:
+            results["calibration"] = exact["calibration"]
         if args.symmetry:
-            # Delta(u|v): step on probe v's SFT loss, re-score training sample u. With token-mean losses the
-            # first-order terms are eta<g_u,g_v>/T_v and eta<g_v,g_u>/T_u, so T_v*Delta(u|v) ~ T_u*Delta(v|u).
-            sym_pairs = []
-            targets = [(name, j) for name, batches in train_batches.items() for j in range(min(k_exact, len(batches)))]
-            for i in tqdm(range(k_exact), desc="symmetry", leave=False):
-                after = exact_step(model, params, backup, probe_batches[i], args.eta,
-                                   [train_batches[n][j] for n, j in targets])
-                t_v = len(probe_base[i]["token_logprobs"])
-                for (name, j), after_u in zip(targets, after):
-                    u_given_v = (after_u["token_logprobs"] - train_base[name][j]["token_logprobs"]).sum().item()
-                    v_given_u = next(p["delta"] for p in results["sources"][name]["exact_pairs"]
-                                     if p["probe"] == i and p["train"] == j)
-                    t_u = len(train_base[name][j]["token_logprobs"])
-                    sym_pairs.append({"source": name, "probe": i, "train": j, "delta_v_given_u": v_given_u,
-                                      "delta_u_given_v": u_given_v, "normalised_v_given_u": t_u * v_given_u,
-                                      "normalised_u_given_v": t_v * u_given_v})
-            a = torch.tensor([p["normalised_v_given_u"] for p in sym_pairs], dtype=torch.float64)
-            b = torch.tensor([p["normalised_u_given_v"] for p in sym_pairs], dtype=torch.float64)
-            results["symmetry"] = {
-                "n": len(sym_pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
-                "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300))
-                                                   .median()),
-                "pearson_raw": pearson([p["delta_v_given_u"] for p in sym_pairs],
-                                       [p["delta_u_given_v"] for p in sym_pairs]),
-                "pairs": sym_pairs}
+            results["symmetry"] = symmetry_phase(args, model, params, backup, samples, base, exact, k_exact)
         del backup
         timings["exact_s"] = time.time() - t0
 
-    # ---- probe tracking over each run's checkpoints (forward passes only), and the KL on the new task -------
-    if run_plans:
+    # ---- probe tracking over each run's checkpoints, and the KL on the new task ------------------------------
+    if runs:
         t0 = time.time()
-        base_curve = [s["token_logprobs"].sum().item() for s in probe_base]
-        if kl_rows:
-            base_model = model  # the reference of KL(tuned || base)
-        else:
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        results["tracking"] = {}
-        for run, plan in run_plans.items():
-            steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
-            style = next(r for r in runs if r["name"] == run)["prompt_style"]
-            for step, label, folder in tqdm(plan, desc=f"track {run}", leave=False):
-                checkpoint = common.load_model(str(folder), "fp32" if args.precision == "fp64" else args.precision,
-                                               device=device)
-                if args.precision == "fp64":
-                    checkpoint.to(torch.float64)
-                checkpoint.eval()
-                logprobs.append(probe_logprobs(checkpoint, probe_batches))
-                if kl_rows:
-                    column = "prompt" if style == "thinking" else "prompt_no_think"
-                    kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
-                                       [common.row_images(r) for r in kl_rows], args.kl_samples,
-                                       args.max_completion_length)["kl"])
-                steps.append(step)
-                labels.append(label)
-                del checkpoint
-            table = torch.tensor(logprobs, dtype=torch.float64)
-            results["tracking"][run] = {
-                "path": next(r["path"] for r in runs if r["name"] == run), "steps": steps, "labels": labels,
-                "logprob": table.tolist(), "mean_logprob": table.mean(1).tolist(),
-                "q25_logprob": table.quantile(0.25, dim=1).tolist(),
-                "q75_logprob": table.quantile(0.75, dim=1).tolist()}
-            if kl_rows:
-                results["tracking"][run]["task_kl"] = kls
+        results["tracking"] = tracking_phase(args, model, processor, runs, samples, base, inputs["kl_rows"], device)
         timings["tracking_s"] = time.time() - t0
 
     # ---- save ------------------------------------------------------------------------------------------------
@@ -933,7 +981,7 @@ def main(argv=None) -> dict:
     results["timings"] = timings
     results["figures"] = make_figures(results, out_dir)
     common.write_json_atomic(out_dir / "dynamics.json", results)
-    write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
+    common.write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
     print(f"[analyze] wrote {out_dir / 'dynamics.json'}, {out_dir / 'dynamics.md'} and "
           f"{len(results['figures'])} figures in {timings['total_s']:.1f}s")
     return results
