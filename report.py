@@ -372,10 +372,27 @@ def verdict(holds: bool, tie: bool) -> str:
     return "no difference, so this run cannot tell" if tie else ("agrees" if holds else "does not agree")
 
 
-def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -> list[str]:
+def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, matched: dict | None = None,
+                seeds: int = 1) -> list[str]:
     """The paragraph stating what this run shows, computed from the numbers above (differences under 0.5
-    points are called ties: a toy test split has a few hundred questions)."""
+    points are called ties: a toy test split has a few hundred questions). `matched`: {"levels": [...],
+    "table": {method: {level: forgetting}}} from the frontier section, the comparison at equal skill."""
     out = ["## 6. What this run shows", ""]
+    if matched and matched.get("levels"):
+        level = matched["levels"][-1]
+        row = {m: v.get(level) for m, v in matched["table"].items() if v.get(level) is not None}
+        if row:
+            order = ", ".join(f"{m} {v:.1f}" for m, v in sorted(row.items(), key=lambda kv: kv[1]))
+            out.append(f"- **At equal skill** (every method read where it first reached {level:.1f}% jigsaw "
+                       f"accuracy, section 3), forgetting in points, least first: {order}.")
+            if "rft" in row and "sft_non_rea" in row:
+                rft_less = row["rft"] < row["sft_non_rea"]
+                tie = abs(row["rft"] - row["sft_non_rea"]) < 0.5
+                out.append(f"  RFT forgot {'less' if rft_less else 'more'} than SFT-Non-Rea at that accuracy: "
+                           f"{verdict(rft_less, tie)} with the paper's finding 1.")
+    elif matched is not None:
+        out.append("- **No comparison at equal skill**: not every method rose above the base's jigsaw accuracy "
+                   "(section 3). The final-model comparisons below are of runs at different skill.")
     acc = {k: v for k, v in accuracy.items() if v is not None}
     d = {k: v for k, v in mean_delta.items() if v is not None}
     if "rft" in acc and "sft_non_rea" in acc and "rft" in d and "sft_non_rea" in d:
@@ -416,6 +433,9 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
                    "(rollouts lowest).")
     if len(out) == 2:
         out.append("- Not enough finished stages to compare the methods.")
+    if seeds <= 1:
+        out.append("- One seed: every ordering above is a single sample. `SEEDS=3 bash run_all.sh` repeats the "
+                   "training stages with three seeds and shows the spread.")
     if preset in ("toy", "smoke"):
         out.append(f"- These numbers come from the `{preset}` preset: a ~1M-parameter model trained from scratch on "
                    "procedural images for minutes on a CPU. They check that the pipeline measures the paper's "
@@ -517,7 +537,7 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return None if sx == 0 or sy == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
 
 
-def frontier_section(run: Path, results: dict, out_dir: Path) -> list[str]:
+def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | None = None) -> list[str]:
     """RL's Razor's main plot (arXiv 2509.04259) for this run: prior knowledge against jigsaw accuracy along each
     method's checkpoints, the forgetting of every method at accuracies all of them reached, and the KL on the
     new task next to it. What makes a short RFT run comparable with a long SFT run."""
@@ -531,6 +551,8 @@ def frontier_section(run: Path, results: dict, out_dir: Path) -> list[str]:
     simple = {m: [(step, acc, prior) for step, acc, prior, _ in c] for m, c in curves.items()}
     levels = common_levels(simple)
     table = matched_forgetting(simple, levels)
+    if matched is not None:
+        matched.update(levels=levels, table=table)
     base_prior = next(iter(curves.values()))[0][2]
     lines += [f"Prior knowledge = mean strict score over the prior-knowledge benchmarks in % (base {base_prior:.1f}). "
               "Each method is read where it first reaches each jigsaw accuracy level, interpolated linearly between "
@@ -605,11 +627,12 @@ def main(argv=None):
     curves.parent.mkdir(parents=True, exist_ok=True)
     if training_curves(run, curves):
         lines += [f"![training curves]({os.path.relpath(curves, out.parent)})", ""]
-    lines += frontier_section(run, results, out.parent)
+    matched = {}
+    lines += frontier_section(run, results, out.parent, matched)
     lines += sources_section(run)
     dyn_lines, dynamics = dynamics_section(run, out.parent)
     lines += dyn_lines
-    lines += conclusions(accuracy, mean_delta, dynamics, args.preset)
+    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched)
     lines += ["## 7. Settings", "", "| variable | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(settings.items())]
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
