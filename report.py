@@ -605,6 +605,40 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
     return lines
 
 
+def environment_block(run: Path, results: dict) -> list[str]:
+    """What ran, once at the top: package versions, device, CUDA, threads, the kit's commit (from the base
+    model's results.json, else a training run's run.json)."""
+    env = (results.get("base") or {}).get("environment")
+    for method, _ in METHODS[1:]:
+        if env:
+            break
+        env = (read_json(run / method / "run.json") or {}).get("environment")
+    if not env:
+        return ["Environment: not recorded.", ""]
+    packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
+    commit = env.get("git_commit") or "unknown"
+    dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
+    return [f"Environment: {env.get('device')}; CUDA {env.get('cuda') or '-'}, cuDNN {env.get('cudnn') or '-'}; "
+            f"{env.get('torch_threads')} torch threads; Python {env.get('python')}; {packages}; kit commit "
+            f"`{str(commit)[:12]}`{dirty}. Runs with another thread count or device can differ in the last digits.", ""]
+
+
+def completions_section(run: Path, count: int = 2) -> list[str]:
+    """A few things the RFT policy actually wrote (rft.py's completions.jsonl), first and last logged step: for a
+    format-sensitive reward the first thing to read."""
+    path = run / "rft" / "completions.jsonl"
+    groups = read_metrics(path)
+    if not groups:
+        return []
+    lines = [f"What the RFT policy wrote (from `{os.path.relpath(path, run)}`; reward = hit + acc + fmt):", ""]
+    for group in [groups[0], groups[-1]] if len(groups) > 1 else groups:
+        for sample in group["completions"][:count]:
+            text = sample["text"].replace("\n", " ").replace("|", "/").replace("`", "'")[:160]
+            lines.append(f"- step {group['step']}, puzzle {group['puzzle_id']} (answer {group['answer']}): reward "
+                         f"{sample['reward']:.2f}, advantage {sample['advantage']:+.2f}: `{text}`")
+    return lines + [""]
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     run = Path(args.run_dir)
@@ -620,6 +654,7 @@ def main(argv=None):
              "Paper: *Why Reinforcement Fine-Tuning Enables MLLMs Preserve Prior Knowledge Better: A Data Perspective* "
              f"(arXiv 2506.23508). Base model: `{settings.get('MODEL', (results.get('base') or {}).get('model', '?'))}`.",
              ""]
+    lines += environment_block(run, results)
     jig_lines, accuracy = jigsaw_section(run, results)
     prior_lines, mean_delta = prior_section(run, results, out.parent)
     lines += jig_lines + prior_lines
@@ -627,6 +662,7 @@ def main(argv=None):
     curves.parent.mkdir(parents=True, exist_ok=True)
     if training_curves(run, curves):
         lines += [f"![training curves]({os.path.relpath(curves, out.parent)})", ""]
+    lines += completions_section(run)
     matched = {}
     lines += frontier_section(run, results, out.parent, matched)
     lines += sources_section(run)

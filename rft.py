@@ -111,8 +111,11 @@ class Args:
     mask_truncated: bool = False
     """drop completions that hit --max_completion_length from the loss (DAPO's overlong filtering; TRL default off)"""
     micro_batch_size: int = 2
-    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size (measured
-    on an H100 with the 3B architecture, 256-token completions: 2 peaks at 61.6 GiB, 8 runs out of 80 GB)"""
+    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size. On an
+    H100 with the 3B architecture and 256-token completions, 2 peaked at 61.6 GiB and 8 ran out of 80 GB, both
+    measured while gradient checkpointing was silently off (rft.py never entered training mode, fixed since):
+    with it really on, larger chunks should fit (the --dry_run plan says 8 does) but that is not measured yet, so
+    the default stays at the value measured to fit"""
     max_grad_norm: float = 1.0
     """gradient clipping (HF Trainer / TRL default 1.0)"""
     weight_decay: float = 0.0
