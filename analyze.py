@@ -101,6 +101,8 @@ class Args:
     """puzzles of --kl_split (the first N) the KL is measured on"""
     kl_samples: int = 4
     """completions sampled per puzzle from the tuned model (temperature 1)"""
+    kl_max_completion_length: int = 512
+    """token cap of those sampled completions (the RFT rollouts' cap: Jigsaw-R1's 512)"""
     output_dir: str = "runs/analysis"
     """where dynamics.json, dynamics.md and the PNG figures go"""
     n_train: int = 16
@@ -155,7 +157,8 @@ class Args:
 PROBE_ANSWERS = ("reference", "greedy")
 RANGES = {"n_train": ">= 1", "n_probe": ">= 1", "eta": "> 0", "exact_pairs": ">= 0", "proj_dim": ">= 0",
           "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0", "kl_puzzles": ">= 1",
-          "kl_samples": ">= 1", "probe_limit": ">= 0"}
+          "kl_samples": ">= 1", "probe_limit": ">= 0",
+          "kl_max_completion_length": ">= 1"}
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -907,7 +910,7 @@ def tracking_phase(args: Args, base_model, processor, runs: list[dict], samples:
             if kl_rows:
                 kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
                                    [common.row_images(r) for r in kl_rows], args.kl_samples,
-                                   args.max_completion_length)["kl"])
+                                   args.kl_max_completion_length)["kl"])
             steps.append(step)
             labels.append(label)
             del checkpoint

@@ -76,7 +76,7 @@ case "$PRESET" in
       : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
       : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
       : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
-      MAX_NEW_TOKENS=16 ; RFT_MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1
+      MAX_NEW_TOKENS=16 ; RFT_MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1 ; : "${KL_PUZZLES:=4}" ; : "${KL_SAMPLES:=2}"
     fi
     ;;
   3b|7b)
@@ -310,7 +310,7 @@ stage_analyze() {
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     "${probes[@]}" \
-    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" \
+    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" --kl_max_completion_length "$RFT_MAX_NEW_TOKENS" \
     --runs "sft_non_rea=$RUN/sft_non_rea:answer_only,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
 stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
