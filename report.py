@@ -639,6 +639,55 @@ def completions_section(run: Path, count: int = 2) -> list[str]:
     return lines + [""]
 
 
+def seed_runs(run: Path) -> list[Path]:
+    """The run folder itself (seed 0) and the folders of the other seeds (run_all.sh SEEDS=N: RUN/seed1, ...)."""
+    others = sorted((p for p in run.glob("seed*") if (p / "eval").is_dir()), key=lambda p: p.name)
+    return [run] + others
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sd (min..max, n)' of the per-seed values; one value is shown alone."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1 seed)"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.1f} ± {sd:.1f} ({min(values):.1f}..{max(values):.1f}, {len(values)} seeds)"
+
+
+def seeds_section(run: Path, base_results: dict | None) -> tuple[list[str], int]:
+    """Mean and spread over seeds of each method's final jigsaw accuracy, its change of prior knowledge, and its
+    forgetting at the highest accuracy level every method reached in that seed."""
+    folders = seed_runs(run)
+    if len(folders) < 2:
+        return [], 1
+    per_method = {m: {"acc": [], "delta": [], "matched": []} for m, _ in METHODS[1:]}
+    for folder in folders:
+        base = read_json(folder / "eval" / "base" / "results.json") or base_results
+        curves = {m: [(st, a, p) for st, a, p, _ in c] for m, c in method_curves(folder, base).items()}
+        levels = common_levels(curves)
+        table = matched_forgetting(curves, levels[-1:]) if levels else {}
+        for method in per_method:
+            final = read_json(folder / "eval" / method / "results.json")
+            if final is None:
+                continue
+            per_method[method]["acc"].append(jigsaw_accuracy(final))
+            if prior_score(final) is not None and prior_score(base) is not None:
+                per_method[method]["delta"].append(prior_score(final) - prior_score(base))
+            if levels and table.get(method, {}).get(levels[-1]) is not None:
+                per_method[method]["matched"].append(table[method][levels[-1]])
+    lines = [f"### Seeds ({len(folders)}: {', '.join(str(f.relative_to(run)) if f != run else 'seed 0' for f in folders)})",
+             "", "| method | final jigsaw (%) | Δ prior (points) | forgetting at the top common level |",
+             "|---|---|---|---|"]
+    for method, v in per_method.items():
+        lines.append(f"| {method} | {spread(v['acc'])} | {spread(v['delta'])} | {spread(v['matched'])} |")
+    lines += ["", "Each seed repeats the training stages (its own data order and sampling); the base model, the data "
+              "and the benchmarks are shared. An ordering of methods holds only where the spreads do not overlap.", ""]
+    return lines, len(folders)
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     run = Path(args.run_dir)
@@ -665,10 +714,12 @@ def main(argv=None):
     lines += completions_section(run)
     matched = {}
     lines += frontier_section(run, results, out.parent, matched)
+    seed_lines, seeds = seeds_section(run, results.get("base"))
+    lines += seed_lines
     lines += sources_section(run)
     dyn_lines, dynamics = dynamics_section(run, out.parent)
     lines += dyn_lines
-    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched)
+    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched, seeds)
     lines += ["## 7. Settings", "", "| variable | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(settings.items())]
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}

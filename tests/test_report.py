@@ -76,3 +76,21 @@ def test_no_report_for_a_missing_or_empty_run(tmp_path, capsys):
             report.main(["--run_dir", str(run)])
         assert err.value.code == 2 and "no run folder" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.md").exists()
+
+
+def test_seeds_section_shows_mean_and_spread(tmp_path):
+    import json
+    run = tmp_path / "run"
+
+    def write(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    for folder, rft_acc in ((run, 40.0), (run / "seed1", 60.0)):
+        write(folder / "eval" / "base" / "results.json", _results(0.0, 90.0))
+        write(folder / "eval" / "rft" / "results.json", _results(rft_acc, 88.0))
+        write(folder / "eval" / "sft_non_rea" / "results.json", _results(100.0, 40.0))
+    lines, seeds = report.seeds_section(run, None)
+    text = "\n".join(lines)
+    assert seeds == 2
+    assert "| rft | 50.0 ± 14.1 (40.0..60.0, 2 seeds) | -2.0 ± 0.0 (-2.0..-2.0, 2 seeds) |" in text
+    assert report.seeds_section(tmp_path / "run" / "seed1", None) == ([], 1)  # one folder: no section
