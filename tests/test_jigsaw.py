@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import common
 import jigsaw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,3 +439,21 @@ def test_cli_main_builds_a_dataset(tmp_path):
     with pytest.raises(SystemExit):  # a clear message, no traceback
         jigsaw.main(["--grid", "3x", "--output_dir", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_output_dir_it_did_not_make_is_never_deleted(tmp_path, capsys):
+    """--output_dir over a run folder (checkpoints inside) stops with a message and deletes nothing; a data set
+    jigsaw.py made itself is rebuilt in place; --overwrite replaces anything, for the user who means it."""
+    run = tmp_path / "run"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
+    argv = ["--source", "procedural", "--grid", "2x2", "--train", "2", "--test", "1", "--image_size", "56"]
+    with pytest.raises(SystemExit) as err:
+        jigsaw.main(argv + ["--output_dir", str(run)])
+    assert err.value.code == 2 and "was not made by this kit" in capsys.readouterr().err
+    assert (run / "checkpoint-5" / "model.safetensors").read_bytes() == b"weights"
+    jigsaw.main(argv + ["--output_dir", str(tmp_path / "data")])
+    jigsaw.main(argv + ["--output_dir", str(tmp_path / "data"), "--train", "3"])  # its own: rebuilt
+    assert len(common.load_rows(str(tmp_path / "data"), "train")) == 3
+    jigsaw.main(argv + ["--output_dir", str(run), "--overwrite"])
+    assert not (run / "checkpoint-5").exists() and len(common.load_rows(str(run), "test")) == 1
