@@ -57,7 +57,9 @@ def parse_args(cls, description: str | None = None, argv=None):
     """Build an argparse parser from a dataclass: `--name value` per field, `--flag` / `--no_flag` for bools
     (the --no_ form is accepted but kept out of --help to keep it short)."""
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a retired flag such as --out must fail, not silently match --output_dir by its prefix.
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     try:
         import typing
@@ -711,15 +713,13 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
             state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        original_dtype = unwrapped.config.dtype if hasattr(unwrapped.config, "dtype") else None
-        if dtype is not None:
-            unwrapped.config.dtype = dtype  # config.json says what the files hold
-        try:
-            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        finally:
-            if dtype is not None:
-                unwrapped.config.dtype = original_dtype
+        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
+            name = str(dtype).replace("torch.", "")
+            config = json.loads((tmp / "config.json").read_text())
+            for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+                section["dtype"] = name
+            write_json_atomic(tmp / "config.json", config)
         processor.save_pretrained(str(tmp))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)

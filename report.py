@@ -401,8 +401,10 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
         out.append(
             f"- **Finding 1 (SFT learns fast but forgets; RFT keeps prior knowledge).** SFT-Non-Rea reached "
             f"{acc['sft_non_rea']:.1f}% jigsaw accuracy and changed prior knowledge by {d['sft_non_rea']:+.1f} points on "
-            f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. SFT-Non-Rea forgot "
-            f"{'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with the paper.")
+            f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. "
+            + ("Both changed it alike: this run cannot tell." if tie else
+               f"SFT-Non-Rea forgot {'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with "
+               "the paper."))
         if acc["rft"] <= acc.get("base", 0.0):
             out.append(f"  RFT did not learn the task here (jigsaw {acc['rft']:.1f}% vs base {acc.get('base', 0.0):.1f}%), "
                        "so this is not the paper's comparison of two runs that both learned it; its forgetting "
@@ -415,8 +417,9 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
         out.append(
             f"- **Finding 3 (the data matters).** SFT on correct RFT rollouts changed prior knowledge by "
             f"{d['sft_rea_grpo_rollout']:+.1f} (jigsaw {fmt(acc.get('sft_rea_grpo_rollout'))}%) against "
-            f"{d['sft_non_rea']:+.1f} for SFT-Non-Rea{ext_text}. Rollout data forgot "
-            f"{'less' if better else 'more'}: {verdict(better, tie)} with the paper.")
+            f"{d['sft_non_rea']:+.1f} for SFT-Non-Rea{ext_text}. "
+            + ("Both changed it alike: this run cannot tell." if tie else
+               f"Rollout data forgot {'less' if better else 'more'}: {verdict(better, tie)} with the paper."))
     sources = dynamics.get("sources", {}) if isinstance(dynamics, dict) else {}
     lbk = {k: v.get("lbk", {}).get("mean") for k, v in sources.items() if v.get("lbk", {}).get("mean") is not None}
     if "non_rea" in lbk and "rea_grpo_rollout" in lbk:
