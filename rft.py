@@ -21,9 +21,9 @@ Step 0 of a fresh run evaluates the starting model (exact, hit, format) and chec
 image (answer_image_mutual_information; stops below --min_answer_image_mi). The check alone:
     python rft.py --model runs/toy/base/final --data data/jigsaw_toy --output_dir runs/check --max_steps 0
 
-Outputs in --output_dir: metrics.jsonl (one line per step, plus eval lines; step 0 = the starting model), checkpoint-N/ (accelerate state,
-trainer_state.json with the data position and RNG states, and an HF copy in checkpoint-N/model), final/
-(save_pretrained model + processor).
+Outputs in --output_dir: metrics.jsonl (one line per step, plus eval lines; step 0 = the starting model),
+checkpoint-N/ (accelerate state, trainer_state.json with the data position and RNG states, and an HF copy in
+checkpoint-N/model), final/ (save_pretrained model + processor).
 """
 from __future__ import annotations
 
@@ -147,8 +147,8 @@ class Args:
     seeded sample of this many plus the true answers"""
     min_answer_image_mi: float = 0.1
     """stop at step 0 when MI(answer; image) is below this, in nats (0: never). Measured in the toy world
-    (issue 13): 0.04 for a base whose answer ignored the image, 0.98 for one that reads it; 0.1 is 3% of the
-    2x2 maximum log(24) = 3.18"""
+    (issue 13): 0.04 for the old base whose answer ignored the image, 1.38 for the toy preset's base (thinking
+    prompt, 2x2); 0.1 is 3% of the 2x2 maximum log(24) = 3.18"""
     resume: bool = False
     """continue from output_dir's latest checkpoint (weights, optimizer, schedule, data position, RNG)"""
     max_nonfinite: int = 3
@@ -444,8 +444,8 @@ def answer_candidates(answers: list[list[int]], num_candidates: int, seed: int =
         if tuple(answer) not in seen:
             seen.add(tuple(answer))
             candidates.append(list(answer))
-    sampled = 0
-    while sampled < num_candidates:
+    sampled, wanted = 0, min(num_candidates, math.factorial(n) - len(candidates))  # never more than exist
+    while sampled < wanted:
         perm = rng.sample(range(1, n + 1), n)
         if tuple(perm) not in seen:
             seen.add(tuple(perm))

@@ -238,7 +238,8 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
                         format_share: float = 0.0):
     """Three splits. `pretrain`: the direct questions only (one-word answers), the toy model's "pretraining"
     in perception; `train`: the instruction-tuning mix (the same questions, some in think format, colour grids
-    in the jigsaw answer format; jigsaw rows only with format_share > 0); `test`: held-out direct questions (the toy benchmark).
+    in the jigsaw answer format; jigsaw rows only with format_share > 0); `test`: held-out direct questions
+    (the toy benchmark).
     Why two stages: trained on the mix from random init, the 1M-parameter model spends its steps on the long
     text targets (think rows, grids: most of the loss tokens) and reads the image late. In our runs (small
     model, batch 32, lr 1e-3), 250 steps on the mix left colour questions near chance (42% overall on `test`);
