@@ -1,6 +1,7 @@
 """rft.py's step-0 check (issue 13): MI(answer; image) by hand, its candidate set, 0 for a model whose answer
 ignores the image, clearly positive for one that reads it, and the run that logs step 0 and stops on it."""
 import copy
+import itertools
 import json
 import math
 
@@ -32,6 +33,9 @@ def test_candidates_all_24_on_2x2_and_a_seeded_sample_with_the_true_answers_beyo
     assert all(a in sample for a in answers) and all(sorted(c) == list(range(1, 10)) for c in sample)
     assert rft.answer_candidates(answers, 24, seed=3)[0] == sample  # seeded
     assert rft.answer_candidates(answers, 24, seed=4)[0] != sample
+    # a sample never asks for more permutations than exist (23 true answers of 2x2 + a sample of 10 -> all 24)
+    many = [list(p) for p in itertools.permutations(range(1, 5))][:23]
+    assert len(rft.answer_candidates(many, 10)[0]) == 24
 
 
 @pytest.fixture(scope="module")
