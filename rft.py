@@ -28,6 +28,10 @@ Tiny CPU run (the offline toy world: `python toy.py --output_dir runs/toy/toy`, 
     python rft.py --model runs/toy/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \\
         --batch_size 2 --num_generations 4 --max_completion_length 32 --lr 1e-3 --optimizer adamw --eval_size 8
 
+Step 0 of a fresh run evaluates the starting model (exact, hit, format) and checks that its answer depends on the
+image (answer_image_mutual_information; stops below --min_answer_image_mi). The check alone:
+    python rft.py --model runs/toy/base/final --data data/jigsaw_toy --output_dir runs/check --max_steps 0
+
 Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl (one line per step, plus eval
 lines), completions.jsonl (what the policy wrote: a few groups with rewards and advantages at step 1 and every
 --eval_steps), checkpoint-N/ (model-only snapshots every --save_steps, bf16 on a GPU), resume/ (the one resume
@@ -38,6 +42,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
 import shutil
@@ -151,6 +156,15 @@ class Args:
     """puzzles of --eval_split scored at each evaluation (the first N: a fixed subset)"""
     eval_batch_size: int = 16
     """prompts per greedy generate call during evaluation"""
+    mi_puzzles: int = 32
+    """test puzzles of the step-0 check MI(answer; image) (0: skip it); a few dozen, as in issue 13"""
+    mi_candidates: int = 24
+    """candidate answers teacher-forced per puzzle: all n! when n! <= this (2x2: the 24 permutations), else a
+    seeded sample of this many plus the true answers"""
+    min_answer_image_mi: float = 0.1
+    """stop at step 0 when MI(answer; image) is below this, in nats (0: never). Measured in the toy world
+    (issue 13): 0.04 for the old base whose answer ignored the image, 1.38 for the toy preset's base (thinking
+    prompt, 2x2); 0.1 is 3% of the 2x2 maximum log(24) = 3.18"""
     resume: bool = False
     """continue the run in --output_dir from its resume state (weights, optimizer, schedule, data position, RNG);
     refused when the recorded settings differ"""
@@ -425,6 +439,155 @@ def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Step-0 check: does the starting model's answer depend on the image? (issue 13)
+# ----------------------------------------------------------------------------------------------------------
+# GRPO can only reinforce what the starting model already samples. A base whose jigsaw answer ignores the image
+# (the toy base of issue 13: one fixed think sentence, then a grid whose digits did not depend on the picture)
+# gives group rewards that differ by luck alone, and the run spends its steps on a noise gradient. The check
+# teacher-forces every candidate answer after the model's own greedy think text and asks how much the answer
+# distribution changes from one puzzle to the next.
+def answer_candidates(answers: list[list[int]], num_candidates: int, seed: int = 0) -> tuple[list[list[int]], bool]:
+    """One candidate set shared by every puzzle (so that the p_i live on one support and can be averaged):
+    all n! permutations when n! <= num_candidates (2x2: the 24 permutations, the identity included), else a
+    seeded sample of num_candidates distinct permutations plus every puzzle's true answer. Returns (candidates,
+    exhaustive)."""
+    n = len(answers[0])
+    if math.factorial(n) <= num_candidates:
+        return [list(p) for p in itertools.permutations(range(1, n + 1))], True
+    rng = random.Random(f"{seed}/answer-candidates")
+    seen, candidates = set(), []
+    for answer in answers:
+        if tuple(answer) not in seen:
+            seen.add(tuple(answer))
+            candidates.append(list(answer))
+    sampled, wanted = 0, min(num_candidates, math.factorial(n) - len(candidates))  # never more than exist
+    while sampled < wanted:
+        perm = rng.sample(range(1, n + 1), n)
+        if tuple(perm) not in seen:
+            seen.add(tuple(perm))
+            candidates.append(perm)
+            sampled += 1
+    return candidates, False
+
+
+def answer_distribution_mi(probs: torch.Tensor) -> float:
+    """MI(answer; image) in nats from p(answer | image_i) over a shared candidate set, [puzzles, candidates]:
+    mean_i KL(p_i || p_bar) with p_bar = mean_i p_i (the answer's marginal). 0 exactly when every puzzle gets
+    the same distribution; at most log(puzzles) and log(candidates).
+
+    Example: two puzzles, two candidates. p_1 = p_2 = [0.5, 0.5] -> MI 0. p_1 = [1, 0], p_2 = [0, 1] ->
+    p_bar = [0.5, 0.5], KL = log 2 each -> MI = log 2 = 0.693 nats (the answer names the image exactly)."""
+    probs = probs.double()
+    marginal = probs.mean(0, keepdim=True)
+    terms = torch.where(probs > 0, probs * (probs.clamp_min(1e-300).log() - marginal.clamp_min(1e-300).log()),
+                        torch.zeros_like(probs))
+    return float(terms.sum(1).mean())
+
+
+@torch.no_grad()
+def answer_image_mutual_information(model, processor, rows: list[dict], thinking: bool = True,
+                                    num_puzzles: int = 32, num_candidates: int = 24, max_new_tokens: int = 512,
+                                    batch_size: int = 16, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
+    """How much the model's jigsaw answer depends on the image, teacher-forced over candidate answers.
+
+    For each of the first `num_puzzles` rows: with the thinking prompt, the model first writes its own greedy
+    think text (everything up to and including its first </think>; "<think></think>" if it never closes one);
+    then every candidate answer c is scored as the completion  think + "\n" + "<answer>\n<grid of c>\n</answer>"
+    (answer-only prompt: the answer block alone), log p summed over the completion's tokens, and normalised over
+    the candidates: p_i(c) = p(c | image_i, think_i) / sum_c' p(c' | image_i, think_i). Candidates: the n!
+    permutations when n! <= num_candidates (2x2: all 24), else a seeded sample of num_candidates permutations
+    plus the true answers of the scored puzzles (an estimate on that subset, said in the result as
+    "exhaustive": false). Returns MI = mean_i KL(p_i || mean_j p_j) in nats, the mean p_i(true answer) against
+    chance 1 / (number of candidates), the share of puzzles whose most likely candidate is the true answer, and
+    the share of greedy think texts that closed </think>.
+
+    Reads: MI ~ 0 means the answer is one distribution whatever the picture (GRPO would reinforce luck); an
+    answer that names the pieces' homes has MI up to log(24) = 3.18 nats on 2x2.
+    """
+    rows = list(rows)[:num_puzzles]
+    if not rows:
+        raise ValueError("answer_image_mutual_information needs at least one jigsaw row.")
+    tokenizer = processor.tokenizer
+    column = "prompt" if thinking else "prompt_no_think"
+    answers = [list(r["answer"]) for r in rows]
+    candidates, exhaustive = answer_candidates(answers, num_candidates, seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    thinks, closed = [], 0
+    try:
+        if thinking:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                with autocast():
+                    out = common.generate(model, processor, [r[column] for r in chunk],
+                                          [common.row_images(r) for r in chunk], max_new_tokens=max_new_tokens,
+                                          do_sample=False)
+                for text in out["texts"]:
+                    end = text.find("</think>")
+                    closed += end >= 0
+                    thinks.append(text[:end + len("</think>")].lstrip() + "\n" if end >= 0 else "<think></think>\n")
+        else:
+            thinks = [""] * len(rows)
+        eos = tokenizer.eos_token
+        logps = []
+        for i, row in enumerate(rows):
+            prompt = common.build_batch(processor, [row[column]], [common.row_images(row)])
+            ids = [tokenizer(thinks[i] + jigsaw.target_answer_only(c, row["rows"], row["cols"]) + eos,
+                             add_special_tokens=False)["input_ids"] for c in candidates]
+            scores = []
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start:start + batch_size]
+                length = max(len(x) for x in chunk)
+                completion_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
+                completion_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+                for j, x in enumerate(chunk):
+                    completion_ids[j, :len(x)] = torch.tensor(x)
+                    completion_mask[j, :len(x)] = 1
+                with autocast():
+                    lp = common.shared_prefix_logprobs(model, common.to_device(common.model_inputs(prompt), device),
+                                                       torch.zeros(len(chunk), dtype=torch.long, device=device),
+                                                       completion_ids.to(device), completion_mask.to(device))
+                scores.append(lp.float().sum(1).cpu())
+            logps.append(torch.cat(scores))
+    finally:
+        model.train(was_training)
+    probs = torch.softmax(torch.stack(logps).double(), dim=1)
+    true_index = torch.tensor([candidates.index(a) for a in answers])
+    p_true = probs[torch.arange(len(rows)), true_index]
+    return {"answer_image_mi": answer_distribution_mi(probs), "answer_p_true": float(p_true.mean()),
+            "answer_p_chance": 1.0 / len(candidates), "answer_top1_true": float((probs.argmax(1) == true_index)
+                                                                                  .double().mean()),
+            "answer_mi_puzzles": len(rows), "answer_mi_candidates": len(candidates),
+            "answer_mi_exhaustive": exhaustive, "think_closed": closed / len(rows) if thinking else None}
+
+
+def step_zero_check(model, processor, eval_rows: list[dict], args: Args, logger, autocast) -> dict:
+    """Step 0 of a fresh run: the greedy evaluation and the answer;image MI of the starting model, logged to
+    metrics.jsonl as step 0; stops the run (common.fail) when MI < --min_answer_image_mi."""
+    result = {"step": 0, **evaluate(model, processor, eval_rows, args, autocast)}
+    if args.mi_puzzles > 0:
+        result.update(answer_image_mutual_information(
+            model, processor, eval_rows, thinking=args.prompt_style == "thinking", num_puzzles=args.mi_puzzles,
+            num_candidates=args.mi_candidates, max_new_tokens=args.max_completion_length,
+            batch_size=args.eval_batch_size, seed=args.seed, autocast=autocast))
+    logger.log(result)
+    mi = result.get("answer_image_mi")
+    print(f"[rft] step 0: exact {result['eval_accuracy']:.3f}, hit {result['eval_hit']:.3f}, format "
+          f"{result['eval_format_rate']:.3f} on {result['eval_size']} test puzzles"
+          + ("" if mi is None else f"; MI(answer; image) {mi:.3f} nats, p(true answer) "
+             f"{result['answer_p_true']:.3f} vs chance {result['answer_p_chance']:.3f}"), flush=True)
+    if mi is not None and mi < args.min_answer_image_mi:
+        common.fail(f"step 0: the model's jigsaw answer hardly depends on the image (MI(answer; image) = {mi:.3f} "
+                    f"nats < --min_answer_image_mi {args.min_answer_image_mi}; p(true answer) "
+                    f"{result['answer_p_true']:.3f} vs chance {result['answer_p_chance']:.3f}). GRPO would "
+                    f"reinforce luck: its group rewards differ by chance alone. Start from a model that reads the "
+                    f"pieces (for the toy world, rebuild the base: run_all.sh --from base), or pass "
+                    f"--min_answer_image_mi 0 to train anyway.")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
 def dry_run(args: Args, precision: str, ref_dtype: str) -> None:
@@ -456,10 +619,12 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "weight_decay": ">= 0", "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "save_steps": ">= 0",
           "save_total_limit": ">= 0", "eval_steps": ">= 0", "eval_size": ">= 0", "eval_batch_size": ">= 1",
           "max_nonfinite": ">= 1", "plan_prompt_length": ">= 1", "log_completions": ">= 0", "w_hit": ">= 0",
-          "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0"}
+          "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
+          "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0"}
 # Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
 OPERATIONAL = ("save_steps", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size", "max_nonfinite",
-               "report_to", "log_completions", "dry_run", "plan_prompt_length")
+               "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles", "mi_candidates",
+               "min_answer_image_mi")
 
 
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
@@ -557,7 +722,7 @@ def main(argv=None) -> dict:
                       f"{ref_dtype if ref_model is not None else 'none'}")
 
     # ------------------------------------------------------------------ resume
-    step, position, nonfinite_total = 0, 0, 0
+    step, position, nonfinite_total, last = 0, 0, 0, {}
     if resume_from is not None:
         state = common.load_resume_state(accelerator, resume_from)
         step, position = state["step"], state["data_position"]
@@ -588,10 +753,15 @@ def main(argv=None) -> dict:
             for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ step 0 (--max_steps 0: only this)
     policy = accelerator.unwrap_model(model)
+    if step == 0 and eval_rows:
+        last = step_zero_check(policy, processor, eval_rows, args, logger, accelerator.autocast)
+    if args.max_steps == 0:
+        return last
+
+    # ------------------------------------------------------------------ loop
     nonfinite_in_row = 0
-    last = {}
     bar = tqdm(total=args.max_steps, initial=step, desc="rft", disable=not accelerator.is_local_main_process)
     while step < args.max_steps:
         step += 1

@@ -11,6 +11,27 @@ Nothing here downloads anything. It makes:
 The toy *base* model is then made by sft.py itself, in two runs: the `pretrain` split (direct questions), then
 the `train` split (instruction tuning); see run_all.sh.
 
+How much jigsaw skill the base gets, and why (issue 13). Qwen2.5-VL scores 0% on 3x3 puzzles, but it sees the
+pieces, so GRPO has partly right behaviour to reinforce. The toy base must be like that: an answer that depends
+on the image and is better than chance, exact accuracy low, in the paper's thinking format. It gets:
+  * no jigsaw training at all (the `train` split holds no jigsaw prompt unless --format_share > 0). An earlier
+    base saw jigsaw prompts paired with RANDOM answers; that taught exactly "the answer does not depend on the
+    image" (MI(answer; image) 0.04 nats, p(true answer) at chance), and GRPO then reinforced luck.
+  * the nearest skill instead: the colour-grid question (write the colour code of each cell's shape in a 2x2
+    grid), asked with the jigsaw prompt's own format instructions word for word (jigsaw.GRID_FORMAT_*), with
+    and without thinking. Its codes (COLOR_CODES) name where a piece of that colour belongs in the gradient
+    images the toy jigsaw is cut from (jigsaw.procedural_image). On a jigsaw prompt the base falls back on that
+    skill: it thinks about the colours of the cells and writes a grid of positions.
+Measured on the toy preset's base (64 held-out 2x2 puzzles, greedy): exact 9.4%, hit 34.8% (25% by chance),
+format 46.9%, MI(answer; image) 1.38 nats, p(true answer) 0.20 against 1/24 = 0.042; prior knowledge 96.7%.
+What it does not have: its think text names the cells' colours only loosely (42% of its colour claims are the
+piece's nearest toy colour, 25% by chance) and its answer reads the image without following those claims.
+`--format_share` adds jigsaw rows (jigsaw_prior_row) whose think text is the true description of every piece
+and whose answer follows from it for the column only: a base that says true things and half-knows what they
+mean. Not used by the presets: measured once (share 0.15, the preset's base stages otherwise), its think text
+was 95% true, but its completions ran past the toy RFT's 64-token cap (format 0 at step 0) and prior knowledge
+fell to 80.3%, under the 90% the toy benchmark needs.
+
     python toy.py --output_dir runs/toy     # writes runs/toy/init (model+processor) and runs/toy/prior
 """
 from __future__ import annotations
@@ -19,7 +40,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageStat
 
 import jigsaw
 
@@ -50,10 +71,11 @@ CHAT_TEMPLATE = (
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
-THINK_INSTRUCTION = ("First think step by step inside <think> </think> tags, then give the final grid inside "
-                          "<answer> </answer> tags, one row per line, numbers separated by spaces.")
-PLAIN_INSTRUCTION = ("Give only the final grid inside <answer> </answer> tags, one row per line, numbers "
-                          "separated by spaces.")
+# The jigsaw prompt's own format instructions (jigsaw.GRID_FORMAT_*), word for word: the colour-grid rows share
+# them, so the thinking format the base learns on colour grids is the one the jigsaw prompt asks for.
+GRID_THINK_INSTRUCTION = jigsaw.GRID_FORMAT_THINKING
+GRID_PLAIN_INSTRUCTION = jigsaw.GRID_FORMAT_PLAIN
+# Think format for the one-word questions (their answer is a word, not a grid).
 THINK_INSTRUCTION = ("First think step by step inside <think> </think> tags, then give the final answer inside "
                      "<answer> </answer> tags.")
 
@@ -106,7 +128,9 @@ def make_scene(rng: random.Random, size: int = 112, full: bool = False,
     return image, objects
 
 
-COLOR_CODES = {name: i + 1 for i, name in enumerate(COLORS)}  # red=1, green=2, blue=3, yellow=4
+# The colour-grid codes name where a piece of that colour belongs in a jigsaw.procedural_image gradient (red
+# grows left->right, green top->bottom): the dark/blue corner is position 1, red 2, green 3, red+green (yellow) 4.
+COLOR_CODES = {"blue": 1, "red": 2, "green": 3, "yellow": 4}
 
 
 def color_grid_question(objects: list[dict]) -> dict:
@@ -115,7 +139,7 @@ def color_grid_question(objects: list[dict]) -> dict:
     but has never placed a jigsaw piece). The answer is a permutation of 1..4 (four distinct colours)."""
     by_quadrant = sorted(objects, key=lambda o: o["quadrant"])
     codes = [COLOR_CODES[o["color"]] for o in by_quadrant]
-    legend = ", ".join(f"{name}={code}" for name, code in COLOR_CODES.items())
+    legend = ", ".join(f"{name}={code}" for name, code in sorted(COLOR_CODES.items(), key=lambda kv: kv[1]))
     return {"category": "color_grid",
             "prompt": f"The image is divided into a 2x2 grid of cells numbered row by row:\n1 2\n3 4\nFor each "
                       f"cell, write the code of the colour of its shape ({legend}), in the same 2x2 layout.",
@@ -154,17 +178,34 @@ def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
 
-def format_row(rng: random.Random, k: int, split: str) -> dict:
-    """Instruction following on the jigsaw prompt, without the skill: a 2x2 puzzle whose target is a RANDOM
-    permutation in the <think>/<answer> format. Like Qwen2.5-VL (0% on jigsaw zero-shot, yet well-formed
-    answers), the toy base model then writes parseable grids at chance accuracy, so GRPO's reward varies
-    within a group from the first step."""
+def describe_piece(piece: Image.Image) -> tuple[str, bool, bool]:
+    """What the toy base's perception says about a jigsaw piece: how much red and how much green it holds (mean
+    of its pixels above or below half scale). True of the piece by construction; on a jigsaw.procedural_image
+    gradient, red says the column (red grows left->right) and green the row (green grows top->bottom)."""
+    mean_red, mean_green, _ = ImageStat.Stat(piece.convert("RGB")).mean
+    red, green = mean_red > 127.5, mean_green > 127.5
+    return f"{'much' if red else 'little'} red, {'much' if green else 'little'} green", red, green
+
+
+def jigsaw_prior_row(rng: random.Random, k: int, split: str) -> dict:
+    """The base's prior on the jigsaw prompt (thinking format): a 2x2 puzzle of a gradient image, its think text
+    the true description of every piece (describe_piece), its answer what the base can conclude from it: the
+    column of each piece's home from its red (right when much red), the row a coin flip per position (it has
+    not learnt what green means). So the answer depends on the image and gets the column right, half the
+    positions on average, while a whole puzzle is right only when all four coin flips are (1/16)."""
     image = jigsaw.procedural_image(rng.randrange(2 ** 31), 112)
     puzzle = jigsaw.make_puzzle(image, 2, 2, seed=rng.randrange(2 ** 31))
-    guess = rng.sample(range(1, 5), 4)
-    completion = f"<think>I compare the colours of the pieces.</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
-    return {"id": f"toy-{split}-format-{k:06d}", "images": puzzle.images, "prompt": jigsaw.build_prompt(2, 2, True),
-            "question": "jigsaw format", "answer": jigsaw.answer_text(guess, 2, 2), "category": "jigsaw_format",
+    composite = puzzle.images[0]
+    half_w, half_h = composite.width // 2, composite.height // 2
+    lines, guess = [], []
+    for p in range(4):
+        box = ((p % 2) * half_w, (p // 2) * half_h, (p % 2 + 1) * half_w, (p // 2 + 1) * half_h)
+        text, red, _ = describe_piece(composite.crop(box))
+        lines.append(f"Piece {p + 1}: {text}.")
+        guess.append(rng.choice((1, 3)) + int(red))  # column from red, row a guess
+    completion = f"<think>{' '.join(lines)}</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
+    return {"id": f"toy-{split}-jigsaw-{k:06d}", "images": puzzle.images, "prompt": jigsaw.build_prompt(2, 2, True),
+            "question": "jigsaw prior", "answer": jigsaw.answer_text(guess, 2, 2), "category": "jigsaw_prior",
             "completion": completion}
 
 
@@ -174,7 +215,7 @@ def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid
     rows = []
     for k in range(count):
         if rng.random() < format_share:
-            rows.append(format_row(rng, k, split))
+            rows.append(jigsaw_prior_row(rng, k, split))
             continue
         grid_question = rng.random() < grid_share
         kind = "color_grid" if grid_question else rng.choice(QUESTION_KINDS)
@@ -183,7 +224,7 @@ def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid
         think = rng.random() < think_share
         if grid_question:
             # Same instructions and answer layout as jigsaw.build_prompt / jigsaw.target_answer_only.
-            prompt = f"{q['prompt']} {THINK_INSTRUCTION if think else PLAIN_INSTRUCTION}"
+            prompt = f"{q['prompt']} {GRID_THINK_INSTRUCTION if think else GRID_PLAIN_INSTRUCTION}"
             answer_block = f"<answer>\n{q['answer']}\n</answer>"
             completion = f"<think>{q['reason']}</think>\n{answer_block}" if think else answer_block
         else:
@@ -195,10 +236,12 @@ def prior_rows(split: str, count: int, seed: int, think_share: float = 0.3, grid
     return rows
 
 
-def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int = 0, pretrain: int = 3000):
+def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int = 0, pretrain: int = 3000,
+                        format_share: float = 0.0):
     """Three splits. `pretrain`: the direct questions only (one-word answers), the toy model's "pretraining"
     in perception; `train`: the instruction-tuning mix (the same questions, some in think format, colour grids
-    in the jigsaw answer format, jigsaw-format rows); `test`: held-out direct questions (the toy benchmark).
+    in the jigsaw answer format; jigsaw rows only with format_share > 0); `test`: held-out direct questions
+    (the toy benchmark).
     Why two stages: trained on the mix from random init, the 1M-parameter model spends its steps on the long
     text targets (think rows, grids: most of the loss tokens) and reads the image late. In our runs (small
     model, batch 32, lr 1e-3), 250 steps on the mix left colour questions near chance (42% overall on `test`);
@@ -210,7 +253,7 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
                          "completion": Value("string")})
     dataset = DatasetDict({"pretrain": Dataset.from_list(prior_rows("pretrain", pretrain, seed + 2, think_share=0.0,
                                                                     grid_share=0.0), features=features),
-                           "train": Dataset.from_list(prior_rows("train", train, seed, format_share=0.1),
+                           "train": Dataset.from_list(prior_rows("train", train, seed, format_share=format_share),
                                                       features=features),
                            # The test split is asked directly (like the benchmarks), never in think format, and
                            # holds no colour-grid questions: that skill exists to teach the answer format.
@@ -334,15 +377,23 @@ class Args:
     """held-out prior-knowledge questions (the toy benchmark eval.py scores)"""
     seed: int = 0
     """seed of the model init and the scenes"""
+    format_share: float = 0.0
+    """share of the instruction-tuning rows that are jigsaw-prompt rows (jigsaw_prior_row; 0 in the presets:
+    the base has never seen a jigsaw prompt, see the module docstring)"""
 
 
 def main(argv=None):
-    from common import parse_args
-    args = parse_args(Args, __doc__, argv)
+    import common
+    args = common.parse_args(Args, __doc__, argv)
     if args.size not in MODEL_SIZES:
-        raise SystemExit(f"error: --size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
+        common.fail(f"--size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
+    common.check_ranges(args, {"prior_pretrain": ">= 1", "prior_train": ">= 1", "prior_test": ">= 1",
+                               "format_share": "[0, 1]"})
+    common.check_output_dir(args.output_dir, "toy.py", overwrite=False)
     path = build_toy_model(f"{args.output_dir}/init", args.size, args.seed)
-    build_prior_dataset(f"{args.output_dir}/prior", args.prior_train, args.prior_test, args.seed, args.prior_pretrain)
+    build_prior_dataset(f"{args.output_dir}/prior", args.prior_train, args.prior_test, args.seed, args.prior_pretrain,
+                        args.format_share)
+    common.mark_output_dir(args.output_dir, "toy.py")
     print(f"[toy] wrote {path} (tiny Qwen2.5-VL, random init) and {args.output_dir}/prior "
           f"({args.prior_pretrain} pretrain / {args.prior_train} train / {args.prior_test} test questions)")
 

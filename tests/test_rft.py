@@ -13,7 +13,8 @@ import rft
 from conftest import perturbed_copy
 
 TINY = ["--batch_size", "2", "--num_generations", "4", "--max_completion_length", "8", "--micro_batch_size", "4",
-        "--optimizer", "adamw", "--eval_size", "4", "--eval_batch_size", "4"]
+        "--optimizer", "adamw", "--eval_size", "4", "--eval_batch_size", "4",
+        "--min_answer_image_mi", "0"]  # the random tiny model does not read the image (tests/test_rft_step0.py)
 
 
 def read_metrics(path):
