@@ -120,6 +120,13 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
         lines.append(f"| {method} | {paper_name} | {fmt(training_steps(run, method), 0)} | "
                      f"{fmt(metrics.get('accuracy'))} | {fmt(metrics.get('hit_rate'))} | "
                      f"{fmt(metrics.get('format_rate'))} | {fmt(metrics.get('num_samples'), 0)} |")
+    check = next((m for m in read_metrics(run / "base_check" / "metrics.jsonl") if m.get("step") == 0), None)
+    if check and check.get("answer_image_mi") is not None:
+        lines += ["", f"Step-0 check of the base model (rft.py --max_steps 0, {check.get('answer_mi_puzzles')} test puzzles, "
+                  f"{check.get('answer_mi_candidates')} candidate answers each): MI(answer; image) "
+                  f"{check['answer_image_mi']:.3f} nats, p(true answer) {check['answer_p_true']:.3f} against "
+                  f"{check['answer_p_chance']:.3f} by chance, greedy hit rate {100 * check['eval_hit']:.1f}%. An answer "
+                  "that does not depend on the image (MI ~ 0) leaves GRPO nothing to reinforce."]
     lines += ["", "Paper (Qwen2.5-VL, 3x3): base 0%; RFT 66% (3B) / 75% (7B) after 27,360 steps; SFT-Non-Rea 53% / 80% "
               "after 200 / 400 steps; SFT-Rea-4o 70% / 78%; SFT-Rea-GRPO-Rollout 70% / 81%.", ""]
     return lines, accuracy

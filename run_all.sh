@@ -241,7 +241,14 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
   $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
     --max_completion_length "$MAX_NEW_TOKENS" --output_dir "$RUN/eval/$1"
 }
-stage_eval_base() { eval_model base "$MODEL" thinking; }
+stage_eval_base() {
+  eval_model base "$MODEL" thinking
+  # Does the base model's jigsaw answer depend on the image at all? GRPO can only reinforce what varies with
+  # it (rft.py's step-0 check: greedy exact/hit/format and MI(answer; image); stops below MIN_ANSWER_IMAGE_MI).
+  $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/base_check" --overwrite --max_steps 0 --beta 0 \
+    --max_completion_length "$RFT_MAX_NEW_TOKENS" --eval_batch_size "$EVAL_BATCH_SIZE" \
+    --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --precision "$PRECISION" "${PIX[@]}"
+}
 stage_sft_non_rea() {
   fresh "$RUN/sft_non_rea"
   $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
