@@ -240,6 +240,8 @@ def fake_benchmark(name: str, rows: int, rng: random.Random):
 
 def fake(root: Path, model: str, benchmarks: list[str], coco_images: int, rows: int = 6, seed: int = 0,
          size: str = "tiny") -> dict:
+    import datasets
+    datasets.disable_progress_bars()
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     specs = benchmark_specs()

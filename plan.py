@@ -73,6 +73,8 @@ PHOTO_PNG_BYTES_PER_PIXEL = 1.8     # natural photos as PNG: ~60% of raw RGB (as
 TEXT_BYTES_PER_TOKEN = 4            # English BPE text: ~4 characters per token
 CHAT_TEMPLATE_TOKENS = 20           # system turn + role markers of the Qwen chat template
 THINK_TARGET_TOKENS = 300           # reasoning sources' targets (rea_external ~260 tokens in the toy)
+RESULT_SAMPLE_BYTES = 1500          # results.json per sample besides the prediction: prompt text, target, scores
+ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smoke run: 0.24 MB and 0.08 MB)
 
 # CPU presets (toy, smoke, rehearsal): seconds on 2 cores from the README's toy run; the run's own last times
 # in $RUN/.done/<stage>.seconds replace them when present.
@@ -210,6 +212,12 @@ def plan(settings: dict, stages: list[str]) -> dict:
     keep_resume = s.get("KEEP_RESUME_STATE", "1") == "1"
     resume_knob = " or KEEP_RESUME_STATE=0" if keep_resume else ""
 
+    def bench_info(name):
+        size, cap, image_tokens = BENCHMARKS.get(name, (1000, 128, 600))
+        if name == "toy_prior":   # the toy world's own held-out questions
+            size = _i(s, "PRIOR_TEST", size)
+        return size, cap, image_tokens
+
     def train_disk(steps, save_steps):
         n = checkpoints(steps, save_steps)
         kept = (n + 1) * snapshot + (resume if keep_resume else 0)
@@ -229,10 +237,18 @@ def plan(settings: dict, stages: list[str]) -> dict:
         rows = min(limit or n_test, n_test)
         total = decode_seconds(rows, eval_batch, jigsaw_cap, prompt)
         for b in (benches if with_prior else []):
-            size, cap, image_tokens = BENCHMARKS.get(b, (1000, 128, 600))
+            size, cap, image_tokens = bench_info(b)
             n = min(limit or size, size)
             total += decode_seconds(n, eval_batch, min(cap, BENCH_DECODE_TOKENS.get(b, cap)), image_tokens + 60)
         return total
+
+    def eval_bytes(limit):
+        """results.json keeps every sample's prompt text and prediction (the per-sample cache)."""
+        samples = min(limit or n_test, n_test) * (RESULT_SAMPLE_BYTES + TEXT_BYTES_PER_TOKEN * jigsaw_cap)
+        for b in benches:
+            size, cap, _ = bench_info(b)
+            samples += min(limit or size, size) * (RESULT_SAMPLE_BYTES + TEXT_BYTES_PER_TOKEN * cap)
+        return samples
 
     non_rea_tokens = 3 * _grid_cells(s) + 10
     runs = {"sft_non_rea": (sft_steps, save), "rft": (rft_steps, rft_save)}
@@ -256,10 +272,10 @@ def plan(settings: dict, stages: list[str]) -> dict:
         row("base", 0, disk, peak, f"toy model {params / 1e6:.2f}M params, {prior} prior-knowledge rows, "
             f"2 sft.py runs", "PRIOR_TRAIN / BASE_STEPS")
     else:
-        row("base", SECONDS_OTHER_STAGE, 0, 0, f"hub model {s.get('MODEL')} ({params / 1e9:.2f}B params)", "")
+        row("base", SECONDS_OTHER_STAGE, 0, 0, f"model {s.get('MODEL')} ({params / 1e6:,.1f}M params), read by the stages", "")
     row("data", (n_train + n_test) * JIGSAW_BUILD_S, (n_train + n_test) * puzzle_row, 0,
         f"{n_train + n_test} puzzles x {png / 1e3:.0f} KB ({png_source})", "N_TRAIN")
-    row("eval_base", eval_seconds(eval_limit), 5e6, 0,
+    row("eval_base", eval_seconds(eval_limit), eval_bytes(eval_limit), 0,
         f"jigsaw {min(eval_limit or n_test, n_test)} + {len(benches)} benchmarks at --limit {eval_limit}", "EVAL_LIMIT")
     kept, peak, note = train_disk(sft_steps, save)
     row("sft_non_rea", sft_seconds(sft_steps, non_rea_tokens), kept, peak, f"{sft_steps} steps x batch {batch}; {note}",
@@ -284,14 +300,15 @@ def plan(settings: dict, stages: list[str]) -> dict:
     # Checkpoints along training, evaluated for the accuracy/forgetting frontier (issue 13); the last one of a run
     # is its final model, evaluated at EVAL_LIMIT with the others.
     n_ckpt = 4 * (sft_ckpts - 1) + (rft_ckpts - 1)
-    row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit), 5e6 * (5 + n_ckpt), 0,
+    row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
+        5 * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
         f"5 models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
         "CHECKPOINT_EVAL_LIMIT / EVAL_LIMIT")
     analyze_n = _i(s, "ANALYZE_N", 12)
     grads = analyze_n * 5 + analyze_n * (1 + n_ckpt)  # per-sample gradients of 4 sources + probes; probe scores
     row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + 300,
-        20e6, 0, f"{analyze_n} training x {analyze_n} probe samples over {n_ckpt + 1} checkpoints", "ANALYZE_N")
-    row("report", 30, 2e6, 0, "tables and figures", "")
+        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples over {n_ckpt + 1} checkpoints", "ANALYZE_N")
+    row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
         for stage in rows:

@@ -19,6 +19,9 @@
 # $RUN/settings/STAGE.json. Before the first stage the plan is printed and checked against the free disk of
 # $RUN (IGNORE_DISK_PLAN=1 runs anyway). One run_all.sh per run folder ($RUN/.lock); every stage runs in its
 # own process group and is stopped with run_all.sh (Ctrl-C, kill, or a failure).
+# The whole script is one { ... } block: bash parses it completely before running any of it, so editing this
+# file during a long run cannot change what the running instance does.
+{
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,10 +79,12 @@ if [ -n "$BENCH_DIR" ]; then
   if [ "${FAKE_MIRROR:-0}" = 1 ] && [ ! -f "$BENCH_DIR/mirror.json" ]; then
     $PY mirror.py --fake "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_images $(( N_TRAIN + N_TEST + 4 ))
   fi
-  $PY mirror.py --check "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_source "$SOURCE" \
-    --preset "$PRESET" || exit 2
+  if ! $PY mirror.py --check "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_source "$SOURCE" \
+      --preset "$PRESET"; then
+    [ "$LIST" = 1 ] || exit 2   # --list still prints the plan
+  fi
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing else may be read
-  [ "$BUILD_TOY_BASE" = 1 ] || MODEL=$BENCH_DIR/model
+  [ "$BUILD_TOY_BASE" = 1 ] || [ ! -f "$BENCH_DIR/model/config.json" ] || MODEL=$BENCH_DIR/model
   [ "$SOURCE" = procedural ] || SOURCE=$BENCH_DIR/coco
   for b in ${BENCHMARKS//,/ }; do BENCH_FLAGS+=("--${b}_data" "$BENCH_DIR/$b"); done
 fi
@@ -90,7 +95,7 @@ fi
 STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
 # What each stage runs with (recorded in $RUN/settings/STAGE.json when it finishes); a stage not listed records
 # every variable. COMMON: what every stage depends on.
-COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR"
+COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR KEEP_RESUME_STATE"
 declare -A STAGE_SETTINGS=(
   [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE"
   [data]="SOURCE GRID JIGSAW_IMAGE_SIZE N_TRAIN N_TEST"
@@ -102,7 +107,7 @@ declare -A STAGE_SETTINGS=(
   [eval]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT CHECKPOINT_EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
   [analyze]="ANALYZE_N ANALYZE_PROJ_DIM"
   [report]="")
-ALL_SETTINGS="$COMMON_SETTINGS $(printf '%s ' "${STAGE_SETTINGS[@]}") SOURCE GRID N_TRAIN N_TEST KEEP_RESUME_STATE PLAN_DEVICE"
+ALL_SETTINGS="$COMMON_SETTINGS $(printf '%s ' "${STAGE_SETTINGS[@]}") PLAN_DEVICE"
 # Folders a training stage writes (resume/ deleted there when KEEP_RESUME_STATE=0).
 declare -A STAGE_RUN_DIRS=([base]="base_pretrain base" [sft_non_rea]="sft_non_rea" [rft]="rft"
   [sft_sources]="sft_rea_external sft_rea_grpo_rollout sft_rea_self_generated")
@@ -369,3 +374,5 @@ stage_report() {
 
 for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done
 echo "[run_all] finished: $RUN/report.md"
+exit 0
+}
