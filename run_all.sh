@@ -19,6 +19,7 @@
 # $RUN/settings/STAGE.json. Before the first stage the plan is printed and checked against the free disk of
 # $RUN (IGNORE_DISK_PLAN=1 runs anyway). One run_all.sh per run folder ($RUN/.lock); every stage runs in its
 # own process group and is stopped with run_all.sh (Ctrl-C, kill, or a failure).
+
 # The whole script is one { ... } block: bash parses it completely before running any of it, so editing this
 # file during a long run cannot change what the running instance does.
 {
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift 2 ;;
     --list) LIST=1; shift ;;
     --download) DOWNLOAD=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --list, --download)" >&2; exit 2 ;;
   esac
 done
