@@ -6,7 +6,7 @@ jigsaw.py --source and eval.py's data flags at it and sets the hub libraries off
 
     PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh --download      # what run_all.sh --download runs:
     python mirror.py --download /data/mirror --model Qwen/Qwen2.5-VL-3B-Instruct \
-        --benchmarks refcoco,docvqa,mme,mmstar,pope,mmmu --coco_source detection-datasets/coco --coco_images 3000
+        --benchmarks refcoco,docvqa,mme,mmstar,pope,mmmu --source detection-datasets/coco --coco_images 3000
     python mirror.py --check /data/mirror --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks refcoco,mme
     python mirror.py --fake /tmp/mirror --model Qwen/Qwen2.5-VL-3B-Instruct   # tiny local stand-ins (rehearsal)
 
@@ -278,18 +278,18 @@ def main(argv=None) -> int:
     mode.add_argument("--fake", metavar="BENCH_DIR", help="write tiny local stand-ins with the hub's schemas")
     parser.add_argument("--model", default="", help="hub id of the model (the preset's MODEL)")
     parser.add_argument("--benchmarks", default="refcoco,docvqa,mme,mmstar,pope,mmmu", help="comma-separated")
-    parser.add_argument("--coco_source", default="detection-datasets/coco", help="hub image data set for jigsaw.py")
+    parser.add_argument("--source", default="detection-datasets/coco", help="hub image data set for jigsaw.py")
     parser.add_argument("--coco_images", type=int, default=3000, help="COCO images to keep (N_TRAIN + N_TEST)")
     parser.add_argument("--preset", default="", help="preset name, for the fetch command in messages")
     parser.add_argument("--rows", type=int, default=6, help="--fake: rows per benchmark stand-in")
     args = parser.parse_args(argv)
     benchmarks = [b for b in args.benchmarks.split(",") if b]
     if args.download:
-        download(Path(args.download), args.model, benchmarks, args.coco_source, args.coco_images)
+        download(Path(args.download), args.model, benchmarks, args.source, args.coco_images)
     elif args.fake:
         fake(Path(args.fake), args.model, benchmarks, args.coco_images, rows=args.rows)
     else:
-        problems = check(Path(args.check), args.model, benchmarks, args.coco_source, args.preset)
+        problems = check(Path(args.check), args.model, benchmarks, args.source, args.preset)
         for problem in problems:
             print(f"run_all.sh: {problem}", file=sys.stderr)
         return 2 if problems else 0

@@ -72,7 +72,7 @@ DATA=$RUN/data
 # ------------------------------------------------------------------------------------------------------------
 if [ "$DOWNLOAD" = 1 ]; then
   [ -n "$BENCH_DIR" ] || { echo "run_all.sh --download: set BENCH_DIR=/folder/for/the/mirror" >&2; exit 2; }
-  exec $PY mirror.py --download "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_source "$SOURCE" \
+  exec $PY mirror.py --download "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --source "$SOURCE" \
     --coco_images $(( N_TRAIN + N_TEST )) --preset "$PRESET"
 fi
 BENCH_FLAGS=()   # eval.py flags pointing every benchmark at the mirror: the one place that maps BENCH_DIR to flags
@@ -80,7 +80,7 @@ if [ -n "$BENCH_DIR" ]; then
   if [ "${FAKE_MIRROR:-0}" = 1 ] && [ ! -f "$BENCH_DIR/mirror.json" ]; then
     $PY mirror.py --fake "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_images $(( N_TRAIN + N_TEST + 4 ))
   fi
-  if ! $PY mirror.py --check "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_source "$SOURCE" \
+  if ! $PY mirror.py --check "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --source "$SOURCE" \
       --preset "$PRESET"; then
     [ "$LIST" = 1 ] || exit 2   # --list still prints the plan
   fi
