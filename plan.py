@@ -76,11 +76,13 @@ THINK_TARGET_TOKENS = 300           # reasoning sources' targets (rea_external ~
 RESULT_SAMPLE_BYTES = 1500          # results.json per sample besides the prediction: prompt text, target, scores
 ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smoke run: 0.24 MB and 0.08 MB)
 
-# CPU presets (toy, smoke, rehearsal): seconds on 2 cores from the README's toy run; the run's own last times
-# in $RUN/.done/<stage>.seconds replace them when present.
-TOY_SECONDS = {"base": 300, "data": 15, "eval_base": 30, "sft_non_rea": 90, "rft": 240, "sources": 60,
-               "sft_sources": 240, "eval": 120, "analyze": 90, "report": 10}
-SMALL_CPU_SECONDS = 20              # a smoke/rehearsal stage without a measured time
+# CPU presets: the run's own last times in $RUN/.done/<stage>.seconds when present, else these. Toy: README's
+# toy run on 2 cores (637 s of stages, fresh clone). Smoke/rehearsal: their runs on the 2-core development
+# machine shared with other jobs (smoke 6-10 min, rehearsal ~8 min of stages; about 3 min alone).
+TOY_SECONDS = {"base": 226, "data": 7, "eval_base": 8, "sft_non_rea": 29, "rft": 90, "sources": 58,
+               "sft_sources": 143, "eval": 50, "analyze": 20, "report": 6}
+SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "sft_non_rea": 20, "rft": 25, "sources": 70,
+                     "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
 
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
         for stage in rows:
-            rows[stage]["seconds"] = TOY_SECONDS.get(stage, 60) if s.get("PRESET") == "toy" else SMALL_CPU_SECONDS
+            rows[stage]["seconds"] = (TOY_SECONDS if s.get("PRESET") == "toy" else SMALL_CPU_SECONDS).get(stage, 60)
     return {"rows": {st: rows[st] for st in stages if st in rows}, "params": params, "config_source": config_source,
             "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png}
 

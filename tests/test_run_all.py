@@ -212,3 +212,24 @@ def test_a_later_invocation_does_not_rewrite_a_skipped_stage_s_settings(tmp_path
     assert steps("sft_non_rea") == "2" and steps("sft_sources") == "7"
     merged = json.loads((run / "settings.json").read_text())
     assert merged["SFT_STEPS"] == "2 (sft_non_rea) / 7 (sft_sources)" and merged["RFT_STEPS"] == "4"
+
+
+def test_download_and_mirror_flags_reach_mirror_py(tmp_path):
+    log = tmp_path / "calls"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  mirror.py) echo "$@" >> {log}; exit 0 ;;\n'
+                    f'  *) exec {PYTHON} "$@" ;;\nesac\n')
+    fake.chmod(0o755)
+    mirror_dir = tmp_path / "mirror"
+    result = run_all(["--download"], PRESET="3b", PY=fake, BENCH_DIR=mirror_dir, RUN=tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().split() == ["mirror.py", "--download", str(mirror_dir), "--model", "Qwen/Qwen2.5-VL-3B-Instruct",
+                                       "--benchmarks", "refcoco,docvqa,mme,mmstar,pope,mmmu", "--source",
+                                       "detection-datasets/coco", "--coco_images", "3000", "--preset", "3b"]
+    assert not (tmp_path / "run").exists()
+    nowhere = run_all(["--download"], PRESET="3b", PY=fake, BENCH_DIR="")
+    assert nowhere.returncode == 2 and "BENCH_DIR" in nowhere.stderr
+    # A run against a folder that is not a mirror stops before any stage, naming the fetch command.
+    empty = run_all(PRESET="3b", BENCH_DIR=tmp_path / "empty", RUN=tmp_path / "run2")
+    assert empty.returncode == 2 and "not a mirror" in empty.stderr and "--download" in empty.stderr, empty.stderr
+    assert not (tmp_path / "run2" / "logs").exists()
