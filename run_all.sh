@@ -3,26 +3,38 @@
 # source -> evaluation of every model -> learning-dynamics analysis -> report.md.
 #
 #   bash run_all.sh                    # toy preset without a CUDA GPU, 3b with one
-#   PRESET=7b bash run_all.sh          # Qwen2.5-VL-7B-Instruct
+#   PRESET=7b bash run_all.sh          # Qwen2.5-VL-7B-Instruct (presets/7b.env says what it needs)
 #   PRESET=smoke bash run_all.sh       # a few steps of every stage (what CI runs)
+#   PRESET=rehearsal bash run_all.sh   # the 3b preset's stages and flags on a CPU, against a local fake mirror
+#   bash run_all.sh --list             # the plan: per stage, GPU-hours (CPU minutes) and disk; nothing runs
 #   bash run_all.sh --from rft         # redo a stage and all later ones from scratch
 #   bash run_all.sh --only report      # one stage
-#   bash run_all.sh --list             # the stages, with an estimated time each
-#   RFT_STEPS=500 LR_RFT=2e-6 bash run_all.sh   # any variable below can be set from the environment
+#   PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh --download   # login node: fetch what the preset reads
+#   PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh              # compute node: read only from the mirror
+#   RFT_STEPS=500 LR_RFT=2e-6 bash run_all.sh   # any preset variable can be set from the environment
 #
-# A finished stage is skipped on rerun (marker in $RUN/.done/); a training stage that was interrupted resumes
-# from its last checkpoint. Each stage logs to $RUN/logs/STAGE.log.
+# Presets are files, presets/<PRESET>.env, one value per line with the reason for it. A finished stage is
+# skipped on rerun (marker in $RUN/.done/); a training stage that was interrupted resumes from its last
+# checkpoint. Each stage logs to $RUN/logs/STAGE.log and, when it finishes, records the settings it ran with in
+# $RUN/settings/STAGE.json. Before the first stage the plan is printed and checked against the free disk of
+# $RUN (IGNORE_DISK_PLAN=1 runs anyway). One run_all.sh per run folder ($RUN/.lock); every stage runs in its
+# own process group and is stopped with run_all.sh (Ctrl-C, kill, or a failure).
+
+# The whole script is one { ... } block: bash parses it completely before running any of it, so editing this
+# file during a long run cannot change what the running instance does.
+{
 set -euo pipefail
 cd "$(dirname "$0")"
 
-FROM="" ; ONLY="" ; LIST=0
+FROM="" ; ONLY="" ; LIST=0 ; DOWNLOAD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) FROM="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --list) LIST=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --list)" >&2; exit 2 ;;
+    --download) DOWNLOAD=1; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --list, --download)" >&2; exit 2 ;;
   esac
 done
 
@@ -37,106 +49,73 @@ if [ -z "${PRESET:-}" ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------------------
-# Presets. Every value is a plain variable: edit it here or set it in the environment.
+# The preset: presets/$PRESET.env. Every line there is `: "${VAR:=value}"`, so the environment always wins.
 # ------------------------------------------------------------------------------------------------------------
-case "$PRESET" in
-  toy|smoke)
-    # The offline toy world (toy.py): a tiny random Qwen2.5-VL taught "prior knowledge" by sft.py itself.
-    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    : "${BUILD_TOY_BASE:=1}"              # make the base model with sft.py on the toy prior-knowledge data
-    : "${TOY_SIZE:=small}"                # toy model size (toy.py MODEL_SIZES)
-    : "${MODEL:=}"                        # set by the toy base stage (runs/<preset>/base/final)
-    : "${SOURCE:=procedural}"             # jigsaw images: PIL-drawn gradients whose pieces a small model can place
-    : "${GRID:=2x2}"
-    : "${BENCHMARKS:=toy_prior}"          # prior-knowledge benchmarks (the toy world's held-out questions)
-    : "${PRECISION:=fp32}"
-    : "${OPTIMIZER:=adamw}"
-    : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=12544}"   # 56x56 .. 112x112 (toy.py)
-    : "${JIGSAW_IMAGE_SIZE:=112}"         # 2x2 pieces of 56x56 = 2x2 merged vision tokens each
-    : "${BATCH_SIZE:=16}" ; : "${EVAL_BATCH_SIZE:=64}"
-    : "${MAX_NEW_TOKENS:=320}"            # rea_external targets run to ~260 tokens; the rest stop far earlier
-    : "${RFT_MAX_NEW_TOKENS:=64}"         # toy rollouts are ~32 tokens; at 320, one sample that lost the format
-                                          # held up its whole batch (toy RFT stage 256 s instead of ~140 s)
-    : "${LR_SFT:=1e-3}"                   # a random-init 1M-parameter model needs a far larger lr than 1e-5
-    : "${LR_BASE_PRETRAIN:=1e-3}"         # toy base, perception stage (at 4e-3 colour questions stayed at chance)
-    : "${LR_BASE:=2e-3}"                  # toy base, instruction stage: sharp enough that T=1 samples keep the format
-    : "${LR_RFT:=1e-4}"                   # a tenth of the toy SFT lr, like the real presets (at 5e-4 the RFT model lost the format: 6% of samples)
-    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=4}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
-    : "${ROLLOUT_K:=8}"
-    : "${ROLLOUT_LIMIT:=128}"             # puzzles sampled for the rollout sources (0 = all training puzzles)
-    if [ "$PRESET" = toy ]; then
-      : "${MIN_ANSWER_IMAGE_MI:=0.1}"     # rft.py stops at step 0 below this: the old blind base 0.04, this base 1.38
-      : "${PRIOR_PRETRAIN:=3000}" ; : "${PRIOR_TRAIN:=3000}" ; : "${PRIOR_TEST:=300}"
-      : "${BASE_PRETRAIN_STEPS:=200}" ; : "${BASE_STEPS:=300}" ; : "${BASE_BATCH:=32}"
-      : "${N_TRAIN:=512}" ; : "${N_TEST:=64}"
-      : "${SFT_STEPS:=120}" ; : "${RFT_STEPS:=60}" ; : "${RFT_EARLY_STEP:=5}" ; : "${SAVE_STEPS:=30}"
-      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=12}" ; : "${ANALYZE_PROJ_DIM:=0}"
-    else
-      : "${PRIOR_PRETRAIN:=64}" ; : "${PRIOR_TRAIN:=64}" ; : "${PRIOR_TEST:=16}"
-      : "${BASE_PRETRAIN_STEPS:=2}" ; : "${BASE_STEPS:=4}" ; : "${BASE_BATCH:=4}"
-      : "${N_TRAIN:=16}" ; : "${N_TEST:=8}"
-      : "${SFT_STEPS:=2}" ; : "${RFT_STEPS:=4}" ; : "${RFT_EARLY_STEP:=2}" ; : "${SAVE_STEPS:=2}"
-      : "${EVAL_LIMIT:=0}" ; : "${ANALYZE_N:=3}" ; : "${ANALYZE_PROJ_DIM:=0}" ; TOY_SIZE=tiny ; ROLLOUT_K=2 ; GROUP_SIZE=2 ; RFT_BATCH=2
-      MAX_NEW_TOKENS=16 ; RFT_MAX_NEW_TOKENS=16 ; BATCH_SIZE=4 ; PLACEHOLDER_SOURCES=1 ; : "${MIN_ANSWER_IMAGE_MI:=0}" ; : "${KL_PUZZLES:=4}" ; : "${KL_SAMPLES:=2}"
-    fi
-    ;;
-  3b|7b)
-    : "${BUILD_TOY_BASE:=0}"
-    if [ "$PRESET" = 3b ]; then : "${MODEL:=Qwen/Qwen2.5-VL-3B-Instruct}"; else : "${MODEL:=Qwen/Qwen2.5-VL-7B-Instruct}"; fi
-    : "${SOURCE:=detection-datasets/coco}"  # COCO images (Jigsaw-R1 used COCO train2014)
-    : "${GRID:=3x3}"                         # the paper's puzzle
-    : "${BENCHMARKS:=refcoco,docvqa,mme,mmstar,pope,mmmu}"   # the paper's prior-knowledge benchmarks
-    : "${PRECISION:=bf16_mixed}"            # fp32 master weights + bf16 autocast (sft.py explains why)
-    : "${OPTIMIZER:=adamw8bit}"
-    : "${GRADIENT_CHECKPOINTING:=1}"       # sft.py: what the measured 36.5 GiB (3B, batch 4) assumes
-    : "${MIN_PIXELS:=3136}" ; : "${MAX_PIXELS:=200704}"   # up to 448x448 puzzles: 256 vision tokens
-    : "${JIGSAW_IMAGE_SIZE:=448}"
-    : "${N_TRAIN:=20000}" ; : "${N_TEST:=500}"
-    : "${BATCH_SIZE:=4}" ; : "${EVAL_BATCH_SIZE:=16}"
-    : "${MAX_NEW_TOKENS:=512}"               # Jigsaw-R1: max completion 512
-    : "${LR_SFT:=1e-5}" ; : "${LR_RFT:=1e-6}" # paper.md: SFT typically 1e-5; GRPO on this task 1e-6
-    : "${GROUP_SIZE:=8}" ; : "${RFT_BATCH:=8}" ; : "${BETA:=0.04}" ; : "${TEMPERATURE:=1.0}"
-    : "${ROLLOUT_K:=8}" ; : "${ROLLOUT_LIMIT:=0}"
-    : "${SFT_STEPS:=400}" ; : "${RFT_STEPS:=2000}" ; : "${RFT_EARLY_STEP:=100}" ; : "${SAVE_STEPS:=100}"
-    : "${EVAL_LIMIT:=500}" ; : "${ANALYZE_N:=32}"
-    : "${ANALYZE_PROJ_DIM:=8}"   # LoGra-style r x r projection: full per-sample gradients of 3B/7B do not fit
-    ;;
-  *) echo "run_all.sh: PRESET=$PRESET unknown; use toy, smoke, 3b or 7b" >&2; exit 2 ;;
-esac
-: "${RFT_MAX_NEW_TOKENS:=$MAX_NEW_TOKENS}"  # GRPO rollouts and the sources sampled from RFT checkpoints
-# Rows the SFT stages read from a sampled source (SFT_STEPS x BATCH_SIZE), plus a 10% margin: sampling stops
-# there (rollout_sft.py --max_rows) instead of walking every training puzzle.
-: "${ROLLOUT_MAX_ROWS:=$(( SFT_STEPS * BATCH_SIZE * 11 / 10 ))}"
-: "${RFT_SAVE_STEPS:=$RFT_EARLY_STEP}"   # rft.py checkpoints every N steps; the early one feeds rea_self_generated
+if [ ! -f "presets/$PRESET.env" ]; then
+  echo "run_all.sh: PRESET=$PRESET unknown: no presets/$PRESET.env (presets: $(cd presets && ls *.env | sed 's/\.env$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+. "presets/$PRESET.env"
+: "${RUN:=runs/$PRESET}"
+: "${PLAN_DEVICE:=gpu}"               # which throughput constants plan.py uses: gpu (README H100) or cpu (toy)
+: "${BENCH_DIR:=}"                    # offline mirror (mirror.py): when set, every data set and the model come from it
+: "${IGNORE_DISK_PLAN:=0}"            # 1: run even when the plan says the run folder's disk is too small
+: "${KEEP_RESUME_STATE:=1}"           # 0: delete a training stage's resume/ state once the stage is done
+: "${PLACEHOLDER_SOURCES:=0}" ; : "${GRADIENT_CHECKPOINTING:=0}" ; : "${ROLLOUT_TARGET_ROWS:=0}"
 if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
   echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
 fi
-: "${MIN_ANSWER_IMAGE_MI:=0}"  # rft.py's step-0 check, MI(answer; image) in nats: logged at step 0 always; a
-                                 # threshold is calibrated on the toy world only (toy: 0.1), so real presets just report it
-: "${CURVE_LIMIT:=$EVAL_LIMIT}"   # rows per benchmark when scoring the checkpoints along training (0: all)
+: "${MIN_ANSWER_IMAGE_MI:=0}"      # rft.py's step-0 check, MI(answer; image) in nats: always logged; a threshold
+                                   # is calibrated on the toy world only (toy.env: 0.1), so other presets report it
 : "${KL_PUZZLES:=16}" ; : "${KL_SAMPLES:=4}"   # RL's Razor's KL on the new task: test puzzles x samples per checkpoint
-: "${RUN:=runs/$PRESET}"
 DATA=$RUN/data
-mkdir -p "$RUN/logs" "$RUN/.done"
 
+# ------------------------------------------------------------------------------------------------------------
+# The offline mirror (mirror.py). --download writes it; BENCH_DIR=... makes the run read only from it.
+# ------------------------------------------------------------------------------------------------------------
+if [ "$DOWNLOAD" = 1 ]; then
+  [ -n "$BENCH_DIR" ] || { echo "run_all.sh --download: set BENCH_DIR=/folder/for/the/mirror" >&2; exit 2; }
+  exec $PY mirror.py --download "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --source "$SOURCE" \
+    --coco_images $(( N_TRAIN + N_TEST )) --preset "$PRESET"
+fi
+BENCH_DATA=""   # eval.py --data entries pointing every benchmark at the mirror: the one place that maps BENCH_DIR
+if [ -n "$BENCH_DIR" ]; then
+  if [ "${FAKE_MIRROR:-0}" = 1 ] && [ ! -f "$BENCH_DIR/mirror.json" ]; then
+    $PY mirror.py --fake "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_images $(( N_TRAIN + N_TEST + 4 ))
+  fi
+  if ! $PY mirror.py --check "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --source "$SOURCE" \
+      --preset "$PRESET"; then
+    [ "$LIST" = 1 ] || exit 2   # --list still prints the plan
+  fi
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing else may be read
+  [ "$BUILD_TOY_BASE" = 1 ] || [ ! -f "$BENCH_DIR/model/config.json" ] || MODEL=$BENCH_DIR/model
+  [ "$SOURCE" = procedural ] || SOURCE=$BENCH_DIR/coco
+  for b in ${BENCHMARKS//,/ }; do BENCH_DATA+=",$b=$BENCH_DIR/$b"; done
+fi
 
 # ------------------------------------------------------------------------------------------------------------
 # Stage machinery
 # ------------------------------------------------------------------------------------------------------------
 STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
-declare -A ESTIMATE=(   # seconds on a 2-core CPU (toy), a few on one H100 (3b); replaced by this machine's last run
-  [toy:base]=300 [toy:data]=15 [toy:eval_base]=30 [toy:sft_non_rea]=90 [toy:rft]=240 [toy:sources]=60
-  [toy:sft_sources]=240 [toy:eval]=120 [toy:analyze]=90 [toy:report]=10
-  [3b:base]=0 [3b:data]=600 [3b:eval_base]=1800 [3b:sft_non_rea]=1800 [3b:rft]=36000 [3b:sources]=3600
-  [3b:sft_sources]=10800 [3b:eval]=9000 [3b:analyze]=1800 [3b:report]=10)
-estimate() {  # last measured duration on this machine, else the table above
-  local f="$RUN/.done/$1.seconds"
-  if [ -f "$f" ]; then cat "$f"; else
-    local key="$PRESET"; [ "$key" = smoke ] && key=toy; [ "$key" = 7b ] && key=3b
-    local s=${ESTIMATE[$key:$1]:-60}; [ "$PRESET" = smoke ] && s=$(( s / 10 + 1 )); [ "$PRESET" = 7b ] && s=$(( s * 2 ))
-    echo "$s"
-  fi
-}
+# What each stage runs with (recorded in $RUN/settings/STAGE.json when it finishes); a stage not listed records
+# every variable. COMMON: what every stage depends on.
+COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR KEEP_RESUME_STATE"
+declare -A STAGE_SETTINGS=(
+  [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE"
+  [data]="SOURCE GRID JIGSAW_IMAGE_SIZE N_TRAIN N_TEST"
+  [eval_base]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH MIN_ANSWER_IMAGE_MI RFT_MAX_COMPLETION_LENGTH"
+  [sft_non_rea]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
+  [rft]="RFT_STEPS RFT_BATCH GROUP_SIZE LR_RFT BETA TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_SAVE_STEPS RFT_EARLY_STEP MIN_ANSWER_IMAGE_MI"
+  [sources]="ROLLOUT_K ROLLOUT_LIMIT ROLLOUT_BATCH_SIZE ROLLOUT_TARGET_ROWS TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_EARLY_STEP PLACEHOLDER_SOURCES"
+  [sft_sources]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
+  [eval]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT CHECKPOINT_EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
+  [analyze]="ANALYZE_N ANALYZE_PROJ_DIM KL_PUZZLES KL_SAMPLES RFT_MAX_COMPLETION_LENGTH"
+  [report]="")
+ALL_SETTINGS="$COMMON_SETTINGS $(printf '%s ' "${STAGE_SETTINGS[@]}") PLAN_DEVICE"
+# Folders a training stage writes (resume/ deleted there when KEEP_RESUME_STATE=0).
+declare -A STAGE_RUN_DIRS=([base]="base_pretrain base" [sft_non_rea]="sft_non_rea" [rft]="rft"
+  [sft_sources]="sft_rea_external sft_rea_grpo_rollout sft_rea_self_generated")
+
 selected() {
   local stage=$1
   if [ -n "$ONLY" ]; then [ "$stage" = "$ONLY" ]; return; fi
@@ -148,60 +127,146 @@ selected() {
 for s in $ONLY $FROM; do
   [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "run_all.sh: no stage '$s'; stages: ${STAGES[*]}" >&2; exit 2; }
 done
+stage_state() {
+  if ! selected "$1"; then echo "not selected"
+  elif [ -f "$RUN/.done/$1" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then echo "done, skipped"
+  else echo "to run"; fi
+}
+settings_json() {  # settings_json VAR...: {"VAR": "value", ...} of the current shell values
+  local v; for v in "$@"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
+import json, sys
+print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin if '\\t' in line), indent=2))"
+}
 
-echo "[run_all] preset $PRESET, run folder $RUN. Stages:"
-total=0
-for s in "${STAGES[@]}"; do
-  if selected "$s"; then
-    if [ -f "$RUN/.done/$s" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then state="done, skipped"; else state="~$(estimate "$s") s"; total=$(( total + $(estimate "$s") )); fi
-  else state="not selected"; fi
-  printf "  %-12s %s\n" "$s" "$state"
-done
-echo "  estimated total: ~$(( total / 60 )) min"
-[ "$LIST" = 1 ] && exit 0
+# The base model: a hub id (or the mirror's copy) for real presets; for the toy world, made by the base stage.
+if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
+
+# The plan, before anything runs (plan.py: the formulas and the constants with their sources).
+PLAN_SETTINGS=$(mktemp "${TMPDIR:-/tmp}/run_all_plan.XXXXXX")
+settings_json $ALL_SETTINGS > "$PLAN_SETTINGS"
+STATES=""; for s in "${STAGES[@]}"; do STATES+="$s=$(stage_state "$s");"; done
+PLAN_ARGS=(--settings "$PLAN_SETTINGS" --run "$RUN" --stages "${STAGES[*]}" --states "$STATES")
+echo "[run_all] preset $PRESET, run folder $RUN"
+if [ "$LIST" = 1 ]; then $PY plan.py "${PLAN_ARGS[@]}"; rc=$?; rm -f "$PLAN_SETTINGS"; exit $rc; fi
+
+mkdir -p "$RUN/logs" "$RUN/.done" "$RUN/settings"
+# One run_all.sh per run folder: the lock holds the PID of the run_all.sh that owns $RUN.
+LOCK=$RUN/.lock
+take_lock() {
+  if ( set -o noclobber; echo "$$" > "$LOCK" ) 2>/dev/null; then return 0; fi
+  local other; other=$(cat "$LOCK" 2>/dev/null || true)
+  if [ -n "$other" ] && kill -0 "$other" 2>/dev/null && { [ ! -r "/proc/$other/cmdline" ] || tr '\0' ' ' < "/proc/$other/cmdline" | grep -q run_all; }; then
+    echo "run_all.sh: $RUN is in use by another run_all.sh (PID $other; lock file $LOCK). Wait for it to finish" \
+      "or stop it (kill $other); a second run on the same folder would mix two runs." >&2
+    exit 2
+  fi
+  echo "[run_all] removing stale lock $LOCK (PID ${other:-?} is not running)"
+  rm -f "$LOCK"
+  ( set -o noclobber; echo "$$" > "$LOCK" ) 2>/dev/null || { echo "run_all.sh: could not take $LOCK" >&2; exit 2; }
+}
+take_lock
+STAGE_PID=""
+cleanup() {  # on any exit: stop the running stage's whole process group, release the lock
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$STAGE_PID" ] && kill -0 -- "-$STAGE_PID" 2>/dev/null; then
+    echo "[run_all] stopping the running stage (process group $STAGE_PID)" >&2
+    kill -TERM -- "-$STAGE_PID" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$STAGE_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$STAGE_PID" 2>/dev/null || true
+  fi
+  [ "$(cat "$LOCK" 2>/dev/null)" = "$$" ] && rm -f "$LOCK"
+  rm -f "$PLAN_SETTINGS"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'echo "[run_all] interrupted" >&2; exit 130' INT
+trap 'echo "[run_all] terminated" >&2; exit 143' TERM
+
+if ! $PY plan.py "${PLAN_ARGS[@]}" $([ "$IGNORE_DISK_PLAN" = 1 ] || echo --check_disk); then
+  exit 2
+fi
+echo "[run_all] settings are recorded per stage in $RUN/settings/STAGE.json"
 
 FORCE=0; [ -n "$ONLY$FROM" ] && FORCE=1
 fresh() {  # fresh DIR...: a stage asked for again with --from/--only starts over instead of resuming
   if [ "$FORCE" = 1 ]; then rm -rf "$@"; fi
 }
+write_stage_settings() {  # write_stage_settings NAME SECONDS: $RUN/settings/NAME.json, what the stage ran with
+  local name=$1 vars
+  if [ -n "${STAGE_SETTINGS[$name]+set}" ]; then vars="$COMMON_SETTINGS ${STAGE_SETTINGS[$name]}"; else vars=$ALL_SETTINGS; fi
+  settings_json $vars | $PY -c "
+import json, subprocess, sys, time
+settings = json.load(sys.stdin)
+try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True).stdout.strip())
+except OSError:
+    commit, dirty = '', False
+record = {'stage': sys.argv[1], 'preset': sys.argv[2], 'seconds': int(sys.argv[3]),
+          'finished_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'git_commit': commit, 'git_dirty': dirty,
+          'settings': settings}
+tmp = sys.argv[4] + '.tmp'
+open(tmp, 'w').write(json.dumps(record, indent=2) + '\n')
+__import__('os').replace(tmp, sys.argv[4])" "$name" "$PRESET" "$2" "$RUN/settings/$name.json"
+}
+merge_settings() {  # $RUN/settings.json: one value per variable; a value that differs between stages lists each
+  $PY -c "
+import json, sys
+from pathlib import Path
+merged = {}
+for stage in sys.argv[2:]:
+    path = Path(sys.argv[1]) / 'settings' / f'{stage}.json'
+    if path.is_file():
+        for key, value in json.loads(path.read_text())['settings'].items():
+            merged.setdefault(key, {}).setdefault(value, []).append(stage)
+flat = {k: next(iter(v)) if len(v) == 1 else ' / '.join(f'{val} ({\", \".join(st)})' for val, st in v.items())
+        for k, v in merged.items()}
+tmp = Path(sys.argv[1]) / 'settings.json.tmp'
+tmp.write_text(json.dumps(flat, indent=2) + '\n')
+tmp.replace(Path(sys.argv[1]) / 'settings.json')" "$RUN" "${STAGES[@]}"
+}
 run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.log, time it
   local name=$1 fn=$2
   selected "$name" || return 0
   if [ -f "$RUN/.done/$name" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then echo "[run_all] $name: done, skipped"; return 0; fi
-  rm -f "$RUN/.done/$name"
+  rm -f "$RUN/.done/$name" "$RUN/settings/$name.json"
   echo "[run_all] $name: running (log: $RUN/logs/$name.log)"
-  local start=$SECONDS
+  local start=$SECONDS rc
+  # The stage runs as a background job of a job-control shell (set -m), hence in its own process group, which
+  # cleanup() stops as a whole. `wait` returns early when a signal arrives, so Ctrl-C/kill are handled at once.
   # Not `if ! ( ... )` nor `( ... ) || ...`: in a condition or an && / || list bash ignores set -e, even inside
   # the subshell, and a stage would go on past a failed command.
-  local rc
+  set -m
+  ( set -euo pipefail; $fn ) > "$RUN/logs/$name.log" 2>&1 < /dev/null &
+  STAGE_PID=$!
+  set +m
   set +e
-  ( set -euo pipefail; $fn ) > "$RUN/logs/$name.log" 2>&1
+  wait "$STAGE_PID"
   rc=$?
   set -e
+  STAGE_PID=""
   if [ $rc -ne 0 ]; then
     echo "[run_all] $name FAILED; last lines of $RUN/logs/$name.log:" >&2
     tail -n 25 "$RUN/logs/$name.log" >&2
     exit 1
   fi
+  if [ "$KEEP_RESUME_STATE" != 1 ]; then
+    for d in ${STAGE_RUN_DIRS[$name]:-}; do rm -rf "$RUN/$d/resume"; done
+  fi
   echo $(( SECONDS - start )) > "$RUN/.done/$name.seconds"
+  write_stage_settings "$name" $(( SECONDS - start ))
   touch "$RUN/.done/$name"
+  merge_settings
   echo "[run_all] $name: done in $(( SECONDS - start )) s"
 }
 
-# The base model: a hub id for real presets; for the toy world, made here by toy.py + sft.py.
-if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
-SETTINGS=(PRESET MODEL BUILD_TOY_BASE TOY_SIZE SOURCE GRID N_TRAIN N_TEST BENCHMARKS PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS
-  MAX_PIXELS BATCH_SIZE MAX_NEW_TOKENS RFT_MAX_NEW_TOKENS LR_SFT LR_RFT GROUP_SIZE RFT_BATCH BETA TEMPERATURE ROLLOUT_K SFT_STEPS RFT_STEPS
-  RFT_EARLY_STEP RFT_SAVE_STEPS SAVE_STEPS ROLLOUT_LIMIT EVAL_LIMIT ANALYZE_N ANALYZE_PROJ_DIM PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE)
-for v in "${SETTINGS[@]}"; do printf '%s\t%s\n' "$v" "${!v:-}"; done | $PY -c "
-import json, sys
-print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin), indent=2))" > "$RUN/settings.json"
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
-# eval.py: the jigsaw task at the training stages' pixel budget (PIX) and token cap (MAX_NEW_TOKENS); every
-# prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py).
-EVAL_DATA="jigsaw=$DATA/jigsaw"
+# eval.py: the jigsaw task at the training stages' pixel budget (PIX) and JIGSAW_MAX_COMPLETION_LENGTH; every
+# prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py). Local copies: --data.
+EVAL_DATA="jigsaw=$DATA/jigsaw$BENCH_DATA"
 [ "$BUILD_TOY_BASE" = 1 ] && EVAL_DATA+=",toy_prior=$RUN/toy/prior"
 EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --data "$EVAL_DATA" "${PIX[@]}")
 # name | model folder | jigsaw prompt style | training steps (for the report)
@@ -239,14 +304,14 @@ stage_data() {
 }
 eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
   $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
-    --max_completion_length "$MAX_NEW_TOKENS" --output_dir "$RUN/eval/$1"
+    --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1"
 }
 stage_eval_base() {
   eval_model base "$MODEL" thinking
   # Does the base model's jigsaw answer depend on the image at all? GRPO can only reinforce what varies with
   # it (rft.py's step-0 check: greedy exact/hit/format and MI(answer; image); stops below MIN_ANSWER_IMAGE_MI).
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/base_check" --overwrite --max_steps 0 --beta 0 \
-    --max_completion_length "$RFT_MAX_NEW_TOKENS" --eval_batch_size "$EVAL_BATCH_SIZE" \
+    --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --eval_batch_size "$EVAL_BATCH_SIZE" \
     --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --precision "$PRECISION" "${PIX[@]}"
 }
 stage_sft_non_rea() {
@@ -258,12 +323,12 @@ stage_rft() {
   fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
-    --max_completion_length "$RFT_MAX_NEW_TOKENS" --save_steps "$RFT_SAVE_STEPS" --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" \
+    --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" \
     --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$3" --temperature "$TEMPERATURE" \
-      --max_completion_length "$RFT_MAX_NEW_TOKENS" --max_rows "$ROLLOUT_MAX_ROWS" --batch_size "$EVAL_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
+      --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --max_rows "$ROLLOUT_TARGET_ROWS" --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
       --output_dir "$DATA/sources/$1"; then
     return 0
   fi
@@ -296,13 +361,13 @@ stage_eval() {
     IFS='|' read -r name folder style <<< "$entry"
     eval_model "$name" "$folder" "$style"
     # Forgetting is compared at equal skill: every model-only snapshot a training run saved (checkpoint-N/) is
-    # scored too, on the CURVE_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
+    # scored too, on the CHECKPOINT_EVAL_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
     # accuracies all methods reached (RL's Razor's frontier plot).
     [ "$name" = base ] && continue
     for ckpt in "$(dirname "$folder")"/checkpoint-*; do
       [ -f "$ckpt/config.json" ] || continue
       $PY eval.py --model "$ckpt" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$style" "${EVAL_COMMON[@]}" \
-        --limit "$CURVE_LIMIT" --max_completion_length "$MAX_NEW_TOKENS" --output_dir "$RUN/eval/$name/$(basename "$ckpt")"
+        --limit "$CHECKPOINT_EVAL_LIMIT" --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$name/$(basename "$ckpt")"
     done
   done
 }
@@ -313,14 +378,14 @@ stage_analyze() {
     # scores), answered by the base model itself (greedy), since references such as RefCOCO boxes are not in
     # the model's own words. PROBES=folder overrides them with a probe set of your own.
     if [ -n "${PROBES:-}" ]; then probes=(--probes "$PROBES"); else
-      probes=(--probes "benchmarks:$BENCHMARKS" --probe_limit "$EVAL_LIMIT"); fi
+      probes=(--probes "benchmarks:$BENCHMARKS" --probe_limit "$EVAL_LIMIT" --probe_data "$EVAL_DATA"); fi
     probe_answer=greedy
   fi
   $PY analyze.py --model "$MODEL" --output_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
     "${probes[@]}" \
-    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" --kl_max_completion_length "$RFT_MAX_NEW_TOKENS" \
+    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" --kl_max_completion_length "$RFT_MAX_COMPLETION_LENGTH" \
     --runs "sft_non_rea=$RUN/sft_non_rea:answer_only,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
 stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
@@ -329,3 +394,5 @@ stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself
 
 for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done
 echo "[run_all] finished: $RUN/report.md"
+exit 0
+}

@@ -1,18 +1,51 @@
-"""The smoke preset of run_all.sh end to end (a few steps of every stage) on the tiny model, offline."""
+"""run_all.sh: the smoke preset end to end (a few steps of every stage, tiny model, offline), its plan against
+what it wrote, and the stage machinery (process groups, lock, settings per stage, presets)."""
+import json
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["base", "sft_non_rea", "rft", "sft_rea_external", "sft_rea_grpo_rollout", "sft_rea_self_generated"]
+PYTHON = sys.executable
 
 
-def test_smoke_preset_writes_full_report(tmp_path):
-    run = tmp_path / "smoke"
-    env = {**os.environ, "PRESET": "smoke", "RUN": str(run), "PY": "python"}
-    result = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def run_all(args=(), timeout=120, **env):
+    full = {**os.environ, "PY": PYTHON, **{k: str(v) for k, v in env.items()}}
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def fake_python(tmp_path, body: str) -> Path:
+    """A PY that runs the machinery's own helpers (plan.py, mirror.py, python -c) with the real interpreter and
+    answers the stage scripts with `body` (a bash case arm list on $1)."""
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|mirror.py|-c) exec {PYTHON} "$@" ;;\n{body}\nesac\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def du_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    result = run_all(timeout=900, PRESET="smoke", RUN=run)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return run, result
+
+
+def test_smoke_preset_writes_full_report(smoke_run):
+    run, _ = smoke_run
     report = (run / "report.md").read_text()
     for method in METHODS:
         assert re.search(rf"^\|\s*{method}\s*\|", report, re.M), f"row {method} missing from report.md"
@@ -20,19 +53,183 @@ def test_smoke_preset_writes_full_report(tmp_path):
         assert (run / image).exists(), f"figure {image} linked from report.md does not exist"
     assert len(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) >= 3
     # Rerun: every stage is skipped, nothing recomputed.
-    again = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") >= 10, again.stdout
+    again = run_all(timeout=300, PRESET="smoke", RUN=run)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 10, again.stdout
+
+
+def test_settings_recorded_per_stage(smoke_run):
+    run, _ = smoke_run
+    for stage in ("base", "data", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "report"):
+        record = json.loads((run / "settings" / f"{stage}.json").read_text())
+        assert record["stage"] == stage and record["preset"] == "smoke" and record["seconds"] >= 0
+        assert record["settings"]["PRESET"] == "smoke"
+    assert json.loads((run / "settings" / "rft.json").read_text())["settings"]["RFT_STEPS"] == "4"
+    assert json.loads((run / "settings" / "sft_non_rea.json").read_text())["settings"]["SFT_STEPS"] == "2"
+    assert "RFT_STEPS" not in json.loads((run / "settings" / "sft_non_rea.json").read_text())["settings"]
+
+
+def test_disk_plan_matches_what_the_smoke_run_wrote(smoke_run):
+    """The plan's disk column (plan.py, from the preset's numbers) against `du` of the run folder, within 20%.
+    Written for the checkpoint layout of the lead's change (model-only checkpoint-N/, one resume/, final/); with
+    the older layout (accelerate state + a model copy in every checkpoint) the run writes more than planned."""
+    run, _ = smoke_run
+    settings = json.loads((run / "settings.json").read_text())
+    sys.path.insert(0, str(ROOT))
+    import plan
+    result = plan.plan({**settings, "MODEL": str(run / "base" / "final")}, list(plan.TOY_SECONDS))
+    planned = sum(r["disk"] for r in result["rows"].values())
+    written = du_bytes(run)
+    assert abs(planned - written) <= 0.2 * written, f"planned {planned / 1e6:.1f} MB, written {written / 1e6:.1f} MB: " \
+        + ", ".join(f"{k} {v['disk'] / 1e6:.1f}" for k, v in result["rows"].items())
+
+
+def test_env_overrides_win_over_presets_and_the_plan_uses_them():
+    """smoke.env uses `:=` like every preset: an environment value wins (its plain assignments used to win)."""
+    result = run_all(["--list"], PRESET="smoke", SFT_STEPS=7, TOY_SIZE="small", RUN="/tmp/unused_" + uuid.uuid4().hex)
+    assert result.returncode == 0, result.stderr
+    assert "7 steps x batch 4" in result.stdout, result.stdout
+    assert "toy.MODEL_SIZES['small']" in result.stdout
+
+
+def test_every_preset_value_is_set_once_and_overridable():
+    for path in sorted((ROOT / "presets").glob("*.env")):
+        seen = []
+        for line in path.read_text().splitlines():
+            code = line.split("#", 1)[0].strip()
+            if not code or code.startswith(". presets/") or code.startswith("export HF_"):
+                continue
+            for statement in filter(None, (s.strip() for s in code.split(";"))):
+                match = re.fullmatch(r':\s+"\$\{([A-Z_0-9]+):=(?:[^}$]|\$\{[^}]*\})*\}"', statement)
+                assert match, f"{path.name}: '{statement}' is not of the form : \"${{VAR:=value}}\""
+                seen.append(match.group(1))
+        duplicates = {v for v in seen if seen.count(v) > 1}
+        assert not duplicates, f"{path.name} sets {duplicates} more than once"
+    assert "MAX_NEW_TOKENS" not in (ROOT / "run_all.sh").read_text().replace("--max_new_tokens", "")
+
+
+def _total(stdout: str) -> tuple[float, float]:
+    line = next(line for line in stdout.splitlines() if line.strip().startswith("total"))
+    match = re.search(r"\(to run\)\s+([\d.]+)\s+([\d.]+) (GB|TB)\s+\+ up to ([\d.]+) GB", line)
+    disk = float(match.group(2)) * (1000 if match.group(3) == "TB" else 1) + float(match.group(4))
+    return float(match.group(1)), disk
+
+
+def test_3b_plan_fits_one_gpu_day_and_300_gb():
+    result = run_all(["--list"], PRESET="3b", RUN="/tmp/unused_" + uuid.uuid4().hex)
+    assert result.returncode == 0, result.stderr
+    hours, disk = _total(result.stdout)
+    assert 0 < hours <= 24 and 0 < disk <= 300, result.stdout
+    for stage in ("data", "eval_base", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "analyze"):
+        assert re.search(rf"^\s+{stage}\s+to run\s+[\d.]+\s+[\d.]+ [MG]B", result.stdout, re.M), stage
+    seven = run_all(["--list"], PRESET="7b", RUN="/tmp/unused_" + uuid.uuid4().hex)
+    assert seven.returncode == 0 and _total(seven.stdout)[0] > hours, seven.stdout
+
+
+def test_a_plan_that_does_not_fit_stops_before_any_stage(tmp_path):
+    log = tmp_path / "calls"
+    fake = fake_python(tmp_path, f'  *) echo "$@" >> {log}; exit 0 ;;')
+    run = tmp_path / "run"
+    result = run_all(PRESET="3b", RUN=run, PY=fake, SFT_STEPS=100000, SAVE_STEPS=1)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not enough disk" in result.stderr and "stage sft_non_rea" in result.stderr and "SAVE_STEPS" in result.stderr
+    assert "short by" in result.stderr and "IGNORE_DISK_PLAN=1" in result.stderr
+    assert not log.exists() and not (run / "logs" / "base.log").exists()
+    forced = run_all(["--only", "data"], PRESET="3b", RUN=run, PY=fake, SFT_STEPS=100000, SAVE_STEPS=1,
+                     IGNORE_DISK_PLAN=1)
+    assert forced.returncode == 0 and "jigsaw.py" in log.read_text(), forced.stdout + forced.stderr
 
 
 def test_a_failed_command_fails_its_stage(tmp_path):
     """A command failing in the middle of a stage stops it (bash ignores set -e inside `if !` / `||` contexts,
     where a stage would have run on and been marked done)."""
-    fake = tmp_path / "py"
-    fake.write_text('#!/bin/bash\ncase "$1" in toy.py) exit 3 ;; esac\nexit 0\n')  # later commands "succeed"
-    fake.chmod(0o755)
+    fake = fake_python(tmp_path, "  toy.py) exit 3 ;;\n  *) exit 0 ;;")  # later commands "succeed"
     run = tmp_path / "run"
-    env = {**os.environ, "PRESET": "smoke", "RUN": str(run), "PY": str(fake)}
-    result = subprocess.run(["bash", "run_all.sh", "--only", "base"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = run_all(["--only", "base"], PRESET="smoke", RUN=run, PY=fake)
     assert result.returncode != 0 and "base FAILED" in result.stderr, result.stdout + result.stderr
     assert not (run / ".done" / "base").exists()
+
+
+def _processes_with(marker: str) -> list[str]:
+    """'PID command line' of every live process whose command line holds `marker` (read from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and marker in cmdline and state != "Z":
+            found.append(f"{proc.name} {cmdline}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killing_run_all_stops_the_stage_and_a_second_run_is_refused(tmp_path, sig):
+    marker = "stage-marker-" + uuid.uuid4().hex
+    sleeper = f'{PYTHON} -c "import time; time.sleep(120)" {marker}'
+    # The stage starts a child in the background and one in the foreground: both must die with run_all.sh.
+    fake = fake_python(tmp_path, f"  toy.py) {sleeper} & {sleeper}; exit 0 ;;\n  *) exit 0 ;;")
+    run = tmp_path / "run"
+    env = {**os.environ, "PY": str(fake), "PRESET": "smoke", "RUN": str(run)}
+    proc = subprocess.Popen(["bash", "run_all.sh", "--only", "base"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(_processes_with(marker)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(_processes_with(marker)) == 2, f"the stage did not start: {proc.poll()} {(run / 'logs').exists()}"
+        second = run_all(["--only", "base"], PRESET="smoke", RUN=run, PY=fake)
+        assert second.returncode == 2 and str(run / ".lock") in second.stderr and str(proc.pid) in second.stderr, \
+            second.stderr
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while _processes_with(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(marker) == [], "a stage process outlived run_all.sh"
+        assert proc.returncode != 0 and not (run / ".lock").exists()
+        assert not (run / ".done" / "base").exists()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        for line in _processes_with(marker):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def test_a_later_invocation_does_not_rewrite_a_skipped_stage_s_settings(tmp_path):
+    fake = fake_python(tmp_path, "  *) exit 0 ;;")
+    run = tmp_path / "run"
+    first = run_all(PRESET="smoke", RUN=run, PY=fake)
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run_all(PRESET="smoke", RUN=run, PY=fake, SFT_STEPS=7)
+    assert again.returncode == 0 and len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 10
+    steps = lambda stage: json.loads((run / "settings" / f"{stage}.json").read_text())["settings"]["SFT_STEPS"]  # noqa
+    assert steps("sft_non_rea") == "2" and steps("sft_sources") == "2"
+    only = run_all(["--only", "sft_sources"], PRESET="smoke", RUN=run, PY=fake, SFT_STEPS=7)
+    assert only.returncode == 0, only.stderr
+    assert steps("sft_non_rea") == "2" and steps("sft_sources") == "7"
+    merged = json.loads((run / "settings.json").read_text())
+    assert merged["SFT_STEPS"] == "2 (sft_non_rea) / 7 (sft_sources)" and merged["RFT_STEPS"] == "4"
+
+
+def test_download_and_mirror_flags_reach_mirror_py(tmp_path):
+    log = tmp_path / "calls"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  mirror.py) echo "$@" >> {log}; exit 0 ;;\n'
+                    f'  *) exec {PYTHON} "$@" ;;\nesac\n')
+    fake.chmod(0o755)
+    mirror_dir = tmp_path / "mirror"
+    result = run_all(["--download"], PRESET="3b", PY=fake, BENCH_DIR=mirror_dir, RUN=tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().split() == ["mirror.py", "--download", str(mirror_dir), "--model", "Qwen/Qwen2.5-VL-3B-Instruct",
+                                       "--benchmarks", "refcoco,docvqa,mme,mmstar,pope,mmmu", "--source",
+                                       "detection-datasets/coco", "--coco_images", "3000", "--preset", "3b"]
+    assert not (tmp_path / "run").exists()
+    nowhere = run_all(["--download"], PRESET="3b", PY=fake, BENCH_DIR="")
+    assert nowhere.returncode == 2 and "BENCH_DIR" in nowhere.stderr
+    # A run against a folder that is not a mirror stops before any stage, naming the fetch command.
+    empty = run_all(PRESET="3b", BENCH_DIR=tmp_path / "empty", RUN=tmp_path / "run2")
+    assert empty.returncode == 2 and "not a mirror" in empty.stderr and "--download" in empty.stderr, empty.stderr
+    assert not (tmp_path / "run2" / "logs").exists()

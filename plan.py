@@ -1,0 +1,427 @@
+r"""The cost plan of a run_all.sh run: per stage, the time it will take and the disk it will occupy.
+
+run_all.sh calls this before any stage runs (and `bash run_all.sh --list` prints it alone), so that a run which
+cannot finish on the rented machine says so before any GPU time is spent. Everything is computed from the
+preset's own numbers (steps, batch, group size, token caps, rows sampled, checkpoints kept, the model's parameter
+count) and the throughput constants below, each with the place it was measured. It is a plan, not a promise:
+the GPU constants come from one H100 with random weights (README, bench/bench_real_arch.py).
+
+    PRESET=3b bash run_all.sh --list          # what run_all.sh does
+    python plan.py --settings runs/3b/settings.json --run runs/3b     # the same table from a settings file
+
+Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS a model-only `checkpoint-N/` folder
+(save_pretrained: 2 B/param in bf16 on GPU presets, 4 B/param in fp32 on CPU presets), one `resume/` state
+replaced at each save (fp32 weights 4 B/param + optimizer states: 8-bit AdamW 2 B/param, fp32 AdamW 8 B/param),
+and `final/` (same dtype as the checkpoints). While `resume/` is replaced the old and new copies coexist, so the
+peak adds one more resume state. Data sets hold each puzzle as a PNG (datasets' default encoding of a PIL image
+without a file format); the PNG size is measured here on the run's own images when they are local.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------
+# Throughput constants (GPU presets). README "Memory (one GPU)": Qwen2.5-VL-3B architecture, random weights,
+# one H100, bench/bench_real_arch.py. Other GPUs and the 7B model are scaled from these (see scale_for_model).
+# ----------------------------------------------------------------------------------------------------------
+REF_PARAMS = 3_754_622_976          # the 3B model the constants were measured on (configs/..._3b_instruct.json)
+SFT_STEP_S = 1.7                    # sft.py, batch 4, ~340-token sequences, gradient checkpointing on
+SFT_STEP_ROWS, SFT_STEP_TOKENS = 4, 340
+GRPO_GEN_S = (18.0, 32.0)           # rft.py generation per step, B=4 x G=8 = 32 sequences, 256-token completions
+GRPO_GEN_SEQS, GRPO_GEN_TOKENS = 32, 256
+GRPO_TRAIN_S = (12.0, 13.0)         # rft.py training per step on those 32 sequences (micro-batch 2) ...
+GRPO_TRAIN_CHECKPOINTING = 4 / 3    # ... measured WITHOUT gradient checkpointing (rft.py never called
+# model.train(), issue 12): checkpointing recomputes each layer's forward in backward, about one forward on top
+# of forward + backward (~2 forwards), so the plan multiplies by 4/3 until bench_real_arch.py is rerun.
+GRPO_PROMPT_TOKENS = 256 + 150      # the bench's prompts: a 448x448 puzzle (256 merged vision tokens) + text
+# Decoding: the measured generation time per decode step (all sequences of the call advance one token) is taken
+# as constant up to 32 sequences and linear above (larger calls are expected to be cheaper per sequence, but that
+# was not measured, so the plan assumes no gain). The plan uses the middle of the measured range.
+DECODE_STEP_S = sum(GRPO_GEN_S) / 2 / GRPO_GEN_TOKENS
+# A forward pass (prefill) per token: SFT's step is forward + backward (~2 forwards) + recompute (1 forward).
+PREFILL_TOKEN_S = SFT_STEP_S / (SFT_STEP_ROWS * SFT_STEP_TOKENS) / 4
+JIGSAW_BUILD_S = 0.05               # jigsaw.py per puzzle from a hub stream or folder (decode, resize, PNG):
+# an assumption (not measured with COCO here); the toy builds 576 procedural puzzles in ~10 s.
+SECONDS_OTHER_STAGE = 120           # report, the base stage of a hub model: a few minutes of wall time
+
+# Benchmarks (eval.py's registry: split size of the hub copy, max new tokens = lmms-eval's; image tokens at
+# lmms-eval's pixel budget, rough: a 640x480 COCO photo is ~390 tokens, a DocVQA page ~2,000).
+BENCHMARKS = {   # name: (rows of the split, max new tokens, image tokens per sample)
+    "refcoco": (8811, 512, 390), "docvqa": (5349, 32, 2000), "mme": (2374, 16, 700), "mmstar": (1500, 32, 500),
+    "pope": (9000, 128, 390), "mmmu": (900, 128, 800), "chartqa": (2500, 16, 700), "ai2d": (3088, 16, 600),
+    "ocrbench": (1000, 128, 500), "mathvista": (1000, 512, 600), "toy_prior": (300, 64, 16),
+}
+# Answers of the prior benchmarks are a few tokens; a batch decodes until its longest answer stops, and a model
+# that forgot the format may write to the cap. The plan takes the cap, except for RefCOCO (a JSON box is ~40
+# tokens; 512 is lmms-eval's generic cap) where it takes 128.
+BENCH_DECODE_TOKENS = {"refcoco": 128}
+
+# Bytes (disk model). Processor files saved next to every model folder: Qwen2.5-VL's tokenizer.json (7.0 MB),
+# vocab.json (2.8 MB), merges.txt (1.7 MB) and small configs, sizes from the hub's file list; the toy's ~0.1 MB.
+PROCESSOR_BYTES_REAL, PROCESSOR_BYTES_TOY = 11.6e6, 0.1e6
+PHOTO_PNG_BYTES_PER_PIXEL = 1.8     # natural photos as PNG: ~60% of raw RGB (assumption; measured instead
+# whenever the run's images are local: a folder source or the toy's procedural images)
+TEXT_BYTES_PER_TOKEN = 4            # English BPE text: ~4 characters per token
+CHAT_TEMPLATE_TOKENS = 20           # system turn + role markers of the Qwen chat template
+THINK_TARGET_TOKENS = 300           # reasoning sources' targets (rea_external ~260 tokens in the toy)
+RESULT_SAMPLE_BYTES = 1500          # results.json per sample besides the prediction: prompt text, target, scores
+ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smoke run: 0.24 MB and 0.08 MB)
+
+# CPU presets: the run's own last times in $RUN/.done/<stage>.seconds when present, else these. Toy: README's
+# toy run on 2 cores (637 s of stages, fresh clone). Smoke/rehearsal: their runs on the 2-core development
+# machine shared with other jobs (smoke 6-10 min, rehearsal ~8 min of stages; about 3 min alone).
+TOY_SECONDS = {"base": 226, "data": 7, "eval_base": 8, "sft_non_rea": 29, "rft": 90, "sources": 58,
+               "sft_sources": 143, "eval": 50, "analyze": 20, "report": 6}
+SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "sft_non_rea": 20, "rft": 25, "sources": 70,
+                     "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter count (from a config.json: configs/*.json for hub models, the toy's own config)
+# ----------------------------------------------------------------------------------------------------------
+def count_params(config: dict) -> dict:
+    """Parameters of a Qwen2.5-VL config, by layer shapes (checked against the model built on the meta device
+    in tests/test_plan.py: 3B 3,754,622,976, 7B 8,292,166,656)."""
+    t = config.get("text_config") or config
+    v = config["vision_config"]
+    h, layers, heads, kv = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"]
+    inter, vocab = t["intermediate_size"], t.get("vocab_size", config.get("vocab_size"))
+    tied = t.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    hd = t.get("head_dim") or h // heads
+    layer = (h * heads * hd + heads * hd) + 2 * (h * kv * hd + kv * hd) + heads * hd * h + 3 * h * inter + 2 * h
+    text = vocab * h + layers * layer + h + (0 if tied else vocab * h)
+    vh, vi, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
+    merge, out = v.get("spatial_merge_size", 2), v.get("out_hidden_size", h)
+    patch = v.get("in_chans", v.get("in_channels", 3)) * v.get("temporal_patch_size", 2) * v["patch_size"] ** 2 * vh
+    block = 2 * vh + (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh)
+    ctx = vh * merge ** 2
+    merger = vh + (ctx * ctx + ctx) + (ctx * out + out)
+    vision = patch + depth * block + merger
+    return {"total": text + vision, "vision": vision}
+
+
+def model_config(settings: dict) -> tuple[dict, str]:
+    """The config the run will train: a local model folder's config.json, configs/ for a known hub id, or the
+    toy model's shapes (toy.MODEL_SIZES) when the base stage has not made it yet."""
+    model = settings.get("MODEL", "")
+    if model and (Path(model) / "config.json").is_file():
+        return json.loads((Path(model) / "config.json").read_text()), f"{model}/config.json"
+    match = re.search(r"Qwen2\.5-VL-(\d+)B", model)
+    if match and (ROOT / f"configs/qwen2_5_vl_{match.group(1)}b_instruct.json").is_file():
+        path = ROOT / f"configs/qwen2_5_vl_{match.group(1)}b_instruct.json"
+        return json.loads(path.read_text()), str(path.relative_to(ROOT))
+    if settings.get("BUILD_TOY_BASE") == "1" or not model:
+        import toy
+        s = toy.MODEL_SIZES[settings.get("TOY_SIZE") or "small"]
+        vocab = len(toy.build_tokenizer())      # the toy's own tokenizer (built in milliseconds)
+        return ({"text_config": dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                     num_key_value_heads=s["kv_heads"], intermediate_size=s["intermediate"],
+                                     vocab_size=vocab, tie_word_embeddings=True),
+                 "vision_config": dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"],
+                                       intermediate_size=s["vision_intermediate"], patch_size=14, out_hidden_size=s["hidden"])},
+                f"toy.MODEL_SIZES[{settings.get('TOY_SIZE') or 'small'!r}]")
+    raise SystemExit(f"plan.py: cannot tell the parameter count of MODEL={model}: not a folder with config.json "
+                     "and not a Qwen2.5-VL-<N>B hub id with a configs/ file.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes of the run's data
+# ----------------------------------------------------------------------------------------------------------
+def _png_bytes(image) -> int:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.tell()
+
+
+def puzzle_png_bytes(settings: dict) -> tuple[float, str]:
+    """Bytes of one puzzle image as the data set stores it, measured on the run's own images when local."""
+    import jigsaw
+    rows, cols = jigsaw.parse_grid(settings.get("GRID", "3x3"))
+    side = int(settings.get("JIGSAW_IMAGE_SIZE", 448))
+    source = settings.get("SOURCE", "")
+    images = []
+    if source == "procedural":
+        images = [jigsaw.procedural_image(seed, side) for seed in range(3)]
+    elif source and Path(source).is_dir():
+        from PIL import Image
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in jigsaw.IMAGE_SUFFIXES)[:4]
+        for path in files:
+            with Image.open(path) as im:
+                images.append(jigsaw._resize(im.convert("RGB"), side))
+    if images:
+        sizes = [_png_bytes(jigsaw.make_puzzle(im, rows, cols, seed=i).images[0]) for i, im in enumerate(images)]
+        return sum(sizes) / len(sizes), f"PNG measured on {len(sizes)} of the run's images"
+    return PHOTO_PNG_BYTES_PER_PIXEL * side * side, f"PNG assumed {PHOTO_PNG_BYTES_PER_PIXEL} B/pixel (photos)"
+
+
+def prompt_tokens(settings: dict) -> int:
+    """Tokens of a jigsaw prompt: merged vision tokens of the puzzle image + the prompt text + the template."""
+    import jigsaw
+    rows, cols = jigsaw.parse_grid(settings.get("GRID", "3x3"))
+    side = int(settings.get("JIGSAW_IMAGE_SIZE", 448))
+    pixels = min(side * side, int(settings.get("MAX_PIXELS") or side * side))
+    vision = max(1, pixels // (28 * 28))
+    return vision + len(jigsaw.build_prompt(rows, cols, True)) // TEXT_BYTES_PER_TOKEN + CHAT_TEMPLATE_TOKENS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------
+def _i(settings, name, default=0) -> int:
+    value = settings.get(name, "")
+    return int(value) if str(value).strip() not in ("", "None") else default
+
+
+def checkpoints(steps: int, save_steps: int) -> int:
+    """Model-only checkpoints a training run keeps: one every save_steps, and one at the last step."""
+    return math.ceil(steps / save_steps) if save_steps > 0 else 1
+
+
+def plan(settings: dict, stages: list[str]) -> dict:
+    s = settings
+    gpu = s.get("PLAN_DEVICE", "gpu") == "gpu"
+    config, config_source = model_config(s)
+    params = count_params(config)["total"]
+    ratio = params / REF_PARAMS
+    half = s.get("PRECISION", "") in ("bf16_mixed", "bf16")
+    snapshot_bpp = 2 if half else 4
+    resume_bpp = (2 if s.get("PRECISION") == "bf16" else 4) + (2 if "8bit" in s.get("OPTIMIZER", "") else 8)
+    processor = PROCESSOR_BYTES_TOY if s.get("BUILD_TOY_BASE") == "1" or params < 1e8 else PROCESSOR_BYTES_REAL
+    snapshot = params * snapshot_bpp + processor
+    resume = params * resume_bpp
+    png, png_source = puzzle_png_bytes(s)
+    puzzle_row = png + 2 * len("x" * 1200)          # two prompt columns and the small fields, ~2.4 KB
+    prompt = prompt_tokens(s)
+
+    n_train, n_test = _i(s, "N_TRAIN"), _i(s, "N_TEST")
+    batch, sft_steps, save = _i(s, "BATCH_SIZE", 4), _i(s, "SFT_STEPS"), _i(s, "SAVE_STEPS")
+    rft_steps, rft_batch, group = _i(s, "RFT_STEPS"), _i(s, "RFT_BATCH", 4), _i(s, "GROUP_SIZE", 8)
+    rft_save, rollout_cap = _i(s, "RFT_SAVE_STEPS"), _i(s, "RFT_MAX_COMPLETION_LENGTH", 512)
+    jigsaw_cap = _i(s, "JIGSAW_MAX_COMPLETION_LENGTH", 512)
+    k, rollout_batch = _i(s, "ROLLOUT_K", 8), _i(s, "ROLLOUT_BATCH_SIZE", 64)
+    rollout_puzzles = min(_i(s, "ROLLOUT_LIMIT") or n_train, n_train)
+    eval_batch, eval_limit, ckpt_limit = _i(s, "EVAL_BATCH_SIZE", 16), _i(s, "EVAL_LIMIT"), _i(s, "CHECKPOINT_EVAL_LIMIT")
+    benches = [b for b in s.get("BENCHMARKS", "").split(",") if b]
+    keep_resume = s.get("KEEP_RESUME_STATE", "1") == "1"
+    resume_knob = " or KEEP_RESUME_STATE=0" if keep_resume else ""
+
+    def bench_info(name):
+        size, cap, image_tokens = BENCHMARKS.get(name, (1000, 128, 600))
+        if name == "toy_prior":   # the toy world's own held-out questions
+            size = _i(s, "PRIOR_TEST", size)
+        return size, cap, image_tokens
+
+    def train_disk(steps, save_steps):
+        n = checkpoints(steps, save_steps)
+        kept = (n + 1) * snapshot + (resume if keep_resume else 0)
+        return kept, 2 * resume, f"{n} checkpoints + final of {gb(snapshot)}" + \
+            (f" + resume {gb(resume)}" if keep_resume else f" (resume {gb(resume)} deleted when done)")
+
+    def sft_seconds(steps, target_tokens):
+        tokens = batch * (prompt + target_tokens)
+        return steps * SFT_STEP_S * ratio * tokens / (SFT_STEP_ROWS * SFT_STEP_TOKENS)
+
+    def decode_seconds(sequences, call_size, tokens, prompt_len):
+        calls = math.ceil(sequences / max(1, call_size))
+        per_step = DECODE_STEP_S * ratio * max(1.0, min(call_size, sequences) / GRPO_GEN_SEQS)
+        return calls * tokens * per_step + sequences * prompt_len * PREFILL_TOKEN_S * ratio
+
+    def eval_seconds(limit, with_prior=True):
+        rows = min(limit or n_test, n_test)
+        total = decode_seconds(rows, eval_batch, jigsaw_cap, prompt)
+        for b in (benches if with_prior else []):
+            size, cap, image_tokens = bench_info(b)
+            n = min(limit or size, size)
+            total += decode_seconds(n, eval_batch, min(cap, BENCH_DECODE_TOKENS.get(b, cap)), image_tokens + 60)
+        return total
+
+    def eval_bytes(limit):
+        """results.json keeps every sample's prompt text and prediction (the per-sample cache)."""
+        samples = min(limit or n_test, n_test) * (RESULT_SAMPLE_BYTES + TEXT_BYTES_PER_TOKEN * jigsaw_cap)
+        for b in benches:
+            size, cap, _ = bench_info(b)
+            samples += min(limit or size, size) * (RESULT_SAMPLE_BYTES + TEXT_BYTES_PER_TOKEN * cap)
+        return samples
+
+    non_rea_tokens = 3 * _grid_cells(s) + 10
+    runs = {"sft_non_rea": (sft_steps, save), "rft": (rft_steps, rft_save)}
+    sft_ckpts = checkpoints(sft_steps, save)
+    rft_ckpts = checkpoints(rft_steps, rft_save)
+    rows = {}
+
+    def row(stage, seconds, disk, peak, note, knob):
+        rows[stage] = {"seconds": seconds, "disk": disk, "peak": peak, "note": note, "knob": knob}
+
+    # base: the toy world builds its model; a hub model costs nothing here (downloaded by the first stage).
+    if s.get("BUILD_TOY_BASE") == "1":
+        prior = _i(s, "PRIOR_PRETRAIN") + _i(s, "PRIOR_TRAIN") + _i(s, "PRIOR_TEST")
+        base_steps = (_i(s, "BASE_PRETRAIN_STEPS"), _i(s, "BASE_STEPS"))
+        disk = snapshot + prior * (png / 2 + 400)   # toy scenes: ~half a puzzle's PNG, short questions
+        peak = 0
+        for steps in base_steps:
+            kept, p, _ = train_disk(steps, steps)
+            disk += kept
+            peak = max(peak, p)
+        row("base", 0, disk, peak, f"toy model {params / 1e6:.2f}M params, {prior} prior-knowledge rows, "
+            f"2 sft.py runs", "PRIOR_TRAIN / BASE_STEPS")
+    else:
+        row("base", SECONDS_OTHER_STAGE, 0, 0, f"model {s.get('MODEL')} ({params / 1e6:,.1f}M params), read by the stages", "")
+    row("data", (n_train + n_test) * JIGSAW_BUILD_S, (n_train + n_test) * puzzle_row, 0,
+        f"{n_train + n_test} puzzles x {png / 1e3:.0f} KB ({png_source})", "N_TRAIN")
+    row("eval_base", eval_seconds(eval_limit), eval_bytes(eval_limit), 0,
+        f"jigsaw {min(eval_limit or n_test, n_test)} + {len(benches)} benchmarks at --limit {eval_limit}", "EVAL_LIMIT")
+    kept, peak, note = train_disk(sft_steps, save)
+    row("sft_non_rea", sft_seconds(sft_steps, non_rea_tokens), kept, peak, f"{sft_steps} steps x batch {batch}; {note}",
+        "SAVE_STEPS (fewer checkpoints)" + resume_knob)
+    rft_gen = decode_seconds(rft_batch * group, rft_batch * group, rollout_cap, prompt) * rft_steps
+    train_tokens = rft_batch * group * (prompt + rollout_cap)
+    rft_train = rft_steps * sum(GRPO_TRAIN_S) / 2 * GRPO_TRAIN_CHECKPOINTING * ratio * \
+        train_tokens / (GRPO_GEN_SEQS * (GRPO_PROMPT_TOKENS + GRPO_GEN_TOKENS))
+    kept, peak, note = train_disk(rft_steps, rft_save)
+    row("rft", rft_gen + rft_train, kept + rft_steps * 2e4, peak,
+        f"{rft_steps} steps x {rft_batch}x{group} completions <= {rollout_cap} tokens; {note}",
+        "RFT_SAVE_STEPS (fewer checkpoints)" + resume_knob)
+    sampled = 2 * decode_seconds(rollout_puzzles * k, rollout_batch, rollout_cap, prompt)
+    source_rows = 2 * n_train + 2 * rollout_puzzles
+    perplexity = source_rows * (prompt + THINK_TARGET_TOKENS) * PREFILL_TOKEN_S * ratio
+    row("sources", sampled + perplexity + 60, source_rows * (puzzle_row + 2e3), 0,
+        f"2 x {rollout_puzzles} puzzles x k {k} sampled in calls of {rollout_batch}; "
+        f"4 sources <= {source_rows} rows", "ROLLOUT_LIMIT")
+    kept, peak, note = train_disk(sft_steps, save)
+    row("sft_sources", 3 * sft_seconds(sft_steps, THINK_TARGET_TOKENS), 3 * kept, peak,
+        f"3 runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
+    # Checkpoints along training, evaluated for the accuracy/forgetting frontier (issue 13); the last one of a run
+    # is its final model, evaluated at EVAL_LIMIT with the others.
+    n_ckpt = 4 * (sft_ckpts - 1) + (rft_ckpts - 1)
+    row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
+        5 * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
+        f"5 models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
+        "CHECKPOINT_EVAL_LIMIT / EVAL_LIMIT")
+    analyze_n = _i(s, "ANALYZE_N", 12)
+    grads = analyze_n * 5 + analyze_n * (1 + n_ckpt)  # per-sample gradients of 4 sources + probes; probe scores
+    row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + 300,
+        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples over {n_ckpt + 1} checkpoints", "ANALYZE_N")
+    row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
+
+    if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
+        for stage in rows:
+            rows[stage]["seconds"] = (TOY_SECONDS if s.get("PRESET") == "toy" else SMALL_CPU_SECONDS).get(stage, 60)
+    return {"rows": {st: rows[st] for st in stages if st in rows}, "params": params, "config_source": config_source,
+            "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png}
+
+
+def _grid_cells(settings: dict) -> int:
+    import jigsaw
+    rows, cols = jigsaw.parse_grid(settings.get("GRID", "3x3"))
+    return rows * cols
+
+
+def measured_seconds(run: Path, stage: str) -> float | None:
+    path = run / ".done" / f"{stage}.seconds"
+    try:
+        return float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged user on the file system holding `path` (its nearest existing parent)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e12:.2f} TB" if value >= 1e12 else f"{value / 1e9:.1f} GB" if value >= 1e8 else \
+        f"{value / 1e6:.1f} MB"
+
+
+def render(result: dict, settings: dict, run: Path, states: dict) -> tuple[str, dict]:
+    gpu = result["gpu"]
+    unit = "GPU-h" if gpu else "CPU min"
+    lines = [f"[run_all] plan for preset {settings.get('PRESET')}: {result['params'] / 1e6:,.1f}M parameters "
+             f"({result['config_source']}); "
+             + ("times from the README's H100 figures (plan.py constants)" if gpu
+                else "times from this run's last stage times, else the README's toy run"),
+             f"  {'stage':<12} {'state':<13} {unit:>8} {'disk':>10}  what"]
+    total_s = total_disk = 0.0
+    peak = 0.0
+    to_run = []
+    for stage, r in result["rows"].items():
+        state = states.get(stage, "to run")
+        seconds = r["seconds"]
+        if not gpu:
+            seconds = measured_seconds(run, stage) or seconds
+        shown = f"{seconds / 3600:.2f}" if gpu else f"{seconds / 60:.1f}"
+        if state == "to run":
+            total_s += seconds
+            total_disk += r["disk"]
+            peak = max(peak, r["peak"])
+            to_run.append((stage, r))
+        lines.append(f"  {stage:<12} {state:<13} {shown:>8} {gb(r['disk']):>10}  {r['note']}")
+    shown = f"{total_s / 3600:.1f}" if gpu else f"{total_s / 60:.1f}"
+    lines.append(f"  {'total':<12} {'(to run)':<13} {shown:>8} {gb(total_disk):>10}  "
+                 f"+ up to {gb(peak)} while a resume state is replaced")
+    summary = {"seconds": total_s, "disk": total_disk, "peak": peak, "to_run": to_run}
+    return "\n".join(lines), summary
+
+
+def disk_verdict(summary: dict, run: Path, free: int) -> str | None:
+    """None when the stages to run fit the free disk, else the message naming the stage, the gap and the knob."""
+    used = 0.0
+    for stage, r in summary["to_run"]:
+        if used + r["disk"] + r["peak"] > free:
+            short = used + r["disk"] + r["peak"] - free
+            knob = f"change {r['knob']}" if r["knob"] else "free some disk"
+            return (f"run_all.sh: not enough disk in {run}: stage {stage} would run out, short by {gb(short)} "
+                    f"(the stages to run need {gb(summary['disk'] + summary['peak'])}, free {gb(free)}). "
+                    f"{stage}: {r['note']}. To fit: {knob}, set RUN to a larger disk, or IGNORE_DISK_PLAN=1 to "
+                    "run anyway.")
+        used += r["disk"]
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True, help="JSON of the run's variables (run_all.sh writes it)")
+    parser.add_argument("--run", required=True, help="the run folder (its free disk is checked)")
+    parser.add_argument("--stages", default="", help="stages in order, space separated (default: all)")
+    parser.add_argument("--states", default="", help="STAGE=STATE;... (e.g. 'done, skipped'); others: to run")
+    parser.add_argument("--check_disk", action="store_true", help="exit 2 when the stages to run do not fit")
+    parser.add_argument("--json", default="", help="also write the plan as JSON here")
+    args = parser.parse_args(argv)
+    settings = json.loads(Path(args.settings).read_text())
+    stages = args.stages.split() or list(TOY_SECONDS)
+    states = dict(item.split("=", 1) for item in args.states.split(";") if "=" in item)
+    run = Path(args.run)
+    result = plan(settings, stages)
+    text, summary = render(result, settings, run, states)
+    free = free_bytes(run)
+    print(text)
+    print(f"  free disk for {run}: {gb(free)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, **{k: v for k, v in result.items()},
+                                               "summary": {k: v for k, v in summary.items() if k != "to_run"},
+                                               "free_bytes": free}, indent=2, default=str))
+    verdict = disk_verdict(summary, run, free)
+    if verdict and args.check_disk:
+        print(verdict, file=sys.stderr)
+        return 2
+    if verdict:
+        print("  " + verdict.replace("run_all.sh: ", "warning: "))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
