@@ -17,7 +17,7 @@ probe set of prior-knowledge questions with a reference answer, this script meas
      gradients (--proj_dim r: a zero-initialised r x r block between fixed seeded random projections on chosen
      linear layers, so the block's gradient is the projected weight gradient); the exact step calibrates them;
   5. probe tracking: log pi(reference answer) of every probe at every saved checkpoint of each run.
-Outputs in --out_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
+Outputs in --output_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
 
 Worked example of the symmetry check (token-mean SFT loss, T_u = 40 response tokens in u, T_v = 2 in v):
     Delta(v|u) = eta <g_v, g_u> / 40 = 0.003  and  Delta(u|v) = eta <g_u, g_v> / 2 = 0.060
@@ -30,16 +30,17 @@ exist yet while you develop: tests/test_analyze.py builds tiny ones from the jig
     python analyze.py --model runs/toy/base \
         --sources non_rea=data/jigsaw_toy:prompt_no_think:target_non_rea,rea_grpo_rollout=runs/toy/rollouts.jsonl \
         --probes runs/toy/prior --probe_split test --runs sft_non_rea=runs/toy/sft_non_rea,rft=runs/toy/rft \
-        --out_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
+        --output_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
     # Qwen2.5-VL-3B on one GPU: project gradients to 7 x 36 x 8^2 = 16,128 dims per sample
     python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
 rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
-        --probes data/prior_probes --probe_answer greedy --runs sft_non_rea=runs/sft_non_rea,rft=runs/rft \
-        --out_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
+        --probes benchmarks:refcoco,docvqa,mme,mmstar,pope,mmmu --probe_limit 500 --probe_answer greedy \
+        --runs sft_non_rea=runs/sft_non_rea:answer_only,rft=runs/rft --kl_data data/jigsaw \
+        --output_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
     # only the probe curves
     python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
-        --runs rft=runs/toy/rft --out_dir runs/toy/analysis --no_first_order --no_exact
+        --runs rft=runs/toy/rft --output_dir runs/toy/analysis --no_first_order --no_exact
 """
 from __future__ import annotations
 
@@ -73,7 +74,12 @@ class Args:
     source_split: str = "train"
     """split read from datasets folders among --sources (sft.py trains on train)"""
     probes: str = ""
-    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl"""
+    """prior-knowledge probe set (benchmark questions with a reference answer): datasets folder or .jsonl, or
+    benchmarks:NAME,NAME (rows of eval.py's benchmarks, the seeded subset it scores; see --probe_data)"""
+    probe_data: str = ""
+    """with --probes benchmarks:...: local copies NAME=PATH,... (as eval.py --data; toy_prior/jigsaw need one)"""
+    probe_limit: int = 0
+    """with --probes benchmarks:...: eval.py's --limit (the probes are drawn from the rows it scores; 0 = all)"""
     probe_split: str = "test"
     """split of --probes (toy.build_prior_dataset's held-out questions are in test)"""
     probe_prompt_column: str = "prompt"
@@ -83,11 +89,21 @@ class Args:
     probe_answer: str = "reference"
     """which answer v's log-prob is measured on: reference (the ground truth) or greedy (the model's own greedy
     answer, i.e. what it currently 'knows'; Ren & Sutherland track both kinds of responses)"""
-    probe_max_new_tokens: int = 64
-    """max tokens of greedy probe answers (benchmark answers are short)"""
     runs: str = ""
-    """runs to track, comma-separated name=run_dir (checkpoints run_dir/checkpoint-N/model and run_dir/final)"""
-    out_dir: str = "runs/analysis"
+    """runs to track, comma-separated name=run_dir[:prompt_style] (its checkpoint-N/ snapshots and final/;
+    prompt_style thinking (default) or answer_only is the jigsaw prompt the run was trained on, for --kl_data)"""
+    kl_data: str = ""
+    """jigsaw data folder: at every tracked checkpoint also measure KL(tuned || base) on its --kl_split puzzles,
+    RL's Razor's predictor of forgetting (arXiv 2509.04259); empty: skip"""
+    kl_split: str = "test"
+    """split of --kl_data"""
+    kl_puzzles: int = 16
+    """puzzles of --kl_split (the first N) the KL is measured on"""
+    kl_samples: int = 4
+    """completions sampled per puzzle from the tuned model (temperature 1)"""
+    kl_max_completion_length: int = 512
+    """token cap of those sampled completions (the RFT rollouts' cap: Jigsaw-R1's 512)"""
+    output_dir: str = "runs/analysis"
     """where dynamics.json, dynamics.md and the PNG figures go"""
     n_train: int = 16
     """training samples drawn per source (seeded); first-order scores cost one backward pass per sample"""
@@ -108,8 +124,9 @@ class Args:
     proj_modules: str = "model.language_model.layers.*"
     """nn.Linear module-name patterns that get projection adapters when --proj_dim > 0 (LoGra adapts every linear
     layer; default: the 7 linear layers of each decoder block, 7 x 36 x r^2 dims for 3B: 4,032 at r=4, 16,128 at r=8)"""
-    max_completion_tokens: int = 512
-    """response tokens kept per sample (public GRPO work on the task used 512)"""
+    max_completion_length: int = 512
+    """response tokens kept per sample, and the cap of greedy probe answers (public GRPO work on the task used
+    512; benchmark answers stop far earlier)"""
     first_order: bool = True
     """compute the per-sample gradients: first-order scores, cosines, sign distribution"""
     exact: bool = True
@@ -118,8 +135,8 @@ class Args:
     """also step on probes and re-score training samples: Delta(u|v) against Delta(v|u)"""
     track: bool = True
     """track probe log-probs over the checkpoints of --runs"""
-    dtype: str = "float32"
-    """weights dtype: float32 (default: an eta=1e-4 step is lost in bf16 rounding), bfloat16, or float64 (CPU checks)"""
+    precision: str = "fp32"
+    """fp32 (the default even on a GPU: an eta=1e-4 step is lost in bf16 rounding), bf16, or fp64 (CPU checks)"""
     device: str = ""
     """cuda or cpu (default: cuda when available)"""
     backup_device: str = "cpu"
@@ -132,9 +149,16 @@ class Args:
     """processor max_pixels (default: the model folder's processor config)"""
     seed: int = 0
     """seed of sample choice and of the random projections"""
+    perplexity_rows: int = 0
+    """rows of each source scored for its perplexity under --model (0: all rows; the n_train drawn rows give the
+    rest of the analysis). The report's one perplexity per source"""
 
 
 PROBE_ANSWERS = ("reference", "greedy")
+RANGES = {"n_train": ">= 1", "n_probe": ">= 1", "eta": "> 0", "exact_pairs": ">= 0", "proj_dim": ">= 0",
+          "max_completion_length": ">= 1", "max_grad_gib": "> 0", "perplexity_rows": ">= 0", "kl_puzzles": ">= 1",
+          "kl_samples": ">= 1", "probe_limit": ">= 0",
+          "kl_max_completion_length": ">= 1"}
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -439,51 +463,14 @@ def answer_string(value) -> str:
 # Probe tracking over checkpoints (forward passes only)
 # ----------------------------------------------------------------------------------------------------------
 def run_checkpoints(run_dir: str, name: str) -> list[tuple[int, str, Path]]:
-    """[(step, label, model_folder)] of run_dir/checkpoint-N (its model/ copy) and run_dir/final, by step."""
-    root = Path(run_dir)
-    if not root.is_dir():
+    """[(step, label, model_folder)] of a run's model snapshots and final/ (common.list_checkpoints: the one
+    place that knows the layout), by step."""
+    if not Path(run_dir).is_dir():
         common.fail(f"--runs {name}={run_dir}: no such folder (a training run's --output_dir).")
-    found = []
-    for path in root.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if not match:
-            continue
-        model_dir = path / "model" if (path / "model" / "config.json").exists() else path
-        if not (model_dir / "config.json").exists():
-            print(f"[analyze] skipping {path}: no model/config.json (a checkpoint saved without its HF copy)")
-            continue
-        step = int(match.group(1))
-        state_file = path / "trainer_state.json"
-        if state_file.exists():
-            recorded = json.loads(state_file.read_text()).get("step", step)
-            if recorded != step:
-                print(f"[analyze] warning: {state_file} says step {recorded}, folder name says {step}; using {step}")
-        found.append((step, path.name, model_dir))
-    final = root / "final"
-    if (final / "config.json").exists():
-        found.append((final_step(root, [s for s, _, _ in found]), "final", final))
+    found = common.list_checkpoints(run_dir)
     if not found:
-        common.fail(f"--runs {name}={run_dir}: no checkpoint-N/model or final/ folder with a config.json inside.")
-    return sorted(found, key=lambda item: (item[0], item[1] == "final"))
-
-
-def final_step(root: Path, checkpoint_steps: list[int]) -> int:
-    """Step of run_dir/final: its trainer_state.json, else the last step in run_dir/metrics.jsonl, else the last
-    checkpoint's step (final is written after the last optimizer step)."""
-    state_file = root / "final" / "trainer_state.json"
-    if state_file.exists():
-        return int(json.loads(state_file.read_text()).get("step", 0))
-    metrics = root / "metrics.jsonl"
-    if metrics.exists():
-        steps = []
-        for line in metrics.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line).get("step")))
-            except (ValueError, TypeError, json.JSONDecodeError):
-                continue
-        if steps:
-            return max(steps)
-    return max(checkpoint_steps, default=0)
+        common.fail(f"--runs {name}={run_dir}: no checkpoint-N/ or final/ folder with a config.json inside.")
+    return found
 
 
 @torch.no_grad()
@@ -492,17 +479,38 @@ def probe_logprobs(model, batches: list[dict]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# RL's Razor's predictor of forgetting: KL(tuned || base) on the new task
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def task_kl(model, base_model, processor, prompts: list[str], images: list[list], num_samples: int,
+            max_completion_length: int, batch_size: int = 8) -> dict:
+    """E_{x ~ new task, y ~ pi(.|x)} KL per completion (nats), RL's Razor (arXiv 2509.04259): forgetting tracks
+    the KL from the base to the tuned model measured on the task being learnt. Completions are sampled from the
+    tuned model at temperature 1 (common.generate, vision tokens suppressed: a log(1 - p) ~ 0 change)."""
+    values = []
+    for start in range(0, len(prompts), batch_size):
+        out = common.generate(model, processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                              max_completion_length, temperature=1.0, do_sample=True, num_samples=num_samples)
+        rows = [i // num_samples for i in range(len(out["completion_ids"]))]
+        device = next(model.parameters()).device
+        for begin in range(0, len(rows), 4):  # 4 sequences at a time: [4, T, V] fp32 logits of a 152k vocabulary
+            ids = [c or [processor.tokenizer.eos_token_id] for c in out["completion_ids"][begin:begin + 4]]
+            chunk = common.append_completions(common.select_rows(out["batch"], rows[begin:begin + 4]), ids,
+                                              processor.tokenizer.pad_token_id)
+            chunk = common.to_device(chunk, device)
+            tuned = torch.log_softmax(common.completion_logits(model, chunk).float(), -1)
+            base = torch.log_softmax(common.completion_logits(base_model, chunk).float(), -1)
+            per_token = (tuned.exp() * (tuned - base)).sum(-1) * chunk["completion_mask"]
+            values += per_token.sum(1).double().tolist()
+    return {"kl": sum(values) / max(1, len(values)), "kl_std": summary(values).get("std"), "samples": len(values)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Figures and the markdown section
 # ----------------------------------------------------------------------------------------------------------
 def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -649,51 +657,70 @@ def check_gradient_memory(model, args: Args, n_samples: int) -> None:
                     "projection), narrower --params, or --no_first_order.")
 
 
-def main(argv=None) -> dict:
-    args = common.parse_args(Args, __doc__, argv)
-    timings = {}
-    start = time.time()
-
-    # ---- config checks (before any model is loaded) --------------------------------------------------------
+def check_args(args: Args) -> None:
+    """Every check that needs no model: flags, ranges, names."""
     if args.probe_answer not in PROBE_ANSWERS:
         common.fail(f"--probe_answer {args.probe_answer!r}: choose one of {PROBE_ANSWERS}.")
     if not args.sources:
         common.fail("--sources is empty: give name=path[:prompt_col:target_col],... (e.g. non_rea=data/jigsaw).")
     if not args.probes:
         common.fail("--probes is empty: give the prior-knowledge probe set (e.g. runs/toy/prior).")
-    if args.eta <= 0 or args.n_train < 1 or args.n_probe < 1 or args.exact_pairs < 0 or args.proj_dim < 0:
-        common.fail("--eta must be > 0, --n_train/--n_probe >= 1, --exact_pairs/--proj_dim >= 0.")
-    if args.dtype not in common.DTYPES and args.dtype != "float64":
-        common.fail(f"--dtype {args.dtype}: choose float32, bfloat16, float16 or float64.")
-    sources = parse_named_paths(args.sources, "--sources", with_columns=True)
-    runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
-    run_plans = {r["name"]: run_checkpoints(r["path"], r["name"]) for r in runs}
-    device = args.device or common.default_device()
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.precision not in ("fp32", "bf16", "fp16", "fp64"):
+        common.fail(f"--precision {args.precision}: choose fp32, bf16, fp16 or fp64.")
+    common.check_ranges(args, RANGES)
 
-    # ---- data ----------------------------------------------------------------------------------------------
-    source_rows = {}
+
+def parse_runs(args: Args) -> list[dict]:
+    """--runs entries name=run_dir[:prompt_style], each with its checkpoints (checked now, before any model)."""
+    runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
+    for r in runs:
+        r["prompt_style"] = "thinking"
+        if r["path"].endswith((":thinking", ":answer_only")):
+            r["path"], r["prompt_style"] = r["path"].rsplit(":", 1)
+        r["checkpoints"] = run_checkpoints(r["path"], r["name"])
+    return runs
+
+
+def load_inputs(args: Args, sources: list[dict], runs: list[dict]) -> dict:
+    """The drawn training samples of each source (and the whole source, for its perplexity), the probes, and the
+    new-task puzzles of the KL: every data set opened and its columns checked before the model is loaded."""
+    source_rows, source_data = {}, {}
     for entry in sources:
         dataset = load_source_rows(entry, args.source_split)
         if len(dataset) == 0:
             common.fail(f"--sources {entry['name']}={entry['path']}: no rows.")
-        rows = [dataset[i] for i in pick(len(dataset), args.n_train, args.seed, entry["name"])]
-        source_rows[entry["name"]] = (entry, rows)
-    probe_set = common.load_rows(args.probes, args.probe_split,
-                                 required=(args.probe_prompt_column, args.probe_answer_column))
-    probe_rows = [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]
+        source_rows[entry["name"]] = (entry, [dataset[i] for i in pick(len(dataset), args.n_train, args.seed,
+                                                                        entry["name"])])
+        source_data[entry["name"]] = dataset
+    if args.probes.startswith("benchmarks:"):  # rows of eval.py's benchmarks: id, images, prompt, answer, benchmark
+        import benchmarks
+        names = [n.strip() for n in args.probes.split(":", 1)[1].split(",") if n.strip()]
+        probe_set = benchmarks.probe_rows(names, benchmarks.parse_data_flag(args.probe_data, "--probe_data"),
+                                          args.probe_limit, args.seed, per_benchmark=-(-args.n_probe // max(1, len(names))))
+        if not probe_set:
+            common.fail(f"--probes {args.probes}: no rows selected (check --probe_limit and --probe_data).")
+    else:
+        probe_set = common.load_rows(args.probes, args.probe_split,
+                                     required=(args.probe_prompt_column, args.probe_answer_column))
+    kl_rows = []
+    if args.kl_data and runs:
+        kl_set = common.load_rows(args.kl_data, args.kl_split, required=("prompt", "prompt_no_think", "images"))
+        kl_rows = [kl_set[i] for i in range(min(args.kl_puzzles, len(kl_set)))]
+    return {"source_rows": source_rows, "source_data": source_data, "kl_rows": kl_rows,
+            "probe_rows": [probe_set[i] for i in pick(len(probe_set), args.n_probe, args.seed, "probes")]}
 
-    # ---- model ---------------------------------------------------------------------------------------------
-    n_samples = args.n_train * len(sources) + args.n_probe
+
+def load_base_model(args: Args, device: str, n_samples: int):
+    """The model whose dynamics are measured, in eval mode (no dropout: the exact step and the re-scoring must see
+    the same function), with only --params trainable."""
     if args.first_order and args.proj_dim == 0 and (args.model in common.REAL_CONFIGS or Path(args.model).is_dir()):
         check_gradient_memory(common.meta_model(args.model), args, n_samples)  # before minutes of loading
     model, processor = common.load_model_and_processor(
-        args.model, "float32" if args.dtype == "float64" else args.dtype, min_pixels=args.min_pixels,
+        args.model, "fp32" if args.precision == "fp64" else args.precision, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, device=device)
-    if args.dtype == "float64":
+    if args.precision == "fp64":
         model.to(torch.float64)
-    model.eval()  # no dropout: the exact step and the re-scoring must see the same function
+    model.eval()
     named = dict(model.named_parameters())
     param_names = match_names(list(named), args.params)
     if not param_names:
@@ -704,174 +731,252 @@ def main(argv=None) -> dict:
         check_gradient_memory(model, args, n_samples)
     print(f"[analyze] {args.model}: {len(params)} parameter tensors stepped "
           f"({sum(p.numel() for p in params):,} values); device {device}")
+    return model, processor, params
 
-    # ---- samples: training sources and probes as one-sample batches -------------------------------------------
+
+def make_samples(args: Args, model, processor, inputs: dict, device: str) -> dict:
+    """Probes (with the reference or the model's own greedy answer) and training samples as one-sample batches."""
+    probe_rows = inputs["probe_rows"]
     probe_prompts = [r[args.probe_prompt_column] for r in probe_rows]
     probe_images = [common.row_images(r, data_base_dir(args.probes)) for r in probe_rows]
     if args.probe_answer == "greedy":
         completion_ids = []
         for i in range(0, len(probe_rows), 8):
             out = common.generate(model, processor, probe_prompts[i:i + 8], probe_images[i:i + 8],
-                                  args.probe_max_new_tokens, do_sample=False)
+                                  args.max_completion_length, do_sample=False)
             completion_ids += [ids or [processor.tokenizer.eos_token_id] for ids in out["completion_ids"]]
         probe_answers = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        probe_batches = [make_batch(processor, p, im, completion_ids=ids, max_tokens=args.max_completion_tokens)
+        probe_batches = [make_batch(processor, p, im, completion_ids=ids, max_tokens=args.max_completion_length)
                          for p, im, ids in zip(probe_prompts, probe_images, completion_ids)]
     else:
         probe_answers = [answer_string(r[args.probe_answer_column]) for r in probe_rows]
-        probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_tokens)
+        probe_batches = [make_batch(processor, p, im, a, max_tokens=args.max_completion_length)
                          for p, im, a in zip(probe_prompts, probe_images, probe_answers)]
-    probe_batches = [common.to_device(b, device) for b in probe_batches]
     train_batches = {}
-    for name, (entry, rows) in source_rows.items():
+    for name, (entry, rows) in inputs["source_rows"].items():
         train_batches[name] = [common.to_device(make_batch(processor, r[entry["prompt_column"]],
                                                            common.row_images(r, data_base_dir(entry["path"])),
                                                            str(r[entry["target_column"]]),
-                                                           max_tokens=args.max_completion_tokens), device)
+                                                           max_tokens=args.max_completion_length), device)
                                for r in rows]
+    return {"probe_batches": [common.to_device(b, device) for b in probe_batches], "probe_answers": probe_answers,
+            "train_batches": train_batches}
 
-    # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 -------------------------------------
+
+def source_perplexity(args: Args, model, processor, entry: dict, dataset) -> dict:
+    """Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy: over all
+    rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses (common.sequence_logprobs),
+    so the report shows one perplexity per source."""
     from tqdm import tqdm
-    k_exact = min(args.exact_pairs, args.n_probe, len(probe_batches)) if args.exact else 0
-    probe_base = [score_sample(model, b, keep_full=i < k_exact) for i, b in enumerate(probe_batches)]
+    count = min(args.perplexity_rows or len(dataset), len(dataset))
+    sums, counts = [], []
+    for begin in tqdm(range(0, count, 8), desc=f"perplexity {entry['name']}", leave=False):
+        chunk = [dataset[i] for i in range(begin, min(count, begin + 8))]
+        pairs = common.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
+                                         [common.row_images(r, data_base_dir(entry["path"])) for r in chunk],
+                                         [str(r[entry["target_column"]]) for r in chunk], batch_size=8)
+        sums += [lp for lp, _ in pairs]
+        counts += [c for _, c in pairs]
+    mean_nll, perplexity = common.token_weighted_nll(sums, counts)
+    return {"perplexity": perplexity, "mean_nll": mean_nll, "perplexity_rows": count, "perplexity_tokens": sum(counts)}
+
+
+def base_scores(args: Args, model, processor, inputs: dict, samples: dict, k_exact: int) -> dict:
+    """Log-probs, ||A(v)||_F^2 and ||G(u)||_F^2 of every sample under the base model, and each source's perplexity."""
+    from tqdm import tqdm
+    probe_base = [score_sample(model, b, keep_full=i < k_exact) for i, b in enumerate(samples["probe_batches"])]
     train_base = {name: [score_sample(model, b) for b in tqdm(batches, desc=f"score {name}", leave=False)]
-                  for name, batches in train_batches.items()}
-    results = {"config": asdict(args), "n_probes": len(probe_batches), "sources": {}, "samples": {}}
-    results["samples"]["probes"] = [
+                  for name, batches in samples["train_batches"].items()}
+    sources, records = {}, {"probes": [
         {"id": r.get("id", i), "answer": a, "tokens": len(s["token_logprobs"]),
          "logprob": s["token_logprobs"].sum().item(), "a_fro2": s["a_fro2"]}
-        for i, (r, a, s) in enumerate(zip(probe_rows, probe_answers, probe_base))]
+        for i, (r, a, s) in enumerate(zip(inputs["probe_rows"], samples["probe_answers"], probe_base))]}
     for name, scores in train_base.items():
+        entry, rows = inputs["source_rows"][name]
         tokens = [len(s["token_logprobs"]) for s in scores]
         logps = [s["token_logprobs"].sum().item() for s in scores]
-        # Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy.
-        results["sources"][name] = {
-            "path": source_rows[name][0]["path"], "n": len(scores),
-            "perplexity": math.exp(-sum(logps) / max(1, sum(tokens))),
+        sources[name] = {
+            "path": entry["path"], "n": len(scores),
+            **source_perplexity(args, model, processor, entry, inputs["source_data"][name]),
+            "perplexity_drawn": math.exp(-sum(logps) / max(1, sum(tokens))),
             "perplexity_per_sample": summary([math.exp(-lp / max(1, t)) for lp, t in zip(logps, tokens)]),
             "response_tokens": summary(tokens), "g_fro2": summary([s["g_fro2"] for s in scores])}
-        results["samples"][name] = [
-            {"id": r.get("id", i), "tokens": t, "logprob": lp, "g_fro2": s["g_fro2"]}
-            for i, (r, t, lp, s) in enumerate(zip(source_rows[name][1], tokens, logps, scores))]
+        records[name] = [{"id": r.get("id", i), "tokens": t, "logprob": lp, "g_fro2": s["g_fro2"]}
+                         for i, (r, t, lp, s) in enumerate(zip(rows, tokens, logps, scores))]
+    return {"probe_base": probe_base, "train_base": train_base, "sources": sources, "samples": records}
+
+
+def first_order_phase(args: Args, model, params, samples: dict, train_base: dict) -> dict:
+    """One backward pass per sample: first-order Delta, cosines and their sign distribution per source."""
+    probe_batches, train_batches = samples["probe_batches"], samples["train_batches"]
+    all_batches = probe_batches + [b for batches in train_batches.values() for b in batches]
+    grads, info = per_sample_gradients(model, all_batches, params, args.proj_dim, args.proj_modules, args.seed)
+    grads = grads.double()
+    grads_v, offset = grads[:len(probe_batches)], len(probe_batches)
+    scores_by_source, stats = {}, {}
+    for name, batches in train_batches.items():
+        grads_u = grads[offset:offset + len(batches)]
+        offset += len(batches)
+        tokens_u = torch.tensor([len(s["token_logprobs"]) for s in train_base[name]])
+        scores = first_order_delta(grads_v @ grads_u.T, tokens_u, args.eta)
+        cosines = cosine_matrix(grads_v, grads_u)
+        scores_by_source[name] = scores
+        stats[name] = {"first_order": summary(scores), "cosine": summary(cosines), "cosines": cosines.flatten().tolist(),
+                       "cosine_positive_share": float((cosines > 0).double().mean()),
+                       "cosine_negative_share": float((cosines < 0).double().mean()),
+                       "pairs_first_order": scores.tolist()}  # [probe][train sample]
+    return {"gradients": info, "scores": scores_by_source, "stats": stats}
+
+
+def exact_phase(args: Args, model, params, backup, samples: dict, base: dict, first_order: dict, k_exact: int) -> dict:
+    """Exact one-step influence on a K x K subset per source: Delta, LBK, and the calibration of the first-order
+    scores against these exact steps."""
+    from tqdm import tqdm
+    probe_batches, probe_base = samples["probe_batches"], base["probe_base"]
+    stats, exact_all, first_all = {}, [], []
+    for name, batches in samples["train_batches"].items():
+        pairs = []
+        for j in tqdm(range(min(k_exact, len(batches))), desc=f"exact {name}", leave=False):
+            after = exact_step(model, params, backup, batches[j], args.eta, probe_batches[:k_exact],
+                               keep_full=[True] * k_exact)
+            for i, after_v in enumerate(after):
+                record = {"probe": i, "train": j, **pair_record(probe_base[i], after_v,
+                                                                 base["train_base"][name][j]["g_fro2"])}
+                if name in first_order:
+                    record["first_order"] = first_order[name][i, j].item()
+                pairs.append(record)
+        s = {"exact_pairs": pairs, "exact_delta": summary([p["delta"] for p in pairs]),
+             "lbk": summary([p["lbk"] for p in pairs]), "lbk_over_eta2": summary([p["lbk"] / args.eta ** 2 for p in pairs]),
+             "lbk_tokens": summary([p["lbk_tokens"] for p in pairs]),
+             "exact_positive_share": sum(p["delta"] > 0 for p in pairs) / len(pairs)}
+        if name in first_order:
+            e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
+            s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
+            exact_all += e
+            first_all += f
+        stats[name] = s
+    out = {"stats": stats}
+    if exact_all:
+        e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
+        out["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f),
+                              "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
+                              "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300)).median())}
+    return out
+
+
+def symmetry_phase(args: Args, model, params, backup, samples: dict, base: dict, exact: dict, k_exact: int) -> dict:
+    """Delta(u|v): step on probe v's SFT loss, re-score training sample u. With token-mean losses the first-order
+    terms are eta<g_u,g_v>/T_v and eta<g_v,g_u>/T_u, so T_v*Delta(u|v) ~ T_u*Delta(v|u)."""
+    from tqdm import tqdm
+    train_batches, probe_base, train_base = samples["train_batches"], base["probe_base"], base["train_base"]
+    pairs = []
+    targets = [(name, j) for name, batches in train_batches.items() for j in range(min(k_exact, len(batches)))]
+    for i in tqdm(range(k_exact), desc="symmetry", leave=False):
+        after = exact_step(model, params, backup, samples["probe_batches"][i], args.eta,
+                           [train_batches[n][j] for n, j in targets])
+        t_v = len(probe_base[i]["token_logprobs"])
+        for (name, j), after_u in zip(targets, after):
+            u_given_v = (after_u["token_logprobs"] - train_base[name][j]["token_logprobs"]).sum().item()
+            v_given_u = next(p["delta"] for p in exact["stats"][name]["exact_pairs"] if p["probe"] == i and p["train"] == j)
+            t_u = len(train_base[name][j]["token_logprobs"])
+            pairs.append({"source": name, "probe": i, "train": j, "delta_v_given_u": v_given_u,
+                          "delta_u_given_v": u_given_v, "normalised_v_given_u": t_u * v_given_u,
+                          "normalised_u_given_v": t_v * u_given_v})
+    a = torch.tensor([p["normalised_v_given_u"] for p in pairs], dtype=torch.float64)
+    b = torch.tensor([p["normalised_u_given_v"] for p in pairs], dtype=torch.float64)
+    return {"n": len(pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
+            "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300)).median()),
+            "pearson_raw": pearson([p["delta_v_given_u"] for p in pairs], [p["delta_u_given_v"] for p in pairs]),
+            "pairs": pairs}
+
+
+def tracking_phase(args: Args, base_model, processor, runs: list[dict], samples: dict, base: dict,
+                   kl_rows: list[dict], device: str) -> dict:
+    """Probe log-probs at every checkpoint of each run (forward passes only), and, with --kl_data, the KL from
+    the base to that checkpoint on the new task (RL's Razor)."""
+    from tqdm import tqdm
+    base_curve = [s["token_logprobs"].sum().item() for s in base["probe_base"]]
+    tracking = {}
+    for run in runs:
+        steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
+        column = "prompt" if run["prompt_style"] == "thinking" else "prompt_no_think"
+        for step, label, folder in tqdm(run["checkpoints"], desc=f"track {run['name']}", leave=False):
+            checkpoint = common.load_model(str(folder), "fp32" if args.precision == "fp64" else args.precision,
+                                           device=device)
+            if args.precision == "fp64":
+                checkpoint.to(torch.float64)
+            checkpoint.eval()
+            logprobs.append(probe_logprobs(checkpoint, samples["probe_batches"]))
+            if kl_rows:
+                kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
+                                   [common.row_images(r) for r in kl_rows], args.kl_samples,
+                                   args.kl_max_completion_length)["kl"])
+            steps.append(step)
+            labels.append(label)
+            del checkpoint
+        table = torch.tensor(logprobs, dtype=torch.float64)
+        tracking[run["name"]] = {"path": run["path"], "steps": steps, "labels": labels, "logprob": table.tolist(),
+                                 "mean_logprob": table.mean(1).tolist(),
+                                 "q25_logprob": table.quantile(0.25, dim=1).tolist(),
+                                 "q75_logprob": table.quantile(0.75, dim=1).tolist(),
+                                 **({"task_kl": kls} if kl_rows else {})}
+    return tracking
+
+
+def main(argv=None) -> dict:
+    # ---- config: every check before any model is loaded ------------------------------------------------------
+    args = common.parse_args(Args, __doc__, argv)
+    check_args(args)
+    timings, start = {}, time.time()
+    sources = parse_named_paths(args.sources, "--sources", with_columns=True)
+    runs = parse_runs(args)
+    device = args.device or common.default_device()
+    out_dir = Path(args.output_dir)
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    inputs = load_inputs(args, sources, runs)
+
+    # ---- model and samples -----------------------------------------------------------------------------------
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor, params = load_base_model(args, device, args.n_train * len(sources) + args.n_probe)
+    samples = make_samples(args, model, processor, inputs, device)
+    k_exact = min(args.exact_pairs, args.n_probe, len(samples["probe_batches"])) if args.exact else 0
+
+    # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 --------------------------------------
+    base = base_scores(args, model, processor, inputs, samples, k_exact)
+    results = {"config": asdict(args), "environment": common.environment(), "n_probes": len(samples["probe_batches"]),
+               "sources": base["sources"], "samples": base["samples"]}
     timings["base_scores_s"] = time.time() - start
 
-    # ---- first-order scores: one backward pass per sample -----------------------------------------------------
+    # ---- first-order scores: one backward pass per sample ----------------------------------------------------
     first_order = {}
     if args.first_order:
         t0 = time.time()
-        all_batches = probe_batches + [b for batches in train_batches.values() for b in batches]
-        grads, info = per_sample_gradients(model, all_batches, params, args.proj_dim, args.proj_modules, args.seed)
-        grads = grads.double()
-        results["gradients"] = info
-        grads_v, offset = grads[:len(probe_batches)], len(probe_batches)
-        for name, batches in train_batches.items():
-            grads_u = grads[offset:offset + len(batches)]
-            offset += len(batches)
-            tokens_u = torch.tensor([len(s["token_logprobs"]) for s in train_base[name]])
-            inner = grads_v @ grads_u.T
-            scores = first_order_delta(inner, tokens_u, args.eta)
-            cosines = cosine_matrix(grads_v, grads_u)
-            first_order[name] = scores
-            s = results["sources"][name]
-            s["first_order"] = summary(scores)
-            s["cosine"] = summary(cosines)
-            s["cosines"] = cosines.flatten().tolist()
-            s["cosine_positive_share"] = float((cosines > 0).double().mean())
-            s["cosine_negative_share"] = float((cosines < 0).double().mean())
-            s["pairs_first_order"] = scores.tolist()  # [probe][train sample]
+        phase = first_order_phase(args, model, params, samples, base["train_base"])
+        results["gradients"], first_order = phase["gradients"], phase["scores"]
+        for name, stats in phase["stats"].items():
+            results["sources"][name].update(stats)
         timings["first_order_s"] = time.time() - t0
 
-    # ---- exact one-step influence (a K x K subset per source) and the symmetry check --------------------------
-    exact_all, first_all = [], []
+    # ---- exact one-step influence (a K x K subset per source) and the symmetry check -------------------------
     if k_exact > 0:
         t0 = time.time()
         set_trainable(model, params)
         backup = backup_params(params, args.backup_device if device != "cpu" else "cpu")
-        for name, batches in train_batches.items():
-            k_u = min(k_exact, len(batches))
-            pairs = []
-            for j in tqdm(range(k_u), desc=f"exact {name}", leave=False):
-                after = exact_step(model, params, backup, batches[j], args.eta, probe_batches[:k_exact],
-                                   keep_full=[True] * k_exact)
-                for i, after_v in enumerate(after):
-                    record = {"probe": i, "train": j, **pair_record(probe_base[i], after_v,
-                                                                     train_base[name][j]["g_fro2"])}
-                    if name in first_order:
-                        record["first_order"] = first_order[name][i, j].item()
-                    pairs.append(record)
-            s = results["sources"][name]
-            s["exact_pairs"] = pairs
-            s["exact_delta"] = summary([p["delta"] for p in pairs])
-            s["lbk"] = summary([p["lbk"] for p in pairs])
-            s["lbk_over_eta2"] = summary([p["lbk"] / args.eta ** 2 for p in pairs])
-            s["lbk_tokens"] = summary([p["lbk_tokens"] for p in pairs])
-            s["exact_positive_share"] = sum(p["delta"] > 0 for p in pairs) / len(pairs)
-            if name in first_order:
-                e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
-                s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
-                exact_all += e
-                first_all += f
-        if exact_all:
-            e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
-            results["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement":
-                                      sign_agreement(e, f), "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
-                                      "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300))
-                                                                     .median())}
+        exact = exact_phase(args, model, params, backup, samples, base, first_order, k_exact)
+        for name, stats in exact["stats"].items():
+            results["sources"][name].update(stats)
+        if "calibration" in exact:
+            results["calibration"] = exact["calibration"]
         if args.symmetry:
-            # Delta(u|v): step on probe v's SFT loss, re-score training sample u. With token-mean losses the
-            # first-order terms are eta<g_u,g_v>/T_v and eta<g_v,g_u>/T_u, so T_v*Delta(u|v) ~ T_u*Delta(v|u).
-            sym_pairs = []
-            targets = [(name, j) for name, batches in train_batches.items() for j in range(min(k_exact, len(batches)))]
-            for i in tqdm(range(k_exact), desc="symmetry", leave=False):
-                after = exact_step(model, params, backup, probe_batches[i], args.eta,
-                                   [train_batches[n][j] for n, j in targets])
-                t_v = len(probe_base[i]["token_logprobs"])
-                for (name, j), after_u in zip(targets, after):
-                    u_given_v = (after_u["token_logprobs"] - train_base[name][j]["token_logprobs"]).sum().item()
-                    v_given_u = next(p["delta"] for p in results["sources"][name]["exact_pairs"]
-                                     if p["probe"] == i and p["train"] == j)
-                    t_u = len(train_base[name][j]["token_logprobs"])
-                    sym_pairs.append({"source": name, "probe": i, "train": j, "delta_v_given_u": v_given_u,
-                                      "delta_u_given_v": u_given_v, "normalised_v_given_u": t_u * v_given_u,
-                                      "normalised_u_given_v": t_v * u_given_v})
-            a = torch.tensor([p["normalised_v_given_u"] for p in sym_pairs], dtype=torch.float64)
-            b = torch.tensor([p["normalised_u_given_v"] for p in sym_pairs], dtype=torch.float64)
-            results["symmetry"] = {
-                "n": len(sym_pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
-                "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300))
-                                                   .median()),
-                "pearson_raw": pearson([p["delta_v_given_u"] for p in sym_pairs],
-                                       [p["delta_u_given_v"] for p in sym_pairs]),
-                "pairs": sym_pairs}
+            results["symmetry"] = symmetry_phase(args, model, params, backup, samples, base, exact, k_exact)
         del backup
         timings["exact_s"] = time.time() - t0
 
-    # ---- probe tracking over each run's checkpoints (forward passes only) -------------------------------------
-    if run_plans:
+    # ---- probe tracking over each run's checkpoints, and the KL on the new task ------------------------------
+    if runs:
         t0 = time.time()
-        base_curve = [s["token_logprobs"].sum().item() for s in probe_base]
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        results["tracking"] = {}
-        for run, plan in run_plans.items():
-            steps, labels, logprobs = [0], ["base"], [base_curve]
-            for step, label, folder in tqdm(plan, desc=f"track {run}", leave=False):
-                checkpoint = common.load_model(str(folder), "float32" if args.dtype == "float64" else args.dtype,
-                                               device=device)
-                if args.dtype == "float64":
-                    checkpoint.to(torch.float64)
-                checkpoint.eval()
-                logprobs.append(probe_logprobs(checkpoint, probe_batches))
-                steps.append(step)
-                labels.append(label)
-                del checkpoint
-            table = torch.tensor(logprobs, dtype=torch.float64)
-            results["tracking"][run] = {
-                "path": next(r["path"] for r in runs if r["name"] == run), "steps": steps, "labels": labels,
-                "logprob": table.tolist(), "mean_logprob": table.mean(1).tolist(),
-                "q25_logprob": table.quantile(0.25, dim=1).tolist(),
-                "q75_logprob": table.quantile(0.75, dim=1).tolist()}
+        results["tracking"] = tracking_phase(args, model, processor, runs, samples, base, inputs["kl_rows"], device)
         timings["tracking_s"] = time.time() - t0
 
     # ---- save ------------------------------------------------------------------------------------------------
@@ -879,7 +984,7 @@ def main(argv=None) -> dict:
     results["timings"] = timings
     results["figures"] = make_figures(results, out_dir)
     common.write_json_atomic(out_dir / "dynamics.json", results)
-    write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
+    common.write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
     print(f"[analyze] wrote {out_dir / 'dynamics.json'}, {out_dir / 'dynamics.md'} and "
           f"{len(results['figures'])} figures in {timings['total_s']:.1f}s")
     return results

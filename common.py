@@ -57,7 +57,9 @@ def parse_args(cls, description: str | None = None, argv=None):
     """Build an argparse parser from a dataclass: `--name value` per field, `--flag` / `--no_flag` for bools
     (the --no_ form is accepted but kept out of --help to keep it short)."""
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a retired flag such as --out must fail, not silently match --output_dir by its prefix.
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     try:
         import typing
@@ -362,6 +364,44 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1), int(mask.sum())
 
 
+@torch.no_grad()
+def sequence_logprobs(model, processor, prompts: list[str], images: list[list], completions: list[str],
+                      batch_size: int) -> list[tuple[float, int]]:
+    """(sum log pi(completion | prompt), completion token count) per row, completions tokenized as SFT will
+    tokenize them (build_batch: text + <|im_end|>, which is scored too, as SFT trains on it). The ONE
+    sequence-scoring function: rollout_sft.py's per-row log-probs and analyze.py's perplexity of each source.
+
+    The decoded text is scored, not the sampled token ids: what SFT trains on is the text, so the rollout
+    log-probs and the perplexity table measure the same thing. (A model that samples a non-canonical BPE
+    split gets its re-tokenized text scored; rare for a trained model, common for a random one.)"""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = build_batch(processor, prompts[start:start + batch_size], images[start:start + batch_size],
+                                   completions=completions[start:start + batch_size])
+        batch = to_device(batch, device)
+        logprobs = completion_logprobs(model, batch)
+        mask = batch["completion_mask"]
+        for row_logprobs, row_mask in zip(logprobs, mask):
+            out.append((float((row_logprobs * row_mask).sum()), int(row_mask.sum())))
+    return out
+
+
+
+def token_weighted_nll(logprob_sums: list[float], token_counts: list[int]) -> tuple[float, float]:
+    """(mean NLL per token, perplexity) over all completion tokens of a set of rows.
+
+    Token-weighted, not a mean of per-row means: two rows of 2 and 6 tokens with log-prob sums -2 and -18
+    give mean NLL (2 + 18) / 8 = 2.5 and perplexity exp(2.5) = 12.18.
+    """
+    tokens = sum(token_counts)
+    if tokens == 0:
+        raise ValueError("no completion tokens to score")
+    mean_nll = -sum(logprob_sums) / tokens
+    return mean_nll, math.exp(mean_nll)
+
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
@@ -660,76 +700,182 @@ def environment() -> dict:
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else None}
 
 
-def export_model(accelerator, model, processor, path) -> None:
+def export_model(accelerator, model, processor, path, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of model and processor: a folder any HF tool (and every stage here) loads by path.
-    Gathers the full state dict first, so it also works under FSDP/DeepSpeed."""
+    Gathers the full state dict first, so it also works under FSDP/DeepSpeed. `dtype` casts floating weights
+    on the way out (bf16: 2 bytes per parameter; the fp32 master weights stay in the resume state only).
+    Written to a temp folder and renamed, so a crash never leaves half a model behind."""
+    import shutil
+    path = Path(path)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(str(path))
+        if dtype is not None:
+            state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
+            name = str(dtype).replace("torch.", "")
+            config = json.loads((tmp / "config.json").read_text())
+            for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+                section["dtype"] = name
+            write_json_atomic(tmp / "config.json", config)
+        processor.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, output_dir, step: int, extra: dict, model=None, processor=None) -> Path:
-    """Model, optimizer, scheduler and every RNG state (accelerator.save_state, safetensors for the model),
-    plus `trainer_state.json` (step, data position, ...), plus (when model/processor are given) a
-    save_pretrained copy in `model/` that analyze.py and rollout_sft.py load like any checkpoint (this costs
-    the weights' size once more on disk). Written to a temp folder and renamed, so a crash while saving never
-    damages the last good checkpoint; `latest` names the newest one."""
+# Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval and analyze.py read it):
+#   run.json          the run's settings (the resume rule compares them), written at the start
+#   metrics.jsonl     one JSON object per logged step (and eval lines)
+#   checkpoint-N/     model-only save_pretrained snapshots every --save_steps (bf16 on a GPU: 2 bytes/param),
+#                     each with trainer_state.json {"step": N}: what evaluation along training and analyze.py read
+#   resume/           the ONE resume state (accelerate state: weights, optimizer, scheduler, RNG + trainer_state.json
+#                     with the data position), replaced at each save: about 6 bytes/param on a GPU
+#   final/            save_pretrained of the last step (same dtype as the snapshots)
+RUN_FILE, RESUME_DIR = "run.json", "resume"
+TRAINING_OUTPUTS = (RUN_FILE, "metrics.jsonl", RESUME_DIR, "final", "completions.jsonl", "tracking", OUTPUT_MARKER)
+TRAINING_OUTPUT_GLOBS = ("checkpoint-*", "completions.rank*.jsonl", ".*.tmp", ".*.old")
+
+
+def snapshot_dtype(precision: str) -> torch.dtype:
+    """Model-only snapshots: bf16 for GPU precisions (inference needs nothing more), fp32 for fp32 runs."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def save_snapshot(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype) -> Path:
+    """output_dir/checkpoint-{step}: model + processor only (no optimizer), for evaluation and analysis."""
+    path = Path(output_dir) / f"checkpoint-{step}"
+    export_model(accelerator, model, processor, path, dtype)
+    if accelerator.is_main_process:
+        write_json_atomic(path / "trainer_state.json", {"step": step})
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_resume_state(accelerator, output_dir, step: int, extra: dict) -> Path:
+    """Model, optimizer, scheduler and every RNG state (accelerator.save_state, safetensors) plus
+    trainer_state.json (step, data position, ...) in output_dir/resume, replacing the previous one. Written to
+    a temp folder first; the old state is only removed once the new one is complete, so a crash at any moment
+    leaves one complete state (resume_state() finds it)."""
     import shutil
     output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    final, tmp, old = output_dir / RESUME_DIR, output_dir / f".{RESUME_DIR}.tmp", output_dir / f".{RESUME_DIR}.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    if model is not None and processor is not None:
-        export_model(accelerator, model, processor, tmp / "model")
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra})
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "environment": environment()})
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
-        (output_dir / "latest.tmp").write_text(final.name)
-        os.replace(output_dir / "latest.tmp", output_dir / "latest")
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    pointer = Path(output_dir) / "latest"
-    if pointer.exists():
-        path = Path(output_dir) / pointer.read_text().strip()
+def resume_state(output_dir) -> Path | None:
+    """The complete resume state of a run, or None (a crash between the two renames leaves it in .resume.old)."""
+    for name in (RESUME_DIR, f".{RESUME_DIR}.old"):
+        path = Path(output_dir) / name
         if (path / "trainer_state.json").exists():
             return path
     return None
 
 
-def load_checkpoint(accelerator, checkpoint_dir) -> dict:
-    accelerator.load_state(str(checkpoint_dir))
-    return json.loads((Path(checkpoint_dir) / "trainer_state.json").read_text())
+def load_resume_state(accelerator, path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def prune_checkpoints(output_dir, keep: int) -> None:
+def list_checkpoints(run_dir, include_final: bool = True) -> list[tuple[int, str, Path]]:
+    """[(step, label, folder)] of a training run's model snapshots (checkpoint-N/) and final/, by step: the one
+    place that knows the layout (eval along training, analyze.py, rollout_sft.py and report.py use it)."""
+    root = Path(run_dir)
+    found = []
+    for path in root.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / "config.json").exists():
+            found.append((int(match.group(1)), path.name, path))
+    final = root / "final"
+    if include_final and (final / "config.json").exists():
+        state = final / "trainer_state.json"
+        step = json.loads(state.read_text()).get("step") if state.exists() else None
+        found.append((int(step) if step is not None else max((s for s, _, _ in found), default=0), "final", final))
+    return sorted(found, key=lambda item: (item[0], item[1] == "final"))
+
+
+def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: bool, overwrite: bool,
+                operational: tuple[str, ...] = ()) -> Path | None:
+    """The one fresh-run / resume rule of every training stage; returns the resume state to load, or None.
+
+    - Fresh run (no --resume) into a folder that already holds a run of this stage: stop, unless --overwrite,
+      which removes only what this stage writes (TRAINING_OUTPUTS and checkpoint-N/). A folder this kit did
+      not make is refused (check_output_dir).
+    - --resume: the recorded run.json settings must equal these, except the `operational` ones (logging,
+      saving and evaluation cadence), which do not change the trajectory; a difference stops and names them.
+    - In every case metrics.jsonl keeps only the steps up to the resumed one (0 for a fresh start), so a run
+      killed before its first checkpoint and resumed never logs a step twice (-1: nothing kept).
+    """
     import shutil
-    if keep <= 0:
-        return
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for path in checkpoints[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    output_dir = Path(output_dir)
+    run_file = output_dir / RUN_FILE
+    ignored = set(operational) | {"resume", "overwrite"}
+    state = None
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not run_file.exists():
+            check_output_dir(output_dir, stage, overwrite)  # a folder someone else made: refused without --overwrite
+        if resume and run_file.exists():
+            recorded = json.loads(run_file.read_text()).get("settings", {})
+            changed = [f"--{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
+                       if k not in ignored and recorded.get(k) != settings.get(k)]
+            if changed:
+                fail(f"--resume: {output_dir} was trained with other settings ({'; '.join(changed)}). Resuming would "
+                     "mix two runs in one. Rerun with the recorded settings, or start a new --output_dir (or "
+                     "--overwrite it without --resume).")
+            state = resume_state(output_dir)
+        elif not resume and run_file.exists():
+            if not overwrite:
+                fail(f"--output_dir {output_dir} already holds a {stage} run (its {RUN_FILE}); pass --resume to "
+                     "continue it, --overwrite to start it again (removes that run's checkpoints and metrics), or "
+                     "choose a new --output_dir.")
+        if not resume and overwrite and accelerator.is_main_process:
+            for name in TRAINING_OUTPUTS:
+                target = output_dir / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            for target in [t for pattern in TRAINING_OUTPUT_GLOBS for t in output_dir.glob(pattern)]:
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        step = json.loads((state / "trainer_state.json").read_text())["step"] if state is not None else -1
+        truncate_metrics(output_dir / "metrics.jsonl", step)
+        if not (resume and run_file.exists()):
+            write_json_atomic(run_file, {"stage": stage, "settings": settings, "environment": environment()})
+        mark_output_dir(output_dir, stage)
+    accelerator.wait_for_everyone()
+    return state
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to metrics.jsonl (durable, greppable, plotted by the report)."""
+    """Appends one JSON object per line to metrics.jsonl (durable, greppable, plotted by the report), and
+    mirrors every record to the experiment trackers accelerate was set up with (--report_to), if any."""
 
-    def __init__(self, path, enabled: bool = True):
+    def __init__(self, path, enabled: bool = True, accelerator=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.accelerator = accelerator
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: dict) -> None:
+        if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k != "step" and v is not None and math.isfinite(v)}
+            self.accelerator.log(scalars, step=record.get("step"))
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -737,8 +883,37 @@ class MetricsLogger:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def make_accelerator(mixed_precision: str, report_to: str, output_dir, **kwargs):
+    """accelerate.Accelerator on the GPU if there is one, with --report_to trackers (HF Trainer's flag): off by
+    default, and nothing of tensorboard/wandb is imported unless asked for."""
+    from accelerate import Accelerator
+    if report_to not in REPORT_TO:
+        fail(f"--report_to {report_to}: choose one of {', '.join(REPORT_TO)}.")
+    log_with = None if report_to == "none" else report_to
+    if log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                fail("--report_to tensorboard needs tensorboard (pip install tensorboard), or use --report_to none.")
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--report_to wandb needs wandb (pip install wandb; it reads WANDB_API_KEY from the environment), "
+                 "or use --report_to none.")
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with,
+                       project_dir=str(Path(output_dir) / "tracking") if log_with else None, **kwargs)
+
+
 def truncate_metrics(path, after_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
+    """Keep only lines logged at steps <= after_step (later ones are logged again after a resume); -1 keeps
+    nothing (a run that starts over, including its step-0 evaluation)."""
     path = Path(path)
     if not path.exists():
         return
@@ -750,25 +925,66 @@ def truncate_metrics(path, after_step: int) -> None:
             continue
         if record.get("step", 0) <= after_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def data_indices(num_rows: int, seed: int, start: int, count: int) -> list[int]:
+    """Rows at global data positions [start, start + count): epoch e = position // num_rows walks a permutation
+    seeded by (seed, e). The ONE seeded data order of the training stages: a pure function of the position, so
+    a resume needs only the position, and under accelerate each rank takes its own positions (rank r of a
+    step that consumes B rows per rank reads [position + r*B, position + (r+1)*B))."""
+    out = []
+    for pos in range(start, start + count):
+        epoch, offset = divmod(pos, num_rows)
+        out.append(_epoch_order(num_rows, seed, epoch)[offset])
+    return out
+
+
+_ORDER_CACHE: dict = {}
+
+
+def _epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    key = (num_rows, seed, epoch)
+    if key not in _ORDER_CACHE:
+        order = list(range(num_rows))
+        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+        _ORDER_CACHE.clear()  # one epoch at a time is all a run needs
+        _ORDER_CACHE[key] = order
+    return _ORDER_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data sets
 # ----------------------------------------------------------------------------------------------------------
-def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = ()):
-    """A `datasets` folder (save_to_disk; a DatasetDict needs `split`) or a JSONL file, with its columns
-    checked before any model is loaded."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+def check_jsonl(path) -> None:
+    """Every non-empty line of a JSONL file is a JSON object; a broken one is named by its line number (before
+    datasets' own reader fails with a parser traceback, or after hours, when training reaches that row)."""
+    with Path(path).open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                fail(f"data {path} line {number}: not valid JSON ({err.msg} at column {err.colno}). Fix or remove "
+                     "that line.")
+            if not isinstance(record, dict):
+                fail(f"data {path} line {number}: expected a JSON object with the data set's columns.")
+
+
+def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (), verify_images: bool = False):
+    """A `datasets` folder (save_to_disk; a DatasetDict needs `split`) or a JSONL file, with its columns checked
+    before any model is loaded (and, with verify_images, every image decoded: see check_images)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
     p = Path(path)
     if not p.exists():
-        fail(f"data {path}: no such file or folder. Build one with `python jigsaw.py --out {path}` or point "
+        fail(f"data {path}: no such file or folder. Build one with `python jigsaw.py --output_dir {path}` or point "
              "--data at a save_to_disk folder or a .jsonl file.")
     if p.is_file():
         if p.suffix not in (".jsonl", ".json"):
             fail(f"data {path}: expected a .jsonl file or a save_to_disk folder.")
+        if p.suffix == ".jsonl":
+            check_jsonl(p)
         dataset = load_dataset("json", data_files=str(p), split="train")
     else:
         dataset = load_from_disk(str(p))
@@ -779,8 +995,45 @@ def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         fail(f"data {path}: missing column(s) {missing}; it has {dataset.column_names}. Pass the right "
-             "--prompt_column/--target_column, or rebuild the data set.")
+             "--prompt_column/--completion_column, or rebuild the data set.")
+    if verify_images:
+        check_images(dataset, path)
     return dataset
+
+
+def check_images(dataset, path) -> None:
+    """Decode every image of a data set once, when it is opened, and name the row and file of the first broken
+    one: a truncated PNG found when training reaches its row crashes the run after the GPU time was spent (and
+    again at the same row after a resume)."""
+    from datasets import Image as ImageFeature, List
+    from PIL import Image
+    import io
+    column = "images" if "images" in dataset.column_names else "image" if "image" in dataset.column_names else None
+    if column is None:
+        return
+    feature = dataset.features[column]
+    raw = dataset
+    if isinstance(feature, List) and isinstance(feature.feature, ImageFeature):
+        raw = dataset.cast_column(column, List(ImageFeature(decode=False)))
+    elif isinstance(feature, ImageFeature):
+        raw = dataset.cast_column(column, ImageFeature(decode=False))
+    base_dir = Path(path).parent if Path(path).is_file() else Path(".")
+    ids = dataset["id"] if "id" in dataset.column_names else list(range(len(dataset)))
+    for index, (row_id, value) in enumerate(zip(ids, raw[column])):
+        for item in (value if isinstance(value, list) else [value]):
+            if item is None:
+                continue
+            where = item.get("path") if isinstance(item, dict) else item
+            try:
+                if isinstance(item, dict) and item.get("bytes") is not None:
+                    image = Image.open(io.BytesIO(item["bytes"]))
+                else:
+                    image = Image.open(base_dir / str(where))
+                image.load()
+            except Exception as err:  # PIL raises many types for truncated/corrupt files
+                fail(f"data {path}: the image of row {index} (id {row_id}{', file ' + str(where) if where else ''}) "
+                     f"cannot be decoded ({err.__class__.__name__}: {err}). Rebuild the data set or remove that row; "
+                     "nothing was trained yet.")
 
 
 def row_images(row: dict, base_dir: str | Path | None = None) -> list:
@@ -833,26 +1086,32 @@ def meta_model(name_or_path: str):
 GiB = 1024 ** 3
 
 
-def activation_estimate(config, sequences: int, seq_len: int, completion_len: int,
-                        gradient_checkpointing: bool, bytes_per_value: int = 2) -> int:
-    """Rough bytes of activations kept for backward, for planning only (the exact figure depends on kernels).
+def activation_plan(config, micro_batch: int, seq_len: int, completion_len: int, gradient_checkpointing: bool,
+                    generation_sequences: int = 0) -> dict:
+    """Rough peak activation bytes of one training step (and of generation), bf16 (2 bytes per value); the ONE
+    formula of every --dry_run (sft.py and rft.py), for planning only: the exact figure depends on kernels.
 
-    Per token and layer a transformer block keeps about 34*h + 5*a*s values without flash attention
-    (Korthikanti et al. 2022, "Reducing Activation Recomputation"); with flash/SDPA the a*s term is gone, so we
-    use ~(16*h + 3*i) for the MLP and projections. With gradient checkpointing only each layer's input (h
-    values) is kept, plus one layer's full activations during its recomputation. The logits of the completion
-    tokens (fp32, [tokens, vocab], twice for log-softmax) come on top; image tokens are counted in seq_len.
+    training, per micro-batch of b sequences of s = prompt + completion tokens (image tokens included):
+      layer inputs kept (checkpointing):  L * b * s * h * 2
+      full activations of a layer:        34 * b * s * h  (Korthikanti et al. 2022, flash/SDPA attention: no s^2
+                                          term); one layer at a time with checkpointing, all L without
+      completion logits:                  b * Tc * V * 4 + min(b, 4) * Tc * V * 8  (bf16 logits and their grad,
+                                          fp32 chunks of selective_log_softmax)
+    generation (GRPO rollouts), all sequences at once:
+      KV cache:                           n * s * L * 2 (k, v) * kv_heads * head_dim * 2
+    The two phases do not overlap (the KV cache is freed before training), so the peak is the larger.
     """
-    text = config.text_config if hasattr(config, "text_config") else config
-    hidden, inter, layers, vocab = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
-    tokens = sequences * seq_len
-    per_layer_full = tokens * (16 * hidden + 3 * inter) * bytes_per_value
-    if gradient_checkpointing:
-        kept = layers * tokens * hidden * bytes_per_value + per_layer_full
-    else:
-        kept = layers * per_layer_full
-    logits = sequences * (completion_len + 1) * vocab * 4 * 2
-    return int(kept + logits)
+    text = getattr(config, "text_config", config)
+    layers, hidden, vocab = text.num_hidden_layers, text.hidden_size, text.vocab_size
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    b, tc = micro_batch, completion_len
+    kept = layers * b * seq_len * hidden * 2 if gradient_checkpointing else 0
+    full = 34 * b * seq_len * hidden * (1 if gradient_checkpointing else layers)
+    logits = b * tc * vocab * 4 + min(b, 4) * tc * vocab * 8
+    kv_cache = generation_sequences * seq_len * layers * 2 * kv_heads * head_dim * 2
+    training = kept + full + logits
+    return {"training": int(training), "generation": int(kv_cache), "peak": int(max(training, kv_cache))}
 
 
 def memory_plan(model, optimizer: str, precision: str, reference_model: bool = False,

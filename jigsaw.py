@@ -11,9 +11,9 @@ Worked example (2x2, Jigsaw-R1 convention "position_to_index"):
     (here 2 4 1 3).
 
 Build a data set (one row per puzzle, saved with `datasets.save_to_disk`):
-    python jigsaw.py --source procedural --grid 2x2 --train 512 --test 128 --out data/jigsaw_toy
-    python jigsaw.py --source detection-datasets/coco --grid 3x3 --train 20000 --test 500 --out data/jigsaw
-    python jigsaw.py --source /path/to/image_folder --grid 3x3 --train 1000 --test 200 --out data/jigsaw
+    python jigsaw.py --source procedural --grid 2x2 --train 512 --test 128 --output_dir data/jigsaw_toy
+    python jigsaw.py --source detection-datasets/coco --grid 3x3 --train 20000 --test 500 --output_dir data/jigsaw
+    python jigsaw.py --source /path/to/image_folder --grid 3x3 --train 1000 --test 200 --output_dir data/jigsaw
 """
 from __future__ import annotations
 
@@ -312,7 +312,7 @@ class BuildArgs:
     """number of training puzzles"""
     test: int = 200
     """number of held-out test puzzles (their source images never appear in training)"""
-    out: str = "data/jigsaw"
+    output_dir: str = "data/jigsaw"
     """output folder (datasets.save_to_disk, with train/ and test/ splits)"""
     seed: int = 0
     """seed of image choice and of every puzzle's shuffle"""
@@ -421,19 +421,23 @@ def build_dataset(args: BuildArgs):
     splits = build_rows(args)
     dataset = DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in splits.items()})
     import common
-    common.save_dataset_atomic(dataset, args.out, stage="jigsaw.py", overwrite=args.overwrite)
+    common.save_dataset_atomic(dataset, args.output_dir, stage="jigsaw.py", overwrite=args.overwrite)
     return dataset
 
 
 def main(argv=None):
-    from common import fail, parse_args  # the shared dataclass -> argparse helper
+    from common import check_ranges, fail, parse_args  # the shared dataclass -> argparse helper
     args = parse_args(BuildArgs, __doc__, argv)
+    check_ranges(args, {"train": ">= 1", "test": ">= 1", "image_size": ">= 8", "max_side": ">= 8",
+                        "puzzles_per_image": ">= 1"})
     try:
-        parse_grid(args.grid)
+        rows, cols = parse_grid(args.grid)
     except ValueError as err:
         fail(f"--grid: {err}")
+    if args.source == "procedural" and args.image_size < max(rows, cols) * 2:
+        fail(f"--image_size {args.image_size} is too small for a {args.grid} grid (pieces of at least 2 pixels).")
     dataset = build_dataset(args)
-    print(f"[jigsaw] wrote {args.out}: " + ", ".join(f"{k} {len(v)} puzzles" for k, v in dataset.items()))
+    print(f"[jigsaw] wrote {args.output_dir}: " + ", ".join(f"{k} {len(v)} puzzles" for k, v in dataset.items()))
 
 
 if __name__ == "__main__":

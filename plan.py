@@ -209,7 +209,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
     jigsaw_cap = _i(s, "JIGSAW_MAX_COMPLETION_LENGTH", 512)
     k, rollout_batch = _i(s, "ROLLOUT_K", 8), _i(s, "ROLLOUT_BATCH_SIZE", 64)
     rollout_puzzles = min(_i(s, "ROLLOUT_LIMIT") or n_train, n_train)
-    eval_batch, eval_limit, ckpt_limit = _i(s, "EVAL_BATCH_SIZE", 16), _i(s, "EVAL_LIMIT"), _i(s, "CHECKPOINT_EVAL_LIMIT")
+    eval_batch, eval_limit, ckpt_limit = _i(s, "EVAL_BATCH_SIZE", 16), _i(s, "EVAL_LIMIT"), _i(s, "CURVE_LIMIT")
     benches = [b for b in s.get("BENCHMARKS", "").split(",") if b]
     keep_resume = s.get("KEEP_RESUME_STATE", "1") == "1"
     resume_knob = " or KEEP_RESUME_STATE=0" if keep_resume else ""
@@ -299,17 +299,20 @@ def plan(settings: dict, stages: list[str]) -> dict:
     kept, peak, note = train_disk(sft_steps, save)
     row("sft_sources", 3 * sft_seconds(sft_steps, THINK_TARGET_TOKENS), 3 * kept, peak,
         f"3 runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
-    # Checkpoints along training, evaluated for the accuracy/forgetting frontier (issue 13); the last one of a run
-    # is its final model, evaluated at EVAL_LIMIT with the others.
-    n_ckpt = 4 * (sft_ckpts - 1) + (rft_ckpts - 1)
+    # Checkpoints along training, every checkpoint-N/ scored on CURVE_LIMIT rows for the accuracy/forgetting
+    # frontier (run_all.sh stage_eval; issue 13).
+    n_ckpt = 4 * sft_ckpts + rft_ckpts
     row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
         5 * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
         f"5 models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
-        "CHECKPOINT_EVAL_LIMIT / EVAL_LIMIT")
+        "CURVE_LIMIT / EVAL_LIMIT")
     analyze_n = _i(s, "ANALYZE_N", 12)
     grads = analyze_n * 5 + analyze_n * (1 + n_ckpt)  # per-sample gradients of 4 sources + probes; probe scores
-    row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + 300,
-        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples over {n_ckpt + 1} checkpoints", "ANALYZE_N")
+    kl_sequences = _i(s, "KL_PUZZLES", 16) * _i(s, "KL_SAMPLES", 4)   # RL's Razor KL: sampled at each checkpoint
+    kl = (n_ckpt + 5) * decode_seconds(kl_sequences, kl_sequences, rollout_cap, prompt)
+    row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + kl + 300,
+        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples, KL of {kl_sequences} samples, {n_ckpt + 6} models",
+        "ANALYZE_N")
     row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)

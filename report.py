@@ -1,14 +1,14 @@
 """Write report.md for a finished run_all.sh run: the paper's tables and figures, for whatever preset ran.
 
-Reads what the stages wrote under --run (nothing is hard-coded; every sentence is computed from the files):
+Reads what the stages wrote under --run (nothing is hard-coded; every sentence is computed from the files) and
+writes report.md with its figures under report/ (compare.png/.json: the changes from the base model):
     eval/<method>/results.json        jigsaw accuracy and prior-knowledge benchmarks (eval.py)
-    report/compare.{json,md,png}      changes from the base model (eval.py --compare)
     <method>/metrics.jsonl            training curves and step counts (sft.py, rft.py)
     data/sources/*                    SFT data sources, their statistics and perplexity (rollout_sft.py)
     analysis/dynamics.{json,md}       learning dynamics (analyze.py)
     settings.json                     the preset's variables (run_all.sh)
 
-    python report.py --run runs/toy --preset toy --out runs/toy/report.md
+    python report.py --run_dir runs/toy --preset toy       # writes runs/toy/report.md
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ METHODS = [("base", "Base model"), ("rft", "RFT"), ("sft_non_rea", "SFT-Non-Rea"
 
 @dataclass
 class Args:
-    run: str = "runs/toy"
+    run_dir: str = "runs/toy"
     """the run folder run_all.sh wrote (RUN)"""
     preset: str = "toy"
     """the preset's name, for the title"""
-    out: str = "runs/toy/report.md"
-    """where report.md goes (figures are linked relative to it)"""
+    output_dir: str = ""
+    """where report.md goes (empty: --run_dir; figures are linked relative to it)"""
 
 
 def read_json(path: Path):
@@ -125,41 +125,216 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
     return lines, accuracy
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Prior knowledge: changes from the base model (strict and lenient), and the base model vs published figures
+# ----------------------------------------------------------------------------------------------------------
+def benchmark_info(name: str, entries: list[dict]) -> dict:
+    """headline / unit / published figures of a benchmark: from the results files (eval.py writes them), else
+    from the benchmarks registry (results written before eval.py recorded them)."""
+    info = {}
+    try:
+        import benchmarks
+        bench = benchmarks.get(name)
+    except ImportError:
+        bench = None
+    if bench is not None:
+        info = {"headline": bench.headline, "unit": bench.unit, "published": bench.published,
+                "published_source": bench.published_source, "published_note": bench.published_note,
+                "paper_base": bench.paper_base, "min_pixels": bench.min_pixels, "max_pixels": bench.max_pixels,
+                "max_new_tokens": bench.max_new_tokens}
+    for entry in entries:
+        for key in ("headline", "unit", "published", "published_source", "published_note", "paper_base"):
+            if entry.get(key) not in (None, "", {}):
+                info[key] = entry[key]
+    info.setdefault("headline", "accuracy")
+    info.setdefault("unit", "%")
+    return info
+
+
+def compare_rows(results: dict) -> list[dict]:
+    """One row per benchmark: the headline metric of every method, strict ("metrics", the official reading)
+    and lenient ("metrics_lenient"), with its change from the base model. Pure function of the results files."""
+    methods = [m for m, _ in METHODS if results.get(m)]
+    names = []
+    for m in methods:
+        names += [b for b in results[m].get("benchmarks", {}) if b not in names]
+    rows = []
+    for name in names:
+        entries = {m: results[m]["benchmarks"][name] for m in methods if name in results[m].get("benchmarks", {})}
+        info = benchmark_info(name, list(entries.values()))
+        metric = info["headline"]
+        values = {m: e.get("metrics", {}).get(metric) for m, e in entries.items()}
+        lenient = {m: e.get("metrics_lenient", {}).get(metric) for m, e in entries.items()}
+        counts = {m: e.get("num_samples", e.get("metrics", {}).get("num_samples")) for m, e in entries.items()}
+
+        def deltas(table):
+            base = table.get("base")
+            return {m: (v - base if base is not None and v is not None else None) for m, v in table.items()
+                    if m != "base"}
+        rows.append({"benchmark": name, "metric": metric, "unit": info["unit"], "values": values,
+                     "deltas": deltas(values), "values_lenient": lenient, "deltas_lenient": deltas(lenient),
+                     "num_samples": counts, "same_samples": len(set(counts.values())) <= 1})
+    return rows
+
+
+def mean_percent_delta(rows: list[dict], method: str, key: str = "deltas") -> float | None:
+    """Mean change over benchmarks whose headline is a percentage (unit '%'): MME (/2800) and OCRBench (/1000)
+    would dominate a plain mean (with the paper's 7B deltas, SFT-Non-Rea: -54.3 over the four %, -414.3 with MME)."""
+    deltas = [r[key].get(method) for r in rows if r["unit"] == "%"]
+    deltas = [d for d in deltas if d is not None]
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def compare_plot(rows: list[dict], methods: list[str], path: Path) -> bool:
+    """One small bar chart per benchmark (strict Δ from base; scales differ: MME is out of 2800)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not rows or not methods:
+        return False
+    cols = min(4, len(rows))
+    n_rows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.8 * n_rows), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        deltas = [row["deltas"].get(m) or 0.0 for m in methods]
+        ax.bar(methods, deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{row['benchmark']} ({row['metric']}, {row['unit']})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("change from the base model (strict)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def prior_section(run: Path, results: dict, out_dir: Path) -> tuple[list[str], dict]:
-    compare = read_json(run / "report" / "compare.json") or {}
-    rows = [r for r in compare.get("rows", []) if r["benchmark"] != "jigsaw"]
+    rows = [r for r in compare_rows(results) if r["benchmark"] != "jigsaw"]
     methods = [m for m, _ in METHODS[1:]]
     lines = ["## 2. Prior knowledge: change from the base model", "",
-             "| benchmark | metric | base | " + " | ".join(f"Δ {m}" for m in methods) + " |",
-             "|---|---|---|" + "---|" * len(methods)]
-    mean_delta = {}
+             "Each cell: the strict score (the raw answer, read as lmms-eval and the benchmark's official script "
+             "read it) with its change from base in brackets; next to it the lenient score (the `<answer>` block, "
+             "or the text without `<think>`). **The tables, the mean and the findings use the strict scores.**", "",
+             "| benchmark | metric | base | base lenient | "
+             + " | ".join(f"{m} | {m} lenient" for m in methods) + " |",
+             "|---|---|---|---|" + "---|---|" * len(methods)]
     for row in rows:
-        cells = [row["benchmark"], row["metric"], fmt(row["values"].get("base"))]
-        cells += [fmt(row["deltas"].get(m), signed=True) for m in methods]
+        metric = row["metric"] + ("" if row["unit"] == "%" else f" ({row['unit']})")
+        cells = [row["benchmark"], metric, fmt(row["values"].get("base")), fmt(row["values_lenient"].get("base"))]
+        for m in methods:
+            for values, deltas in (("values", "deltas"), ("values_lenient", "deltas_lenient")):
+                value = row[values].get(m)
+                cells.append("-" if value is None else f"{fmt(value)} ({fmt(row[deltas].get(m), signed=True)})")
         lines.append("| " + " | ".join(cells) + " |")
-    for m in methods:
-        # Benchmarks in % only: MME (/2800) and OCRBench (/1000) would dominate a plain mean.
-        deltas = [r["deltas"].get(m) for r in rows if r["metric"] not in ("total_score", "score")]
-        deltas = [d for d in deltas if d is not None]
-        mean_delta[m] = sum(deltas) / len(deltas) if deltas else None
-    lines.append("| **mean Δ (benchmarks in %)** | | | " + " | ".join(fmt(mean_delta[m], signed=True) for m in methods)
-                 + " |")
-    if (run / "report" / "compare.png").exists():
-        lines += ["", f"![change from base]({os.path.relpath(run / 'report' / 'compare.png', out_dir)})"]
+    mean_delta = {m: mean_percent_delta(rows, m) for m in methods}
+    mean_lenient = {m: mean_percent_delta(rows, m, "deltas_lenient") for m in methods}
+    lines.append("| **mean Δ (benchmarks in %)** | | | | "
+                 + " | ".join(f"{fmt(mean_delta[m], signed=True)} | {fmt(mean_lenient[m], signed=True)}"
+                              for m in methods) + " |")
+    lines += ["", "The mean counts benchmarks whose unit is % only (MME is a total out of 2800, OCRBench a score "
+              "out of 1000)."]
+    uneven = [r["benchmark"] for r in rows if not r["same_samples"]]
+    if uneven:
+        lines.append(f"Warning: methods were scored on different numbers of samples for {uneven} (check EVAL_LIMIT).")
+    plot = run / "report" / "compare.png"
+    if compare_plot(rows, [m for m in methods if results.get(m)], plot):
+        lines += ["", f"![change from base]({os.path.relpath(plot, out_dir)})"]
+    common.write_json_atomic(run / "report" / "compare.json",
+                             {"base": "base", "rows": rows, "mean_delta_percent": mean_delta,
+                              "mean_delta_percent_lenient": mean_lenient, "tables_use": "strict"})
     lines += ["", "Paper (7B, Δ from base): RFT -0.6 RefCOCO, 0.0 DocVQA, -8 MME, +1.7 MMStar, -0.2 POPE; SFT-Non-Rea "
               "-57.2, -27.4, -1854, -62.8, -69.9; SFT-Rea-4o -37.5, -2.3, -249, -3.7, -12.1; SFT-Rea-GRPO-Rollout "
               "-8.6, -0.9, -126, -2.4, -3.1.", ""]
+    lines += published_section(results)
     return lines, mean_delta
+
+
+def far_off(measured: float, reference: float, unit: str) -> bool:
+    """A base model far from its published figure: > 10 points (for %) or > 10% relative."""
+    gap = abs(measured - reference)
+    return (unit == "%" and gap > 10) or (reference and gap / abs(reference) > 0.10)
+
+
+def published_section(results: dict) -> list[str]:
+    """The measured base scores next to Qwen's published Qwen2.5-VL-3B/7B-Instruct figures and the paper's own
+    base figure, with the settings that differ; a base far off is flagged before anyone compares fine-tuned
+    models against it."""
+    base = results.get("base") or {}
+    model = base.get("model", "")
+    lines = ["### Base model vs published figures", ""]
+    entries = {n: e for n, e in base.get("benchmarks", {}).items() if n != "jigsaw"}
+    if not entries:
+        return lines + ["(no base-model results)", ""]
+    try:
+        import benchmarks
+        lmms_pixels = (benchmarks.base.LMMS_EVAL_MIN_PIXELS, benchmarks.base.LMMS_EVAL_MAX_PIXELS)
+    except ImportError:
+        lmms_pixels = (None, None)
+    lines += [f"Measured: `{model}` (strict scores). Published: Qwen's figures for Qwen2.5-VL-3B/7B-Instruct; "
+              "paper: arXiv 2506.23508's own base figure.", "",
+              "| benchmark | metric | measured base | published 3B | published 7B | paper base | settings here | check |",
+              "|---|---|---|---|---|---|---|---|"]
+    flagged = []
+    for name, entry in entries.items():
+        info = benchmark_info(name, [entry])
+        published, paper = info.get("published") or {}, info.get("paper_base") or {}
+        measured = entry.get("metrics", {}).get(info["headline"])
+        b3, b7 = published.get("Qwen/Qwen2.5-VL-3B-Instruct"), published.get("Qwen/Qwen2.5-VL-7B-Instruct")
+        paper_value = paper.get(model)
+        if not published and not paper:
+            lines.append(f"| {name} | {info['headline']} | {fmt(measured)} | - | - | - | | no published figures |")
+            continue
+        s = entry.get("settings", {})
+        notes = []
+        if s.get("min_pixels") is not None:
+            default = (s.get("min_pixels"), s.get("max_pixels")) == lmms_pixels
+            notes.append(f"pixels {s.get('min_pixels')}-{s.get('max_pixels')}" + (" (lmms-eval default)" if default
+                                                                                  else " (not lmms-eval's)"))
+        if s.get("max_new_tokens") is not None:
+            own = info.get("max_new_tokens")
+            notes.append(f"cap {s['max_new_tokens']} tokens" + ("" if own in (None, s["max_new_tokens"])
+                                                                else f" (lmms-eval: {own})"))
+        notes.append(f"{entry.get('num_samples', '?')} samples" + (f" (--limit {s['limit']} subset)" if s.get("limit")
+                                                                   else ""))
+        if info.get("published_note"):
+            notes.append(f"published: {info['published_note']}")
+        reference = {"Qwen/Qwen2.5-VL-3B-Instruct": b3, "Qwen/Qwen2.5-VL-7B-Instruct": b7}.get(model)
+        checks = [(reference, "published")] + [(paper_value, "paper")]
+        status = "no published figure for this model"
+        if measured is not None and any(ref is not None for ref, _ in checks):
+            off = [f"{label} {fmt(ref)}" for ref, label in checks if ref is not None and far_off(measured, ref, info["unit"])]
+            status = f"**FAR OFF** ({', '.join(off)})" if off else "close"
+            if off:
+                flagged.append(name)
+        lines.append(f"| {name} | {info['headline']} ({info['unit']}) | {fmt(measured)} | {fmt(b3)} | {fmt(b7)} | "
+                     f"{fmt(paper_value)} | {'; '.join(notes)} | {status} |")
+    sources = []
+    for name, entry in entries.items():
+        info = benchmark_info(name, [entry])
+        if info.get("published"):
+            sources += [s.strip() for s in info.get("published_source", "").split(";") if s.strip()]
+    lines += ["", "Far off = more than 10 points (benchmarks in %) or 10% relative from the figure for this model."]
+    if sources:
+        lines.append("Sources of the published figures: " + "; ".join(dict.fromkeys(sources)) + ".")
+    if flagged:
+        lines.append(f"**Warning:** the base model is far from the published figures on {flagged}: check the "
+                     "settings (pixel budget, token cap, data copy, precision) before comparing fine-tuned models.")
+    return lines + [""]
 
 
 def sources_section(run: Path) -> list[str]:
     src = run / "data" / "sources"
-    ppl = read_json(src / "perplexity.json")
-    lines = ["## 3. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
+    # One perplexity per source: analyze.py scores every row of each source under the base model.
+    dynamics = read_json(run / "analysis" / "dynamics.json") or {}
+    entries = {name: {"rows": d.get("perplexity_rows"), "mean_nll": d.get("mean_nll"), "perplexity": d.get("perplexity")}
+               for name, d in (dynamics.get("sources") or {}).items()}
+    lines = ["## 4. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
              "|---|---|---|---|---|"]
-    entries = {}
-    if isinstance(ppl, dict):
-        entries = ppl.get("sources", ppl)
     for name in ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated"):
         stats = read_json(src / name / "stats.json") or {}
         e = entries.get(name, {}) if isinstance(entries, dict) else {}
@@ -180,7 +355,7 @@ def sources_section(run: Path) -> list[str]:
 def dynamics_section(run: Path, out_dir: Path) -> tuple[list[str], dict]:
     md_path = run / "analysis" / "dynamics.md"
     dynamics = read_json(run / "analysis" / "dynamics.json") or {}
-    lines = ["## 4. Learning dynamics", ""]
+    lines = ["## 5. Learning dynamics", ""]
     if md_path.exists():
         text = md_path.read_text()
         rel = os.path.relpath(md_path.parent, out_dir)
@@ -197,10 +372,27 @@ def verdict(holds: bool, tie: bool) -> str:
     return "no difference, so this run cannot tell" if tie else ("agrees" if holds else "does not agree")
 
 
-def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -> list[str]:
+def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, matched: dict | None = None,
+                seeds: int = 1) -> list[str]:
     """The paragraph stating what this run shows, computed from the numbers above (differences under 0.5
-    points are called ties: a toy test split has a few hundred questions)."""
-    out = ["## 5. What this run shows", ""]
+    points are called ties: a toy test split has a few hundred questions). `matched`: {"levels": [...],
+    "table": {method: {level: forgetting}}} from the frontier section, the comparison at equal skill."""
+    out = ["## 6. What this run shows", ""]
+    if matched and matched.get("levels"):
+        level = matched["levels"][-1]
+        row = {m: v.get(level) for m, v in matched["table"].items() if v.get(level) is not None}
+        if row:
+            order = ", ".join(f"{m} {v:.1f}" for m, v in sorted(row.items(), key=lambda kv: kv[1]))
+            out.append(f"- **At equal skill** (every method read where it first reached {level:.1f}% jigsaw "
+                       f"accuracy, section 3), forgetting in points, least first: {order}.")
+            if "rft" in row and "sft_non_rea" in row:
+                rft_less = row["rft"] < row["sft_non_rea"]
+                tie = abs(row["rft"] - row["sft_non_rea"]) < 0.5
+                out.append(f"  RFT forgot {'less' if rft_less else 'more'} than SFT-Non-Rea at that accuracy: "
+                           f"{verdict(rft_less, tie)} with the paper's finding 1.")
+    elif matched is not None:
+        out.append("- **No comparison at equal skill**: not every method rose above the base's jigsaw accuracy "
+                   "(section 3). The final-model comparisons below are of runs at different skill.")
     acc = {k: v for k, v in accuracy.items() if v is not None}
     d = {k: v for k, v in mean_delta.items() if v is not None}
     if "rft" in acc and "sft_non_rea" in acc and "rft" in d and "sft_non_rea" in d:
@@ -209,8 +401,10 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
         out.append(
             f"- **Finding 1 (SFT learns fast but forgets; RFT keeps prior knowledge).** SFT-Non-Rea reached "
             f"{acc['sft_non_rea']:.1f}% jigsaw accuracy and changed prior knowledge by {d['sft_non_rea']:+.1f} points on "
-            f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. SFT-Non-Rea forgot "
-            f"{'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with the paper.")
+            f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. "
+            + ("Both changed it alike: this run cannot tell." if tie else
+               f"SFT-Non-Rea forgot {'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with "
+               "the paper."))
         if acc["rft"] <= acc.get("base", 0.0):
             out.append(f"  RFT did not learn the task here (jigsaw {acc['rft']:.1f}% vs base {acc.get('base', 0.0):.1f}%), "
                        "so this is not the paper's comparison of two runs that both learned it; its forgetting "
@@ -223,8 +417,9 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
         out.append(
             f"- **Finding 3 (the data matters).** SFT on correct RFT rollouts changed prior knowledge by "
             f"{d['sft_rea_grpo_rollout']:+.1f} (jigsaw {fmt(acc.get('sft_rea_grpo_rollout'))}%) against "
-            f"{d['sft_non_rea']:+.1f} for SFT-Non-Rea{ext_text}. Rollout data forgot "
-            f"{'less' if better else 'more'}: {verdict(better, tie)} with the paper.")
+            f"{d['sft_non_rea']:+.1f} for SFT-Non-Rea{ext_text}. "
+            + ("Both changed it alike: this run cannot tell." if tie else
+               f"Rollout data forgot {'less' if better else 'more'}: {verdict(better, tie)} with the paper."))
     sources = dynamics.get("sources", {}) if isinstance(dynamics, dict) else {}
     lbk = {k: v.get("lbk", {}).get("mean") for k, v in sources.items() if v.get("lbk", {}).get("mean") is not None}
     if "non_rea" in lbk and "rea_grpo_rollout" in lbk:
@@ -241,6 +436,9 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
                    "(rollouts lowest).")
     if len(out) == 2:
         out.append("- Not enough finished stages to compare the methods.")
+    if seeds <= 1:
+        out.append("- One seed: every ordering above is a single sample. `SEEDS=3 bash run_all.sh` repeats the "
+                   "training stages with three seeds and shows the spread.")
     if preset in ("toy", "smoke"):
         out.append(f"- These numbers come from the `{preset}` preset: a ~1M-parameter model trained from scratch on "
                    "procedural images for minutes on a CPU. They check that the pipeline measures the paper's "
@@ -248,9 +446,258 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str) -
     return out + [""]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Forgetting at equal skill: each method's curve of (jigsaw accuracy, prior knowledge) along its checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def prior_score(results: dict | None) -> float | None:
+    """Mean headline score over the prior-knowledge benchmarks measured in % (a benchmark declares its unit;
+    MME's /2800 and OCRBench's /1000 would dominate a plain mean), jigsaw excluded."""
+    if not results:
+        return None
+    values = []
+    for name, entry in (results.get("benchmarks") or {}).items():
+        if name == "jigsaw":
+            continue
+        unit = entry.get("unit", "/2800" if name == "mme" else "/1000" if name == "ocrbench" else "%")
+        value = (entry.get("metrics") or {}).get(entry.get("headline", "accuracy"))
+        if unit == "%" and isinstance(value, (int, float)) and not math.isnan(value):
+            values.append(value)
+    return sum(values) / len(values) if values else None
+
+
+def jigsaw_accuracy(results: dict | None) -> float | None:
+    metrics = ((results or {}).get("benchmarks") or {}).get("jigsaw", {}).get("metrics", {})
+    return metrics.get("accuracy")
+
+
+def value_at_accuracy(curve: list[tuple[float, float, float]], level: float) -> float | None:
+    """The prior-knowledge score where a method first reaches jigsaw accuracy `level`, interpolated linearly
+    between the two checkpoints that bracket it. curve: [(step, accuracy, prior)] in step order, base first.
+    None when the curve never reaches the level.
+
+    Example: [(0, 0, 90), (10, 20, 80), (20, 60, 40)] at level 40 -> halfway between 80 and 40 -> 60."""
+    if not curve:
+        return None
+    if curve[0][1] >= level:
+        return curve[0][2]
+    for (_, acc0, prior0), (_, acc1, prior1) in zip(curve, curve[1:]):
+        if acc0 < level <= acc1:
+            return prior0 + (level - acc0) / (acc1 - acc0) * (prior1 - prior0)
+    return None
+
+
+def common_levels(curves: dict[str, list], count: int = 3) -> list[float]:
+    """Accuracy levels every method reached: evenly spaced up to the smallest of the methods' best accuracies
+    (and above the base's), so each method's forgetting is read at the same skill."""
+    if not curves:
+        return []
+    start = max(c[0][1] for c in curves.values() if c)
+    top = min(max(a for _, a, _ in c) for c in curves.values() if c)
+    if top <= start:
+        return []
+    return [round(start + (top - start) * k / count, 1) for k in range(1, count + 1)]
+
+
+def matched_forgetting(curves: dict[str, list], levels: list[float]) -> dict[str, dict[float, float | None]]:
+    """Forgetting (prior at base minus prior at that accuracy, in points) per method and level."""
+    out = {}
+    for method, curve in curves.items():
+        base_prior = curve[0][2]
+        out[method] = {}
+        for level in levels:
+            value = value_at_accuracy(curve, level)
+            out[method][level] = None if value is None or base_prior is None else base_prior - value
+    return out
+
+
+def method_curves(run: Path, base_results: dict | None) -> dict[str, list[tuple[int, float, float, str]]]:
+    """Per training method, [(step, jigsaw accuracy, prior score, label)] along its evaluated checkpoints
+    (eval/<method>/checkpoint-N/results.json, then eval/<method>/results.json for final/), the base first."""
+    base = (0, jigsaw_accuracy(base_results), prior_score(base_results), "base")
+    curves = {}
+    for method, _ in METHODS[1:]:
+        points = []
+        for path in (run / "eval" / method).glob("checkpoint-*/results.json"):
+            match = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+            results = read_json(path)
+            if match and results:
+                points.append((int(match.group(1)), jigsaw_accuracy(results), prior_score(results), path.parent.name))
+        final = read_json(run / "eval" / method / "results.json")
+        if final:
+            points.append((training_steps(run, method) or 0, jigsaw_accuracy(final), prior_score(final), "final"))
+        points = sorted(p for p in points if p[1] is not None and p[2] is not None)
+        if points and base[1] is not None and base[2] is not None:
+            curves[method] = [base] + points
+    return curves
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    return None if sx == 0 or sy == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
+
+
+def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | None = None) -> list[str]:
+    """RL's Razor's main plot (arXiv 2509.04259) for this run: prior knowledge against jigsaw accuracy along each
+    method's checkpoints, the forgetting of every method at accuracies all of them reached, and the KL on the
+    new task next to it. What makes a short RFT run comparable with a long SFT run."""
+    curves = method_curves(run, results.get("base"))
+    lines = ["## 3. Forgetting at equal skill", ""]
+    if not curves:
+        return lines + ["(no checkpoint evaluations under eval/<method>/checkpoint-N/: run the eval stage)", ""]
+    dynamics = read_json(run / "analysis" / "dynamics.json") or {}
+    tracking = dynamics.get("tracking") or {}
+    kl_at = {m: dict(zip(t.get("labels", []), t.get("task_kl", []))) for m, t in tracking.items() if t.get("task_kl")}
+    simple = {m: [(step, acc, prior) for step, acc, prior, _ in c] for m, c in curves.items()}
+    levels = common_levels(simple)
+    table = matched_forgetting(simple, levels)
+    if matched is not None:
+        matched.update(levels=levels, table=table)
+    base_prior = next(iter(curves.values()))[0][2]
+    lines += [f"Prior knowledge = mean strict score over the prior-knowledge benchmarks in % (base {base_prior:.1f}). "
+              "Each method is read where it first reaches each jigsaw accuracy level, interpolated linearly between "
+              "its two checkpoints around it; levels run up to the best accuracy every method reached.", ""]
+    if levels:
+        lines += ["| method | " + " | ".join(f"forgetting at {lv:.1f}% jigsaw" for lv in levels)
+                  + " | final jigsaw (%) | final forgetting | KL on the new task (final) |",
+                  "|---|" + "---|" * (len(levels) + 3)]
+    else:
+        lines += ["Not every method got above the base's jigsaw accuracy, so no common level exists: the runs "
+                  "cannot be compared at equal skill (an arm that did not learn is a failed run, not a data point).",
+                  "", "| method | final jigsaw (%) | final forgetting | KL on the new task (final) |", "|---|---|---|---|"]
+    xs, ys = [], []
+    for method, curve in curves.items():
+        final = curve[-1]
+        kl = kl_at.get(method, {})
+        cells = [fmt(table[method][lv]) for lv in levels] if levels else []
+        lines.append(f"| {method} | " + " | ".join(cells + [fmt(final[1]), fmt(base_prior - final[2]),
+                                                             fmt(kl.get(final[3]), 3)]) + " |")
+        for _, _, prior, label in curve[1:]:
+            if kl.get(label) is not None:
+                xs.append(kl[label])
+                ys.append(base_prior - prior)
+    r = pearson(xs, ys)
+    lines += ["", f"KL(tuned || base) on the new task, nats per completion (analyze.py, sampled jigsaw completions of "
+              f"each checkpoint); its correlation with forgetting over {len(xs)} checkpoints of all methods: "
+              f"Pearson {fmt(r, 2) if r is not None else '-'} (RL's Razor: forgetting tracks this KL).", ""]
+    png = run / "report" / "frontier.png"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, curve in curves.items():
+            ax.plot([p[1] for p in curve], [p[2] for p in curve], marker="o", label=method)
+        for lv in levels:
+            ax.axvline(lv, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("jigsaw exact accuracy (%)")
+        ax.set_ylabel("prior knowledge (mean %, strict)")
+        ax.set_title("Prior knowledge against new-task skill, along training")
+        ax.legend(fontsize=7)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png.with_name(png.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, png)
+        lines += [f"![frontier]({os.path.relpath(png, out_dir)})", ""]
+    except ImportError:
+        lines += ["(matplotlib is not installed: no figure)", ""]
+    return lines
+
+
+def environment_block(run: Path, results: dict) -> list[str]:
+    """What ran, once at the top: package versions, device, CUDA, threads, the kit's commit (from the base
+    model's results.json, else a training run's run.json)."""
+    env = (results.get("base") or {}).get("environment")
+    for method, _ in METHODS[1:]:
+        if env:
+            break
+        env = (read_json(run / method / "run.json") or {}).get("environment")
+    if not env:
+        return ["Environment: not recorded.", ""]
+    packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
+    commit = env.get("git_commit") or "unknown"
+    dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
+    return [f"Environment: {env.get('device')}; CUDA {env.get('cuda') or '-'}, cuDNN {env.get('cudnn') or '-'}; "
+            f"{env.get('torch_threads')} torch threads; Python {env.get('python')}; {packages}; kit commit "
+            f"`{str(commit)[:12]}`{dirty}. Runs with another thread count or device can differ in the last digits.", ""]
+
+
+def completions_section(run: Path, count: int = 2) -> list[str]:
+    """A few things the RFT policy actually wrote (rft.py's completions.jsonl), first and last logged step: for a
+    format-sensitive reward the first thing to read."""
+    path = run / "rft" / "completions.jsonl"
+    groups = read_metrics(path)
+    if not groups:
+        return []
+    lines = [f"What the RFT policy wrote (from `{os.path.relpath(path, run)}`; reward = hit + acc + fmt):", ""]
+    for group in [groups[0], groups[-1]] if len(groups) > 1 else groups:
+        for sample in group["completions"][:count]:
+            text = sample["text"].replace("\n", " ").replace("|", "/").replace("`", "'")[:160]
+            lines.append(f"- step {group['step']}, puzzle {group['puzzle_id']} (answer {group['answer']}): reward "
+                         f"{sample['reward']:.2f}, advantage {sample['advantage']:+.2f}: `{text}`")
+    return lines + [""]
+
+
+def seed_runs(run: Path) -> list[Path]:
+    """The run folder itself (seed 0) and the folders of the other seeds (run_all.sh SEEDS=N: RUN/seed1, ...)."""
+    others = sorted((p for p in run.glob("seed*") if (p / "eval").is_dir()), key=lambda p: p.name)
+    return [run] + others
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sd (min..max, n)' of the per-seed values; one value is shown alone."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1 seed)"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.1f} ± {sd:.1f} ({min(values):.1f}..{max(values):.1f}, {len(values)} seeds)"
+
+
+def seeds_section(run: Path, base_results: dict | None) -> tuple[list[str], int]:
+    """Mean and spread over seeds of each method's final jigsaw accuracy, its change of prior knowledge, and its
+    forgetting at the highest accuracy level every method reached in that seed."""
+    folders = seed_runs(run)
+    if len(folders) < 2:
+        return [], 1
+    per_method = {m: {"acc": [], "delta": [], "matched": []} for m, _ in METHODS[1:]}
+    for folder in folders:
+        base = read_json(folder / "eval" / "base" / "results.json") or base_results
+        curves = {m: [(st, a, p) for st, a, p, _ in c] for m, c in method_curves(folder, base).items()}
+        levels = common_levels(curves)
+        table = matched_forgetting(curves, levels[-1:]) if levels else {}
+        for method in per_method:
+            final = read_json(folder / "eval" / method / "results.json")
+            if final is None:
+                continue
+            per_method[method]["acc"].append(jigsaw_accuracy(final))
+            if prior_score(final) is not None and prior_score(base) is not None:
+                per_method[method]["delta"].append(prior_score(final) - prior_score(base))
+            if levels and table.get(method, {}).get(levels[-1]) is not None:
+                per_method[method]["matched"].append(table[method][levels[-1]])
+    lines = [f"### Seeds ({len(folders)}: {', '.join(str(f.relative_to(run)) if f != run else 'seed 0' for f in folders)})",
+             "", "| method | final jigsaw (%) | Δ prior (points) | forgetting at the top common level |",
+             "|---|---|---|---|"]
+    for method, v in per_method.items():
+        lines.append(f"| {method} | {spread(v['acc'])} | {spread(v['delta'])} | {spread(v['matched'])} |")
+    lines += ["", "Each seed repeats the training stages (its own data order and sampling); the base model, the data "
+              "and the benchmarks are shared. An ordering of methods holds only where the spreads do not overlap.", ""]
+    return lines, len(folders)
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    run, out = Path(args.run), Path(args.out)
+    run = Path(args.run_dir)
+    if not run.is_dir() or not any((run / "eval").glob("*/results.json")):
+        common.fail(f"--run_dir {run}: no run folder with eval/<method>/results.json (run `bash run_all.sh`, or point "
+                    "at the RUN folder it wrote).")
+    out = Path(args.output_dir or run) / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {m: read_json(run / "eval" / m / "results.json") for m, _ in METHODS}
     settings = read_json(run / "settings.json") or {}
@@ -259,6 +706,7 @@ def main(argv=None):
              "Paper: *Why Reinforcement Fine-Tuning Enables MLLMs Preserve Prior Knowledge Better: A Data Perspective* "
              f"(arXiv 2506.23508). Base model: `{settings.get('MODEL', (results.get('base') or {}).get('model', '?'))}`.",
              ""]
+    lines += environment_block(run, results)
     jig_lines, accuracy = jigsaw_section(run, results)
     prior_lines, mean_delta = prior_section(run, results, out.parent)
     lines += jig_lines + prior_lines
@@ -266,11 +714,16 @@ def main(argv=None):
     curves.parent.mkdir(parents=True, exist_ok=True)
     if training_curves(run, curves):
         lines += [f"![training curves]({os.path.relpath(curves, out.parent)})", ""]
+    lines += completions_section(run)
+    matched = {}
+    lines += frontier_section(run, results, out.parent, matched)
+    seed_lines, seeds = seeds_section(run, results.get("base"))
+    lines += seed_lines
     lines += sources_section(run)
     dyn_lines, dynamics = dynamics_section(run, out.parent)
     lines += dyn_lines
-    lines += conclusions(accuracy, mean_delta, dynamics, args.preset)
-    lines += ["## 6. Settings", "", "| variable | value |", "|---|---|"]
+    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched, seeds)
+    lines += ["## 7. Settings", "", "| variable | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(settings.items())]
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
     if timings:

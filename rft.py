@@ -1,25 +1,37 @@
 """RFT: GRPO on the jigsaw task, the whole loop in one file (rollout -> reward -> advantages -> clipped loss).
 
 The paper's RFT arm: Qwen2.5-VL learns 3x3 jigsaw puzzles with GRPO and the reward R_hit + R_acc + R_fmt
-(jigsaw.jigsaw_reward). Each step draws `batch_size` puzzles, samples `group_size` completions per puzzle in one
-batched generate call, scores them, turns rewards into group-relative advantages, and takes `num_iterations`
+(jigsaw.jigsaw_reward). Each step draws `batch_size` puzzles, samples `num_generations` completions per puzzle in
+one batched decode, scores them, turns rewards into group-relative advantages, and takes `num_iterations`
 PPO-clipped passes over that rollout batch (with a k3 KL penalty to the frozen starting model).
 
+Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpose:
+  * mu = num_iterations = 1 by default (TRL's default): the "old" policy is the current one, the ratio is
+    exactly 1, the clip never engages, and the update is REINFORCE with a group-mean (std-scaled) baseline plus
+    the KL term. With mu > 1 the old log-probs are the first pass's own, detached (no extra forward).
+  * The KL to the reference uses Schulman's k3 estimator exp(r) - r - 1 per token, added to the loss (not to
+    the reward), with beta 0.04 (the GRPO paper, Jigsaw-R1): unbiased, never negative, cheap.
+  * Sampling is our own decode loop (common.generate): each prompt is prefilled once and its cache copied to
+    its G samples; plain multinomial sampling at --temperature, no top-k; vision tokens are never sampled.
+  * Loss aggregation: grpo (per-sequence token mean, the paper's), dapo or dr_grpo with TRL's normalisers.
+
 Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing):
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \
-        --max_steps 2000 --batch_size 4 --group_size 8
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b --resume
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
+        --max_steps 2000 --batch_size 4 --num_generations 8
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
+        --max_steps 2000 --batch_size 4 --num_generations 8 --resume
     accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw --output_dir runs/rft_7b
 Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
-    python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --group_size 8
-Tiny CPU run (the offline toy world: `python toy.py --out runs/toy`, `python jigsaw.py --source procedural
---grid 2x2 --train 64 --test 16 --image_size 56 --out data/jigsaw_toy`):
-    python rft.py --model runs/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \
-        --batch_size 2 --group_size 4 --max_new_tokens 32 --lr 1e-3 --optimizer adamw --eval_size 8
+    python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --num_generations 8
+Tiny CPU run (the offline toy world: `python toy.py --output_dir runs/toy/toy`, `python jigsaw.py --source procedural
+--grid 2x2 --train 64 --test 16 --image_size 56 --output_dir data/jigsaw_toy`):
+    python rft.py --model runs/toy/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \\
+        --batch_size 2 --num_generations 4 --max_completion_length 32 --lr 1e-3 --optimizer adamw --eval_size 8
 
-Outputs in --output_dir: metrics.jsonl (one line per step, plus eval lines), checkpoint-N/ (accelerate state,
-trainer_state.json with the data position and RNG states, and an HF copy in checkpoint-N/model), final/
-(save_pretrained model + processor).
+Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl (one line per step, plus eval
+lines), completions.jsonl (what the policy wrote: a few groups with rewards and advantages at step 1 and every
+--eval_steps), checkpoint-N/ (model-only snapshots every --save_steps, bf16 on a GPU), resume/ (the one resume
+state: weights, optimizer, data position, RNG), final/ (save_pretrained model + processor).
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +49,6 @@ import torch
 
 import common
 import jigsaw
-from common import masked_mean
 
 
 @dataclass
@@ -52,8 +64,9 @@ class Args:
     """split to train on"""
     eval_split: str = "test"
     """split whose first --eval_size puzzles are scored (greedy, exact accuracy) every --eval_steps"""
-    no_think: bool = False
-    """use the prompt_no_think column (answer only) and score R_fmt without <think> tags"""
+    prompt_style: str = "thinking"
+    """thinking (the paper's format: <think>..</think><answer>..</answer>, column prompt) or answer_only (column
+    prompt_no_think; R_fmt then needs only the <answer> block)"""
     w_hit: float = 1.0
     """weight of R_hit, share of positions right (the paper: R = R_hit + R_acc + R_fmt, weights 1)"""
     w_acc: float = 1.0
@@ -68,11 +81,11 @@ class Args:
     max_steps: int = 1000
     """GRPO steps (one rollout batch each; the paper's RFT ran 27,360 steps, see README for budgets)"""
     batch_size: int = 4
-    """puzzles per step (B); B * group_size sequences per rollout batch (this project's choice: 32 sequences
+    """puzzles per step and process (B); B * num_generations sequences per rollout batch (this project's choice: 32 sequences
     fit one 80 GB GPU for 3B, see --dry_run)"""
-    group_size: int = 8
+    num_generations: int = 8
     """completions sampled per puzzle (G; Jigsaw-R1 and TRL's num_generations: 8)"""
-    max_new_tokens: int = 512
+    max_completion_length: int = 512
     """max completion length (Jigsaw-R1: 512); also the constant of the dr_grpo loss"""
     temperature: float = 1.0
     """sampling temperature, also applied to training log-probs (Jigsaw-R1 and TRL: 1.0)"""
@@ -92,14 +105,17 @@ class Args:
     """mu: optimizer passes over each rollout batch (TRL default 1; >1 keeps old log-probs for the ratio)"""
     loss_type: str = "grpo"
     """aggregation: grpo (per-sequence token mean, then mean; the GRPO paper), dapo (token sum / tokens of the
-    step; TRL's default), dr_grpo (token sum / (sequences * max_new_tokens))"""
+    step; TRL's default), dr_grpo (token sum / (sequences * max_completion_length))"""
     scale_rewards: bool = True
     """divide advantages by the group std + 1e-4 (GRPO; --no-scale_rewards is Dr. GRPO's choice)"""
     mask_truncated: bool = False
-    """drop completions that hit --max_new_tokens from the loss (DAPO's overlong filtering; TRL default off)"""
+    """drop completions that hit --max_completion_length from the loss (DAPO's overlong filtering; TRL default off)"""
     micro_batch_size: int = 2
-    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size (measured
-    on an H100 with the 3B architecture, 256-token completions: 2 peaks at 61.6 GiB, 8 runs out of 80 GB)"""
+    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size. On an
+    H100 with the 3B architecture and 256-token completions, 2 peaked at 61.6 GiB and 8 ran out of 80 GB, both
+    measured while gradient checkpointing was silently off (rft.py never entered training mode, fixed since):
+    with it really on, larger chunks should fit (the --dry_run plan says 8 does) but that is not measured yet, so
+    the default stays at the value measured to fit"""
     max_grad_norm: float = 1.0
     """gradient clipping (HF Trainer / TRL default 1.0)"""
     weight_decay: float = 0.0
@@ -114,8 +130,8 @@ class Args:
     precision: str = "auto"
     """bf16_mixed (fp32 master weights + bf16 autocast; the default on GPU), bf16 (pure bf16 weights: lr 1e-6
     updates mostly round to zero, not recommended), fp32 (the default on CPU), auto"""
-    ref_dtype: str = "auto"
-    """reference model dtype: auto = bf16 on GPU (frozen, so no rounding trap), fp32 on CPU"""
+    ref_precision: str = "auto"
+    """reference model precision: auto = bf16 on GPU (frozen, so no rounding trap), fp32 on CPU; bf16, fp16, fp32"""
     gradient_checkpointing: bool = True
     """recompute activations in backward (use_reentrant=False), the usual trade on one GPU"""
     freeze_vision_tower: bool = False
@@ -124,11 +140,11 @@ class Args:
     """attention kernel (None: transformers' default, sdpa; flash_attention_2 if installed)"""
     # --- operations ---
     seed: int = 0
-    """seed of init, puzzle order and sampling"""
+    """seed of puzzle order and sampling (rank r of several processes samples with seed + r)"""
     save_steps: int = 100
-    """checkpoint every N steps (and at the end)"""
-    save_total_limit: int = 2
-    """checkpoints kept (oldest deleted; 0 keeps all)"""
+    """every N steps: a model-only snapshot checkpoint-N/ (bf16 on a GPU) and the one resume state"""
+    save_total_limit: int = 0
+    """snapshots kept (oldest deleted; 0 keeps all: evaluation along training and analyze.py read them)"""
     eval_steps: int = 50
     """evaluate every N steps (0: never)"""
     eval_size: int = 64
@@ -136,12 +152,20 @@ class Args:
     eval_batch_size: int = 16
     """prompts per greedy generate call during evaluation"""
     resume: bool = False
-    """continue from output_dir's latest checkpoint (weights, optimizer, schedule, data position, RNG)"""
+    """continue the run in --output_dir from its resume state (weights, optimizer, schedule, data position, RNG);
+    refused when the recorded settings differ"""
+    overwrite: bool = False
+    """start again in an --output_dir that already holds a run (removes that run's checkpoints and metrics)"""
+    report_to: str = "none"
+    """experiment tracking besides metrics.jsonl: none | tensorboard | wandb (HF Trainer's flag; off by default)"""
+    log_completions: int = 2
+    """groups (puzzle, its completions, reward components, advantages) written to completions.jsonl at every
+    --eval_steps and the first step: what the policy actually wrote (TRL's log_completions); 0 = none"""
     max_nonfinite: int = 3
     """stop after this many non-finite losses/gradients in a row (each one skips its update)"""
     dry_run: bool = False
     """print the memory plan for these options (meta device, no weights) and exit"""
-    plan_prompt_tokens: int = 512
+    plan_prompt_length: int = 512
     """prompt length assumed by --dry_run's activation estimate (Jigsaw-R1's max prompt length: 512)"""
 
 
@@ -220,20 +244,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data order, rewards, RNG state
+# Rewards, RNG state
 # ----------------------------------------------------------------------------------------------------------
-def draw_indices(num_rows: int, position: int, count: int, seed: int) -> list[int]:
-    """Rows for data positions [position, position + count): epoch e walks a permutation seeded by (seed, e).
-    A pure function of the position, so resuming only needs the position (saved in trainer_state.json)."""
-    out = []
-    for pos in range(position, position + count):
-        epoch, offset = divmod(pos, num_rows)
-        order = list(range(num_rows))
-        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
-        out.append(order[offset])
-    return out
-
-
 def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, torch.Tensor]:
     """The shared jigsaw reward of each completion, every component separately. Completions are untrusted
     text: jigsaw_reward only uses regexes; anything that still raises scores 0 (counted in `reward_errors`)."""
@@ -241,7 +253,7 @@ def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, t
     errors = 0
     for text, answer in zip(texts, answers):
         try:
-            r = jigsaw.jigsaw_reward(text, list(answer), thinking=not args.no_think, w_hit=args.w_hit,
+            r = jigsaw.jigsaw_reward(text, list(answer), thinking=args.prompt_style == "thinking", w_hit=args.w_hit,
                                      w_acc=args.w_acc, w_fmt=args.w_fmt)
         except Exception:  # never let one odd completion crash a long run
             errors += 1
@@ -285,15 +297,15 @@ def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.
     """Sample G completions for each of the B puzzles in ONE batched decode (common.generate prefills each
     puzzle and its images once and copies the cache G times), score them, and compute advantages. The
     completions come group by group: puzzle 1's G samples, then puzzle 2's, ..."""
-    prompt_column = "prompt_no_think" if args.no_think else "prompt"
-    answers = [row["answer"] for row in rows for _ in range(args.group_size)]
+    prompt_column = PROMPT_COLUMNS[args.prompt_style]
+    answers = [row["answer"] for row in rows for _ in range(args.num_generations)]
     with autocast():
         out = common.generate(model, processor, [row[prompt_column] for row in rows],
-                              [common.row_images(row) for row in rows], max_new_tokens=args.max_new_tokens,
+                              [common.row_images(row) for row in rows], max_new_tokens=args.max_completion_length,
                               temperature=args.temperature, top_p=args.top_p, do_sample=True,
-                              num_samples=args.group_size)
+                              num_samples=args.num_generations)
     scores = score(out["texts"], answers, args)
-    advantages = group_advantages(scores["reward"], args.group_size, scale=args.scale_rewards)
+    advantages = group_advantages(scores["reward"], args.num_generations, scale=args.scale_rewards)
     return {"prompt_batch": out["batch"], "completion_ids": out["completion_ids"], "texts": out["texts"],
             "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages}
 
@@ -306,7 +318,7 @@ def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
     n = len(batch["completion_ids"])
     for start in range(0, n, args.micro_batch_size):
         end = min(n, start + args.micro_batch_size)
-        rows = [i // args.group_size for i in range(start, end)]
+        rows = [i // args.num_generations for i in range(start, end)]
         prompts = common.select_rows(batch["prompt_batch"], rows)
         mb = common.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
         # The chunk's distinct prompts, for the no-gradient log-probs that run each prompt once.
@@ -327,7 +339,11 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
     accumulation over the micro-batches. Returns per-pass statistics and the number of skipped updates."""
     device = accelerator.device
     num_sequences = sum(mb["loss_mask"].shape[0] for mb in chunks)
-    num_tokens = sum(int(mb["loss_mask"].sum()) for mb in chunks)
+    # dapo divides by the tokens of the whole step: under several processes that is the count summed over ranks
+    # (TRL's num_items_in_batch), scaled by the number of processes because DDP averages the ranks' gradients.
+    local_tokens = sum(int(mb["loss_mask"].sum()) for mb in chunks)
+    world = accelerator.num_processes
+    num_tokens = float(accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum")) / world
     # Reference log-probs (KL): once per rollout, without gradient.
     # With mu = 1 the "old" policy IS the current one: ratio = exp(lp - lp.detach()) = 1, the clip never
     # engages, and GRPO reduces to REINFORCE with a group-mean baseline; no extra forward is needed.
@@ -358,7 +374,7 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                 old = mb["old_logprobs"].to(device) if args.num_iterations > 1 else logprobs.detach()
                 loss, s = grpo_loss(logprobs, old, inputs["advantages"].float(), inputs["loss_mask"],
                                     inputs.get("ref_logprobs"), args.beta, args.epsilon, args.epsilon_high,
-                                    args.loss_type, args.max_new_tokens, num_sequences, num_tokens)
+                                    args.loss_type, args.max_completion_length, num_sequences, num_tokens)
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -393,13 +409,13 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
 @torch.no_grad()
 def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
     """Greedy decoding on a fixed subset of the test split: exact accuracy (R_acc), format rate, mean hit."""
-    prompt_column = "prompt_no_think" if args.no_think else "prompt"
+    prompt_column = PROMPT_COLUMNS[args.prompt_style]
     texts, answers = [], []
     for start in range(0, len(rows), args.eval_batch_size):
         chunk = rows[start:start + args.eval_batch_size]
         with autocast():
             out = common.generate(model, processor, [r[prompt_column] for r in chunk],
-                                  [common.row_images(r) for r in chunk], max_new_tokens=args.max_new_tokens,
+                                  [common.row_images(r) for r in chunk], max_new_tokens=args.max_completion_length,
                                   do_sample=False)
         texts += out["texts"]
         answers += [r["answer"] for r in chunk]
@@ -411,42 +427,19 @@ def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib
 # ----------------------------------------------------------------------------------------------------------
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
-def activation_bytes(model, args: Args) -> dict:
-    """Rough peak activation memory of one step, bf16 (2 bytes per value).
-
-    training, per micro-batch of b sequences of s = prompt + completion tokens, with gradient checkpointing:
-      layer inputs kept:         L * b * s * h * 2
-      one layer recomputed:      34 * b * s * h     (Korthikanti et al. 2022, flash/SDPA attention: no s^2 term)
-      completion logits:         b * Tc * V * (2 + 2) + min(b, 4) * Tc * V * 8   (bf16 logits and their grad,
-                                 fp32 log-softmax chunks of selective_log_softmax)
-    generation, all B*G sequences at once:
-      KV cache:                  B*G * s * L * 2 (k, v) * kv_heads * head_dim * 2
-    The two phases do not overlap (the KV cache is freed before training), so the plan takes the larger.
-    """
-    text = getattr(model.config, "text_config", model.config)
-    layers, hidden, vocab = text.num_hidden_layers, text.hidden_size, text.vocab_size
-    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    seq = args.plan_prompt_tokens + args.max_new_tokens
-    b, tc = min(args.micro_batch_size, args.batch_size * args.group_size), args.max_new_tokens
-    checkpointed = layers * b * seq * hidden * 2 if args.gradient_checkpointing else 0
-    per_layer = 34 * b * seq * hidden * (1 if args.gradient_checkpointing else layers)
-    logits = b * tc * vocab * 4 + min(b, 4) * tc * vocab * 8
-    kv_cache = args.batch_size * args.group_size * seq * layers * 2 * kv_heads * head_dim * 2
-    training = checkpointed + per_layer + logits
-    return {"training": training, "generation": kv_cache, "peak": max(training, kv_cache)}
-
-
 def dry_run(args: Args, precision: str, ref_dtype: str) -> None:
     model = common.meta_model(args.model)
     if args.freeze_vision_tower:
         common.freeze_vision(model, True, False)
-    acts = activation_bytes(model, args)
+    seq = args.plan_prompt_length + args.max_completion_length
+    acts = common.activation_plan(model.config, min(args.micro_batch_size, args.batch_size * args.num_generations),
+                                  seq, args.max_completion_length, args.gradient_checkpointing,
+                                  generation_sequences=args.batch_size * args.num_generations)
     plan = common.memory_plan(model, args.optimizer, precision, reference_model=args.beta != 0.0,
                               activations_bytes=acts["peak"], reference_bytes=common.DTYPES[ref_dtype].itemsize)
-    common.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.group_size} "
-                                   f"micro={args.micro_batch_size} prompt~{args.plan_prompt_tokens} "
-                                   f"completion<={args.max_new_tokens}, {args.optimizer}, precision "
+    common.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} "
+                                   f"micro={args.micro_batch_size} prompt~{args.plan_prompt_length} "
+                                   f"completion<={args.max_completion_length}, {args.optimizer}, precision "
                                    f"{precision}, beta={args.beta}")
     print(f"  activations: training {acts['training'] / common.GiB:.2f} GiB, generation KV cache "
           f"{acts['generation'] / common.GiB:.2f} GiB (not at the same time)")
@@ -455,29 +448,55 @@ def dry_run(args: Args, precision: str, ref_dtype: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
+PROMPT_COLUMNS = {"thinking": "prompt", "answer_only": "prompt_no_think"}
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", "max_completion_length": ">= 1",
+          "temperature": "> 0", "top_p": "(0, 1]", "lr": "> 0", "beta": ">= 0", "epsilon": "(0, 1)",
+          "epsilon_high": "(0, 10]", "num_iterations": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0",
+          "weight_decay": ">= 0", "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "save_steps": ">= 0",
+          "save_total_limit": ">= 0", "eval_steps": ">= 0", "eval_size": ">= 0", "eval_batch_size": ">= 1",
+          "max_nonfinite": ">= 1", "plan_prompt_length": ">= 1", "log_completions": ">= 0", "w_hit": ">= 0",
+          "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0"}
+# Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
+OPERATIONAL = ("save_steps", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size", "max_nonfinite",
+               "report_to", "log_completions", "dry_run", "plan_prompt_length")
+
+
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
     """(precision name, accelerate mixed_precision, policy dtype, reference dtype); a --dry_run plans for a GPU."""
     cuda = torch.cuda.is_available() or args.dry_run
     precision = common.resolve_precision(args.precision, cuda)
-    ref_dtype = common.resolve_dtype(args.ref_dtype, "cuda" if cuda else "cpu", "--ref_dtype")
+    ref_dtype = common.resolve_dtype(args.ref_precision, "cuda" if cuda else "cpu", "--ref_precision")
     return (precision, *common.PRECISIONS[precision], ref_dtype)
 
 
 def check_args(args: Args) -> None:
-    for name in ("max_steps", "batch_size", "group_size", "max_new_tokens", "micro_batch_size", "num_iterations",
-                 "eval_batch_size", "max_nonfinite"):
-        if getattr(args, name) < 1:
-            common.fail(f"--{name} must be at least 1 (got {getattr(args, name)}).")
-    if args.group_size < 2:
-        common.fail("--group_size must be at least 2: GRPO's advantage is relative to the group.")
-    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+    """Every numeric flag range-checked (exit 2, before any model is loaded), then the named choices."""
+    common.check_ranges(args, RANGES)
+    if args.prompt_style not in PROMPT_COLUMNS:
+        common.fail(f"--prompt_style {args.prompt_style}: choose thinking or answer_only.")
+    if args.loss_type not in LOSS_TYPES:
         common.fail(f"--loss_type {args.loss_type} unknown; choose grpo, dapo or dr_grpo.")
     if args.optimizer not in common.OPTIMIZERS:
         common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
-    if args.temperature <= 0:
-        common.fail("--temperature must be > 0 (GRPO samples; greedy is only for evaluation).")
-    if not 0 < args.top_p <= 1:
-        common.fail("--top_p must be in (0, 1].")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
+
+
+def completion_records(step: int, rows: list[dict], batch: dict, args: Args) -> list[dict]:
+    """The first --log_completions groups of a rollout as JSON lines: puzzle, true answer, and every completion
+    with its reward components and advantage (nano-aha-moment's episode dumps, TRL's log_completions)."""
+    out, g = [], args.num_generations
+    for k, row in enumerate(rows[:args.log_completions]):
+        samples = []
+        for i in range(k * g, (k + 1) * g):
+            samples.append({"text": batch["texts"][i], "reward": float(batch["scores"]["reward"][i]),
+                            "hit": float(batch["scores"]["hit"][i]), "acc": float(batch["scores"]["acc"][i]),
+                            "fmt": float(batch["scores"]["fmt"][i]), "advantage": float(batch["advantages"][i]),
+                            "truncated": bool(batch["truncated"][i]), "tokens": len(batch["completion_ids"][i]),
+                            "completion_ids": list(batch["completion_ids"][i])})
+        out.append({"step": step, "puzzle_id": row.get("id"), "answer": list(row["answer"]), "completions": samples})
+    return out
 
 
 def main(argv=None) -> dict:
@@ -488,29 +507,31 @@ def main(argv=None) -> dict:
     if args.dry_run:
         dry_run(args, precision, ref_dtype)
         return {}
-    from accelerate import Accelerator
     from tqdm import tqdm
-    output_dir = Path(args.output_dir)
-    resume_from = common.latest_checkpoint(output_dir) if args.resume else None
-    if not args.resume and common.latest_checkpoint(output_dir) is not None:
-        common.fail(f"--output_dir {output_dir} already holds checkpoints; pass --resume to continue that run "
-                    "or choose a new --output_dir.")
-    common.seed_everything(args.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
     # ------------------------------------------------------------------ data (checked before any model loads)
-    prompt_column = "prompt_no_think" if args.no_think else "prompt"
-    train = common.load_rows(args.data, args.split, required=(prompt_column, "answer", "images"))
+    prompt_column = PROMPT_COLUMNS[args.prompt_style]
+    train = common.load_rows(args.data, args.split, required=(prompt_column, "answer", "images"), verify_images=True)
     eval_rows = []
     if args.eval_steps > 0 and args.eval_size > 0:
         test = common.load_rows(args.data, args.eval_split, required=(prompt_column, "answer", "images"))
         eval_rows = [test[i] for i in range(min(args.eval_size, len(test)))]
     if len(train) == 0:
         common.fail(f"data {args.data} split {args.split} is empty; rebuild it with jigsaw.py.")
+    common.check_model_path(args.model)
+
+    output_dir = Path(args.output_dir)
+    accelerator = common.make_accelerator(mixed_precision, args.report_to, output_dir)
+    resume_from = common.prepare_run(accelerator, output_dir, "rft.py", dataclasses.asdict(args), args.resume,
+                                     args.overwrite, OPERATIONAL)
+    # Each process samples with its own seed and draws its own puzzles (common.data_indices at its rank's
+    # positions): N GPUs must not generate N copies of the same rollouts.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    common.seed_everything(args.seed + rank)
 
     # ------------------------------------------------------------------ model
     model, processor = common.load_model_and_processor(args.model, policy_dtype, args.attn_implementation,
-                                                       args.min_pixels, args.max_pixels)
+                                                       args.min_pixels or None, args.max_pixels or None)
     if args.freeze_vision_tower:
         # The frozen tower's parameters need no grad and its input (pixels) none either, so autograd records
         # nothing inside it: it runs as if under no_grad.
@@ -523,32 +544,49 @@ def main(argv=None) -> dict:
         ref_model = common.load_model(args.model, ref_dtype, args.attn_implementation, str(accelerator.device))
         ref_model.eval().requires_grad_(False)
     optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
-    scheduler = common.warmup_cosine(optimizer, args.warmup_steps, args.max_steps * args.num_iterations,
+    scheduler = common.warmup_cosine(optimizer, args.warmup_steps, max(1, args.max_steps) * args.num_iterations,
                                      args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Training mode: transformers checkpoints a layer only while the module is in training mode, and
+    # from_pretrained returns eval mode. common.generate switches to eval for sampling and back afterwards.
+    model.train()
     trainable, frozen = common.count_parameters(model)
     accelerator.print(f"[rft] {args.model}: {trainable:,} trainable / {frozen:,} frozen parameters; "
-                      f"{len(train)} puzzles; B={args.batch_size} G={args.group_size}; precision "
-                      f"{mixed_precision}/{policy_dtype}; reference {ref_dtype if ref_model is not None else 'none'}")
+                      f"{len(train)} puzzles; B={args.batch_size} G={args.num_generations} per process, {world} "
+                      f"process(es); precision {mixed_precision}/{policy_dtype}; reference "
+                      f"{ref_dtype if ref_model is not None else 'none'}")
 
     # ------------------------------------------------------------------ resume
     step, position, nonfinite_total = 0, 0, 0
-    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     if resume_from is not None:
-        state = common.load_checkpoint(accelerator, resume_from)
+        state = common.load_resume_state(accelerator, resume_from)
         step, position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
-        set_rng_state(state["rng"])  # after load_state, so ours (saved last) wins
-        common.truncate_metrics(output_dir / "metrics.jsonl", step)
+        if rank == 0:  # rank 0's own record; the other ranks keep the RNG states accelerate restored for them
+            set_rng_state(state["rng"])
         accelerator.print(f"[rft] resumed from {resume_from} at step {step}")
     elif args.resume:
-        accelerator.print(f"[rft] --resume: no checkpoint in {output_dir}, starting from scratch")
+        accelerator.print(f"[rft] --resume: no resume state in {output_dir}, starting from scratch")
+    if args.report_to != "none":
+        accelerator.init_trackers("rft", config={k: v for k, v in dataclasses.asdict(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                  accelerator=accelerator)
+    # Every process records what it sampled (rank r > 0 in completions.rank{r}.jsonl): N GPUs must show N
+    # different sets of puzzles and completions.
+    completions_log = common.MetricsLogger(
+        output_dir / ("completions.jsonl" if rank == 0 else f"completions.rank{rank}.jsonl"),
+        enabled=args.log_completions > 0)
+    snapshot_dtype = common.snapshot_dtype(precision)
 
-    def checkpoint(at_step: int) -> None:
-        common.save_checkpoint(accelerator, output_dir, at_step,
-                               {"data_position": position, "rng": rng_state(), "nonfinite_total": nonfinite_total,
-                                "args": dataclasses.asdict(args)}, model=model, processor=processor)
-        common.prune_checkpoints(output_dir, args.save_total_limit)
+    def save(at_step: int, snapshot: bool = True) -> None:
+        if snapshot:
+            common.save_snapshot(accelerator, model, processor, output_dir, at_step, snapshot_dtype)
+        common.save_resume_state(accelerator, output_dir, at_step,
+                                 {"data_position": position, "rng": rng_state(), "nonfinite_total": nonfinite_total})
+        if accelerator.is_main_process and args.save_total_limit:
+            for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ loop
     policy = accelerator.unwrap_model(model)
@@ -557,11 +595,12 @@ def main(argv=None) -> dict:
     bar = tqdm(total=args.max_steps, initial=step, desc="rft", disable=not accelerator.is_local_main_process)
     while step < args.max_steps:
         step += 1
-        # rollout: B puzzles x G samples, one generate call
+        # rollout: B puzzles x G samples per process, one generate call
         t0 = time.perf_counter()
-        indices = draw_indices(len(train), position, args.batch_size, args.seed)
-        position += args.batch_size
-        batch = rollout(policy, processor, [train[i] for i in indices], args, accelerator.autocast)
+        indices = common.data_indices(len(train), args.seed, position + rank * args.batch_size, args.batch_size)
+        position += args.batch_size * world
+        rows = [train[i] for i in indices]
+        batch = rollout(policy, processor, rows, args, accelerator.autocast)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the KV cache of generate is garbage now; give its memory to training
         t1 = time.perf_counter()
@@ -572,7 +611,7 @@ def main(argv=None) -> dict:
 
         scores, lengths = batch["scores"], torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float)
         first = update["passes"][0]
-        grouped = scores["reward"].view(-1, args.group_size)
+        grouped = scores["reward"].view(-1, args.num_generations)
         record = {
             "step": step, "lr": scheduler.get_last_lr()[0],
             "reward": float(scores["reward"].mean()), "reward_std": float(scores["reward"].std()),
@@ -582,7 +621,9 @@ def main(argv=None) -> dict:
             "reward_errors": scores["errors"],
             "completion_length": float(lengths.mean()), "truncated_share": float(batch["truncated"].float().mean()),
             "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
-            "loss": first["loss"], "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
+            # the step's loss over all processes (each rank's loss is normalised by the step's global counts)
+            "loss": float(accelerator.reduce(torch.tensor(first["loss"], device=accelerator.device), "mean")),
+            "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
                                                                            for p in update["passes"]) / len(update["passes"]),
             "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
             "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,
@@ -599,28 +640,36 @@ def main(argv=None) -> dict:
         else:
             nonfinite_in_row = 0
         logger.log(record)
+        if args.log_completions and (step == 1 or (args.eval_steps and step % args.eval_steps == 0)):
+            for line in completion_records(step, rows, batch, args):
+                completions_log.log(line)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
         if nonfinite_in_row >= args.max_nonfinite:
             bar.close()
-            good = common.latest_checkpoint(output_dir)
+            good = common.resume_state(output_dir)
             common.fail(f"{nonfinite_in_row} non-finite losses/gradients in a row at step {step}: stopping. The "
-                        f"last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower --lr, use "
+                        f"last good state is {good or 'none (nothing was saved yet)'}; lower --lr, use "
                         "--precision bf16_mixed, or raise --max_nonfinite, then --resume.")
         # ------------------------------------------------------------------ eval and save
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
             result = evaluate(policy, processor, eval_rows, args, accelerator.autocast)
             logger.log({"step": step, **result})
             record.update(result)
-        # A step whose update was skipped saves nothing: every checkpoint is a known-good state.
-        if ((args.save_steps and step % args.save_steps == 0) or step == args.max_steps) and not update["skipped"]:
-            checkpoint(step)
+        # A skipped update left the weights and optimizer as they were (known-good), so the snapshot is taken
+        # anyway: later stages rely on checkpoint-N existing at every --save_steps (the early RFT checkpoint).
+        if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
+            save(step)
         last = record
     bar.close()
 
     # ------------------------------------------------------------------ save
-    common.export_model(accelerator, model, processor, output_dir / "final")
+    save(step, snapshot=False)
+    common.export_model(accelerator, model, processor, output_dir / "final", snapshot_dtype)
+    if accelerator.is_main_process:
+        common.write_json_atomic(output_dir / "final" / "trainer_state.json", {"step": step, "model": args.model})
     accelerator.print(f"[rft] done: {output_dir / 'final'}")
+    accelerator.end_training()
     return last
 
 

@@ -26,25 +26,30 @@ Rollout generation is resumable: puzzles are processed in fixed chunks (in data 
 crash keeps every finished chunk; rerunning the same command skips the done puzzles and gives the same rows as
 an uninterrupted run. The data set folder is built from the shard at the end (atomic swap).
 
-    # the four sources (run_all.sh calls exactly these)
-    python rollout_sft.py --source non_rea --data data/jigsaw --out data/sft/non_rea
-    python rollout_sft.py --source rea_external --data data/jigsaw --out data/sft/rea_external \\
-        [--traces gpt4o_traces.jsonl]           # JSONL of {"id": puzzle id, "reasoning": text}
+    # the four sources (run_all.sh calls these)
+    python rollout_sft.py --source non_rea --data data/jigsaw --output_dir data/sources/non_rea
+    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_external
+    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+        --traces gpt4o_traces.jsonl             # JSONL of {"id": puzzle id, "reasoning": text}
+    # rea_external with a real teacher (the paper's GPT-4o; key in $OPENAI_API_KEY, never on the command line):
+    # resumable (OUT.teacher.jsonl), tokens and estimated cost in stats.json (teacher.py has the prompt)
+    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+        --teacher_url https://api.openai.com/v1 --teacher_model gpt-4o --teacher_concurrency 8
+    #   or a local OpenAI-compatible server (vllm serve Qwen/Qwen2.5-VL-72B-Instruct):
+    #   --teacher_url http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \\
+    #   --teacher_prompt_price 0 --teacher_completion_price 0
     python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \\
-        --k 8 --temperature 1.0 --max_new_tokens 512 --max_per_puzzle 1 --batch_size 16 --out data/sft/rea_grpo_rollout
-    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-200/model \\
-        --k 8 --out data/sft/rea_self_generated
-    # then, for each: python sft.py --model BASE --data data/sft/NAME --prompt_column prompt --target_column completion ...
-
-    # distance from the model: per-token NLL and perplexity of each source's targets under the base model
-    python rollout_sft.py --perplexity --model Qwen/Qwen2.5-VL-3B-Instruct --limit 500 \\
-        --sources non_rea=data/sft/non_rea,rea_external=data/sft/rea_external,rea_grpo_rollout=data/sft/rea_grpo_rollout \\
-        --out results/perplexity.json          # also writes results/perplexity.md
+        --num_generations 8 --max_completion_length 512 --max_rows 1800 --output_dir data/sources/rea_grpo_rollout
+    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-100 \\
+        --num_generations 8 --max_rows 1800 --output_dir data/sources/rea_self_generated
+    # then, for each: python sft.py --model BASE --data data/sources/NAME --output_dir runs/sft_NAME ...
+    # (analyze.py measures each source's perplexity under the base model)
 
     # tiny CPU run (toy world)
-    python toy.py --out runs/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 --out runs/toy/jigsaw
-    python rollout_sft.py --source rea_grpo_rollout --data runs/toy/jigsaw --model runs/toy/init --k 4 \\
-        --max_new_tokens 32 --limit 8 --out runs/toy/sft_data/rea_grpo_rollout
+    python toy.py --output_dir runs/toy/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 \\
+        --image_size 56 --output_dir runs/toy/jigsaw
+    python rollout_sft.py --source rea_self_generated --data runs/toy/jigsaw --model runs/toy/toy/init \\
+        --num_generations 4 --max_completion_length 32 --limit 8 --output_dir runs/toy/sources/rea_self_generated
 
 Without a usable source (a checkpoint that gets nothing right, traces that match no puzzle) the script stops
 with counts; it never hands sft.py an empty data set.
@@ -74,8 +79,8 @@ OUT_COLUMNS = ("id", "images", "prompt", "completion", "answer", "rows", "cols",
                "logprob")
 # Fields of the shard's meta file that change what is sampled: a resume with other values would mix two
 # different samplers in one data set, so it is refused. (--batch_size and --limit may change on resume.)
-SHARD_KEYS = ("source", "data", "split", "model", "k", "temperature", "top_p", "max_new_tokens", "max_per_puzzle",
-              "seed", "dtype")
+SHARD_KEYS = ("source", "data", "split", "model", "num_generations", "temperature", "top_p", "max_completion_length",
+              "max_per_puzzle", "seed", "precision")
 
 
 @dataclass
@@ -83,38 +88,68 @@ class Args:
     source: str = ""
     """which data set to build: non_rea | rea_external | rea_grpo_rollout | rea_self_generated"""
     data: str = ""
-    """jigsaw data set folder (python jigsaw.py --out DIR)"""
+    """jigsaw data set folder (python jigsaw.py --output_dir DIR)"""
     split: str = "train"
     """split of --data whose puzzles are used; the output is saved as a DatasetDict with this one split"""
     model: str = ""
     """checkpoint that samples (rea_grpo_rollout: the final RFT model; rea_self_generated: an early RFT
-    checkpoint with task accuracy < 5%), or the base model with --perplexity: any save_pretrained folder or hub id"""
-    out: str = ""
-    """output data set folder (with --perplexity: the JSON file; a .md table is written next to it)"""
-    k: int = 8
+    checkpoint with task accuracy < 5%): any save_pretrained folder or hub id"""
+    output_dir: str = ""
+    """output data set folder (save_to_disk, with stats.json inside)"""
+    overwrite: bool = False
+    """replace --output_dir even when rollout_sft.py did not make it"""
+    num_generations: int = 8
     """samples per puzzle (GRPO group size 8 in public Jigsaw GRPO work; the paper's value is unknown)"""
     temperature: float = 1.0
     """sampling temperature (1.0 as in GRPO rollouts, so kept rows follow the RFT policy's own distribution);
     0 means greedy"""
     top_p: float = 1.0
     """nucleus sampling (1.0: plain sampling, as GRPO rollouts)"""
-    max_new_tokens: int = 512
+    max_completion_length: int = 512
     """completion length limit (512, the public Jigsaw GRPO max completion length)"""
     max_per_puzzle: int = 1
     """most rows kept per puzzle (1: every source then has at most one row per puzzle, so their sizes compare;
     the paper does not say)"""
-    batch_size: int = 16
-    """sequences per generate / forward call (16 = 2 puzzles x k 8); a chunk holds max(1, batch_size // k)
-    puzzles. May change on resume (later chunks are then drawn differently, equally valid)"""
+    batch_size: int = 64
+    """sequences per generate / forward call (64 = 8 puzzles x 8 samples: decoding is memory-bound, so a GPU
+    runs 64 sequences nearly as fast as 16); a chunk holds max(1, batch_size // num_generations) puzzles. May
+    change on resume (later chunks are then drawn differently, equally valid)"""
     limit: int = 0
-    """use only the first N puzzles of the split (0: all); with --perplexity: first N rows of each source"""
+    """use only the first N puzzles of the split (0: all)"""
+    max_rows: int = 0
+    """stop sampling once this many rows are kept (0: sample every puzzle): the SFT stage reads
+    max_steps x batch_size rows, so sampling more is GPU time thrown away"""
     traces: str = ""
     """rea_external: JSONL of reasoning traces keyed by puzzle id (fields id, reasoning), e.g. written by
     GPT-4o; empty: a programmatic reasoning text made from the ground truth (the offline stand-in)"""
+    teacher_url: str = ""
+    """rea_external: base URL of an OpenAI-compatible chat-completions server whose model writes the reasoning
+    (POST URL/chat/completions; https://api.openai.com/v1 for the paper's GPT-4o, or a local vLLM/SGLang,
+    e.g. http://localhost:8000/v1); the reply is capped at --max_new_tokens. See teacher.py"""
+    teacher_model: str = ""
+    """the teacher's model name on that server (the paper: GPT-4o, i.e. gpt-4o)"""
+    teacher_api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the API key (never a flag, so it is in no command line or file; unset:
+    no Authorization header, as a local server needs)"""
+    teacher_concurrency: int = 8
+    """requests in flight at once (8: a modest load, about one gpt-4o request a second; the lowest OpenAI
+    tiers may still answer 429 at times, which is retried; raise it for a local server or a higher tier)"""
+    teacher_max_retries: int = 8
+    """retries per puzzle on 429 / 5xx / timeouts / dropped connections, with exponential backoff (1 s doubling
+    to 60 s, jitter) or the server's Retry-After; then the puzzle is given up for this run (openai-python
+    retries 2 times; a batch of thousands of requests meets rate limits more often)"""
+    teacher_timeout_s: float = 120.0
+    """seconds without a byte from the server before a request counts as timed out and is retried (a 512-token
+    gpt-4o reply takes seconds; openai-python's default of 600 s would hide a hung connection for 10 minutes)"""
+    teacher_prompt_price: float = 2.5
+    """USD per 1M prompt tokens (image tokens included) for the cost estimate: GPT-4o's list price on
+    openai.com/api/pricing (gpt-4o-2024-08-06; prices change, check the page; 0 for a local server)"""
+    teacher_completion_price: float = 10.0
+    """USD per 1M completion tokens for the cost estimate: GPT-4o's list price (as above)"""
     seed: int = 0
     """base seed; each chunk is seeded with hash(seed, first puzzle id of the chunk)"""
-    dtype: str = "auto"
-    """model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32"""
+    precision: str = "auto"
+    """sampler precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32"""
     attn_implementation: str = ""
     """attention kernel (e.g. flash_attention_2, sdpa); empty: the transformers default"""
     min_pixels: int = 0
@@ -123,10 +158,11 @@ class Args:
     """processor max_pixels (0: as saved with the processor)"""
     max_checkpoint_accuracy: float = 0.05
     """rea_self_generated: warn when the checkpoint's task accuracy is above this (the paper: < 5%)"""
-    perplexity: bool = False
-    """measure the distance of data sources from --model instead of building one (see --sources)"""
-    sources: str = ""
-    """with --perplexity: name=DIR,name=DIR,... data folders made by this script (completion column scored)"""
+
+
+RANGES = {"num_generations": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_completion_length": ">= 1",
+          "max_per_puzzle": ">= 1", "batch_size": ">= 1", "limit": ">= 0", "max_rows": ">= 0",
+          "min_pixels": ">= 0", "max_pixels": ">= 0", "max_checkpoint_accuracy": "[0, 1]"}
 
 
 def log(message: str) -> None:
@@ -134,7 +170,7 @@ def log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pure pieces: targets, selection, perplexity (tests check these by hand)
+# Pure pieces: targets and selection (tests check these by hand)
 # ----------------------------------------------------------------------------------------------------------
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TAG_RE = re.compile(r"</?(think|answer)>")
@@ -240,19 +276,6 @@ def select_completions(source: str, texts: list[str], row: dict, reward_fn: Call
     return kept, counts
 
 
-def token_weighted_nll(logprob_sums: list[float], token_counts: list[int]) -> tuple[float, float]:
-    """(mean NLL per token, perplexity) over all completion tokens of a set of rows.
-
-    Token-weighted, not a mean of per-row means: two rows of 2 and 6 tokens with log-prob sums -2 and -18
-    give mean NLL (2 + 18) / 8 = 2.5 and perplexity exp(2.5) = 12.18.
-    """
-    tokens = sum(token_counts)
-    if tokens == 0:
-        raise ValueError("no completion tokens to score")
-    mean_nll = -sum(logprob_sums) / tokens
-    return mean_nll, math.exp(mean_nll)
-
-
 def chunk_seed(base_seed: int, puzzle_id: str) -> int:
     """Seed of a chunk from the base seed and the chunk's first puzzle id (stable across runs and machines,
     unlike Python's salted hash())."""
@@ -284,7 +307,7 @@ def load_sampler(args: Args):
     common.check_model_path(args.model)
     check_processor(args.model)
     device = common.default_device()
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.precision, device, "--precision")
     model, processor = common.load_model_and_processor(
         args.model, dtype, args.attn_implementation or None, args.min_pixels or None, args.max_pixels or None, device)
     model.eval()
@@ -294,38 +317,16 @@ def load_sampler(args: Args):
 def sample_completions(model, processor, rows: list[dict], args: Args) -> list[list[str]]:
     """K sampled texts per row, max(1, --batch_size // K) puzzles per common.generate call: each puzzle is
     prefilled once and its cache copied K times (num_samples), left padding, images in row order."""
-    per_call = max(1, args.batch_size // args.k)
+    per_call = max(1, args.batch_size // args.num_generations)
     texts = []
     for start in range(0, len(rows), per_call):
         chunk = rows[start:start + per_call]
         out = common.generate(model, processor, [row["prompt"] for row in chunk],
-                              [common.row_images(row) for row in chunk], args.max_new_tokens,
+                              [common.row_images(row) for row in chunk], args.max_completion_length,
                               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
-                              do_sample=args.temperature > 0, num_samples=args.k)
+                              do_sample=args.temperature > 0, num_samples=args.num_generations)
         texts += out["texts"]
-    return [texts[i * args.k:(i + 1) * args.k] for i in range(len(rows))]
-
-
-@torch.no_grad()
-def completion_scores(model, processor, prompts: list[str], images: list[list], completions: list[str],
-                      batch_size: int) -> list[tuple[float, int]]:
-    """(sum log pi(completion | prompt), completion token count) per row, completions tokenized as SFT will
-    tokenize them (common.build_batch: text + <|im_end|>, which is scored too, as SFT trains on it).
-
-    The decoded text is scored, not the sampled token ids: what SFT trains on is the text, so the rollout
-    log-probs and the perplexity table measure the same thing. (A model that samples a non-canonical BPE
-    split gets its re-tokenized text scored; rare for a trained model, common for a random one.)"""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = common.build_batch(processor, prompts[start:start + batch_size], images[start:start + batch_size],
-                                   completions=completions[start:start + batch_size])
-        batch = common.to_device(batch, device)
-        logprobs = common.completion_logprobs(model, batch)
-        mask = batch["completion_mask"]
-        for row_logprobs, row_mask in zip(logprobs, mask):
-            out.append((float((row_logprobs * row_mask).sum()), int(row_mask.sum())))
-    return out
+    return [texts[i * args.num_generations:(i + 1) * args.num_generations] for i in range(len(rows))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
     missing is redrawn whole (same seed, same batch) and only the missing puzzles are written.
     """
     done = read_shard(shard)
-    per_chunk = max(1, args.batch_size // max(1, args.k))
+    per_chunk = max(1, args.batch_size // max(1, args.num_generations))
     ids = dataset["id"]
     chunks = [list(range(start, min(start + per_chunk, len(ids)))) for start in range(0, len(ids), per_chunk)]
     todo = [chunk for chunk in chunks if any(ids[i] not in done for i in chunk)]
@@ -417,6 +418,18 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
                     item["logprob"], item["tokens"] = logprob, tokens
         append_records(shard, records)
         done.update({r["id"]: r for r in records})
+        kept_rows = sum(len(r["kept"]) for r in done.values())
+        if kept_rows == 0:
+            # A source that yields nothing from its first chunk almost surely yields nothing at all: stop now,
+            # with the counts, not after hours of sampling (the shard keeps what was drawn).
+            stats = summarize(done, [i for i in ids if i in done])
+            common.fail(f"source {args.source}: 0 usable rows from the first {len(done)} puzzle(s) of {args.data} "
+                        f"({json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}). "
+                        + EMPTY_HINTS.get(args.source, ""))
+        if args.max_rows and kept_rows >= args.max_rows:
+            log(f"{kept_rows} rows kept (>= --max_rows {args.max_rows}) after {len(done)} of {len(ids)} puzzles: "
+                "stopping early")
+            break
     return done
 
 
@@ -459,6 +472,10 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
     stats = {}
     if args.source == "rea_external" and args.traces:
         traces, stats = read_traces(args.traces, set(dataset["id"]))
+    elif args.source == "rea_external" and args.teacher_url:  # the paper's GPT-4o traces, asked for (teacher.py)
+        import teacher
+        traces, stats = teacher.collect_traces(dataset, teacher.config_from_args(args), args.output_dir, args.data,
+                                               args.split)
     records = {}
     columns = dataset.select_columns(["id", "answer", "rows", "cols"]
                                      + (["convention"] if "convention" in dataset.column_names else []))
@@ -468,7 +485,7 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
         if args.source == "non_rea":
             candidates = [jigsaw.target_answer_only(answer, rows, cols)]
             thinking = False
-        elif args.traces:
+        elif args.traces or args.teacher_url:
             candidates = [reasoning_target(text.strip(), answer, rows, cols)
                           for text in traces.get(row["id"], [])]
             thinking = True
@@ -496,6 +513,13 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Save: the data set sft.py reads, and its statistics
 # ----------------------------------------------------------------------------------------------------------
+EMPTY_HINTS = {
+    "rea_grpo_rollout": "The checkpoint got no puzzle right: sample more (--num_generations), use a later "
+                        "checkpoint, or check --max_completion_length (truncated completions have no answer).",
+    "rea_self_generated": "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
+                          "format (use a later early checkpoint or a larger --num_generations)."}
+
+
 def summarize(records: dict[str, dict], ids: list[str]) -> dict:
     totals: dict[str, int] = {}
     for puzzle_id in ids:
@@ -519,7 +543,7 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     ids = dataset["id"]
     indices, completions, rewards, logprobs = [], [], [], []
     for index, puzzle_id in enumerate(ids):
-        for item in records[puzzle_id]["kept"]:
+        for item in records.get(puzzle_id, {"kept": []})["kept"]:  # puzzles after an early stop: not sampled
             indices.append(index)
             completions.append(item["completion"])
             rewards.append(item["reward"])
@@ -527,12 +551,7 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     if not indices:
         common.fail(f"source {args.source} gave 0 rows from {len(ids)} puzzles of {args.data} ({args.split}): "
                     f"{json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}. "
-                    + ("The checkpoint got no puzzle right: sample more (--k, more puzzles), use a later "
-                       "checkpoint, or check --max_new_tokens (truncated completions have no answer)."
-                       if args.source == "rea_grpo_rollout" else
-                       "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
-                       "format (use a later early checkpoint or a larger --k)."
-                       if args.source == "rea_self_generated" else "Nothing usable in the input."))
+                    + EMPTY_HINTS.get(args.source, "Nothing usable in the input."))
     rows = dataset.select(indices)
     prompt_column = "prompt_no_think" if args.source == "non_rea" else "prompt"
     rows = rows.select_columns(["id", "images", prompt_column, "answer", "rows", "cols"])
@@ -543,8 +562,9 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     rows = rows.add_column("source_checkpoint", [source_checkpoint] * len(indices), feature=Value("string"))
     rows = rows.add_column("logprob", logprobs, feature=Value("float64"))
     rows = rows.select_columns(list(OUT_COLUMNS))
-    common.save_dataset_atomic(DatasetDict({args.split: rows}), args.out, stage="rollout_sft.py")
-    common.write_json_atomic(Path(args.out) / "stats.json", stats)
+    common.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
+                               overwrite=args.overwrite)
+    common.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
 
 
 def print_stats(stats: dict) -> None:
@@ -556,88 +576,29 @@ def print_stats(stats: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Perplexity of each source under the base model (the paper's "direction" proxy)
-# ----------------------------------------------------------------------------------------------------------
-def parse_sources(text: str) -> list[tuple[str, str]]:
-    pairs = []
-    for part in [p for p in text.split(",") if p.strip()]:
-        if "=" not in part:
-            common.fail(f"--sources {text!r}: {part!r} is not name=DIR (e.g. non_rea=data/sft/non_rea).")
-        name, folder = (s.strip() for s in part.split("=", 1))
-        pairs.append((name, folder))
-    if not pairs:
-        common.fail("--perplexity needs --sources name=DIR,name=DIR,... (folders made by this script).")
-    return pairs
-
-
-def source_perplexity(model, processor, dataset, batch_size: int) -> dict:
-    """Token-weighted mean NLL and perplexity of a data set's completion column, each under its own prompt."""
-    sums, counts = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", unit="batch", file=sys.stdout):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        scores = completion_scores(model, processor, [r["prompt"] for r in rows], [common.row_images(r) for r in rows],
-                                   [r["completion"] for r in rows], batch_size)
-        sums += [s for s, _ in scores]
-        counts += [c for _, c in scores]
-    mean_nll, ppl = token_weighted_nll(sums, counts)
-    return {"rows": len(dataset), "tokens": sum(counts), "mean_nll": mean_nll, "perplexity": ppl}
-
-
-def perplexity_table(results: dict) -> str:
-    lines = ["| source | rows | tokens | mean NLL / token | perplexity |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['rows']} | {r['tokens']} | {r['mean_nll']:.4f} | {r['perplexity']:.2f} |")
-    return "\n".join(lines)
-
-
-def run_perplexity(args: Args) -> dict:
-    if not args.model or not args.out:
-        common.fail("--perplexity needs --model (the base model) and --out (a .json file).")
-    pairs = parse_sources(args.sources)
-    datasets = {}
-    for name, folder in pairs:  # every folder checked before the model is loaded
-        dataset = common.load_rows(folder, args.split, required=("prompt", "completion", "images"))
-        if len(dataset) == 0:
-            common.fail(f"--sources {name}={folder}: 0 rows in split {args.split}.")
-        datasets[name] = dataset.select(range(min(args.limit, len(dataset)))) if args.limit else dataset
-    model, processor = load_sampler(args)
-    results = {}
-    for name, dataset in datasets.items():
-        results[name] = {"dir": dict(pairs)[name], **source_perplexity(model, processor, dataset, args.batch_size)}
-    out = Path(args.out)
-    common.write_json_atomic(out, {"model": args.model, "split": args.split, "sources": results})
-    table = perplexity_table(results)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(f"Per-token NLL of each source's targets under {args.model} (split {args.split}).\n\n{table}\n")
-    os.replace(tmp, md)
-    print(table)
-    log(f"wrote {out} and {md}")
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | None = None) -> dict:
     """CLI entry. `reward_fn(completion, answer) -> dict(reward, acc, fmt, ...)` and
     `sample_fn(model, processor, rows, args) -> [[text] * K per row]` may be injected (tests)."""
     args = common.parse_args(Args, __doc__, argv)
-    if args.perplexity:
-        return run_perplexity(args)
 
     # ---------------- config: every check before any model is loaded ----------------
     if args.source not in SOURCES:
         common.fail(f"--source {args.source!r} unknown; choose one of {', '.join(SOURCES)}.")
-    if not args.data or not args.out:
-        common.fail("--data (a jigsaw data set folder) and --out (the output folder) are required.")
+    if not args.data or not args.output_dir:
+        common.fail("--data (a jigsaw data set folder) and --output_dir (the output folder) are required.")
     if args.source in NEEDS_MODEL and not args.model:
         common.fail(f"--source {args.source} samples from a checkpoint: give --model (a save_pretrained folder or "
                     "hub id).")
-    if args.k < 1 or args.max_per_puzzle < 1 or args.batch_size < 1:
-        common.fail("--k, --max_per_puzzle and --batch_size must be at least 1.")
+    common.check_ranges(args, RANGES)
+    # Before any model is loaded: never replace a folder this script did not make.
+    common.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
     if args.traces and args.source != "rea_external":
         common.fail("--traces only applies to --source rea_external.")
+    if args.teacher_url:
+        import teacher
+        teacher.config_from_args(args)  # every --teacher_* check before the data is read
     reward_fn = reward_fn or default_reward
 
     # ---------------- data ----------------
@@ -654,19 +615,20 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     # ---------------- sources without a model ----------------
     if args.source not in NEEDS_MODEL:
         records, extra = fixed_source_records(dataset, args)
-        checkpoint = "ground_truth" if args.source == "non_rea" else (args.traces or "programmatic")
+        checkpoint = "ground_truth" if args.source == "non_rea" else (
+            args.traces or (f"teacher:{args.teacher_model}" if args.teacher_url else "programmatic"))
         stats = {"source": args.source, "source_checkpoint": checkpoint, **summarize(records, ids), **extra}
         save_source(dataset, records, args, checkpoint, stats)
         print_stats(stats)
-        log(f"wrote {args.out} ({stats['rows_kept']} rows)")
+        log(f"wrote {args.output_dir} ({stats['rows_kept']} rows)")
         return stats
 
     # ---------------- model ----------------
     common.check_model_path(args.model)
     check_processor(args.model)
-    shard, meta_path = shard_paths(args.out)
+    shard, meta_path = shard_paths(args.output_dir)
     meta = {key: getattr(args, key) for key in SHARD_KEYS}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
     model = processor = None
     if not all(i in read_shard(shard) for i in ids):
@@ -678,18 +640,19 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
         dataset, args, shard,
         sample_fn=lambda rows, a: sampler(model, processor, rows, a),
         reward_fn=reward_fn,
-        score_fn=lambda prompts, images, completions: completion_scores(model, processor, prompts, images,
-                                                                        completions, args.batch_size))
+        score_fn=lambda prompts, images, completions: common.sequence_logprobs(model, processor, prompts, images,
+                                                                               completions, args.batch_size))
 
     # ---------------- save ----------------
-    stats = {"source": args.source, "source_checkpoint": args.model, "k": args.k, "temperature": args.temperature,
-             **summarize(records, ids)}
+    sampled = [i for i in ids if i in records]
+    stats = {"source": args.source, "source_checkpoint": args.model, "num_generations": args.num_generations,
+             "temperature": args.temperature, "puzzles_available": len(ids), **summarize(records, sampled)}
     if args.source == "rea_self_generated" and stats["sampler_accuracy"] >= args.max_checkpoint_accuracy:
         log(f"warning: the checkpoint's task accuracy is {stats['sampler_accuracy']:.1%} (the paper's early "
             f"checkpoint: < {args.max_checkpoint_accuracy:.0%}); pick an earlier checkpoint for this source.")
     print_stats(stats)
     save_source(dataset, records, args, args.model, stats)
-    log(f"wrote {args.out} ({stats['rows_kept']} rows); raw samples' record: {shard}")
+    log(f"wrote {args.output_dir} ({stats['rows_kept']} rows); raw samples' record: {shard}")
     return stats
 
 

@@ -61,7 +61,7 @@ fi
 : "${BENCH_DIR:=}"                    # offline mirror (mirror.py): when set, every data set and the model come from it
 : "${IGNORE_DISK_PLAN:=0}"            # 1: run even when the plan says the run folder's disk is too small
 : "${KEEP_RESUME_STATE:=1}"           # 0: delete a training stage's resume/ state once the stage is done
-: "${PLACEHOLDER_SOURCES:=0}" ; : "${GRADIENT_CHECKPOINTING:=0}" ; : "${ROLLOUT_TARGET_ROWS:=0}"
+: "${PLACEHOLDER_SOURCES:=0}" ; : "${GRADIENT_CHECKPOINTING:=0}" ; : "${ROLLOUT_MAX_ROWS:=0}"
 if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
   echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
 fi
@@ -75,7 +75,8 @@ if [ "$DOWNLOAD" = 1 ]; then
   exec $PY mirror.py --download "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --source "$SOURCE" \
     --coco_images $(( N_TRAIN + N_TEST )) --preset "$PRESET"
 fi
-BENCH_FLAGS=()   # eval.py flags pointing every benchmark at the mirror: the one place that maps BENCH_DIR to flags
+BENCH_DATA=""   # NAME=PATH,... pointing every benchmark at the mirror (eval.py --data, analyze.py --probe_data):
+                # the one place that maps BENCH_DIR to data flags
 if [ -n "$BENCH_DIR" ]; then
   if [ "${FAKE_MIRROR:-0}" = 1 ] && [ ! -f "$BENCH_DIR/mirror.json" ]; then
     $PY mirror.py --fake "$BENCH_DIR" --model "$MODEL" --benchmarks "$BENCHMARKS" --coco_images $(( N_TRAIN + N_TEST + 4 ))
@@ -87,7 +88,7 @@ if [ -n "$BENCH_DIR" ]; then
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing else may be read
   [ "$BUILD_TOY_BASE" = 1 ] || [ ! -f "$BENCH_DIR/model/config.json" ] || MODEL=$BENCH_DIR/model
   [ "$SOURCE" = procedural ] || SOURCE=$BENCH_DIR/coco
-  for b in ${BENCHMARKS//,/ }; do BENCH_FLAGS+=("--${b}_data" "$BENCH_DIR/$b"); done
+  for b in ${BENCHMARKS//,/ }; do BENCH_DATA+="${BENCH_DATA:+,}$b=$BENCH_DIR/$b"; done
 fi
 
 # ------------------------------------------------------------------------------------------------------------
@@ -103,10 +104,10 @@ declare -A STAGE_SETTINGS=(
   [eval_base]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
   [sft_non_rea]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
   [rft]="RFT_STEPS RFT_BATCH GROUP_SIZE LR_RFT BETA TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_SAVE_STEPS RFT_EARLY_STEP"
-  [sources]="ROLLOUT_K ROLLOUT_LIMIT ROLLOUT_BATCH_SIZE ROLLOUT_TARGET_ROWS TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_EARLY_STEP PLACEHOLDER_SOURCES"
+  [sources]="ROLLOUT_K ROLLOUT_LIMIT ROLLOUT_BATCH_SIZE ROLLOUT_MAX_ROWS TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_EARLY_STEP PLACEHOLDER_SOURCES"
   [sft_sources]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
-  [eval]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT CHECKPOINT_EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
-  [analyze]="ANALYZE_N ANALYZE_PROJ_DIM"
+  [eval]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT CURVE_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
+  [analyze]="ANALYZE_N ANALYZE_PROJ_DIM KL_PUZZLES KL_SAMPLES RFT_MAX_COMPLETION_LENGTH EVAL_LIMIT"
   [report]="")
 ALL_SETTINGS="$COMMON_SETTINGS $(printf '%s ' "${STAGE_SETTINGS[@]}") PLAN_DEVICE"
 # Folders a training stage writes (resume/ deleted there when KEEP_RESUME_STATE=0).
@@ -261,8 +262,12 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
-EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --jigsaw_data "$DATA/jigsaw" "${PIX[@]}" "${BENCH_FLAGS[@]}")
-[ "$BUILD_TOY_BASE" = 1 ] && EVAL_COMMON+=(--toy_prior_data "$RUN/toy/prior")
+# eval.py: the jigsaw task at the training stages' pixel budget (PIX) and token cap (JIGSAW_MAX_COMPLETION_LENGTH);
+# every prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py).
+EVAL_DATA="jigsaw=$DATA/jigsaw"
+[ "$BUILD_TOY_BASE" = 1 ] && EVAL_DATA+=",toy_prior=$RUN/toy/prior"
+[ -n "$BENCH_DATA" ] && EVAL_DATA+=",$BENCH_DATA"
+EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --data "$EVAL_DATA" "${PIX[@]}")
 # name | model folder | jigsaw prompt style | training steps (for the report)
 MODELS=(
   "base|$MODEL|thinking"
@@ -279,7 +284,7 @@ MODELS=(
 stage_base() {
   [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
   fresh "$RUN/toy" "$RUN/base_pretrain" "$RUN/base"
-  $PY toy.py --out "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
+  $PY toy.py --output_dir "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
     --prior_test "$PRIOR_TEST"
   # Two SFT runs, like a real MLLM: perception first (direct questions), then instruction tuning (think format,
   # answer grids, jigsaw-format rows). From random init on the mix alone, the model learns the text and reads
@@ -288,35 +293,35 @@ stage_base() {
   base_sft "$RUN/base_pretrain/final" train "$RUN/base" "$BASE_STEPS" "$LR_BASE"
 }
 base_sft() {  # base_sft FROM SPLIT OUT STEPS LR: one sft.py run on a split of the toy prior-knowledge data
-  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --target_column completion \
+  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --completion_column completion \
     --output_dir "$3" --max_steps "$4" --lr "$5" --warmup_ratio 0.05 --min_lr_ratio 0.1 --save_steps "$4" \
     "${SFT_COMMON[@]}" --batch_size "$BASE_BATCH"
 }
 stage_data() {
-  $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --out "$DATA/jigsaw" \
+  $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --output_dir "$DATA/jigsaw" \
     --image_size "$JIGSAW_IMAGE_SIZE" --max_side "$JIGSAW_IMAGE_SIZE"
 }
 eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
-  $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --jigsaw_prompt "$3" "${EVAL_COMMON[@]}" \
-    --max_new_tokens "$JIGSAW_MAX_COMPLETION_LENGTH" --output "$RUN/eval/$1/results.json"
+  $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
+    --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1"
 }
 stage_eval_base() { eval_model base "$MODEL" thinking; }
 stage_sft_non_rea() {
   fresh "$RUN/sft_non_rea"
-  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --target_column target_non_rea \
+  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
     --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
 }
 stage_rft() {
   fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
-    --batch_size "$RFT_BATCH" --group_size "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
-    --max_new_tokens "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" \
+    --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
+    --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" \
     --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
-  if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --k "$3" --temperature "$TEMPERATURE" \
-      --max_new_tokens "$RFT_MAX_COMPLETION_LENGTH" --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
-      --out "$DATA/sources/$1"; then
+  if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$3" --temperature "$TEMPERATURE" \
+      --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --max_rows "$ROLLOUT_MAX_ROWS" --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
+      --output_dir "$DATA/sources/$1"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
@@ -330,18 +335,16 @@ sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the che
 stage_sources() {
   local src=$DATA/sources
   fresh "$src"
-  $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --out "$src/non_rea"
-  $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --out "$src/rea_external"
+  $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --output_dir "$src/non_rea"
+  $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --output_dir "$src/rea_external"
   sampled_source rea_grpo_rollout "$RUN/rft/final" "$ROLLOUT_K"
   # The early checkpoint's own reasoning with the right answer attached (the paper: accuracy < 5%).
-  sampled_source rea_self_generated "$RUN/rft/checkpoint-$RFT_EARLY_STEP/model" "$ROLLOUT_K"
-  $PY rollout_sft.py --perplexity --model "$MODEL" "${PIX[@]}" --out "$src/perplexity.json" \
-    --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated"
+  sampled_source rea_self_generated "$RUN/rft/checkpoint-$RFT_EARLY_STEP" "$ROLLOUT_K"
 }
 stage_sft_sources() {
   fresh "$RUN/sft_rea_external" "$RUN/sft_rea_grpo_rollout" "$RUN/sft_rea_self_generated"
   for s in rea_external rea_grpo_rollout rea_self_generated; do
-    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --target_column completion \
+    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --completion_column completion \
       --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
   done
 }
@@ -349,28 +352,37 @@ stage_eval() {
   for entry in "${MODELS[@]}"; do
     IFS='|' read -r name folder style <<< "$entry"
     eval_model "$name" "$folder" "$style"
+    # Forgetting is compared at equal skill: every model-only snapshot a training run saved (checkpoint-N/) is
+    # scored too, on the CURVE_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
+    # accuracies all methods reached (RL's Razor's frontier plot).
+    [ "$name" = base ] && continue
+    for ckpt in "$(dirname "$folder")"/checkpoint-*; do
+      [ -f "$ckpt/config.json" ] || continue
+      $PY eval.py --model "$ckpt" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$style" "${EVAL_COMMON[@]}" \
+        --limit "$CURVE_LIMIT" --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$name/$(basename "$ckpt")"
+    done
   done
 }
 stage_analyze() {
-  local src=$DATA/sources probes=$RUN/toy/prior probe_answer=reference
+  local src=$DATA/sources probes=(--probes "$RUN/toy/prior") probe_answer=reference
   if [ "$BUILD_TOY_BASE" != 1 ]; then
-    # Probes: a few questions of each prior-knowledge benchmark, answered by the base model itself (greedy),
-    # since references such as RefCOCO boxes are not in the model's own words.
-    probes=${PROBES:-$DATA/probes}; probe_answer=greedy
-    [ -d "$probes" ] || $PY eval.py --export_probes "$probes" --benchmarks "$BENCHMARKS" "${BENCH_FLAGS[@]}" \
-      --limit $(( (ANALYZE_N + 5) / 6 )) "${PIX[@]}"
+    # Probes: questions of each prior-knowledge benchmark (drawn from the seeded EVAL_LIMIT subset eval.py
+    # scores), answered by the base model itself (greedy), since references such as RefCOCO boxes are not in
+    # the model's own words. PROBES=folder overrides them with a probe set of your own.
+    if [ -n "${PROBES:-}" ]; then probes=(--probes "$PROBES"); else
+      probes=(--probes "benchmarks:$BENCHMARKS" --probe_limit "$EVAL_LIMIT"); fi
+    [ -n "$BENCH_DATA" ] && probes+=(--probe_data "$BENCH_DATA")
+    probe_answer=greedy
   fi
-  $PY analyze.py --model "$MODEL" --out_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
+  $PY analyze.py --model "$MODEL" --output_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" \
     --sources "non_rea=$src/non_rea,rea_external=$src/rea_external,rea_grpo_rollout=$src/rea_grpo_rollout,rea_self_generated=$src/rea_self_generated" \
-    --probes "$probes" \
-    --runs "sft_non_rea=$RUN/sft_non_rea,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
+    "${probes[@]}" \
+    --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" --kl_max_completion_length "$RFT_MAX_COMPLETION_LENGTH" \
+    --runs "sft_non_rea=$RUN/sft_non_rea:answer_only,rft=$RUN/rft,sft_rea_external=$RUN/sft_rea_external,sft_rea_grpo_rollout=$RUN/sft_rea_grpo_rollout,sft_rea_self_generated=$RUN/sft_rea_self_generated"
 }
-stage_report() {
-  local compare=()
-  for entry in "${MODELS[@]}"; do IFS='|' read -r name folder style <<< "$entry"; compare+=("$name=$RUN/eval/$name/results.json"); done
-  $PY eval.py --compare "${compare[@]}" --out_dir "$RUN/report"
-  $PY report.py --run "$RUN" --preset "$PRESET" --out "$RUN/report.md"
+stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself (tables, compare.png)
+  $PY report.py --run_dir "$RUN" --preset "$PRESET"
 }
 
 for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done

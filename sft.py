@@ -2,7 +2,7 @@
 
 The loss is the cross-entropy of the target tokens only (prompt and padding masked), i.e. maximum likelihood
 of the completion given the prompt. Every SFT variant of the paper is this script on a different data source:
-    SFT-Non-Rea             --data data/jigsaw --prompt_column prompt_no_think --target_column target_non_rea
+    SFT-Non-Rea             --data data/jigsaw --prompt_column prompt_no_think --completion_column target_non_rea
     SFT-Rea-4o / external   --data data/sources/rea_external          (built by rollout_sft.py)
     SFT-Rea-GRPO-Rollout    --data data/sources/rea_grpo_rollout      (built by rollout_sft.py)
     SFT-Rea-Self-Generated  --data data/sources/rea_self_generated    (built by rollout_sft.py)
@@ -11,21 +11,29 @@ The toy world's base model is also made with this script (on the toy prior-knowl
 Run commands:
     # one GPU (Qwen2.5-VL-3B, fp32 master weights + bf16 autocast, 8-bit AdamW)
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --prompt_column prompt_no_think \\
-        --target_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 400 --optimizer adamw8bit
+        --completion_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 400 --optimizer adamw8bit \\
+        --gradient_checkpointing --save_steps 100
     # several GPUs: the same script under accelerate (DDP, or FSDP/DeepSpeed via `accelerate config`)
     accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw ...
     # two CPU processes (a check of the distributed path without GPUs; `--cpu` would start only one)
-    accelerate launch --multi_gpu --num_processes 2 sft.py --model runs/toy/init --data runs/toy/prior ...
+    accelerate launch --multi_gpu --num_processes 2 sft.py --model runs/toy/toy/init --data runs/toy/toy/prior \\
+        --split pretrain --output_dir runs/sft_2proc --max_steps 4
     # memory plan before renting a GPU (no weights loaded)
     python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --optimizer adamw8bit
-    # tiny CPU run on the toy world, then resume it after an interruption
-    python sft.py --model runs/toy/init --data runs/toy/prior --output_dir runs/toy/base --max_steps 300
-    python sft.py --model runs/toy/init --data runs/toy/prior --output_dir runs/toy/base --max_steps 300 --resume
+    # tiny CPU run on the toy world (python toy.py --output_dir runs/toy/toy), then resume it after an interruption
+    python sft.py --model runs/toy/toy/init --data runs/toy/toy/prior --split pretrain --output_dir runs/sft_toy \\
+        --max_steps 300 --lr 1e-3 --save_steps 100
+    python sft.py --model runs/toy/toy/init --data runs/toy/toy/prior --split pretrain --output_dir runs/sft_toy \\
+        --max_steps 300 --lr 1e-3 --save_steps 100 --resume
+
+Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl, checkpoint-N/ (model-only
+snapshots every --save_steps, bf16 on a GPU), resume/ (the one resume state), final/ (save_pretrained).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,10 +71,11 @@ class Args:
     """split to train on when --data holds several"""
     prompt_column: str = "prompt"
     """column holding the user-turn text (images are put before it)"""
-    target_column: str = "completion"
-    """column holding the assistant-turn target (the only tokens in the loss)"""
-    max_completion_tokens: int = 1024
-    """targets longer than this are cut (prompts are never cut: image tokens must match the image)"""
+    completion_column: str = "completion"
+    """column holding the assistant-turn target (the only tokens in the loss; TRL's prompt-completion naming)"""
+    max_completion_length: int = 512
+    """targets longer than this are cut (Jigsaw-R1's 512-token completions; prompts are never cut: image tokens
+    must match the image)"""
     # --- optimisation ---
     max_steps: int = 0
     """optimizer steps; 0 = use --num_epochs"""
@@ -92,24 +101,45 @@ class Args:
     """seed of data order, dropout and init of anything new"""
     # --- logging / saving ---
     output_dir: str = "runs/sft"
-    """where checkpoints, metrics.jsonl and final/ go"""
+    """where run.json, metrics.jsonl, checkpoint-N/, resume/ and final/ go"""
     logging_steps: int = 1
     """write metrics.jsonl every N optimizer steps"""
     save_steps: int = 0
-    """checkpoint every N optimizer steps (0 = only at the end)"""
+    """every N optimizer steps: a model-only snapshot checkpoint-N/ and the resume state (0 = only at the end)"""
     save_total_limit: int = 0
-    """keep only the newest N checkpoints (0 = keep all: analyze.py tracks probes across them)"""
+    """keep only the newest N snapshots (0 = keep all: evaluation along training and analyze.py read them)"""
     resume: bool = False
-    """continue from the newest checkpoint in --output_dir (exact: weights, optimizer, schedule, RNG, data order)"""
+    """continue the run in --output_dir from its resume state (exact: weights, optimizer, schedule, RNG, data
+    order); refused when the recorded settings differ"""
+    overwrite: bool = False
+    """start again in an --output_dir that already holds a run (removes that run's checkpoints and metrics)"""
+    report_to: str = "none"
+    """experiment tracking besides metrics.jsonl: none | tensorboard | wandb (HF Trainer's flag; off by default)"""
     dry_run: bool = False
     """print the parameter counts and memory plan for these options and exit (no weights loaded)"""
-    dry_run_seq_len: int = 1024
-    """sequence length (image + text tokens) assumed by the --dry_run activation estimate"""
+    plan_prompt_length: int = 512
+    """prompt tokens (image + text) assumed by the --dry_run activation estimate (Jigsaw-R1: 512)"""
+
+
+# Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
+OPERATIONAL = ("logging_steps", "save_steps", "save_total_limit", "report_to", "dry_run", "plan_prompt_length")
+RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
+          "min_lr_ratio": "[0, 1]", "warmup_ratio": "[0, 1]", "weight_decay": ">= 0", "max_grad_norm": "> 0",
+          "max_completion_length": ">= 1", "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 0",
+          "min_pixels": ">= 0", "max_pixels": ">= 0", "plan_prompt_length": ">= 1"}
+
+
+def check_args(args: Args) -> None:
+    common.check_ranges(args, RANGES)
+    if args.optimizer not in common.OPTIMIZERS:
+        common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
+    if args.max_pixels and args.min_pixels > args.max_pixels:
+        common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
 
 
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    from accelerate import Accelerator
+    check_args(args)
 
     # ======================================================================================================
     # Config: precision. Pure bf16 weights lose most updates at lr 1e-5..1e-6 (bf16 keeps ~3 significant
@@ -122,40 +152,34 @@ def main(argv=None):
     if args.dry_run:
         model = common.meta_model(args.model)
         common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
-        activations = common.activation_estimate(model.config, args.batch_size, args.dry_run_seq_len,
-                                                 args.max_completion_tokens, args.gradient_checkpointing)
-        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=activations)
+        acts = common.activation_plan(model.config, args.batch_size, args.plan_prompt_length + args.max_completion_length,
+                                      args.max_completion_length, args.gradient_checkpointing)
+        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"])
         common.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
-                                       f"{args.optimizer}, batch {args.batch_size} x {args.dry_run_seq_len} tokens, "
-                                       f"gradient checkpointing {args.gradient_checkpointing}")
+                                       f"{args.optimizer}, batch {args.batch_size} x ({args.plan_prompt_length} + "
+                                       f"{args.max_completion_length}) tokens, gradient checkpointing "
+                                       f"{args.gradient_checkpointing}")
         return plan
 
     # ======================================================================================================
-    # Data: checked before any model is loaded
+    # Data: checked (columns, every image decoded) before any model is loaded
     # ======================================================================================================
-    dataset = common.load_rows(args.data, args.split, required=(args.prompt_column, args.target_column))
+    dataset = common.load_rows(args.data, args.split, required=(args.prompt_column, args.completion_column),
+                               verify_images=True)
     if len(dataset) == 0:
         common.fail(f"data {args.data} (split {args.split}) has no rows.")
     base_dir = Path(args.data).parent if Path(args.data).is_file() else None
     common.check_model_path(args.model)
 
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    common.seed_everything(args.seed)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = common.make_accelerator(mixed, args.report_to, output_dir)
+    resume_from = common.prepare_run(accelerator, output_dir, "sft.py", asdict(args), args.resume, args.overwrite,
+                                     OPERATIONAL)
+    common.seed_everything(args.seed + accelerator.process_index)
 
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
     rows_per_step = args.batch_size * args.grad_accum * world
-    micro_per_epoch = math.ceil(len(dataset) / (args.batch_size * world))
-    max_steps = args.max_steps or max(1, math.ceil(args.num_epochs * micro_per_epoch / args.grad_accum))
-
-    def micro_batch_indices(position: int) -> list[int]:
-        """Rows of global micro-batch `position` for this process. The order of each epoch is a permutation
-        seeded by (seed, epoch), so any position can be recomputed on resume without replaying the data."""
-        epoch, within = divmod(position, micro_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        start = within * args.batch_size * world + accelerator.process_index * args.batch_size
-        return [int(order[i % len(dataset)]) for i in range(start, start + args.batch_size)]
+    max_steps = args.max_steps or max(1, math.ceil(args.num_epochs * len(dataset) / rows_per_step))
 
     # ======================================================================================================
     # Model, optimizer, schedule
@@ -172,27 +196,33 @@ def main(argv=None):
     optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, round(args.warmup_ratio * max_steps), max_steps, args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # transformers checkpoints a layer only while the module is in training mode, and from_pretrained returns it
+    # in eval mode: without this --gradient_checkpointing would silently do nothing.
     model.train()
 
+    # Data position = global rows consumed; rank r of a micro-batch reads rows [position + r*B, position + (r+1)*B)
+    # of the one seeded order (common.data_indices), so any position is recomputed on resume without replay.
     step, position = 0, 0
-    metrics_path = output_dir / "metrics.jsonl"
-    if args.resume:
-        checkpoint = common.latest_checkpoint(output_dir)
-        if checkpoint is None:
-            accelerator.print(f"[sft] --resume: no checkpoint in {output_dir}; starting from step 0")
-        else:
-            state = common.load_checkpoint(accelerator, checkpoint)
-            step, position = state["step"], state["data_position"]
-            if accelerator.is_main_process:
-                common.truncate_metrics(metrics_path, step)
-            accelerator.print(f"[sft] resumed from {checkpoint} (step {step}, micro-batch {position})")
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-    logger = common.MetricsLogger(metrics_path, enabled=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        common.write_json_atomic(output_dir / "args.json", asdict(args))
+    if resume_from is not None:
+        state = common.load_resume_state(accelerator, resume_from)
+        step, position = state["step"], state["data_position"]
+        accelerator.print(f"[sft] resumed from {resume_from} (step {step}, data position {position})")
+    elif args.resume:
+        accelerator.print(f"[sft] --resume: no resume state in {output_dir}; starting from step 0")
+    if args.report_to != "none":
+        accelerator.init_trackers("sft", config={k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))})
+    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                  accelerator=accelerator)
     accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
                       f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)")
+
+    def save(at_step: int, snapshot: bool = True) -> None:
+        if snapshot:
+            common.save_snapshot(accelerator, model, processor, output_dir, at_step, common.snapshot_dtype(precision))
+        common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position})
+        if accelerator.is_main_process and args.save_total_limit:
+            for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
 
     # ======================================================================================================
     # Loop: grad_accum micro-batches per optimizer step; loss = mean over the step's completion tokens
@@ -202,11 +232,12 @@ def main(argv=None):
         started = time.time()
         micro_batches = []
         for _ in range(args.grad_accum):
-            rows = [dataset[i] for i in micro_batch_indices(position)]
-            position += 1
+            indices = common.data_indices(len(dataset), args.seed, position + rank * args.batch_size, args.batch_size)
+            position += args.batch_size * world
+            rows = [dataset[i] for i in indices]
             micro_batches.append(common.build_batch(
                 processor, [r[args.prompt_column] for r in rows], [common.row_images(r, base_dir) for r in rows],
-                completions=[r[args.target_column] for r in rows], max_completion_tokens=args.max_completion_tokens))
+                completions=[r[args.completion_column] for r in rows], max_completion_tokens=args.max_completion_length))
         # Normalise by the tokens of the whole step (not per micro-batch), so grad_accum=k equals one k-times
         # larger batch; summed across processes by the gradient all-reduce (which averages, hence * world).
         step_tokens = sum(int(b["completion_mask"].sum()) for b in micro_batches)
@@ -232,7 +263,7 @@ def main(argv=None):
         seconds = time.time() - started
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens": step_tokens_all, "tokens_per_s": step_tokens_all / seconds,
-                  "epoch": position / micro_per_epoch,
+                  "epoch": position / len(dataset),
                   "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None}
         if step % args.logging_steps == 0 or step == max_steps:
             logger.log(record)
@@ -242,20 +273,19 @@ def main(argv=None):
             common.fail(f"loss is {loss_value} at step {step}; lower --lr, or use --precision bf16_mixed/fp32. "
                         f"The last good checkpoint in {output_dir} is untouched.")
         if args.save_steps and step % args.save_steps == 0 and step < max_steps:
-            common.save_checkpoint(accelerator, output_dir, step, {"data_position": position}, model, processor)
-            common.prune_checkpoints(output_dir, args.save_total_limit)
+            save(step)
     progress.close()
 
     # ======================================================================================================
-    # Save: a final checkpoint (resumable) and final/ (save_pretrained: loads with from_pretrained)
+    # Save: the resume state of the last step (a rerun with --resume finds the run finished) and final/
+    # (save_pretrained in the snapshots' dtype; it is the last step's snapshot, so no checkpoint-N/ copy of it)
     # ======================================================================================================
-    if args.save_steps and not (output_dir / f"checkpoint-{step}").exists():
-        common.save_checkpoint(accelerator, output_dir, step, {"data_position": position}, model, processor)
-    common.export_model(accelerator, model, processor, output_dir / "final")
+    save(step, snapshot=False)
+    common.export_model(accelerator, model, processor, output_dir / "final", common.snapshot_dtype(precision))
     if accelerator.is_main_process:
-        common.write_json_atomic(output_dir / "final" / "train_summary.json",
-                                 {"steps": step, "rows_seen": position * args.batch_size * world,
-                                  "data": args.data, "target_column": args.target_column, "model": args.model})
+        common.write_json_atomic(output_dir / "final" / "trainer_state.json",
+                                 {"step": step, "rows_seen": position, "data": args.data,
+                                  "completion_column": args.completion_column, "model": args.model})
     accelerator.print(f"[sft] done: {step} steps; model in {output_dir / 'final'}")
     accelerator.end_training()
     return output_dir / "final"

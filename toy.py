@@ -11,7 +11,7 @@ Nothing here downloads anything. It makes:
 The toy *base* model is then made by sft.py itself, in two runs: the `pretrain` split (direct questions), then
 the `train` split (instruction tuning); see run_all.sh.
 
-    python toy.py --out runs/toy            # writes runs/toy/init (model+processor) and runs/toy/prior
+    python toy.py --output_dir runs/toy     # writes runs/toy/init (model+processor) and runs/toy/prior
 """
 from __future__ import annotations
 
@@ -322,7 +322,7 @@ def build_toy_model(out: str, size: str = "tiny", seed: int = 0) -> Path:
 
 @dataclass
 class Args:
-    out: str = "runs/toy"
+    output_dir: str = "runs/toy"
     """folder for init/ (the random tiny model + processor) and prior/ (the prior-knowledge data set)"""
     size: str = "small"
     """toy model size: tiny (tests) or small (the toy preset)"""
@@ -341,9 +341,9 @@ def main(argv=None):
     args = parse_args(Args, __doc__, argv)
     if args.size not in MODEL_SIZES:
         raise SystemExit(f"error: --size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
-    path = build_toy_model(f"{args.out}/init", args.size, args.seed)
-    build_prior_dataset(f"{args.out}/prior", args.prior_train, args.prior_test, args.seed, args.prior_pretrain)
-    print(f"[toy] wrote {path} (tiny Qwen2.5-VL, random init) and {args.out}/prior "
+    path = build_toy_model(f"{args.output_dir}/init", args.size, args.seed)
+    build_prior_dataset(f"{args.output_dir}/prior", args.prior_train, args.prior_test, args.seed, args.prior_pretrain)
+    print(f"[toy] wrote {path} (tiny Qwen2.5-VL, random init) and {args.output_dir}/prior "
           f"({args.prior_pretrain} pretrain / {args.prior_train} train / {args.prior_test} test questions)")
 
 

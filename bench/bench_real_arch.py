@@ -76,7 +76,7 @@ def main(argv=None):
     del model
     torch.cuda.empty_cache()
     build_s = time.time() - t0
-    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="3x3", train=64, test=8, out=str(out / "data"),
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="3x3", train=64, test=8, output_dir=str(out / "data"),
                                           image_size=args.image_size))
     results = {"config": args.config, "parameters": params, "build_s": build_s}
 
@@ -84,14 +84,14 @@ def main(argv=None):
     pix = ["--min_pixels", str(56 * 56), "--max_pixels", str(args.image_size ** 2)]
     root = Path(__file__).resolve().parents[1]
     plan = sft.main(["--model", name, "--dry_run", "--optimizer", args.optimizer, "--batch_size", str(args.batch_size),
-                     "--gradient_checkpointing", "--dry_run_seq_len", "512"])
+                     "--gradient_checkpointing", "--plan_prompt_length", "512"])
     runs = {
         # fp32 master weights + bf16 autocast, gradient checkpointing
-        "sft": ["sft.py", "--prompt_column", "prompt", "--target_column", "target_non_rea", "--max_steps",
+        "sft": ["sft.py", "--prompt_column", "prompt", "--completion_column", "target_non_rea", "--max_steps",
                 str(args.sft_steps), "--batch_size", str(args.batch_size), "--gradient_checkpointing", "--lr", "1e-5"],
         # B x G rollouts, bf16 reference model, k3 KL, rft.py's defaults otherwise
-        "rft": ["rft.py", "--max_steps", str(args.rft_steps), "--batch_size", str(args.batch_size), "--group_size",
-                str(args.group_size), "--max_new_tokens", str(args.max_new_tokens), "--eval_steps", "0",
+        "rft": ["rft.py", "--max_steps", str(args.rft_steps), "--batch_size", str(args.batch_size), "--num_generations",
+                str(args.group_size), "--max_completion_length", str(args.max_new_tokens), "--eval_steps", "0",
                 "--save_steps", "0"],
     }
     for stage, cmd in runs.items():

@@ -128,10 +128,11 @@ def run_rft(args: Args, model_path: str, data_path: str, workdir: Path) -> dict:
     """rft.main itself (the real script, in process); per-step times and tokens from its metrics.jsonl."""
     out = workdir / "rft"
     argv = ["--model", model_path, "--data", data_path, "--output_dir", str(out), "--max_steps", str(args.steps),
-            "--batch_size", str(args.batch_size), "--group_size", str(args.group_size),
-            "--micro_batch_size", str(args.micro_batch_size), "--max_new_tokens", str(args.max_new_tokens),
+            "--batch_size", str(args.batch_size), "--num_generations", str(args.group_size),
+            "--micro_batch_size", str(args.micro_batch_size), "--max_completion_length", str(args.max_new_tokens),
             "--beta", str(args.beta), "--loss_type", args.loss_type, "--lr", str(args.lr), "--optimizer", "adamw",
-            "--eval_steps", "0", "--save_steps", str(10 ** 9), "--save_total_limit", "1"]
+            "--eval_steps", "0", "--save_steps", "0", "--overwrite", "--log_completions", "0",
+            "--gradient_checkpointing"]  # TRL runs with gradient_checkpointing=True too (below): like for like
     with PeakMemory() as mem:
         rft.main(argv)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -219,7 +220,7 @@ def main(argv=None):
         model_path = str(toy.build_toy_model(str(workdir / "toy"), size="tiny", seed=0))
     if not data_path:
         data_path = str(workdir / "jigsaw")
-        jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=32, test=4, out=data_path,
+        jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=32, test=4, output_dir=data_path,
                                               image_size=56))
     if torch.cuda.is_available():
         # cuBLAS keeps a workspace per handle (forward thread, autograd's backward thread) allocated through the

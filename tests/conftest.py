@@ -42,7 +42,7 @@ def jigsaw_data(tmp_path_factory) -> Path:
     """A 2x2 procedural jigsaw data set (train 16 / test 8) saved with save_to_disk."""
     import jigsaw
     out = tmp_path_factory.mktemp("data") / "jigsaw"
-    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=16, test=8, out=str(out),
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=16, test=8, output_dir=str(out),
                                           image_size=56))
     return out
 

@@ -9,6 +9,7 @@ import torch
 
 import analyze
 import common
+from conftest import perturbed_copy
 
 LM_PARAMS = "model.language_model.*,lm_head.*"
 
@@ -224,16 +225,16 @@ def write_reasoning_jsonl(jigsaw_data, folder):
 
 
 def make_run(toy_model_dir, folder):
-    """checkpoint-2/model = the base weights; final = perturbed weights; final step from metrics.jsonl."""
+    """The training-run layout (common.py): checkpoint-2/ = the base weights; final/ = perturbed weights at step 3."""
     model, _ = common.load_model_and_processor(str(toy_model_dir))
-    (folder / "checkpoint-2").mkdir(parents=True)
-    model.save_pretrained(folder / "checkpoint-2" / "model")
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder / "checkpoint-2")
     (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"step": 2}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(folder / "final")
-    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 3}) + "\n")
+    (folder / "final" / "trainer_state.json").write_text(json.dumps({"step": 3}))
     return folder
 
 
@@ -244,14 +245,16 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
     results = analyze.main([
         "--model", str(toy_model_dir), "--sources",
         f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea,rea_self_generated={rea}",
-        "--probes", str(prior_data), "--probe_answer", "greedy", "--probe_max_new_tokens", "6",
-        "--runs", f"sft_non_rea={run}", "--out_dir", str(out), "--n_train", "3", "--n_probe", "3",
+        "--probes", str(prior_data), "--probe_answer", "greedy", "--max_completion_length", "6",
+        "--runs", f"sft_non_rea={run}", "--output_dir", str(out), "--n_train", "3", "--n_probe", "3",
         "--exact_pairs", "2", "--proj_dim", "8", "--eta", "1e-3"])
     saved = json.loads((out / "dynamics.json").read_text())
     assert saved["gradients"]["mode"] == "projected" and saved["gradients"]["dims"] == 14 * 64
     for name in ("non_rea", "rea_self_generated"):
         stats = saved["sources"][name]
         assert stats["n"] == 3 and stats["perplexity"] > 1
+        # every row of the source (16 puzzles, 4 JSONL rows), not only the 3 drawn
+        assert stats["perplexity_rows"] == {"non_rea": 16, "rea_self_generated": 4}[name]
         assert len(stats["cosines"]) == 9 and all(-1 <= c <= 1 for c in stats["cosines"])
         assert len(stats["exact_pairs"]) == 4 and stats["lbk"]["mean"] > 0
         assert all(len(p["delta_per_token"]) == saved["samples"]["probes"][p["probe"]]["tokens"]
@@ -271,7 +274,7 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
 def test_bad_column_fails_before_loading_the_model(jigsaw_data, prior_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         analyze.main(["--model", str(tmp_path / "no_model_here"), "--sources", f"non_rea={jigsaw_data}:prompt:nope",
-                      "--probes", str(prior_data), "--out_dir", str(tmp_path / "o")])
+                      "--probes", str(prior_data), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "nope" in err and str(jigsaw_data) in err
 
@@ -281,5 +284,52 @@ def test_full_gradients_of_3b_refused_before_loading(jigsaw_data, prior_data, tm
     with pytest.raises(SystemExit):
         analyze.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--sources",
                       f"non_rea={jigsaw_data}:prompt_no_think:target_non_rea", "--probes", str(prior_data),
-                      "--out_dir", str(tmp_path / "o")])
+                      "--output_dir", str(tmp_path / "o")])
     assert "--proj_dim 8" in capsys.readouterr().err
+
+
+def test_task_kl_equals_the_enumerated_kl(toy_model_dir, jigsaw_data):
+    """RL's Razor's KL(tuned || base) on the new task: for one-token completions the estimate is exact (the full
+    vocabulary at the only position); for two tokens it matches the KL enumerated over every first token."""
+    model, processor = common.load_model_and_processor(str(toy_model_dir))
+    model.eval()
+    tuned = perturbed_copy(model)
+    rows = [common.load_rows(str(jigsaw_data), "test")[i] for i in range(2)]
+    prompts, images = [r["prompt"] for r in rows], [common.row_images(r) for r in rows]
+
+    def first_position(m, prompt_batch, completion_ids):
+        batch = common.append_completions(prompt_batch, completion_ids, processor.tokenizer.pad_token_id)
+        return torch.log_softmax(common.completion_logits(m, batch).double(), -1)  # [N, T, V]
+
+    torch.manual_seed(0)
+    estimate = analyze.task_kl(tuned, model, processor, prompts, images, num_samples=3, max_completion_length=1)
+    exact = []
+    with torch.no_grad():
+        for p, im in zip(prompts, images):
+            prompt_batch = common.build_batch(processor, [p], [im])
+            lt, lb = first_position(tuned, prompt_batch, [[0]])[0, 0], first_position(model, prompt_batch, [[0]])[0, 0]
+            exact.append(float((lt.exp() * (lt - lb)).sum()))
+    assert estimate["samples"] == 6 and estimate["kl"] == pytest.approx(sum(exact) / 2, rel=1e-4)
+
+    # two tokens, one puzzle: enumerate every first token y1 (eos ends the sequence there)
+    eos = processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        prompt_batch = common.build_batch(processor, prompts[:1], images[:1])
+        vocab = tuned.config.text_config.vocab_size
+        lt1 = first_position(tuned, prompt_batch, [[0]])[0, 0]
+        lb1 = first_position(model, prompt_batch, [[0]])[0, 0]
+        second = torch.zeros(vocab, dtype=torch.float64)
+        # vision tokens are never sampled (common.generate suppresses them) and cannot follow a prompt
+        never = {getattr(tuned.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+        for start in range(0, vocab, 256):
+            ids = [[v if v not in never else 0, 0] for v in range(start, min(vocab, start + 256))]
+            many = common.select_rows(prompt_batch, [0] * len(ids))
+            lt2, lb2 = first_position(tuned, many, ids)[:, 1], first_position(model, many, ids)[:, 1]
+            second[start:start + len(ids)] = (lt2.exp() * (lt2 - lb2)).sum(-1)
+        second[eos] = 0.0
+        second[list(never)] = 0.0
+        exact2 = float((lt1.exp() * ((lt1 - lb1) + second)).sum())
+    torch.manual_seed(1)
+    sampled = analyze.task_kl(tuned, model, processor, prompts[:1], images[:1], num_samples=300,
+                              max_completion_length=2, batch_size=1)
+    assert sampled["kl"] == pytest.approx(exact2, rel=0.1), (sampled, exact2)

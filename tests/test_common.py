@@ -400,9 +400,10 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     train_step()
     train_step()
     out = tmp_path / "run"
-    assert common.latest_checkpoint(out) is None
-    path = common.save_checkpoint(accelerator, out, 2, {"data_position": 7, "best": 0.5}, model, processor)
-    assert path == out / "checkpoint-2" and common.latest_checkpoint(out) == path
+    assert common.resume_state(out) is None
+    snapshot = common.save_snapshot(accelerator, model, processor, out, 2, torch.float32)
+    state_dir = common.save_resume_state(accelerator, out, 2, {"data_position": 7, "best": 0.5})
+    assert snapshot == out / "checkpoint-2" and state_dir == out / "resume" and common.resume_state(out) == state_dir
     saved_weights = weights()
     saved_moments = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     saved_lr = optimizer.param_groups[0]["lr"]
@@ -410,8 +411,9 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     after_step_3 = weights()
     assert any(not torch.equal(after_step_3[k], saved_weights[k]) for k in saved_weights)
 
-    state = common.load_checkpoint(accelerator, common.latest_checkpoint(out))
-    assert state == {"step": 2, "data_position": 7, "best": 0.5}
+    state = common.load_resume_state(accelerator, common.resume_state(out))
+    assert {k: v for k, v in state.items() if k != "environment"} == {"step": 2, "data_position": 7, "best": 0.5}
+    assert state["environment"]["packages"]["torch"]  # what ran is recorded with the state
     restored = weights()
     for key in saved_weights:
         assert torch.equal(restored[key], saved_weights[key]), key
@@ -423,28 +425,32 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     for key, value in weights().items():
         torch.testing.assert_close(value, after_step_3[key], rtol=0, atol=1e-7)
 
-    # the save_pretrained copy loads like any checkpoint and holds the step-2 weights
-    exported = common.load_model(str(path / "model"))
+    # the snapshot is a model-only save_pretrained folder holding the step-2 weights
+    exported = common.load_model(str(snapshot))
     for key, value in exported.state_dict().items():
         assert torch.equal(value, saved_weights[key]), key
-    assert (path / "model" / "tokenizer_config.json").exists() or (path / "model" / "tokenizer.json").exists()
+    assert (snapshot / "tokenizer_config.json").exists() or (snapshot / "tokenizer.json").exists()
+    assert not any(snapshot.glob("optimizer*")) and not any(snapshot.glob("random_states*"))
+    bf16 = common.save_snapshot(accelerator, model, processor, out, 3, torch.bfloat16)
+    from safetensors.torch import load_file
+    stored = load_file(str(bf16 / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}  # 2 bytes per parameter on disk
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert [(s, label) for s, label, _ in common.list_checkpoints(out)] == [(2, "checkpoint-2"), (3, "checkpoint-3")]
 
-    # crash while saving step 4: a half-written temp folder and pointer are left behind
-    crashed = out / ".checkpoint-4.tmp"
+    # crash while saving step 4: a half-written temp state is left behind; the step-2 state is still the one
+    crashed = out / ".resume.tmp"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"\x00" * 10)
-    (out / "latest.tmp").write_text("checkpoint-4")
-    assert common.latest_checkpoint(out) == path
-    assert common.load_checkpoint(accelerator, common.latest_checkpoint(out))["step"] == 2
-    # the next save at the same step replaces the debris and moves `latest`
-    path4 = common.save_checkpoint(accelerator, out, 4, {"data_position": 9})
-    assert common.latest_checkpoint(out) == path4 and not crashed.exists()
-    assert not (path4 / "model").exists()  # no model/processor given: no HF copy
-    common.prune_checkpoints(out, keep=1)
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
-    # a pointer to a checkpoint without trainer_state.json (deleted by hand) means "no checkpoint"
-    (path4 / "trainer_state.json").unlink()
-    assert common.latest_checkpoint(out) is None
+    assert common.resume_state(out) == state_dir
+    # crash between the two renames: only .resume.old is complete, and it is found
+    (out / "resume").rename(out / ".resume.old")
+    assert common.resume_state(out) == out / ".resume.old"
+    assert common.load_resume_state(accelerator, common.resume_state(out))["step"] == 2
+    # the next save replaces the debris
+    common.save_resume_state(accelerator, out, 4, {"data_position": 9})
+    assert common.resume_state(out) == out / "resume" and not crashed.exists() and not (out / ".resume.old").exists()
+    assert json.loads((out / "resume" / "trainer_state.json").read_text())["step"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import common
 import jigsaw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,7 +310,7 @@ def image_hash(image) -> str:
 
 
 def test_procedural_build_deterministic_and_splits_disjoint():
-    args = jigsaw.BuildArgs(source="procedural", grid="2x3", train=10, test=5, out="unused", seed=7, image_size=48)
+    args = jigsaw.BuildArgs(source="procedural", grid="2x3", train=10, test=5, output_dir="unused", seed=7, image_size=48)
     first, second = jigsaw.build_rows(args), jigsaw.build_rows(args)
     assert [len(first["train"]), len(first["test"])] == [10, 5]
     for split in ("train", "test"):
@@ -419,7 +420,7 @@ def test_cli_help_lists_options():
     result = subprocess.run([sys.executable, "jigsaw.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    for option in ("--source", "--grid", "--train", "--test", "--out", "--strict_images"):
+    for option in ("--source", "--grid", "--train", "--test", "--output_dir", "--strict_images"):
         assert option in result.stdout
     flat = " ".join(result.stdout.split())
     assert "ROWSxCOLS of the puzzle (the paper: 3x3)" in flat  # field docstrings are the help
@@ -429,12 +430,30 @@ def test_cli_help_lists_options():
 def test_cli_main_builds_a_dataset(tmp_path):
     from datasets import load_from_disk
     out = tmp_path / "jig"
-    jigsaw.main(["--source", "procedural", "--grid", "3x2", "--train", "3", "--test", "2", "--out", str(out),
+    jigsaw.main(["--source", "procedural", "--grid", "3x2", "--train", "3", "--test", "2", "--output_dir", str(out),
                  "--image_size", "48", "--convention", "index_to_position", "--tiles"])
     dataset = load_from_disk(str(out))
     row = dataset["train"][0]
     assert (row["rows"], row["cols"], row["convention"], len(row["images"])) == (3, 2, "index_to_position", 6)
     assert not (tmp_path / "jig.tmp").exists()
     with pytest.raises(SystemExit):  # a clear message, no traceback
-        jigsaw.main(["--grid", "3x", "--out", str(tmp_path / "bad")])
+        jigsaw.main(["--grid", "3x", "--output_dir", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_output_dir_it_did_not_make_is_never_deleted(tmp_path, capsys):
+    """--output_dir over a run folder (checkpoints inside) stops with a message and deletes nothing; a data set
+    jigsaw.py made itself is rebuilt in place; --overwrite replaces anything, for the user who means it."""
+    run = tmp_path / "run"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
+    argv = ["--source", "procedural", "--grid", "2x2", "--train", "2", "--test", "1", "--image_size", "56"]
+    with pytest.raises(SystemExit) as err:
+        jigsaw.main(argv + ["--output_dir", str(run)])
+    assert err.value.code == 2 and "was not made by this kit" in capsys.readouterr().err
+    assert (run / "checkpoint-5" / "model.safetensors").read_bytes() == b"weights"
+    jigsaw.main(argv + ["--output_dir", str(tmp_path / "data")])
+    jigsaw.main(argv + ["--output_dir", str(tmp_path / "data"), "--train", "3"])  # its own: rebuilt
+    assert len(common.load_rows(str(tmp_path / "data"), "train")) == 3
+    jigsaw.main(argv + ["--output_dir", str(run), "--overwrite"])
+    assert not (run / "checkpoint-5").exists() and len(common.load_rows(str(run), "test")) == 1

@@ -42,7 +42,7 @@ def _settings(**override):
                 "BATCH_SIZE": "4", "SFT_STEPS": "200", "SAVE_STEPS": "50", "RFT_STEPS": "500", "RFT_BATCH": "4",
                 "GROUP_SIZE": "8", "RFT_SAVE_STEPS": "100", "RFT_MAX_COMPLETION_LENGTH": "512",
                 "JIGSAW_MAX_COMPLETION_LENGTH": "512", "ROLLOUT_K": "4", "ROLLOUT_LIMIT": "1100",
-                "ROLLOUT_BATCH_SIZE": "64", "EVAL_BATCH_SIZE": "32", "EVAL_LIMIT": "500", "CHECKPOINT_EVAL_LIMIT": "100",
+                "ROLLOUT_BATCH_SIZE": "64", "EVAL_BATCH_SIZE": "32", "EVAL_LIMIT": "500", "CURVE_LIMIT": "100",
                 "BENCHMARKS": "refcoco,docvqa,mme,mmstar,pope,mmmu", "ANALYZE_N": "32", "KEEP_RESUME_STATE": "0"}
     settings.update(override)
     return settings

@@ -12,7 +12,7 @@ import jigsaw
 import rft
 from conftest import perturbed_copy
 
-TINY = ["--batch_size", "2", "--group_size", "4", "--max_new_tokens", "8", "--micro_batch_size", "4",
+TINY = ["--batch_size", "2", "--num_generations", "4", "--max_completion_length", "8", "--micro_batch_size", "4",
         "--optimizer", "adamw", "--eval_size", "4", "--eval_batch_size", "4"]
 
 
@@ -34,8 +34,8 @@ def test_group_advantages_worked_example():
 def test_masked_mean_and_k3_by_hand():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert rft.masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3)
-    assert torch.allclose(rft.masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
+    assert common.masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3)
+    assert torch.allclose(common.masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
     logprobs = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.0, -2.0 + math.log(2.0)]])  # equal, then the reference twice as likely
     kl = rft.k3_kl(logprobs, ref)
@@ -92,10 +92,12 @@ def test_clipped_tokens_get_no_gradient():
     assert grad[1, 2].item() == 0.0  # padding
 
 
-def test_draw_indices_is_a_function_of_position():
-    first = rft.draw_indices(5, 0, 12, seed=3)
+def test_data_order_is_a_function_of_position():
+    first = common.data_indices(5, seed=3, start=0, count=12)
     assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))
-    assert rft.draw_indices(5, 7, 5, seed=3) == first[7:12]
+    assert common.data_indices(5, seed=3, start=7, count=5) == first[7:12]
+    # two ranks of batch 2 at one step read the rows one process of batch 4 reads
+    assert common.data_indices(5, 3, 4, 2) + common.data_indices(5, 3, 6, 2) == common.data_indices(5, 3, 4, 4)
 
 
 def test_score_never_crashes_on_bad_completions():
@@ -184,7 +186,7 @@ def test_kl_zero_at_step0_and_clipping_with_two_iterations(tiny):
     model, processor, rows = tiny
     model = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    args = rft.Args(batch_size=2, group_size=3, max_new_tokens=8, micro_batch_size=4, num_iterations=2,
+    args = rft.Args(batch_size=2, num_generations=3, max_completion_length=8, micro_batch_size=4, num_iterations=2,
                     beta=0.04, lr=3e-2, optimizer="adamw", loss_type="dapo", epsilon=0.1)
     torch.manual_seed(1)
     batch = rft.rollout(model, processor, rows, args)
@@ -222,41 +224,52 @@ def digit_reward(completion, answer, thinking=True, w_hit=1.0, w_acc=1.0, w_fmt=
 
 def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     monkeypatch.setattr(jigsaw, "jigsaw_reward", digit_reward)
+    kept = tmp_path / "state15"
+    original = common.save_resume_state
+
+    def keep_step_15(accelerator, output_dir, at_step, extra):  # the run keeps only its latest resume state
+        path = original(accelerator, output_dir, at_step, extra)
+        if at_step == 15:
+            shutil.copytree(path, kept)
+        return path
+    monkeypatch.setattr(common, "save_resume_state", keep_step_15)
     out = tmp_path / "full"
     common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--lr", "3e-2", "--beta", "0.04",
-                   "--eval_steps", "100", "--save_total_limit", "0", "--no-gradient_checkpointing"] + TINY + ["--max_new_tokens", "6"]
-    rft.main(common_args + ["--output_dir", str(out), "--max_steps", "30", "--save_steps", "15"])
+                   "--eval_steps", "100", "--no-gradient_checkpointing", "--output_dir", str(out),
+                   "--max_steps", "30", "--save_steps", "15"] + TINY + ["--max_completion_length", "6"]
+    rft.main(common_args)
     metrics = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
     assert [m["step"] for m in metrics] == list(range(1, 31))
     assert metrics[0]["kl"] == 0.0  # the reference is the starting policy
     early = sum(m["reward"] for m in metrics[:4]) / 4
     late = sum(m["reward"] for m in metrics[-4:]) / 4
     assert late > early + 0.2, (early, late)
-    assert (out / "final" / "config.json").exists() and (out / "checkpoint-15" / "model" / "config.json").exists()
-    common.load_model(str(out / "checkpoint-15" / "model"))  # the HF copy loads like any checkpoint
+    assert (out / "final" / "config.json").exists() and (out / "checkpoint-15" / "config.json").exists()
+    assert not any((out / "checkpoint-15").glob("optimizer*"))  # snapshots are model-only
+    common.load_model(str(out / "checkpoint-15"))  # and load like any checkpoint
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert logged[0]["step"] == 1 and len(logged[0]["completions"]) == 4 and "advantage" in logged[0]["completions"][0]
 
-    # Resume from step 15 in a fresh folder: weights after step 30 must equal the uninterrupted run's.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-15", resumed / "checkpoint-15")
-    (resumed / "latest").write_text("checkpoint-15")
-    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
-    rft.main(common_args + ["--output_dir", str(resumed), "--max_steps", "30", "--save_steps", "15", "--resume"])
+    # Interrupted right after step 15's save: resume; the weights after step 30 equal the uninterrupted run's.
     from safetensors.torch import load_file
     full_weights = load_file(str(out / "final" / "model.safetensors"))
-    resumed_weights = load_file(str(resumed / "final" / "model.safetensors"))
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / common.RESUME_DIR)
+    shutil.copytree(kept, out / common.RESUME_DIR)
+    rft.main(common_args + ["--resume"])
+    resumed_weights = load_file(str(out / "final" / "model.safetensors"))
     assert full_weights.keys() == resumed_weights.keys()
     for key in full_weights:
         assert torch.equal(full_weights[key], resumed_weights[key]), key
-    rewards = [m["reward"] for m in read_metrics(resumed / "metrics.jsonl") if "reward" in m]
+    rewards = [m["reward"] for m in read_metrics(out / "metrics.jsonl") if "reward" in m]
     assert rewards == [m["reward"] for m in metrics]
 
 
-def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+def test_nonfinite_losses_stop_the_run_and_keep_good_checkpoints(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",
-            "--max_steps", "10", "--save_steps", "1", "--eval_steps", "0", "--max_new_tokens", "4",
-            "--max_nonfinite", "2"] + TINY[:2] + ["--group_size", "2", "--optimizer", "adamw", "--micro_batch_size", "4"]
+            "--max_steps", "10", "--save_steps", "1", "--eval_steps", "0", "--max_completion_length", "4",
+            "--max_nonfinite", "2"] + TINY[:2] + ["--num_generations", "2", "--optimizer", "adamw", "--micro_batch_size", "4"]
     real_loss = rft.grpo_loss
     calls = {"n": 0}
 
@@ -270,12 +283,83 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(toy_model_dir, ji
         rft.main(args)
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["skipped_updates"] for m in metrics] == [0, 1, 1]
-    assert common.latest_checkpoint(out).name == "checkpoint-1"  # the last good one; the bad steps saved nothing
-    good = common.load_model(str(out / "checkpoint-1" / "model"))
+    # Step 2's update was skipped, so its snapshot holds step 1's weights: the checkpoint exists (later stages
+    # rely on checkpoint-N at every --save_steps) and is good.
+    from safetensors.torch import load_file
+    one, two = (load_file(str(out / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert json.loads((common.resume_state(out) / "trainer_state.json").read_text())["step"] == 2
+    good = common.load_model(str(out / "checkpoint-2"))
     assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_training_forward_checkpoints_its_layers(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+    """--gradient_checkpointing must act: count the checkpointed layer calls of one training step (transformers
+    checkpoints a layer only in training mode; from_pretrained returns eval mode, and generate switches to it)."""
+    import transformers.modeling_utils as modeling_utils
+    calls = {"n": 0}
+    real = modeling_utils.checkpoint
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--beta", "0", "--max_steps", "1",
+            "--eval_steps", "0", "--optimizer", "adamw", "--output_dir", str(tmp_path / "gc")] + TINY
+    rft.main(args + ["--gradient_checkpointing"])
+    layers = common.load_model(str(toy_model_dir)).config.text_config.num_hidden_layers
+    micro_batches = 2 * 4 // 4  # B * G sequences in micro-batches of 4
+    assert calls["n"] >= layers * micro_batches, calls
+    calls["n"] = 0
+    rft.main(args[:-2] + ["--output_dir", str(tmp_path / "nogc"), "--no-gradient_checkpointing"])
+    assert calls["n"] == 0
+
+
+BAD_FLAGS = [("--max_steps", "-1"), ("--batch_size", "0"), ("--num_generations", "1"), ("--lr", "-1e-3"),
+             ("--beta", "-0.1"), ("--epsilon", "-0.2"), ("--max_grad_norm", "-1"), ("--max_completion_length", "0"),
+             ("--micro_batch_size", "0"), ("--num_iterations", "0"), ("--temperature", "0"), ("--top_p", "1.5"),
+             ("--save_steps", "-5"), ("--eval_steps", "-1"), ("--min_lr_ratio", "2"), ("--warmup_steps", "-1"),
+             ("--prompt_style", "nope"), ("--loss_type", "ppo")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_FLAGS)
+def test_bad_numbers_stop_before_any_model_loads(flag, value, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as err:
+        rft.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"),
+                  flag, value])
+    assert err.value.code == 2 and flag.lstrip("-") in capsys.readouterr().err
 
 
 def test_dry_run_prints_plan_without_weights(capsys):
     rft.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--dry_run", "--optimizer", "adamw8bit"])
     out = capsys.readouterr().out
     assert "GRPO memory plan" in out and "3,754,622,976" in out and "generation KV cache" in out
+
+
+def test_two_processes_sample_different_puzzles_and_share_one_loss(toy_model_dir, jigsaw_data, tmp_path):
+    """Under accelerate launch each rank draws its own puzzles with its own sampling seed, and dapo divides by the
+    token count gathered over ranks: the logged loss of the step is the loss of one process on the union."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "rft.py"), "--model", str(toy_model_dir),
+         "--data", str(jigsaw_data), "--output_dir", str(out), "--max_steps", "1", "--beta", "0", "--loss_type", "dapo",
+         "--eval_steps", "0", "--log_completions", "2", "--no-gradient_checkpointing"] + TINY,
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (out / name).read_text().splitlines()]
+             for name in ("completions.jsonl", "completions.rank1.jsonl")]
+    ids = [{group["puzzle_id"] for group in rank} for rank in ranks]
+    assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]  # four different puzzles, not two twice
+    samples = [c for rank in ranks for group in rank for c in group["completions"]]
+    # mu = 1: ratio exactly 1, so each token's loss is -A of its sequence; over the union of both ranks
+    union = -sum(c["advantage"] * c["tokens"] for c in samples) / sum(c["tokens"] for c in samples)
+    logged = read_metrics(out / "metrics.jsonl")[0]["loss"]
+    assert logged == pytest.approx(union, rel=1e-5, abs=1e-7)

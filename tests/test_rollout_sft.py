@@ -10,7 +10,7 @@ import common
 import jigsaw
 import rollout_sft
 
-FAST = ["--k", "2", "--max_new_tokens", "8", "--batch_size", "4", "--limit", "4"]
+FAST = ["--num_generations", "2", "--max_completion_length", "8", "--batch_size", "4", "--limit", "4"]
 
 
 def stub_reward(correct_texts):
@@ -77,7 +77,7 @@ def test_self_generated_keeps_reasoning_with_ground_truth_answer():
 
 
 def test_token_weighted_nll_by_hand():
-    mean_nll, ppl = rollout_sft.token_weighted_nll([-2.0, -18.0], [2, 6])
+    mean_nll, ppl = common.token_weighted_nll([-2.0, -18.0], [2, 6])
     assert mean_nll == pytest.approx(2.5) and ppl == pytest.approx(math.exp(2.5))
     # not the mean of per-row means (1.0 and 3.0 -> 2.0)
     assert mean_nll != pytest.approx(2.0)
@@ -116,10 +116,13 @@ def test_perplexity_matches_hand_computation(model_and_processor, jigsaw_data):
             total_logprob += float(picked.sum())
             total_tokens += len(targets)
     expected_nll = -total_logprob / total_tokens
-    result = rollout_sft.source_perplexity(model, processor, rows, batch_size=2)  # padded together
-    assert result["tokens"] == total_tokens
-    assert result["mean_nll"] == pytest.approx(expected_nll, rel=1e-4)
-    assert result["perplexity"] == pytest.approx(math.exp(expected_nll), rel=1e-4)
+    scores = common.sequence_logprobs(model, processor, [r["prompt"] for r in rows],
+                                      [common.row_images(r) for r in rows], [r["completion"] for r in rows],
+                                      batch_size=2)  # padded together
+    mean_nll, perplexity = common.token_weighted_nll([s for s, _ in scores], [c for _, c in scores])
+    assert sum(c for _, c in scores) == total_tokens
+    assert mean_nll == pytest.approx(expected_nll, rel=1e-4)
+    assert perplexity == pytest.approx(math.exp(expected_nll), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,9 +130,9 @@ def test_perplexity_matches_hand_computation(model_and_processor, jigsaw_data):
 # ---------------------------------------------------------------------------------------------------------
 def test_interrupted_generation_resumes_to_identical_rows(toy_model_dir, jigsaw_data, tmp_path):
     argv = ["--source", "rea_grpo_rollout", "--data", str(jigsaw_data), "--model", str(toy_model_dir),
-            "--k", "2", "--max_new_tokens", "8", "--batch_size", "4", "--limit", "4", "--max_per_puzzle", "2"]
+            "--num_generations", "2", "--max_completion_length", "8", "--batch_size", "4", "--limit", "4", "--max_per_puzzle", "2"]
     reference = tmp_path / "reference"
-    rollout_sft.main(argv + ["--out", str(reference)], reward_fn=accept_all)
+    rollout_sft.main(argv + ["--output_dir", str(reference)], reward_fn=accept_all)
 
     calls = {"n": 0}
 
@@ -141,7 +144,7 @@ def test_interrupted_generation_resumes_to_identical_rows(toy_model_dir, jigsaw_
 
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rollout_sft.main(argv + ["--out", str(resumed)], reward_fn=accept_all, sample_fn=crashing_sampler)
+        rollout_sft.main(argv + ["--output_dir", str(resumed)], reward_fn=accept_all, sample_fn=crashing_sampler)
     shard, _ = rollout_sft.shard_paths(str(resumed))
     assert len(shard.read_text().splitlines()) == 2  # chunk 1 (2 puzzles) survived the crash
     assert not resumed.exists()                      # no half data set for sft.py
@@ -154,7 +157,7 @@ def test_interrupted_generation_resumes_to_identical_rows(toy_model_dir, jigsaw_
         seen.append([r["id"] for r in rows])
         return rollout_sft.sample_completions(model, processor, rows, args)
 
-    rollout_sft.main(argv + ["--out", str(resumed)], reward_fn=accept_all, sample_fn=recording_sampler)
+    rollout_sft.main(argv + ["--output_dir", str(resumed)], reward_fn=accept_all, sample_fn=recording_sampler)
     assert seen == [["train-000002", "train-000003"]]  # the done chunk is skipped, the torn one redone
     a, b = load_split(reference), load_split(resumed)
     assert a["id"] == b["id"] and a["completion"] == b["completion"]
@@ -163,11 +166,11 @@ def test_interrupted_generation_resumes_to_identical_rows(toy_model_dir, jigsaw_
 
     # a resume with a different sampler is refused instead of mixing two distributions
     with pytest.raises(SystemExit):
-        rollout_sft.main([x if x != "8" else "9" for x in argv] + ["--out", str(resumed)], reward_fn=accept_all)
+        rollout_sft.main([x if x != "8" else "9" for x in argv] + ["--output_dir", str(resumed)], reward_fn=accept_all)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The four sources through the CLI entry, then their perplexity table
+# The four sources through the CLI entry
 # ---------------------------------------------------------------------------------------------------------
 def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys):
     data, model = str(jigsaw_data), str(toy_model_dir)
@@ -175,21 +178,21 @@ def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys
     answers = dict(zip(train["id"], train["answer"]))
 
     # non_rea: prompt without thinking, ground-truth answer only
-    rollout_sft.main(["--source", "non_rea", "--data", data, "--out", str(tmp_path / "non_rea")])
+    rollout_sft.main(["--source", "non_rea", "--data", data, "--output_dir", str(tmp_path / "non_rea")])
     non_rea = load_split(tmp_path / "non_rea")
     assert len(non_rea) == 16 and non_rea["prompt"][0] == train["prompt_no_think"][0]
     assert non_rea["completion"] == train["target_non_rea"]
     assert list(non_rea.column_names) == list(rollout_sft.OUT_COLUMNS)
 
     # rea_external, programmatic stand-in and a traces file (one id unknown, one puzzle without a trace)
-    rollout_sft.main(["--source", "rea_external", "--data", data, "--out", str(tmp_path / "rea_external")])
+    rollout_sft.main(["--source", "rea_external", "--data", data, "--output_dir", str(tmp_path / "rea_external")])
     external = load_split(tmp_path / "rea_external")
     assert len(external) == 16 and all("shows the part of the picture" in c for c in external["completion"])
     traces = tmp_path / "traces.jsonl"
     traces.write_text("".join(json.dumps({"id": f"train-{i:06d}", "reasoning": f"GPT says {i}"}) + "\n"
                               for i in range(15)) + json.dumps({"id": "nope", "reasoning": "x"}) + "\n")
     stats = rollout_sft.main(["--source", "rea_external", "--data", data, "--traces", str(traces),
-                              "--out", str(tmp_path / "rea_external_traces")])
+                              "--output_dir", str(tmp_path / "rea_external_traces")])
     assert stats["rows_kept"] == 15 and stats["traces_unmatched"] == 1
     with_traces = load_split(tmp_path / "rea_external_traces")
     assert with_traces["completion"][3] == "<think>GPT says 3</think>\n" + jigsaw.target_answer_only(
@@ -197,7 +200,7 @@ def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys
 
     # rea_grpo_rollout on the tiny model's real samples (the stub reward calls them all correct)
     stats = rollout_sft.main(["--source", "rea_grpo_rollout", "--data", data, "--model", model, *FAST,
-                              "--out", str(tmp_path / "rollout")], reward_fn=accept_all)
+                              "--output_dir", str(tmp_path / "rollout")], reward_fn=accept_all)
     rollout = load_split(tmp_path / "rollout")
     assert len(rollout) == 4 and stats["rows_kept"] == 4 and stats["sampler_accuracy"] == 1.0
     assert all(lp < 0 for lp in rollout["logprob"]) and set(rollout["source_checkpoint"]) == {model}
@@ -216,7 +219,7 @@ def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys
         return wrapped
 
     stats = rollout_sft.main(["--source", "rea_self_generated", "--data", data, "--model", model, *FAST,
-                              "--out", str(tmp_path / "self")], sample_fn=think_sampler)
+                              "--output_dir", str(tmp_path / "self")], sample_fn=think_sampler)
     assert stats["sampler_accuracy"] == 0.0  # the real reward: the sampled answers were all wrong
     own = load_split(tmp_path / "self")
     assert len(own) == 4
@@ -234,21 +237,6 @@ def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys
                                    completions=rows["completion"])
         assert batch["completion_mask"].sum() > 0
 
-    # perplexity of the four under the (tiny) base model: JSON + markdown + printed table
-    capsys.readouterr()
-    out = tmp_path / "ppl" / "perplexity.json"
-    sources = ",".join(f"{n}={tmp_path / d}" for n, d in (("non_rea", "non_rea"), ("rea_external", "rea_external"),
-                                                         ("rea_grpo_rollout", "rollout"),
-                                                         ("rea_self_generated", "self")))
-    results = rollout_sft.main(["--perplexity", "--model", model, "--sources", sources, "--limit", "4",
-                                "--out", str(out)])
-    printed = capsys.readouterr().out
-    saved = json.loads(out.read_text())["sources"]
-    assert set(saved) == {"non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated"}
-    for name, r in saved.items():
-        assert r["rows"] == 4 and r["perplexity"] == pytest.approx(math.exp(r["mean_nll"]))
-        assert f"| {name} | 4 |" in printed and f"| {name} | 4 |" in out.with_suffix(".md").read_text()
-    assert results == {name: {k: v for k, v in r.items()} for name, r in saved.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +251,7 @@ def test_bad_inputs_fail_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
         shutil.copy(toy_model_dir / name, bare / name)
     with pytest.raises(SystemExit):
         rollout_sft.main(["--source", "rea_grpo_rollout", "--data", data, "--model", str(bare), *FAST,
-                          "--out", str(tmp_path / "x")])
+                          "--output_dir", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "no processor" in err and "3 files" in err
 
@@ -272,7 +260,7 @@ def test_bad_inputs_fail_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
     traces.write_text("".join(json.dumps({"id": f"other-{i}", "reasoning": "r"}) + "\n" for i in range(3)))
     with pytest.raises(SystemExit):
         rollout_sft.main(["--source", "rea_external", "--data", data, "--traces", str(traces),
-                          "--out", str(tmp_path / "y")])
+                          "--output_dir", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert "3 trace(s)" in err and "16 puzzles" in err
     assert not (tmp_path / "y").exists()
@@ -280,7 +268,34 @@ def test_bad_inputs_fail_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
     # zero correct rollouts (the real reward on a random tiny model)
     with pytest.raises(SystemExit):
         rollout_sft.main(["--source", "rea_grpo_rollout", "--data", data, "--model", str(toy_model_dir), *FAST,
-                          "--out", str(tmp_path / "z")])
+                          "--output_dir", str(tmp_path / "z")])
     err = capsys.readouterr().err
-    assert "gave 0 rows from 4 puzzles" in err and '"samples": 8' in err
+    # fails after the first chunk (2 puzzles x 2 samples), not after every puzzle was sampled
+    assert "0 usable rows from the first 2 puzzle(s)" in err and '"samples": 4' in err
     assert not (tmp_path / "z").exists()
+
+
+def test_max_rows_stops_sampling_early(toy_model_dir, jigsaw_data, tmp_path):
+    seen = []
+
+    def counting_sampler(model_, processor, rows, args):
+        seen.extend(r["id"] for r in rows)
+        return [[f"<think>t{r['id']}</think><answer>1 1\n1 1</answer>"] * args.num_generations for r in rows]
+
+    stats = rollout_sft.main(["--source", "rea_self_generated", "--data", str(jigsaw_data), "--model",
+                              str(toy_model_dir), "--num_generations", "2", "--max_completion_length", "8",
+                              "--batch_size", "4", "--max_rows", "5", "--output_dir", str(tmp_path / "s")],
+                             sample_fn=counting_sampler)
+    assert stats["rows_kept"] == 6 and len(seen) == 6  # three chunks of 2 puzzles, then stop (16 available)
+    assert stats["puzzles_available"] == 16 and len(load_split(tmp_path / "s")) == 6
+
+
+def test_output_dir_it_did_not_make_is_refused(jigsaw_data, tmp_path, capsys):
+    mine = tmp_path / "run"
+    mine.mkdir()
+    (mine / "checkpoint-7").mkdir()
+    with pytest.raises(SystemExit):
+        rollout_sft.main(["--source", "non_rea", "--data", str(jigsaw_data), "--output_dir", str(mine)])
+    assert "was not made by this kit" in capsys.readouterr().err and (mine / "checkpoint-7").exists()
+    rollout_sft.main(["--source", "non_rea", "--data", str(jigsaw_data), "--output_dir", str(tmp_path / "ok")])
+    rollout_sft.main(["--source", "non_rea", "--data", str(jigsaw_data), "--output_dir", str(tmp_path / "ok")])

@@ -22,13 +22,13 @@ def _weights(folder: Path) -> dict:
 
 def _run(toy_model_dir, data, out, *extra):
     return sft.main(["--model", str(toy_model_dir), "--data", str(data), "--output_dir", str(out),
-                     "--prompt_column", "prompt_no_think", "--target_column", "target_non_rea", *extra])
+                     "--prompt_column", "prompt_no_think", "--completion_column", "target_non_rea", *extra])
 
 
 def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
     import jigsaw
     data = tmp_path / "few"
-    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=6, test=2, out=str(data),
+    jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="2x2", train=6, test=2, output_dir=str(data),
                                           image_size=56))
     # 150 steps: with the image tokens at their 3D M-RoPE positions, 100 steps memorised 5 of the 6 (measured)
     final = _run(toy_model_dir, data, tmp_path / "run", "--max_steps", "150", "--batch_size", "6", "--lr", "3e-3",
@@ -43,15 +43,38 @@ def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"] / 5
 
 
-def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_path):
+def _keep_resume_state_at(monkeypatch, step: int, keep: Path):
+    """Copy the resume state the run writes at `step` aside (the run keeps only its latest one), so a test can
+    put it back as if the run had been killed right after that save."""
+    original = common.save_resume_state
+
+    def wrapped(accelerator, output_dir, at_step, extra):
+        path = original(accelerator, output_dir, at_step, extra)
+        if at_step == step:
+            shutil.copytree(path, keep)
+        return path
+    monkeypatch.setattr(common, "save_resume_state", wrapped)
+
+
+def _interrupt_after(out: Path, kept_state: Path, step: int) -> None:
+    """The run folder as a kill right after step `step`'s save would have left it."""
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / common.RESUME_DIR)
+    shutil.copytree(kept_state, out / common.RESUME_DIR)
+    for _, label, path in common.list_checkpoints(out, include_final=False):
+        if int(label.split("-")[1]) > step:
+            shutil.rmtree(path)
+
+
+def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--max_steps", "10", "--save_steps", "5", "--batch_size", "3", "--lr", "1e-3", "--seed", "3"]
+    _keep_resume_state_at(monkeypatch, 5, tmp_path / "state5")
     _run(toy_model_dir, jigsaw_data, out, *args)
     straight = _weights(out / "final")
-    # Interrupt after step 5: forget everything written after it, then resume.
-    shutil.rmtree(out / "checkpoint-10")
-    shutil.rmtree(out / "final")
-    (out / "latest").write_text("checkpoint-5")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]  # final/ is step 10's snapshot
+    assert not (out / "checkpoint-5" / "optimizer.bin").exists()  # snapshots are model-only
+    _interrupt_after(out, tmp_path / "state5", 5)
     _run(toy_model_dir, jigsaw_data, out, *args, "--resume")
     resumed = _weights(out / "final")
     assert straight.keys() == resumed.keys()
@@ -59,6 +82,66 @@ def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_pat
         assert torch.equal(straight[name], resumed[name]), name
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # resume truncated and re-logged steps 6..10, no duplicates
+
+
+def test_resume_without_a_saved_state_logs_no_step_twice(toy_model_dir, jigsaw_data, tmp_path):
+    """Killed before its first save, then --resume: it starts over, and metrics.jsonl holds each step once."""
+    out = tmp_path / "run"
+    args = ["--max_steps", "3", "--batch_size", "2", "--lr", "1e-3"]
+    _run(toy_model_dir, jigsaw_data, out, *args)
+    shutil.rmtree(out / common.RESUME_DIR)  # as if killed after logging 3 steps but before any save
+    shutil.rmtree(out / "final")
+    _run(toy_model_dir, jigsaw_data, out, *args, "--resume")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_used_folder_needs_resume_or_overwrite(toy_model_dir, jigsaw_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--max_steps", "2", "--batch_size", "2", "--lr", "1e-3"]
+    _run(toy_model_dir, jigsaw_data, out, *args)
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as err:  # a fresh run into the same folder: refused, nothing deleted
+        _run(toy_model_dir, jigsaw_data, out, *args)
+    assert err.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == metrics and (out / "final" / "config.json").exists()
+    with pytest.raises(SystemExit):  # --resume with a setting that changes the trajectory: refused, named
+        _run(toy_model_dir, jigsaw_data, out, "--max_steps", "2", "--batch_size", "2", "--lr", "2e-3", "--resume")
+    assert "--lr 0.001 -> 0.002" in capsys.readouterr().err
+    _run(toy_model_dir, jigsaw_data, out, *args, "--logging_steps", "2", "--resume")  # operational: accepted
+    _run(toy_model_dir, jigsaw_data, out, *args, "--overwrite")  # the user means it
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):  # a folder the kit did not make
+        _run(toy_model_dir, jigsaw_data, foreign, *args)
+    assert "was not made by this kit" in capsys.readouterr().err and (foreign / "notes.txt").exists()
+
+
+def test_a_corrupt_image_is_found_before_training(toy_model_dir, tmp_path, capsys):
+    import io
+    from PIL import Image
+    images = tmp_path / "data"
+    images.mkdir()
+    good = io.BytesIO()
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(good, format="PNG")
+    (images / "good.png").write_bytes(good.getvalue())
+    (images / "bad.png").write_bytes(good.getvalue()[:60])  # a truncated PNG
+    rows = [{"id": "a", "images": ["good.png"], "prompt": "colour?", "completion": "red"},
+            {"id": "b", "images": ["bad.png"], "prompt": "colour?", "completion": "red"}]
+    data = images / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit) as err:
+        sft.main(["--model", str(toy_model_dir), "--data", str(data), "--output_dir", str(tmp_path / "run"),
+                  "--max_steps", "1"])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "row 1 (id b, file bad.png)" in message, message
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+    data.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(SystemExit):
+        sft.main(["--model", str(toy_model_dir), "--data", str(data), "--output_dir", str(tmp_path / "run")])
+    assert "line 2: not valid JSON" in capsys.readouterr().err
 
 
 def test_adamw8bit_runs_and_changes_weights(toy_model_dir, jigsaw_data, tmp_path):
@@ -88,12 +171,12 @@ def test_dry_run_3b_parameter_count(capsys):
 
 def test_bad_input_fails_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        sft.main(["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--target_column", "nope",
+        sft.main(["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--completion_column", "nope",
                   "--output_dir", str(tmp_path / "x")])
     assert "missing column(s) ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sft.main(["--model", str(tmp_path / "no_model"), "--data", str(jigsaw_data), "--prompt_column",
-                  "prompt_no_think", "--target_column", "target_non_rea", "--output_dir", str(tmp_path / "x")])
+                  "prompt_no_think", "--completion_column", "target_non_rea", "--output_dir", str(tmp_path / "x")])
     assert "no such folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sft.main(["--model", str(toy_model_dir), "--data", str(tmp_path / "missing"), "--output_dir",
@@ -106,7 +189,7 @@ def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw
     (`accelerate launch --cpu` always starts one process, MPI aside; `--multi_gpu` starts torchrun workers,
     which on a machine without CUDA run on the CPU with the gloo backend.)"""
     common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--prompt_column", "prompt_no_think",
-                   "--target_column", "target_non_rea", "--max_steps", "3", "--lr", "1e-3"]
+                   "--completion_column", "target_non_rea", "--max_steps", "3", "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -125,3 +208,18 @@ def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw
         assert first["two"][key] == pytest.approx(first["one"][key], rel=1e-5), key
     two, before = _weights(tmp_path / "two" / "final"), _weights(toy_model_dir)
     assert any(not torch.equal(two[n], before[n]) for n in two)
+
+
+def test_report_to_tensorboard_logs_the_scalars(toy_model_dir, jigsaw_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    _run(toy_model_dir, jigsaw_data, out, "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3",
+         "--report_to", "tensorboard")
+    events = list((out / "tracking").rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    losses = [e.value for e in accumulator.Scalars("loss")]
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(logged, rel=1e-6)  # the same numbers as metrics.jsonl, which stays the record

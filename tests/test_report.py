@@ -1,0 +1,96 @@
+"""report.py's pure readers: forgetting at equal skill along hand-made checkpoint curves."""
+import pytest
+
+import report
+
+
+def test_value_at_accuracy_interpolates_at_the_first_crossing():
+    curve = [(0, 0.0, 90.0), (10, 20.0, 80.0), (20, 60.0, 40.0), (30, 50.0, 30.0), (40, 80.0, 20.0)]
+    assert report.value_at_accuracy(curve, 40.0) == pytest.approx(60.0)   # halfway between 80 and 40
+    assert report.value_at_accuracy(curve, 20.0) == pytest.approx(80.0)   # exactly at a checkpoint
+    assert report.value_at_accuracy(curve, 55.0) == pytest.approx(45.0)   # first crossing, not the later one
+    assert report.value_at_accuracy(curve, 70.0) == pytest.approx(30 - 10 * 20 / 30)  # the 50 -> 80 segment
+    assert report.value_at_accuracy(curve, 90.0) is None                  # never reached
+    assert report.value_at_accuracy(curve, 0.0) == 90.0                   # the base already has it
+
+
+def test_matched_forgetting_reads_every_method_at_the_same_accuracy():
+    curves = {"rft": [(0, 2.0, 90.0), (50, 30.0, 89.0), (100, 60.0, 88.0)],
+              "sft": [(0, 2.0, 90.0), (10, 80.0, 50.0), (20, 100.0, 40.0)]}
+    levels = report.common_levels(curves, count=2)
+    assert levels == [31.0, 60.0]  # up to the smaller best accuracy (RFT's 60), above the base's 2
+    table = report.matched_forgetting(curves, levels)
+    assert table["rft"][60.0] == pytest.approx(2.0)
+    # SFT at 31%: between (2, 90) and (80, 50): 90 - 40 * 29/78
+    assert table["sft"][31.0] == pytest.approx(40 * 29 / 78)
+    assert table["sft"][60.0] == pytest.approx(40 * 58 / 78)
+    assert report.common_levels({"a": [(0, 5.0, 1.0)], "b": [(0, 5.0, 1.0), (1, 9.0, 0.0)]}) == []
+
+
+def test_prior_score_is_the_mean_of_percentage_benchmarks():
+    results = {"benchmarks": {"jigsaw": {"metrics": {"accuracy": 50.0}, "unit": "%", "headline": "accuracy"},
+                              "pope": {"metrics": {"accuracy": 80.0}, "unit": "%", "headline": "accuracy"},
+                              "mmstar": {"metrics": {"accuracy": 60.0}, "unit": "%", "headline": "accuracy"},
+                              "mme": {"metrics": {"total": 2000.0}, "unit": "/2800", "headline": "total"}}}
+    assert report.prior_score(results) == pytest.approx(70.0)
+    assert report.jigsaw_accuracy(results) == 50.0
+
+
+def _results(acc, prior):
+    return {"benchmarks": {"jigsaw": {"metrics": {"accuracy": acc}, "headline": "accuracy", "unit": "%"},
+                           "toy_prior": {"metrics": {"accuracy": prior}, "headline": "accuracy", "unit": "%"}}}
+
+
+def test_frontier_section_reads_the_checkpoint_evaluations(tmp_path):
+    import json
+    run = tmp_path / "run"
+
+    def write(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    write(run / "eval" / "base" / "results.json", _results(0.0, 90.0))
+    write(run / "eval" / "rft" / "checkpoint-10" / "results.json", _results(20.0, 89.0))
+    write(run / "eval" / "rft" / "results.json", _results(40.0, 88.0))
+    write(run / "eval" / "sft_non_rea" / "checkpoint-5" / "results.json", _results(80.0, 50.0))
+    write(run / "eval" / "sft_non_rea" / "results.json", _results(100.0, 40.0))
+    for method, steps in (("rft", 20), ("sft_non_rea", 10)):
+        (run / method).mkdir(parents=True)
+        (run / method / "metrics.jsonl").write_text(json.dumps({"step": steps}) + "\n")
+    write(run / "analysis" / "dynamics.json", {"tracking": {
+        "rft": {"labels": ["base", "checkpoint-10", "final"], "task_kl": [0.0, 0.1, 0.2]},
+        "sft_non_rea": {"labels": ["base", "checkpoint-5", "final"], "task_kl": [0.0, 2.0, 3.0]}}})
+    results = {"base": json.loads((run / "eval" / "base" / "results.json").read_text())}
+    text = "\n".join(report.frontier_section(run, results, run))
+    # levels up to 40% (RFT's best); SFT at 40%: half-way from (0, 90) to (80, 50) -> forgetting 20
+    assert "forgetting at 40.0% jigsaw" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| rft") or
+            line.startswith("| sft_non_rea")}
+    assert rows["rft"].split("|")[4].strip() == "2.0" and rows["sft_non_rea"].split("|")[4].strip() == "20.0"
+    assert "over 4 checkpoints" in text and (run / "report" / "frontier.png").exists()
+
+
+def test_no_report_for_a_missing_or_empty_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for run in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as err:
+            report.main(["--run_dir", str(run)])
+        assert err.value.code == 2 and "no run folder" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report.md").exists()
+
+
+def test_seeds_section_shows_mean_and_spread(tmp_path):
+    import json
+    run = tmp_path / "run"
+
+    def write(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    for folder, rft_acc in ((run, 40.0), (run / "seed1", 60.0)):
+        write(folder / "eval" / "base" / "results.json", _results(0.0, 90.0))
+        write(folder / "eval" / "rft" / "results.json", _results(rft_acc, 88.0))
+        write(folder / "eval" / "sft_non_rea" / "results.json", _results(100.0, 40.0))
+    lines, seeds = report.seeds_section(run, None)
+    text = "\n".join(lines)
+    assert seeds == 2
+    assert "| rft | 50.0 ± 14.1 (40.0..60.0, 2 seeds) | -2.0 ± 0.0 (-2.0..-2.0, 2 seeds) |" in text
+    assert report.seeds_section(tmp_path / "run" / "seed1", None) == ([], 1)  # one folder: no section
