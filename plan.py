@@ -9,7 +9,7 @@ the GPU constants come from one H100 with random weights (README, bench/bench_re
     PRESET=3b bash run_all.sh --list          # what run_all.sh does
     python plan.py --settings runs/3b/settings.json --run runs/3b     # the same table from a settings file
 
-Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS a model-only `checkpoint-N/` folder
+Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS before the last step a model-only `checkpoint-N/` folder
 (save_pretrained: 2 B/param in bf16 on GPU presets, 4 B/param in fp32 on CPU presets), one `resume/` state
 replaced at each save (fp32 weights 4 B/param + optimizer states: 8-bit AdamW 2 B/param, fp32 AdamW 8 B/param),
 and `final/` (same dtype as the checkpoints). While `resume/` is replaced the old and new copies coexist, so the
@@ -182,8 +182,9 @@ def _i(settings, name, default=0) -> int:
 
 
 def checkpoints(steps: int, save_steps: int) -> int:
-    """Model-only checkpoints a training run keeps: one every save_steps, and one at the last step."""
-    return math.ceil(steps / save_steps) if save_steps > 0 else 1
+    """Model-only checkpoint-N/ folders a training run keeps: one every save_steps before the last step (the last
+    step is final/; layout of common.save_checkpoint, checked on the smoke run)."""
+    return (steps - 1) // save_steps if save_steps > 0 else 0
 
 
 def plan(settings: dict, stages: list[str]) -> dict:
@@ -223,7 +224,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
     def train_disk(steps, save_steps):
         n = checkpoints(steps, save_steps)
         kept = (n + 1) * snapshot + (resume if keep_resume else 0)
-        return kept, 2 * resume, f"{n} checkpoints + final of {gb(snapshot)}" + \
+        return kept, 2 * resume, f"{n} checkpoints + final, {gb(snapshot)} each" + \
             (f" + resume {gb(resume)}" if keep_resume else f" (resume {gb(resume)} deleted when done)")
 
     def sft_seconds(steps, target_tokens):
