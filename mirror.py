@@ -2,7 +2,7 @@ r"""An offline mirror of everything a preset reads from the hub: the model, the 
 
 Compute nodes often have no internet. On a login node that has it, `--download` writes one folder (BENCH_DIR);
 on the compute node `BENCH_DIR=... bash run_all.sh` then reads only from there (run_all.sh points --model,
-jigsaw.py --source and eval.py's data flags at it and sets the hub libraries offline).
+jigsaw.py --source, eval.py --data and analyze.py --probe_data at it and sets the hub libraries offline).
 
     PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh --download      # what run_all.sh --download runs:
     python mirror.py --download /data/mirror --model Qwen/Qwen2.5-VL-3B-Instruct \
@@ -37,10 +37,7 @@ MIRROR_FILE = "mirror.json"
 
 def benchmark_specs() -> dict:
     """name -> (hub id, config, split, columns read) from the evaluation registry (one place for hub ids)."""
-    try:
-        from benchmarks import REGISTRY   # once eval.py's benchmarks move to benchmarks/ (issue 14)
-    except ImportError:
-        from eval import REGISTRY
+    from benchmarks import REGISTRY
     return {name: (b.hub_id, b.config, b.split, tuple(b.columns)) for name, b in REGISTRY.items()}
 
 

@@ -9,7 +9,7 @@ the GPU constants come from one H100 with random weights (README, bench/bench_re
     PRESET=3b bash run_all.sh --list          # what run_all.sh does
     python plan.py --settings runs/3b/settings.json --run runs/3b     # the same table from a settings file
 
-Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS a model-only `checkpoint-N/` folder
+Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS before the last step a model-only `checkpoint-N/` folder
 (save_pretrained: 2 B/param in bf16 on GPU presets, 4 B/param in fp32 on CPU presets), one `resume/` state
 replaced at each save (fp32 weights 4 B/param + optimizer states: 8-bit AdamW 2 B/param, fp32 AdamW 8 B/param),
 and `final/` (same dtype as the checkpoints). While `resume/` is replaced the old and new copies coexist, so the
@@ -182,8 +182,9 @@ def _i(settings, name, default=0) -> int:
 
 
 def checkpoints(steps: int, save_steps: int) -> int:
-    """Model-only checkpoints a training run keeps: one every save_steps, and one at the last step."""
-    return math.ceil(steps / save_steps) if save_steps > 0 else 1
+    """Model-only checkpoint-N/ folders a training run keeps: one every save_steps before the last step (the last
+    step is final/; layout of common.save_checkpoint, checked on the smoke run)."""
+    return (steps - 1) // save_steps if save_steps > 0 else 0
 
 
 def plan(settings: dict, stages: list[str]) -> dict:
@@ -223,7 +224,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
     def train_disk(steps, save_steps):
         n = checkpoints(steps, save_steps)
         kept = (n + 1) * snapshot + (resume if keep_resume else 0)
-        return kept, 2 * resume, f"{n} checkpoints + final of {gb(snapshot)}" + \
+        return kept, 2 * resume, f"{n} checkpoints + final, {gb(snapshot)} each" + \
             (f" + resume {gb(resume)}" if keep_resume else f" (resume {gb(resume)} deleted when done)")
 
     def sft_seconds(steps, target_tokens):
@@ -299,17 +300,20 @@ def plan(settings: dict, stages: list[str]) -> dict:
     kept, peak, note = train_disk(sft_steps, save)
     row("sft_sources", 3 * sft_seconds(sft_steps, THINK_TARGET_TOKENS), 3 * kept, peak,
         f"3 runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
-    # Checkpoints along training, evaluated for the accuracy/forgetting frontier (issue 13); the last one of a run
-    # is its final model, evaluated at EVAL_LIMIT with the others.
-    n_ckpt = 4 * (sft_ckpts - 1) + (rft_ckpts - 1)
+    # Checkpoints along training, every checkpoint-N/ scored on CHECKPOINT_EVAL_LIMIT rows for the accuracy/forgetting
+    # frontier (run_all.sh stage_eval; issue 13).
+    n_ckpt = 4 * sft_ckpts + rft_ckpts
     row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
         5 * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
         f"5 models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
         "CHECKPOINT_EVAL_LIMIT / EVAL_LIMIT")
     analyze_n = _i(s, "ANALYZE_N", 12)
     grads = analyze_n * 5 + analyze_n * (1 + n_ckpt)  # per-sample gradients of 4 sources + probes; probe scores
-    row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + 300,
-        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples over {n_ckpt + 1} checkpoints", "ANALYZE_N")
+    kl_sequences = _i(s, "KL_PUZZLES", 16) * _i(s, "KL_SAMPLES", 4)   # RL's Razor KL: sampled at each checkpoint
+    kl = (n_ckpt + 5) * decode_seconds(kl_sequences, kl_sequences, rollout_cap, prompt)
+    row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + kl + 300,
+        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples, KL of {kl_sequences} samples, {n_ckpt + 6} models",
+        "ANALYZE_N")
     row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
