@@ -68,7 +68,11 @@ fi
 : "${MIN_ANSWER_IMAGE_MI:=0}"      # rft.py's step-0 check, MI(answer; image) in nats: always logged; a threshold
                                    # is calibrated on the toy world only (toy.env: 0.1), so other presets report it
 : "${KL_PUZZLES:=16}" ; : "${KL_SAMPLES:=4}"   # RL's Razor's KL on the new task: test puzzles x samples per checkpoint
-DATA=$RUN/data
+# SEEDS=N repeats the training stages (and their evaluation) with seeds 1..N-1 in $RUN/seed<k>/, sharing the base
+# model, the data and the benchmarks of $RUN (SHARED_RUN); the report shows mean and spread over the seeds.
+: "${SEEDS:=1}" ; : "${SEED:=0}" ; : "${SHARED_RUN:=$RUN}"
+DATA=$SHARED_RUN/data
+SOURCES=$RUN/data/sources   # the sampled sources come from this seed's RFT run
 
 # ------------------------------------------------------------------------------------------------------------
 # The offline mirror (mirror.py). --download writes it; BENCH_DIR=... makes the run read only from it.
@@ -99,7 +103,7 @@ fi
 STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
 # What each stage runs with (recorded in $RUN/settings/STAGE.json when it finishes); a stage not listed records
 # every variable. COMMON: what every stage depends on.
-COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR KEEP_RESUME_STATE"
+COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR KEEP_RESUME_STATE SEED"
 declare -A STAGE_SETTINGS=(
   [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE"
   [data]="SOURCE GRID JIGSAW_IMAGE_SIZE N_TRAIN N_TEST"
@@ -118,6 +122,8 @@ declare -A STAGE_RUN_DIRS=([base]="base_pretrain base" [sft_non_rea]="sft_non_re
 
 selected() {
   local stage=$1
+  # a seed run (SEEDS > 1) repeats only the stages that depend on the seed
+  if [ -n "${SEED_STAGES:-}" ] && [[ " $SEED_STAGES " != *" $stage "* ]]; then return 1; fi
   if [ -n "$ONLY" ]; then [ "$stage" = "$ONLY" ]; return; fi
   if [ -n "$FROM" ]; then
     local on=0; for s in "${STAGES[@]}"; do [ "$s" = "$FROM" ] && on=1; [ "$s" = "$stage" ] && { [ $on = 1 ]; return; }; done
@@ -139,7 +145,7 @@ print(json.dumps(dict(line.rstrip('\\n').split('\\t', 1) for line in sys.stdin i
 }
 
 # The base model: a hub id (or the mirror's copy) for real presets; for the toy world, made by the base stage.
-if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$RUN/base/final; fi
+if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$SHARED_RUN/base/final; fi
 
 # The plan, before anything runs (plan.py: the formulas and the constants with their sources).
 PLAN_SETTINGS=$(mktemp "${TMPDIR:-/tmp}/run_all_plan.XXXXXX")
@@ -267,7 +273,7 @@ SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BAT
 # eval.py: the jigsaw task at the training stages' pixel budget (PIX) and JIGSAW_MAX_COMPLETION_LENGTH; every
 # prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py). Local copies: --data.
 EVAL_DATA="jigsaw=$DATA/jigsaw$BENCH_DATA"
-[ "$BUILD_TOY_BASE" = 1 ] && EVAL_DATA+=",toy_prior=$RUN/toy/prior"
+[ "$BUILD_TOY_BASE" = 1 ] && EVAL_DATA+=",toy_prior=$SHARED_RUN/toy/prior"
 EVAL_COMMON=(--batch_size "$EVAL_BATCH_SIZE" --limit "$EVAL_LIMIT" --data "$EVAL_DATA" "${PIX[@]}")
 # name | model folder | jigsaw prompt style | training steps (for the report)
 MODELS=(
@@ -317,31 +323,32 @@ stage_eval_base() {
 stage_sft_non_rea() {
   fresh "$RUN/sft_non_rea"
   $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
-    --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
+    --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}" \
+    --seed "$SEED"
 }
 stage_rft() {
   fresh "$RUN/rft"
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" \
-    --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume
+    --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume --seed "$SEED"
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$3" --temperature "$TEMPERATURE" \
       --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --max_rows "$ROLLOUT_TARGET_ROWS" --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" \
-      --output_dir "$DATA/sources/$1"; then
+      --output_dir "$SOURCES/$1" --seed "$SEED"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
   # be empty; to exercise the later stages it copies rea_external in their place and says so. Never set for
   # a real run: an empty source there is an error to fix (train longer, sample more).
   [ "${PLACEHOLDER_SOURCES:-0}" = 1 ] || return 1
-  echo "PLACEHOLDER: $1 replaced by a copy of rea_external (PLACEHOLDER_SOURCES=1, smoke preset only)"
-  rm -rf "$DATA/sources/$1" && cp -r "$DATA/sources/rea_external" "$DATA/sources/$1"
-  echo '{"placeholder": "copy of rea_external (smoke preset: no correct rollouts)"}' > "$DATA/sources/$1/stats.json"
+  echo "PLACEHOLDER: $1 replaced by a copy of rea_external (PLACEHOLDER_SOURCES=1: smoke and rehearsal presets only)"
+  rm -rf "$SOURCES/$1" && cp -r "$SOURCES/rea_external" "$SOURCES/$1"
+  echo '{"placeholder": "copy of rea_external (a few-step run: no correct rollouts)"}' > "$SOURCES/$1/stats.json"
 }
 stage_sources() {
-  local src=$DATA/sources
+  local src=$SOURCES
   fresh "$src"
   $PY rollout_sft.py --source non_rea --data "$DATA/jigsaw" --output_dir "$src/non_rea"
   $PY rollout_sft.py --source rea_external --data "$DATA/jigsaw" --output_dir "$src/rea_external"
@@ -352,13 +359,15 @@ stage_sources() {
 stage_sft_sources() {
   fresh "$RUN/sft_rea_external" "$RUN/sft_rea_grpo_rollout" "$RUN/sft_rea_self_generated"
   for s in rea_external rea_grpo_rollout rea_self_generated; do
-    $PY sft.py --model "$MODEL" --data "$DATA/sources/$s" --prompt_column prompt --completion_column completion \
-      --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}"
+    $PY sft.py --model "$MODEL" --data "$SOURCES/$s" --prompt_column prompt --completion_column completion \
+      --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}" \
+      --seed "$SEED"
   done
 }
 stage_eval() {
   for entry in "${MODELS[@]}"; do
     IFS='|' read -r name folder style <<< "$entry"
+    [ "$name" = base ] && [ "$SEED" != 0 ] && continue   # a seed run shares the base model's evaluation
     eval_model "$name" "$folder" "$style"
     # Forgetting is compared at equal skill: every model-only snapshot a training run saved (checkpoint-N/) is
     # scored too, on the CHECKPOINT_EVAL_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
@@ -372,7 +381,7 @@ stage_eval() {
   done
 }
 stage_analyze() {
-  local src=$DATA/sources probes=(--probes "$RUN/toy/prior") probe_answer=reference
+  local src=$SOURCES probes=(--probes "$SHARED_RUN/toy/prior") probe_answer=reference
   if [ "$BUILD_TOY_BASE" != 1 ]; then
     # Probes: questions of each prior-knowledge benchmark (drawn from the seeded EVAL_LIMIT subset eval.py
     # scores), answered by the base model itself (greedy), since references such as RefCOCO boxes are not in
@@ -393,6 +402,16 @@ stage_report() {  # report.py reads every $RUN/eval/<method>/results.json itself
 }
 
 for s in "${STAGES[@]}"; do run_stage "$s" "stage_$s"; done
+if (( SEEDS > 1 )) && [ "$SEED" = 0 ]; then
+  # The other seeds: the same training stages and their evaluation, each in its own folder (its own lock,
+  # settings and resume rule), then the report again, now with the seeds' spread.
+  for (( k = 1; k < SEEDS; k++ )); do
+    echo "[run_all] seed $k of $(( SEEDS - 1 )) more: $RUN/seed$k"
+    SEED=$k SHARED_RUN=$SHARED_RUN RUN=$RUN/seed$k MODEL=$MODEL SEED_STAGES="sft_non_rea rft sources sft_sources eval" \
+      IGNORE_DISK_PLAN=$IGNORE_DISK_PLAN bash "$0"
+  done
+  $PY report.py --run_dir "$RUN" --preset "$PRESET" > "$RUN/logs/report_seeds.log" 2>&1 || { cat "$RUN/logs/report_seeds.log" >&2; exit 1; }
+fi
 echo "[run_all] finished: $RUN/report.md"
 exit 0
 }

@@ -233,3 +233,26 @@ def test_download_and_mirror_flags_reach_mirror_py(tmp_path):
     empty = run_all(PRESET="3b", BENCH_DIR=tmp_path / "empty", RUN=tmp_path / "run2")
     assert empty.returncode == 2 and "not a mirror" in empty.stderr and "--download" in empty.stderr, empty.stderr
     assert not (tmp_path / "run2" / "logs").exists()
+
+
+def test_seeds_repeat_the_training_stages_in_their_own_folders(tmp_path):
+    """SEEDS=2: after the run, seed 1 repeats sft_non_rea, rft, sources, sft_sources and eval in RUN/seed1 with
+    --seed 1 (sharing the base model and the data of RUN), then the report is written again."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "py"
+    # every command "succeeds" and is recorded (stdin drained: run_all pipes settings into python)
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\ncat > /dev/null\nexit 0\n')
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PRESET": "smoke", "RUN": str(run), "PY": str(fake), "SEEDS": "2", "IGNORE_DISK_PLAN": "1"}
+    result = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = calls.read_text().splitlines()
+    seed1 = [line for line in lines if str(run / "seed1") in line]
+    assert any(line.startswith("rft.py") and "--seed 1" in line for line in seed1)
+    assert any(line.startswith("sft.py") and "--seed 1" in line and "sft_non_rea" in line for line in seed1)
+    assert any(line.startswith("rollout_sft.py") and "--seed 1" in line for line in seed1)
+    assert not any(line.startswith(("toy.py", "jigsaw.py", "analyze.py")) for line in seed1)  # shared, not redone
+    assert any(line.startswith("sft.py") and f"--data {run}/data/jigsaw" in line and "seed1" in line for line in seed1)
+    assert [line for line in lines if line.startswith("report.py")][-1].startswith(f"report.py --run_dir {run} ")
