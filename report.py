@@ -397,6 +397,11 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
                 tie = abs(row["rft"] - row["sft_non_rea"]) < 0.5
                 out.append(f"  RFT forgot {'less' if rft_less else 'more'} than SFT-Non-Rea at that accuracy: "
                            f"{verdict(rft_less, tie)} with the paper's finding 1.")
+                wide = [m for m in ("rft", "sft_non_rea") if matched.get("wide", {}).get(m, {}).get(level)]
+                if wide:
+                    out.append(f"  But {' and '.join(wide)} had no checkpoint near {level:.1f}% (marked * in section 3): "
+                               "its value there is a straight line between checkpoints far apart, so this comparison is "
+                               "not a measurement. Save checkpoints more often early to make it one.")
     elif matched is not None:
         out.append("- **No comparison at equal skill**: not every method rose above the base's jigsaw accuracy "
                    "(section 3). The final-model comparisons below are of runs at different skill.")
@@ -502,7 +507,17 @@ def common_levels(curves: dict[str, list], count: int = 3) -> list[float]:
     top = min(max(a for _, a, _ in c) for c in curves.values() if c)
     if top <= start:
         return []
-    return [round(start + (top - start) * k / count, 1) for k in range(1, count + 1)]
+    # Exact values (not rounded: a level rounded above the best accuracy would count as never reached).
+    return [start + (top - start) * k / count for k in range(1, count + 1)]
+
+
+def bracket_span(curve: list[tuple[float, float, float]], level: float) -> float:
+    """Accuracy gap between the two checkpoints a level is interpolated between (0 at a checkpoint): a wide gap
+    means the run has no checkpoint near that accuracy and the interpolated value is a straight line."""
+    for (_, acc0, _), (_, acc1, _) in zip(curve, curve[1:]):
+        if acc0 < level <= acc1:
+            return 0.0 if level == acc1 else acc1 - acc0
+    return 0.0
 
 
 def matched_forgetting(curves: dict[str, list], levels: list[float]) -> dict[str, dict[float, float | None]]:
@@ -547,6 +562,9 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return None if sx == 0 or sy == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
 
 
+WIDE_GAP = 25.0  # jigsaw points between the checkpoints around a level above which the value is marked
+
+
 def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | None = None) -> list[str]:
     """RL's Razor's main plot (arXiv 2509.04259) for this run: prior knowledge against jigsaw accuracy along each
     method's checkpoints, the forgetting of every method at accuracies all of them reached, and the KL on the
@@ -562,7 +580,8 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
     levels = common_levels(simple)
     table = matched_forgetting(simple, levels)
     if matched is not None:
-        matched.update(levels=levels, table=table)
+        matched.update(levels=levels, table=table,
+                       wide={m: {lv: bracket_span(simple[m], lv) > WIDE_GAP for lv in levels} for m in simple})
     base_prior = next(iter(curves.values()))[0][2]
     lines += [f"Prior knowledge = mean strict score over the prior-knowledge benchmarks in % (base {base_prior:.1f}). "
               "Each method is read where it first reaches each jigsaw accuracy level, interpolated linearly between "
@@ -579,13 +598,19 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
     for method, curve in curves.items():
         final = curve[-1]
         kl = kl_at.get(method, {})
-        cells = [fmt(table[method][lv]) for lv in levels] if levels else []
+        cells = [fmt(table[method][lv]) + ("*" if table[method][lv] is not None
+                                           and bracket_span(simple[method], lv) > WIDE_GAP else "")
+                 for lv in levels] if levels else []
         lines.append(f"| {method} | " + " | ".join(cells + [fmt(final[1]), fmt(base_prior - final[2]),
                                                              fmt(kl.get(final[3]), 3)]) + " |")
         for _, _, prior, label in curve[1:]:
             if kl.get(label) is not None:
                 xs.append(kl[label])
                 ys.append(base_prior - prior)
+    if any(bracket_span(simple[m], lv) > WIDE_GAP for m in simple for lv in levels):
+        lines += ["", f"\\* interpolated between two checkpoints more than {WIDE_GAP:.0f} jigsaw points apart: the run has no "
+                  "checkpoint near that accuracy, so the value is a straight line between them, not a measurement "
+                  "(save more often early: SAVE_STEPS / RFT_SAVE_STEPS)."]
     r = pearson(xs, ys)
     lines += ["", f"KL(tuned || base) on the new task, nats per completion (analyze.py, sampled jigsaw completions of "
               f"each checkpoint); its correlation with forgetting over {len(xs)} checkpoints of all methods: "
