@@ -637,6 +637,37 @@ def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> No
         tmp.rename(out_path)
 
 
+def read_shard(path) -> dict[str, dict]:
+    """Records by id of an append-only JSONL shard (the resume state of rollout_sft.py's sampling and of the
+    teacher). A torn or unreadable line (a crash during a write) is dropped and the file rewritten without it,
+    so the next append starts on a clean line; those records are made again."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    records, good_lines, bad = {}, [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("torn line")
+            record = json.loads(line)
+            records[str(record["id"])] = record
+            good_lines.append(line)
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        print(f"[shard] {path}: dropped {bad} unreadable line(s) (a write cut short); those are made again", flush=True)
+        write_text_atomic(path, "".join(good_lines))
+    return records
+
+
+def append_shard(path, records: list[dict]) -> None:
+    """One write, flushed and fsynced: once this returns the records survive a crash."""
+    with Path(path).open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Range checks of numeric flags: one table per stage, one message style, exit 2 before any model is loaded
 # ----------------------------------------------------------------------------------------------------------

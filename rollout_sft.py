@@ -337,37 +337,6 @@ def shard_paths(out: str) -> tuple[Path, Path]:
     return out_path.with_name(out_path.name + ".shard.jsonl"), out_path.with_name(out_path.name + ".shard.json")
 
 
-def read_shard(path: Path) -> dict[str, dict]:
-    """Finished puzzle records by id. A torn last line (crash during a write) is dropped and the file is
-    rewritten without it, so the next append starts on a clean line."""
-    if not path.exists():
-        return {}
-    records, good_lines, bad = {}, [], 0
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("torn line")
-            record = json.loads(line)
-            records[record["id"]] = record
-            good_lines.append(line)
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        log(f"{path}: dropped {bad} unreadable line(s) (a write cut short by a crash); those puzzles are redone")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(good_lines))
-        os.replace(tmp, path)
-    return records
-
-
-def append_records(path: Path, records: list[dict]) -> None:
-    """One write per chunk, flushed and fsynced: after this returns the chunk survives a crash."""
-    with path.open("a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
     """Refuse to resume a shard drawn with other sampling settings; a meta file without any finished chunk
     (a run that stopped before its first chunk) is simply replaced."""
@@ -390,7 +359,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
     id, so a resumed run draws exactly what the uninterrupted run would have drawn. A chunk with any puzzle
     missing is redrawn whole (same seed, same batch) and only the missing puzzles are written.
     """
-    done = read_shard(shard)
+    done = common.read_shard(shard)
     per_chunk = max(1, args.batch_size // max(1, args.num_generations))
     ids = dataset["id"]
     chunks = [list(range(start, min(start + per_chunk, len(ids)))) for start in range(0, len(ids), per_chunk)]
@@ -416,7 +385,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
                                   [item["completion"] for _, item in flat])
                 for (_, item), (logprob, tokens) in zip(flat, scores):
                     item["logprob"], item["tokens"] = logprob, tokens
-        append_records(shard, records)
+        common.append_shard(shard, records)
         done.update({r["id"]: r for r in records})
         kept_rows = sum(len(r["kept"]) for r in done.values())
         if kept_rows == 0:
@@ -631,7 +600,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
     model = processor = None
-    if not all(i in read_shard(shard) for i in ids):
+    if not all(i in common.read_shard(shard) for i in ids):
         model, processor = load_sampler(args)
     sampler = sample_fn or sample_completions
 

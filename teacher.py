@@ -435,35 +435,6 @@ def shard_paths(out: str) -> tuple[Path, Path]:
     return out_path.with_name(out_path.name + ".teacher.jsonl"), out_path.with_name(out_path.name + ".teacher.json")
 
 
-def read_shard(path: Path) -> dict[str, dict]:
-    """Answered puzzles by id. A torn or unreadable line (a crash during a write) is dropped and the file is
-    rewritten without it, so the next append starts on a clean line; those puzzles are asked again."""
-    if not path.exists():
-        return {}
-    records, good_lines, bad = {}, [], 0
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("torn line")
-            record = json.loads(line)
-            records[str(record["id"])] = record
-            good_lines.append(line)
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        log(f"{path}: dropped {bad} unreadable line(s) (a write cut short); those puzzles are asked again")
-        common.write_text_atomic(path, "".join(good_lines))
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """One line per answered puzzle, flushed and fsynced: once this returns the reply survives a crash."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
     """Refuse to resume a shard written with another teacher, prompt or token cap."""
     if meta_path.exists() and shard.exists() and shard.stat().st_size > 0:
@@ -493,7 +464,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     client = TeacherClient(config)
     if not client.key:
         log(f"${config.api_key_env} is not set: sending no Authorization header (fine for a local server)")
-    done = read_shard(shard)
+    done = common.read_shard(shard)
     ids = [str(i) for i in dataset["id"]]
     todo = [index for index, puzzle_id in enumerate(ids) if puzzle_id not in done]
     log(f"{config.model} at {public_url(endpoint(config.url))}: {len(ids) - len(todo)} of {len(ids)} puzzles already in "
@@ -536,7 +507,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
                           "content": client.clean(result["content"]), "finish_reason": result["finish_reason"],
                           "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
                           "attempts": result["attempts"]}
-                append_record(shard, record)
+                common.append_shard(shard, [record])
                 done[puzzle_id] = record
                 client.counts.add("prompt_tokens", result["prompt_tokens"] or 0)
                 client.counts.add("completion_tokens", result["completion_tokens"] or 0)

@@ -325,12 +325,12 @@ def test_wrong_key_stops_the_run_with_nothing_written_but_the_settings(api, jigs
 
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
     shard = tmp_path / "x.teacher.jsonl"
-    teacher.append_record(shard, {"id": "a", "status": "ok"})
-    teacher.append_record(shard, {"id": "b", "status": "ok"})
+    common.append_shard(shard, [{"id": "a", "status": "ok"}])
+    common.append_shard(shard, [{"id": "b", "status": "ok"}])
     shard.write_text(shard.read_text()[:-9])  # the write of "b" cut short
-    assert list(teacher.read_shard(shard)) == ["a"]
-    teacher.append_record(shard, {"id": "c", "status": "ok"})
-    assert list(teacher.read_shard(shard)) == ["a", "c"]
+    assert list(common.read_shard(shard)) == ["a"]
+    common.append_shard(shard, [{"id": "c", "status": "ok"}])
+    assert list(common.read_shard(shard)) == ["a", "c"]
 
 
 # ---------------------------------------------------------------------------------------------------------
