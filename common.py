@@ -760,7 +760,8 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
 # Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval and analyze.py read it):
 #   run.json          the run's settings (the resume rule compares them), written at the start
 #   metrics.jsonl     one JSON object per logged step (and eval lines)
-#   checkpoint-N/     model-only save_pretrained snapshots every --save_steps (bf16 on a GPU: 2 bytes/param),
+#   checkpoint-N/     model-only save_pretrained snapshots every --save_steps and at each --save_at step (bf16 on a
+#                     GPU: 2 bytes/param),
 #                     each with trainer_state.json {"step": N}: what evaluation along training and analyze.py read
 #   resume/           the ONE resume state (accelerate state: weights, optimizer, scheduler, RNG + trainer_state.json
 #                     with the data position), replaced at each save: about 6 bytes/param on a GPU
@@ -773,6 +774,27 @@ TRAINING_OUTPUT_GLOBS = ("checkpoint-*", "completions.rank*.jsonl", ".*.tmp", ".
 def snapshot_dtype(precision: str) -> torch.dtype:
     """Model-only snapshots: bf16 for GPU precisions (inference needs nothing more), fp32 for fp32 runs."""
     return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def parse_save_at(text: str, flag: str = "--save_at") -> list[int]:
+    """'5,10,20' -> [5, 10, 20]: extra snapshot steps (issue 13: the early points of an accuracy/forgetting curve,
+    where SFT already climbs from the base's level to its plateau). Empty text: none."""
+    steps = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if not part.isdigit() or int(part) < 1:
+            fail(f"{flag} must be a comma-separated list of positive step numbers (e.g. 5,10,20), got {text!r}.")
+        steps.append(int(part))
+    return sorted(set(steps))
+
+
+def snapshot_due(step: int, max_steps: int, save_steps: int, save_at: list[int]) -> tuple[bool, bool]:
+    """(snapshot, resume state) due after optimizer step `step`: every save_steps both (checkpoint-N/ + the
+    resume state), at a save_at step a snapshot only (a resume state per early point would cost its optimizer
+    bytes each time). Never at max_steps: final/ is that step's snapshot."""
+    if step >= max_steps:
+        return False, False
+    periodic = bool(save_steps) and step % save_steps == 0
+    return periodic or step in save_at, periodic
 
 
 def save_snapshot(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype) -> Path:

@@ -27,6 +27,8 @@ Run (real model, one GPU; data sets from the hub):
         --output_dir runs/eval/base --batch_size 16
     python eval.py --model runs/rft/final --benchmarks all --data jigsaw=data/jigsaw --limit 500 \
         --output_dir runs/eval/rft       # --limit: the same seeded subset for every model
+    python eval.py --model runs/rft/final --benchmarks all --data jigsaw=data/jigsaw --limit 500 \
+        --checkpoints --checkpoint_limit 100 --output_dir runs/eval/rft   # + runs/rft/checkpoint-N/ snapshots
 Offline copies (save_to_disk folders, hub parquet snapshots or .jsonl) of any benchmark:
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks mme,pope \
         --data mme=/copies/MME,pope=/copies/POPE --output_dir runs/eval/base
@@ -77,6 +79,12 @@ class Args:
     for every model, so quick runs stay comparable"""
     seed: int = 0
     """seed of the --limit subset"""
+    checkpoints: bool = False
+    """also evaluate every checkpoint-N/ snapshot of the training run --model belongs to (its final/ folder's
+    parent), each into OUTPUT_DIR/checkpoint-N/, in this one process: the points of the accuracy/forgetting
+    curve (report.py's equal-skill comparison)"""
+    checkpoint_limit: int = 0
+    """with --checkpoints: the seeded subset of N rows per benchmark for the snapshots (0 = all)"""
     batch_size: int = 16
     """prompts per generate() call (left-padded; 16 fits a 7B model with 1.6 MP images on an 80 GB GPU)"""
     window_batches: int = 8
@@ -109,7 +117,7 @@ class Args:
     """keep per-sample prompts/predictions in results.json (needed for the cache and for reading outputs)"""
 
 
-RANGES = {"limit": ">= 0", "seed": ">= 0", "batch_size": ">= 1", "window_batches": ">= 1",
+RANGES = {"limit": ">= 0", "checkpoint_limit": ">= 0", "seed": ">= 0", "batch_size": ">= 1", "window_batches": ">= 1",
           "max_completion_length": ">= 1", "benchmark_max_completion_length": ">= 0", "min_pixels": ">= 0",
           "max_pixels": ">= 0", "benchmark_min_pixels": ">= 0", "benchmark_max_pixels": ">= 0"}
 
@@ -296,7 +304,13 @@ def main(argv=None) -> dict:
               file=sys.stderr)
     common.check_model_path(args.model)
     output_dir = Path(args.output_dir)
-    common.check_output_dir(output_dir, STAGE, args.overwrite)
+    # (model, output folder, --limit): --model, then its run's snapshots (every folder checked before any work)
+    jobs = [(args.model, output_dir, args.limit)]
+    if args.checkpoints:
+        jobs += [(str(path), output_dir / label, args.checkpoint_limit)
+                 for _, label, path in common.list_checkpoints(Path(args.model).parent, include_final=False)]
+    for _, folder, _ in jobs:
+        common.check_output_dir(folder, STAGE, args.overwrite)
     device = args.device or common.default_device()
     dtype = common.resolve_dtype(args.precision, device, "--precision")
 
@@ -307,14 +321,25 @@ def main(argv=None) -> dict:
         common.fail(f"benchmark data of {empty} has no rows (split {[REGISTRY[n].split for n in empty]}); "
                     "check the --data copy.")
 
+    first = None
+    for model_path, folder, limit in jobs:
+        results = evaluate_model(args, model_path, folder, limit, names, data, datasets_, device, dtype)
+        first = first or results
+    return first
+
+
+def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, names: list[str], data: dict,
+                   datasets_: dict, device: str, dtype: str) -> dict:
+    """One model on every benchmark of --benchmarks into output_dir/results.json (resuming from its cache)."""
     # ---- cache: what an earlier run into this folder wrote -------------------------------------------------
     output_dir.mkdir(parents=True, exist_ok=True)
     common.mark_output_dir(output_dir, STAGE)
     out_path = output_dir / "results.json"
     previous = {} if args.recompute else read_previous(out_path)
-    identity = model_identity(args.model, previous.get("model_identity"))
-    settings = {**dataclasses.asdict(args), "dtype": dtype, "device": device}
-    results = {"model": args.model, "model_identity": identity, "settings": settings,
+    identity = model_identity(model_path, previous.get("model_identity"))
+    settings = {**dataclasses.asdict(args), "model": model_path, "output_dir": str(output_dir), "limit": limit,
+                "dtype": dtype, "device": device}
+    results = {"model": model_path, "model_identity": identity, "settings": settings,
                "environment": common.environment(), "benchmarks": previous.get("benchmarks", {})}
 
     # ---- loop per benchmark: windows of rows -> samples -> keys -> generate what is missing -> score -------
@@ -327,11 +352,11 @@ def main(argv=None) -> dict:
                   "decoding": "greedy", "attn_implementation": args.attn_implementation or "sdpa"}
         ctx = Context(args.prompt_style, bench_settings["min_pixels"], bench_settings["max_pixels"])
         cached = results["benchmarks"].get(name, {}).get("samples", {})
-        rows = benchmarks.select_rows(dataset, bench, args.limit, args.seed)
+        rows = benchmarks.select_rows(dataset, bench, limit, args.seed)
         entry = {"headline": bench.headline, "unit": bench.unit, "metric": bench.metric,
                  "source": f"lmms-eval task {bench.lmms_eval_task}; scorer: {bench.official}",
                  "data": data.get(name) or bench.hub_id, "split": bench.split, "config": bench.config,
-                 "settings": {**bench_settings, "limit": args.limit, "seed": args.seed, "dtype": dtype},
+                 "settings": {**bench_settings, "limit": limit, "seed": args.seed, "dtype": dtype},
                  "published": bench.published, "published_source": bench.published_source,
                  "published_note": bench.published_note, "paper_base": bench.paper_base,
                  "num_rows": len(rows), "complete": False, "metrics": {}, "metrics_lenient": {}, "samples": {}}
@@ -355,9 +380,9 @@ def main(argv=None) -> dict:
                 if model is None:
                     t0 = time.time()
                     model, processor = common.load_model_and_processor(
-                        args.model, dtype, args.attn_implementation or None, device=device)
+                        model_path, dtype, args.attn_implementation or None, device=device)
                     model.eval()
-                    print(f"[eval] loaded {args.model} ({dtype}, {device}) in {time.time() - t0:.1f}s")
+                    print(f"[eval] loaded {model_path} ({dtype}, {device}) in {time.time() - t0:.1f}s")
                 set_pixel_budget(processor, ctx.min_pixels, ctx.max_pixels)
                 fresh = iter(generate_records(model, processor, todo, args.batch_size,
                                               bench_settings["max_new_tokens"], ctx))

@@ -181,10 +181,12 @@ def _i(settings, name, default=0) -> int:
     return int(value) if str(value).strip() not in ("", "None") else default
 
 
-def checkpoints(steps: int, save_steps: int) -> int:
-    """Model-only checkpoint-N/ folders a training run keeps: one every save_steps before the last step (the last
-    step is final/; layout of common.save_checkpoint, checked on the smoke run)."""
-    return (steps - 1) // save_steps if save_steps > 0 else 0
+def checkpoints(steps: int, save_steps: int, save_at: str = "") -> int:
+    """Model-only checkpoint-N/ folders a training run keeps: one every save_steps and one at each save_at step,
+    before the last step (the last step is final/; common.snapshot_due, checked on the smoke run)."""
+    due = {n for n in range(save_steps, steps, save_steps)} if save_steps > 0 else set()
+    due |= {int(n) for n in str(save_at).split(",") if n.strip().isdigit() and 0 < int(n) < steps}
+    return len(due)
 
 
 def plan(settings: dict, stages: list[str]) -> dict:
@@ -221,8 +223,8 @@ def plan(settings: dict, stages: list[str]) -> dict:
             size = _i(s, "PRIOR_TEST", size)
         return size, cap, image_tokens
 
-    def train_disk(steps, save_steps):
-        n = checkpoints(steps, save_steps)
+    def train_disk(steps, save_steps, save_at=""):
+        n = checkpoints(steps, save_steps, save_at)
         kept = (n + 1) * snapshot + (resume if keep_resume else 0)
         return kept, 2 * resume, f"{n} checkpoints + final, {gb(snapshot)} each" + \
             (f" + resume {gb(resume)}" if keep_resume else f" (resume {gb(resume)} deleted when done)")
@@ -255,8 +257,9 @@ def plan(settings: dict, stages: list[str]) -> dict:
 
     non_rea_tokens = 3 * _grid_cells(s) + 10
     runs = {"sft_non_rea": (sft_steps, save), "rft": (rft_steps, rft_save)}
-    sft_ckpts = checkpoints(sft_steps, save)
-    rft_ckpts = checkpoints(rft_steps, rft_save)
+    sft_at, rft_at = s.get("SFT_SAVE_AT", ""), f"{s.get('RFT_EARLY_STEP', '')},{s.get('RFT_SAVE_AT', '')}"
+    sft_ckpts = checkpoints(sft_steps, save, sft_at)
+    rft_ckpts = checkpoints(rft_steps, rft_save, rft_at)
     rows = {}
 
     def row(stage, seconds, disk, peak, note, knob):
@@ -280,14 +283,14 @@ def plan(settings: dict, stages: list[str]) -> dict:
         f"{n_train + n_test} puzzles x {png / 1e3:.0f} KB ({png_source})", "N_TRAIN")
     row("eval_base", eval_seconds(eval_limit), eval_bytes(eval_limit), 0,
         f"jigsaw {min(eval_limit or n_test, n_test)} + {len(benches)} benchmarks at --limit {eval_limit}", "EVAL_LIMIT")
-    kept, peak, note = train_disk(sft_steps, save)
+    kept, peak, note = train_disk(sft_steps, save, sft_at)
     row("sft_non_rea", sft_seconds(sft_steps, non_rea_tokens), kept, peak, f"{sft_steps} steps x batch {batch}; {note}",
         "SAVE_STEPS (fewer checkpoints)" + resume_knob)
     rft_gen = decode_seconds(rft_batch * group, rft_batch * group, rollout_cap, prompt) * rft_steps
     train_tokens = rft_batch * group * (prompt + rollout_cap)
     rft_train = rft_steps * sum(GRPO_TRAIN_S) / 2 * GRPO_TRAIN_CHECKPOINTING * ratio * \
         train_tokens / (GRPO_GEN_SEQS * (GRPO_PROMPT_TOKENS + GRPO_GEN_TOKENS))
-    kept, peak, note = train_disk(rft_steps, rft_save)
+    kept, peak, note = train_disk(rft_steps, rft_save, rft_at)
     row("rft", rft_gen + rft_train, kept + rft_steps * 2e4, peak,
         f"{rft_steps} steps x {rft_batch}x{group} completions <= {rollout_cap} tokens; {note}",
         "RFT_SAVE_STEPS (fewer checkpoints)" + resume_knob)
@@ -297,7 +300,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
     row("sources", sampled + perplexity + 60, source_rows * (puzzle_row + 2e3), 0,
         f"2 x {rollout_puzzles} puzzles x k {k} sampled in calls of {rollout_batch}; "
         f"4 sources <= {source_rows} rows", "ROLLOUT_LIMIT")
-    kept, peak, note = train_disk(sft_steps, save)
+    kept, peak, note = train_disk(sft_steps, save, sft_at)
     row("sft_sources", 3 * sft_seconds(sft_steps, THINK_TARGET_TOKENS), 3 * kept, peak,
         f"3 runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
     # Checkpoints along training, every checkpoint-N/ scored on CHECKPOINT_EVAL_LIMIT rows for the accuracy/forgetting

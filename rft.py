@@ -148,6 +148,9 @@ class Args:
     """seed of puzzle order and sampling (rank r of several processes samples with seed + r)"""
     save_steps: int = 100
     """every N steps: a model-only snapshot checkpoint-N/ (bf16 on a GPU) and the one resume state"""
+    save_at: str = ""
+    """extra model-only snapshots at these steps, comma-separated (e.g. 10: the early checkpoint that
+    rollout_sft.py's rea_self_generated source samples; points of the accuracy/forgetting curve)"""
     save_total_limit: int = 0
     """snapshots kept (oldest deleted; 0 keeps all: evaluation along training and analyze.py read them)"""
     eval_steps: int = 50
@@ -622,7 +625,7 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
           "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0"}
 # Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
-OPERATIONAL = ("save_steps", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size", "max_nonfinite",
+OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size", "max_nonfinite",
                "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles", "mi_candidates",
                "min_answer_image_mi")
 
@@ -668,6 +671,7 @@ def main(argv=None) -> dict:
     # ------------------------------------------------------------------ config
     args = common.parse_args(Args, __doc__, argv)
     check_args(args)
+    save_at = common.parse_save_at(args.save_at)
     precision, mixed_precision, policy_dtype, ref_dtype = resolve_precision(args)
     if args.dry_run:
         dry_run(args, precision, ref_dtype)
@@ -744,11 +748,12 @@ def main(argv=None) -> dict:
         enabled=args.log_completions > 0)
     snapshot_dtype = common.snapshot_dtype(precision)
 
-    def save(at_step: int, snapshot: bool = True) -> None:
+    def save(at_step: int, snapshot: bool = True, resume_state: bool = True) -> None:
         if snapshot:
             common.save_snapshot(accelerator, model, processor, output_dir, at_step, snapshot_dtype)
-        common.save_resume_state(accelerator, output_dir, at_step,
-                                 {"data_position": position, "rng": rng_state(), "nonfinite_total": nonfinite_total})
+        if resume_state:
+            common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position, "rng": rng_state(),
+                                                                        "nonfinite_total": nonfinite_total})
         if accelerator.is_main_process and args.save_total_limit:
             for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -827,9 +832,11 @@ def main(argv=None) -> dict:
             logger.log({"step": step, **result})
             record.update(result)
         # A skipped update left the weights and optimizer as they were (known-good), so the snapshot is taken
-        # anyway: later stages rely on checkpoint-N existing at every --save_steps (the early RFT checkpoint).
-        if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
-            save(step)
+        # anyway: later stages rely on checkpoint-N existing at every --save_steps and --save_at step (the early
+        # RFT checkpoint).
+        snapshot, resume_due = common.snapshot_due(step, args.max_steps, args.save_steps, save_at)
+        if snapshot:
+            save(step, resume_state=resume_due)
         last = record
     bar.close()
 

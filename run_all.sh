@@ -62,9 +62,12 @@ fi
 : "${IGNORE_DISK_PLAN:=0}"            # 1: run even when the plan says the run folder's disk is too small
 : "${KEEP_RESUME_STATE:=1}"           # 0: delete a training stage's resume/ state once the stage is done
 : "${PLACEHOLDER_SOURCES:=0}" ; : "${GRADIENT_CHECKPOINTING:=0}" ; : "${ROLLOUT_TARGET_ROWS:=0}"
-if (( RFT_EARLY_STEP % RFT_SAVE_STEPS != 0 )); then
-  echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be a multiple of RFT_SAVE_STEPS ($RFT_SAVE_STEPS)" >&2; exit 2
+: "${SFT_SAVE_AT:=}" ; : "${RFT_SAVE_AT:=}"   # extra snapshot steps (comma list; sft.py/rft.py --save_at): the
+                                                # early points of the accuracy/forgetting curves
+if (( RFT_EARLY_STEP < 1 || RFT_EARLY_STEP >= RFT_STEPS )); then   # rea_self_generated samples checkpoint-$RFT_EARLY_STEP
+  echo "run_all.sh: RFT_EARLY_STEP ($RFT_EARLY_STEP) must be between 1 and RFT_STEPS - 1 ($((RFT_STEPS - 1)))" >&2; exit 2
 fi
+: "${RFT_MICRO_BATCH:=2}"          # rft.py --micro_batch_size: sequences per forward/backward (2: measured on the H100)
 : "${MIN_ANSWER_IMAGE_MI:=0}"      # rft.py's step-0 check, MI(answer; image) in nats: always logged; a threshold
                                    # is calibrated on the toy world only (toy.env: 0.1), so other presets report it
 : "${KL_PUZZLES:=16}" ; : "${KL_SAMPLES:=4}"   # RL's Razor's KL on the new task: test puzzles x samples per checkpoint
@@ -108,10 +111,10 @@ declare -A STAGE_SETTINGS=(
   [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH LR_BASE_PRETRAIN LR_BASE"
   [data]="SOURCE GRID JIGSAW_IMAGE_SIZE N_TRAIN N_TEST"
   [eval_base]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH MIN_ANSWER_IMAGE_MI RFT_MAX_COMPLETION_LENGTH"
-  [sft_non_rea]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
-  [rft]="RFT_STEPS RFT_BATCH GROUP_SIZE LR_RFT BETA TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_SAVE_STEPS RFT_EARLY_STEP MIN_ANSWER_IMAGE_MI"
+  [sft_non_rea]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS SFT_SAVE_AT"
+  [rft]="RFT_STEPS RFT_BATCH GROUP_SIZE LR_RFT BETA TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_SAVE_STEPS RFT_SAVE_AT RFT_EARLY_STEP RFT_MICRO_BATCH MIN_ANSWER_IMAGE_MI"
   [sources]="ROLLOUT_K ROLLOUT_LIMIT ROLLOUT_BATCH_SIZE ROLLOUT_TARGET_ROWS TEMPERATURE RFT_MAX_COMPLETION_LENGTH RFT_EARLY_STEP PLACEHOLDER_SOURCES"
-  [sft_sources]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS"
+  [sft_sources]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS SFT_SAVE_AT"
   [eval]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT CHECKPOINT_EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH"
   [analyze]="ANALYZE_N ANALYZE_PROJ_DIM KL_PUZZLES KL_SAMPLES RFT_MAX_COMPLETION_LENGTH EVAL_LIMIT"
   [report]="")
@@ -270,6 +273,8 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
+# rft.py checkpoints by default (one GPU); the preset's choice holds for both stages (the toy: off, 1M parameters)
+RFT_GC=(--no_gradient_checkpointing) ; [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && RFT_GC=(--gradient_checkpointing)
 # eval.py: the jigsaw task at the training stages' pixel budget (PIX) and JIGSAW_MAX_COMPLETION_LENGTH; every
 # prior-knowledge benchmark keeps its own lmms-eval settings (benchmarks/<name>.py). Local copies: --data.
 EVAL_DATA="jigsaw=$DATA/jigsaw$BENCH_DATA"
@@ -308,9 +313,9 @@ stage_data() {
   $PY jigsaw.py --source "$SOURCE" --grid "$GRID" --train "$N_TRAIN" --test "$N_TEST" --output_dir "$DATA/jigsaw" \
     --image_size "$JIGSAW_IMAGE_SIZE" --max_side "$JIGSAW_IMAGE_SIZE"
 }
-eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE
+eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE [EXTRA EVAL.PY FLAGS]
   $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
-    --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1"
+    --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1" "${@:4}"
 }
 stage_eval_base() {
   eval_model base "$MODEL" thinking
@@ -323,7 +328,7 @@ stage_eval_base() {
 stage_sft_non_rea() {
   fresh "$RUN/sft_non_rea"
   $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
-    --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}" \
+    --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" --save_at "$SFT_SAVE_AT" "${SFT_COMMON[@]}" \
     --seed "$SEED"
 }
 stage_rft() {
@@ -331,7 +336,7 @@ stage_rft() {
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" \
-    --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume --seed "$SEED"
+    --save_at "$RFT_EARLY_STEP${RFT_SAVE_AT:+,$RFT_SAVE_AT}" --micro_batch_size "$RFT_MICRO_BATCH" "${RFT_GC[@]}" --save_total_limit 0 --precision "$PRECISION" --optimizer "$OPTIMIZER" "${PIX[@]}" --resume --seed "$SEED"
 }
 sampled_source() {  # sampled_source NAME CHECKPOINT K: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$3" --temperature "$TEMPERATURE" \
@@ -360,7 +365,7 @@ stage_sft_sources() {
   fresh "$RUN/sft_rea_external" "$RUN/sft_rea_grpo_rollout" "$RUN/sft_rea_self_generated"
   for s in rea_external rea_grpo_rollout rea_self_generated; do
     $PY sft.py --model "$MODEL" --data "$SOURCES/$s" --prompt_column prompt --completion_column completion \
-      --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" "${SFT_COMMON[@]}" \
+      --output_dir "$RUN/sft_$s" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" --save_at "$SFT_SAVE_AT" "${SFT_COMMON[@]}" \
       --seed "$SEED"
   done
 }
@@ -368,16 +373,12 @@ stage_eval() {
   for entry in "${MODELS[@]}"; do
     IFS='|' read -r name folder style <<< "$entry"
     [ "$name" = base ] && [ "$SEED" != 0 ] && continue   # a seed run shares the base model's evaluation
-    eval_model "$name" "$folder" "$style"
     # Forgetting is compared at equal skill: every model-only snapshot a training run saved (checkpoint-N/) is
-    # scored too, on the CHECKPOINT_EVAL_LIMIT subset, so report.py can read each method's prior knowledge at the jigsaw
-    # accuracies all methods reached (RL's Razor's frontier plot).
-    [ "$name" = base ] && continue
-    for ckpt in "$(dirname "$folder")"/checkpoint-*; do
-      [ -f "$ckpt/config.json" ] || continue
-      $PY eval.py --model "$ckpt" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$style" "${EVAL_COMMON[@]}" \
-        --limit "$CHECKPOINT_EVAL_LIMIT" --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$name/$(basename "$ckpt")"
-    done
+    # scored too (eval.py --checkpoints, one process per run), on the CHECKPOINT_EVAL_LIMIT subset, so report.py
+    # can read each method's prior knowledge at the jigsaw accuracies all methods reached (RL's Razor's frontier).
+    local along=()
+    [ "$name" = base ] || along=(--checkpoints --checkpoint_limit "$CHECKPOINT_EVAL_LIMIT")
+    eval_model "$name" "$folder" "$style" "${along[@]}"
   done
 }
 stage_analyze() {

@@ -106,6 +106,9 @@ class Args:
     """write metrics.jsonl every N optimizer steps"""
     save_steps: int = 0
     """every N optimizer steps: a model-only snapshot checkpoint-N/ and the resume state (0 = only at the end)"""
+    save_at: str = ""
+    """extra model-only snapshots at these steps, comma-separated (e.g. 5,10,20: the early points of the
+    accuracy/forgetting curve, where SFT climbs fastest)"""
     save_total_limit: int = 0
     """keep only the newest N snapshots (0 = keep all: evaluation along training and analyze.py read them)"""
     resume: bool = False
@@ -122,7 +125,8 @@ class Args:
 
 
 # Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
-OPERATIONAL = ("logging_steps", "save_steps", "save_total_limit", "report_to", "dry_run", "plan_prompt_length")
+OPERATIONAL = ("logging_steps", "save_steps", "save_at", "save_total_limit", "report_to", "dry_run",
+               "plan_prompt_length")
 RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
           "min_lr_ratio": "[0, 1]", "warmup_ratio": "[0, 1]", "weight_decay": ">= 0", "max_grad_norm": "> 0",
           "max_completion_length": ">= 1", "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 0",
@@ -140,6 +144,7 @@ def check_args(args: Args) -> None:
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     check_args(args)
+    save_at = common.parse_save_at(args.save_at)
 
     # ======================================================================================================
     # Config: precision. Pure bf16 weights lose most updates at lr 1e-5..1e-6 (bf16 keeps ~3 significant
@@ -216,10 +221,11 @@ def main(argv=None):
     accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
                       f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)")
 
-    def save(at_step: int, snapshot: bool = True) -> None:
+    def save(at_step: int, snapshot: bool = True, resume_state: bool = True) -> None:
         if snapshot:
             common.save_snapshot(accelerator, model, processor, output_dir, at_step, common.snapshot_dtype(precision))
-        common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position})
+        if resume_state:
+            common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position})
         if accelerator.is_main_process and args.save_total_limit:
             for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -272,8 +278,9 @@ def main(argv=None):
         if not math.isfinite(loss_value):
             common.fail(f"loss is {loss_value} at step {step}; lower --lr, or use --precision bf16_mixed/fp32. "
                         f"The last good checkpoint in {output_dir} is untouched.")
-        if args.save_steps and step % args.save_steps == 0 and step < max_steps:
-            save(step)
+        snapshot, resume_due = common.snapshot_due(step, max_steps, args.save_steps, save_at)
+        if snapshot:
+            save(step, resume_state=resume_due)
     progress.close()
 
     # ======================================================================================================

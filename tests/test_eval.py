@@ -551,3 +551,24 @@ def test_analyze_takes_benchmark_probes(toy_model_dir, prior_data, jigsaw_data, 
     test_rows = load_from_disk(str(prior_data))["test"]
     evaluated = {f"toy_prior/{i}/0" for i in benchmarks.select_rows(test_rows, R["toy_prior"], 6, 0)}
     assert {p["id"] for p in results["samples"]["probes"]} <= evaluated
+
+
+def test_checkpoints_of_a_run_are_evaluated_in_one_process(varied_model_dir, prior_data, jigsaw_data, tmp_path):
+    """--checkpoints: final/ on --limit, every checkpoint-N/ beside it on --checkpoint_limit, each into its own
+    OUTPUT_DIR/checkpoint-N/results.json (the layout report.py's frontier reads)."""
+    import shutil
+    run = tmp_path / "sft_run"
+    for name in ("final", "checkpoint-2", "checkpoint-10"):
+        shutil.copytree(varied_model_dir, run / name)
+    shutil.copytree(varied_model_dir, run / "checkpoint-5-broken")       # not a checkpoint-N name: skipped
+    out = tmp_path / "eval" / "sft"
+    ev.main(["--model", str(run / "final"), "--benchmarks", "jigsaw,toy_prior", "--output_dir", str(out),
+             "--data", f"jigsaw={jigsaw_data},toy_prior={prior_data}", "--max_completion_length", "4",
+             "--limit", "5", "--checkpoints", "--checkpoint_limit", "3"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-10", "checkpoint-2"]
+    final = json.loads((out / "results.json").read_text())
+    assert final["model"] == str(run / "final") and final["benchmarks"]["toy_prior"]["num_rows"] == 5
+    for label in ("checkpoint-2", "checkpoint-10"):
+        saved = json.loads((out / label / "results.json").read_text())
+        assert saved["model"] == str(run / label) and saved["settings"]["limit"] == 3
+        assert saved["benchmarks"]["jigsaw"]["num_rows"] == 3 and saved["benchmarks"]["toy_prior"]["num_rows"] == 3

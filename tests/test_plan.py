@@ -57,6 +57,9 @@ def test_the_plan_follows_the_preset_numbers():
     assert longer["rows"]["rft"]["seconds"] == pytest.approx(2 * base["rows"]["rft"]["seconds"])
     fewer = plan.plan(_settings(RFT_SAVE_STEPS="250"), stages)       # 2 checkpoints instead of 5
     assert base["rows"]["rft"]["disk"] - fewer["rows"]["rft"]["disk"] == pytest.approx(3 * base["snapshot_bytes"])
+    early = plan.plan(_settings(SFT_SAVE_AT="5,10,50"), stages)      # 50 is a SAVE_STEPS checkpoint already
+    assert early["rows"]["sft_non_rea"]["disk"] - base["rows"]["sft_non_rea"]["disk"] == \
+        pytest.approx(2 * base["snapshot_bytes"])
     fp32 = plan.plan(_settings(OPTIMIZER="adamw", PRECISION="fp32"), stages)
     assert fp32["resume_bytes"] == 12 * 3_754_622_976 and fp32["snapshot_bytes"] > 2 * base["snapshot_bytes"] - 1e8
     seven = plan.plan(_settings(MODEL="Qwen/Qwen2.5-VL-7B-Instruct"), stages)

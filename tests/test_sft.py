@@ -45,15 +45,18 @@ def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
 
 def _keep_resume_state_at(monkeypatch, step: int, keep: Path):
     """Copy the resume state the run writes at `step` aside (the run keeps only its latest one), so a test can
-    put it back as if the run had been killed right after that save."""
+    put it back as if the run had been killed right after that save. Returns the steps it saves at."""
     original = common.save_resume_state
+    saved_at = []
 
     def wrapped(accelerator, output_dir, at_step, extra):
         path = original(accelerator, output_dir, at_step, extra)
+        saved_at.append(at_step)
         if at_step == step:
             shutil.copytree(path, keep)
         return path
     monkeypatch.setattr(common, "save_resume_state", wrapped)
+    return saved_at
 
 
 def _interrupt_after(out: Path, kept_state: Path, step: int) -> None:
@@ -68,11 +71,15 @@ def _interrupt_after(out: Path, kept_state: Path, step: int) -> None:
 
 def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    args = ["--max_steps", "10", "--save_steps", "5", "--batch_size", "3", "--lr", "1e-3", "--seed", "3"]
-    _keep_resume_state_at(monkeypatch, 5, tmp_path / "state5")
+    # --save_at 2,3: extra early snapshots (model only: the resume state is still written at 5 and 10 alone)
+    args = ["--max_steps", "10", "--save_steps", "5", "--save_at", "2,3", "--batch_size", "3", "--lr", "1e-3",
+            "--seed", "3"]
+    resume_saves = _keep_resume_state_at(monkeypatch, 5, tmp_path / "state5")
     _run(toy_model_dir, jigsaw_data, out, *args)
     straight = _weights(out / "final")
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]  # final/ is step 10's snapshot
+    assert resume_saves == [5, 10]
+    assert [label for _, label, _ in common.list_checkpoints(out)] == \
+        ["checkpoint-2", "checkpoint-3", "checkpoint-5", "final"]  # final/ is step 10's snapshot
     assert not (out / "checkpoint-5" / "optimizer.bin").exists()  # snapshots are model-only
     _interrupt_after(out, tmp_path / "state5", 5)
     _run(toy_model_dir, jigsaw_data, out, *args, "--resume")
