@@ -20,12 +20,13 @@ on the image and is better than chance, exact accuracy low, in the paper's think
   * the nearest skill instead: the colour-grid question (write the colour code of each cell's shape in a 2x2
     grid), asked with the jigsaw prompt's own format instructions word for word (jigsaw.GRID_FORMAT_*), with
     and without thinking. Its codes (COLOR_CODES) name where a piece of that colour belongs in the gradient
-    images the toy jigsaw is cut from (jigsaw.procedural_image). On a jigsaw prompt the base falls back on that
-    skill: it thinks about the colours of the cells and writes a grid of positions.
-Measured on the toy preset's base (64 held-out 2x2 puzzles, greedy): exact 9.4%, hit 34.8% (25% by chance),
-format 46.9%, MI(answer; image) 1.38 nats, p(true answer) 0.20 against 1/24 = 0.042; prior knowledge 96.7%.
-What it does not have: its think text names the cells' colours only loosely (42% of its colour claims are the
-piece's nearest toy colour, 25% by chance) and its answer reads the image without following those claims.
+    images the toy jigsaw is cut from (jigsaw.procedural_image: bluish top-left, reddish top-right, greenish
+    bottom-left, yellowish bottom-right). On a jigsaw prompt the base falls back on that skill: it thinks about
+    the colours of the cells and writes a grid of positions.
+Measured on the toy preset's base (64 held-out 2x2 puzzles, greedy, the preset's 64-token cap): exact 3.1%, hit
+11.7% (format failures score 0), format 28.1%, MI(answer; image) 1.10 nats, p(true answer) 0.20 against
+1/24 = 0.042; prior knowledge 96.0%. What it does not have: a reliable format on this prompt (GRPO fixes it within
+~20 steps) and think text that its answer follows (measured in the README's toy-run section).
 `--format_share` adds jigsaw rows (jigsaw_prior_row) whose think text is the true description of every piece
 and whose answer follows from it for the column only: a base that says true things and half-knows what they
 mean. Not used by the presets: measured once (share 0.15, the preset's base stages otherwise), its think text

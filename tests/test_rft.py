@@ -294,6 +294,21 @@ def test_nonfinite_losses_stop_the_run_and_keep_good_checkpoints(toy_model_dir, 
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
+def test_save_at_adds_model_only_snapshots(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+    """--save_at 1 (run_all.sh passes RFT_EARLY_STEP this way): checkpoint-1/ exists although --save_steps never
+    falls on step 1; the resume state is written only at the --save_steps steps."""
+    out = tmp_path / "early"
+    resume_steps = []
+    real_resume = common.save_resume_state
+    monkeypatch.setattr(common, "save_resume_state", lambda acc, d, step, extra: resume_steps.append(step)
+                        or real_resume(acc, d, step, extra))
+    rft.main(["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",
+              "--max_steps", "3", "--save_steps", "2", "--save_at", "1", "--eval_steps", "0"] + TINY)
+    assert [label for _, label, _ in common.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "final"]
+    assert resume_steps == [2, 3]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+
+
 def test_training_forward_checkpoints_its_layers(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     """--gradient_checkpointing must act: count the checkpointed layer calls of one training step (transformers
     checkpoints a layer only in training mode; from_pretrained returns eval mode, and generate switches to it)."""
