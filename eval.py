@@ -1,7 +1,7 @@
 r"""Evaluate one model on the jigsaw task and on the paper's prior-knowledge benchmarks.
 
 The paper's question is whether fine-tuning on jigsaw puzzles destroys what the model knew. This stage scores
-one model (hub id or save_pretrained folder) on
+one model (hub id or save_pretrained folder; with --checkpoints also every snapshot its training run saved) on
   * the held-out jigsaw test split (the new task: exact accuracy, hit rate, format rate), and
   * prior-knowledge benchmarks: RefCOCO val, DocVQA val, MME, MMStar, POPE, MMMU val as in the paper; then
     ChartQA, AI2D, OCRBench, MathVista testmini; and `toy_prior`, the toy world's held-out questions.
@@ -117,9 +117,9 @@ class Args:
     """keep per-sample prompts/predictions in results.json (needed for the cache and for reading outputs)"""
 
 
-RANGES = {"limit": ">= 0", "checkpoint_limit": ">= 0", "seed": ">= 0", "batch_size": ">= 1", "window_batches": ">= 1",
-          "max_completion_length": ">= 1", "benchmark_max_completion_length": ">= 0", "min_pixels": ">= 0",
-          "max_pixels": ">= 0", "benchmark_min_pixels": ">= 0", "benchmark_max_pixels": ">= 0"}
+RANGES = {"limit": ">= 0", "checkpoint_limit": ">= 0", "seed": ">= 0", "batch_size": ">= 1",
+          "window_batches": ">= 1", "max_completion_length": ">= 1", "benchmark_max_completion_length": ">= 0",
+          "min_pixels": ">= 0", "max_pixels": ">= 0", "benchmark_min_pixels": ">= 0", "benchmark_max_pixels": ">= 0"}
 
 
 def benchmark_settings(args: Args, bench: Benchmark) -> dict:

@@ -625,9 +625,9 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
           "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0"}
 # Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
-OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size", "max_nonfinite",
-               "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles", "mi_candidates",
-               "min_answer_image_mi")
+OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size",
+               "max_nonfinite", "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles",
+               "mi_candidates", "min_answer_image_mi")
 
 
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
