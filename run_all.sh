@@ -413,6 +413,7 @@ if (( SEEDS > 1 )) && [ "$SEED" = 0 ]; then
   done
   $PY report.py --run_dir "$RUN" --preset "$PRESET" > "$RUN/logs/report_seeds.log" 2>&1 || { cat "$RUN/logs/report_seeds.log" >&2; exit 1; }
 fi
-echo "[run_all] finished: $RUN/report.md"
+if [ "$SEED" = 0 ]; then echo "[run_all] finished: $RUN/report.md"
+else echo "[run_all] seed $SEED finished: $RUN (its numbers are in the seed-0 folder's report.md)"; fi
 exit 0
 }
