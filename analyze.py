@@ -908,6 +908,9 @@ def tracking_phase(args: Args, base_model, processor, runs: list[dict], samples:
             checkpoint.eval()
             logprobs.append(probe_logprobs(checkpoint, samples["probe_batches"]))
             if kl_rows:
+                # The completions are sampled: the same seed at every checkpoint makes the KL reproducible (a
+                # rerun gave other values before) and compares checkpoints on common random numbers.
+                torch.manual_seed(args.seed)
                 kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
                                    [common.row_images(r) for r in kl_rows], args.kl_samples,
                                    args.kl_max_completion_length)["kl"])
