@@ -256,3 +256,34 @@ def test_seeds_repeat_the_training_stages_in_their_own_folders(tmp_path):
     assert not any(line.startswith(("toy.py", "jigsaw.py", "analyze.py")) for line in seed1)  # shared, not redone
     assert any(line.startswith("sft.py") and f"--data {run}/data/jigsaw" in line and "seed1" in line for line in seed1)
     assert [line for line in lines if line.startswith("report.py")][-1].startswith(f"report.py --run_dir {run} ")
+
+
+def test_jobs_run_side_by_side_with_a_share_of_the_threads(tmp_path):
+    """JOBS=2: the three SFT runs of sft_sources run at most two at a time, each with CPU_THREADS / JOBS threads,
+    each logging to its own file."""
+    times = tmp_path / "times"
+    fake = fake_python(tmp_path, f'  sft.py) echo "start $(date +%s.%N) $OMP_NUM_THREADS" >> {times}; sleep 1; '
+                                 f'echo "end $(date +%s.%N)" >> {times}; echo trained ;;\n  *) exit 0 ;;')
+    run = tmp_path / "run"
+    result = run_all(["--only", "sft_sources"], PRESET="smoke", RUN=run, PY=fake, JOBS=2, CPU_THREADS=4)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = sorted((float(line.split()[1]), line.split()[0]) for line in times.read_text().splitlines())
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2, events
+    assert [line.split()[2] for line in times.read_text().splitlines() if line.startswith("start")] == ["2"] * 3
+    for s in ("rea_external", "rea_grpo_rollout", "rea_self_generated"):
+        assert "trained" in (run / "logs" / f"sft_sources.sft_{s}.log").read_text()
+    assert (run / ".done" / "sft_sources").exists()
+
+
+def test_a_failed_job_fails_its_stage_and_shows_its_log(tmp_path):
+    fake = fake_python(tmp_path, '  sft.py) case "$*" in *sft_rea_grpo_rollout*) echo "boom"; exit 3 ;; '
+                                 '*) sleep 0.5; echo trained ;; esac ;;\n  *) exit 0 ;;')
+    run = tmp_path / "run"
+    result = run_all(["--only", "sft_sources"], PRESET="smoke", RUN=run, PY=fake, JOBS=2)
+    assert result.returncode != 0 and "sft_sources FAILED" in result.stderr, result.stdout + result.stderr
+    assert "sft_rea_grpo_rollout FAILED (exit status 3)" in result.stderr and "boom" in result.stderr, result.stderr
+    assert not (run / ".done" / "sft_sources").exists()
