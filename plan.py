@@ -77,10 +77,11 @@ RESULT_SAMPLE_BYTES = 1500          # results.json per sample besides the predic
 ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smoke run: 0.24 MB and 0.08 MB)
 
 # CPU presets: the run's own last times in $RUN/.done/<stage>.seconds when present, else these. Toy: README's
-# toy run on 2 free cores (1,555 s of stages, fresh clone, 2026-12-02). Smoke/rehearsal: their runs on the 2-core
-# development machine shared with other jobs (smoke 6-10 min, rehearsal ~8 min of stages; about 3 min alone).
-TOY_SECONDS = {"base": 437, "data": 19, "eval_base": 35, "sft_non_rea": 57, "rft": 197, "sources": 88,
-               "sft_sources": 278, "eval": 271, "analyze": 166, "report": 7}
+# toy run on 2 free cores (1,290 s of stages, fresh clone, JOBS=2, 2026-12-02). Smoke/rehearsal: their runs on
+# the 2-core development machine shared with other jobs (smoke 6-10 min, rehearsal ~8 min of stages; about 3 min
+# alone).
+TOY_SECONDS = {"base": 370, "data": 15, "eval_base": 44, "sft_non_rea": 66, "rft": 206, "sources": 57,
+               "sft_sources": 213, "eval": 153, "analyze": 160, "report": 8}
 SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "sft_non_rea": 20, "rft": 25, "sources": 70,
                      "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
 
