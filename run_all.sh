@@ -284,6 +284,7 @@ run_stage() {  # run_stage NAME FUNCTION: skip when done, log to $RUN/logs/NAME.
 # cores did 1.5x the work of one 2-thread run after the other (toy SFT, measured). The jobs stay in the stage's
 # process group, so stopping run_all.sh stops them too.
 JOB_LOGS=()
+job_label() { local name=${1##*/}; name=${name%.log}; echo "${name#"$STAGE_NAME".}"; }   # logs/STAGE.LABEL.log -> LABEL
 job() {
   local label=$1; shift
   if (( JOBS <= 1 )); then "$@"; return; fi
@@ -291,7 +292,7 @@ job() {
   local log=$RUN/logs/$STAGE_NAME.$label.log earlier
   for earlier in "${JOB_LOGS[@]}"; do
     if [ -f "$earlier.failed" ]; then   # stop early: wait for the running jobs, show what failed
-      echo "[run_all] $STAGE_NAME: $(basename "$earlier" .log) failed; not starting $label" >&2
+      echo "[run_all] $STAGE_NAME: $(job_label "$earlier") failed; not starting $label" >&2
       jobs_done || true
       return 1
     fi
@@ -313,11 +314,11 @@ jobs_done() {
   for log in "${JOB_LOGS[@]}"; do
     if [ -f "$log.failed" ]; then
       failed=1
-      echo "[run_all] $STAGE_NAME: $(basename "$log" .log) FAILED ($(cat "$log.failed")); last lines of $log:" >&2
+      echo "[run_all] $STAGE_NAME: $(job_label "$log") FAILED ($(cat "$log.failed")); last lines of $log:" >&2
       tail -n 25 "$log" >&2
       rm -f "$log.failed"
     else
-      echo "[run_all] $STAGE_NAME: $(basename "$log" .log) done"
+      echo "[run_all] $STAGE_NAME: $(job_label "$log") done"
     fi
   done
   JOB_LOGS=()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,6 +145,9 @@ def check_args(args: Args) -> None:
         common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
     if args.max_pixels and args.min_pixels > args.max_pixels:
         common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
+    if args.sort_by_length and args.grad_accum == 1:
+        print("[sft] note: --sort_by_length has nothing to sort with --grad_accum 1 (one micro-batch per step)",
+              file=sys.stderr)
 
 
 def main(argv=None):
