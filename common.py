@@ -700,6 +700,18 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # What ran: recorded in every results file, metrics header, checkpoint state and the report
 # ----------------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() is empty there), else the machine type."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Package versions, device, CUDA/cuDNN, threads, the kit's git commit (+ dirty flag) and the command line.
     No environment variables are recorded (they may hold secrets such as API keys)."""
@@ -724,7 +736,10 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"python": platform.python_version(), "packages": versions,
-            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({cpu_model()})",
+            # the kernels torch picked (AVX2, AVX512, ...): another CPU sums floats in another order, and a
+            # toy model trained for hundreds of steps on it ends somewhere else (README, the toy run)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.version.cuda if cuda else None,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "torch_threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty,

@@ -653,9 +653,12 @@ def environment_block(run: Path, results: dict) -> list[str]:
     packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
     commit = env.get("git_commit") or "unknown"
     dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
-    return [f"Environment: {env.get('device')}; CUDA {env.get('cuda') or '-'}, cuDNN {env.get('cudnn') or '-'}; "
+    capability = f" ({env['cpu_capability']} kernels)" if env.get("cpu_capability") and not env.get("cuda") else ""
+    return [f"Environment: {env.get('device')}{capability}; CUDA {env.get('cuda') or '-'}, cuDNN {env.get('cudnn') or '-'}; "
             f"{env.get('torch_threads')} torch threads; Python {env.get('python')}; {packages}; kit commit "
-            f"`{str(commit)[:12]}`{dirty}. Runs with another thread count or device can differ in the last digits.", ""]
+            f"`{str(commit)[:12]}`{dirty}. Compare runs made on one machine with one thread count: another CPU, "
+            f"GPU or thread count rounds every float differently, and over hundreds of training steps those "
+            f"differences grow into different models (README, the toy run).", ""]
 
 
 def completions_section(run: Path, count: int = 2) -> list[str]:

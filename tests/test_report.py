@@ -96,3 +96,13 @@ def test_seeds_section_shows_mean_and_spread(tmp_path):
     assert seeds == 2
     assert "| rft | 50.0 ± 14.1 (40.0..60.0, 2 seeds) | -2.0 ± 0.0 (-2.0..-2.0, 2 seeds) |" in text
     assert report.seeds_section(tmp_path / "run" / "seed1", None) == ([], 1)  # one folder: no section
+
+
+def test_environment_names_the_cpu_and_its_kernels_and_the_report_shows_them(tmp_path):
+    # Another CPU trains another toy base (README, the toy run): a run's record must say which CPU it ran on.
+    import common
+    env = common.environment()
+    assert env["cpu_capability"] and env["device"].startswith("cpu (") and env["device"] != "cpu ()"
+    line = "\n".join(report.environment_block(tmp_path, {"base": {"environment": env}}))
+    assert env["device"] in line and f"{env['cpu_capability']} kernels" in line
+    assert f"{env['torch_threads']} torch threads" in line
