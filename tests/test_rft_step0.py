@@ -114,6 +114,9 @@ def test_max_steps_0_logs_step_0_and_the_check_stops_a_blind_model(tiny, jigsaw_
     assert {"eval_accuracy", "eval_hit", "eval_format_rate", "answer_image_mi", "answer_p_true"} <= set(lines[0])
     assert lines[0]["answer_image_mi"] == pytest.approx(0.0, abs=1e-9)
     assert not (out / "final").exists() and common.resume_state(out) is None
+    # the random model writes no <answer> block: step 0 warns that GRPO's first steps will go to the format
+    assert lines[0]["eval_format_rate"] < rft.LOW_FORMAT_RATE
+    assert "in the prompt's format" in capsys.readouterr().out
     # the default threshold stops the same model with exit 2 and says why
     with pytest.raises(SystemExit) as stop:
         rft.main(["--model", str(blind_dir), "--output_dir", str(tmp_path / "stopped")] + args)
