@@ -82,6 +82,9 @@ ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smo
 # alone).
 TOY_SECONDS = {"base": 370, "data": 15, "eval_base": 44, "sft_non_rea": 66, "rft": 206, "sources": 57,
                "sft_sources": 213, "eval": 153, "analyze": 160, "report": 8}
+# The steps TOY_SECONDS' training stages were measured at (presets/toy.env): a toy run with other step counts
+# scales those stages by steps (their time is per step; the fixed start-up is a few seconds).
+TOY_MEASURED_STEPS = {"sft_non_rea": ("SFT_STEPS", 120), "sft_sources": ("SFT_STEPS", 120), "rft": ("RFT_STEPS", 160)}
 SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "sft_non_rea": 20, "rft": 25, "sources": 70,
                      "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
 
@@ -321,8 +324,13 @@ def plan(settings: dict, stages: list[str]) -> dict:
     row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
+        toy = s.get("PRESET") == "toy"
         for stage in rows:
-            rows[stage]["seconds"] = (TOY_SECONDS if s.get("PRESET") == "toy" else SMALL_CPU_SECONDS).get(stage, 60)
+            seconds = (TOY_SECONDS if toy else SMALL_CPU_SECONDS).get(stage, 60)
+            if toy and stage in TOY_MEASURED_STEPS:
+                variable, measured_at = TOY_MEASURED_STEPS[stage]
+                seconds *= _i(s, variable, measured_at) / measured_at
+            rows[stage]["seconds"] = seconds
     return {"rows": {st: rows[st] for st in stages if st in rows}, "params": params, "config_source": config_source,
             "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png}
 

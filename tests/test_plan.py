@@ -67,6 +67,17 @@ def test_the_plan_follows_the_preset_numbers():
         base["rows"]["sft_non_rea"]["seconds"] * 8_292_166_656 / 3_754_622_976)
 
 
+def test_the_toy_plan_scales_its_measured_stage_times_by_steps():
+    """The toy's times are measured constants (no throughput model), so RFT_STEPS=320 must plan twice the RFT time
+    of the 160 they were measured at, and leave the other stages alone."""
+    stages = list(plan.TOY_SECONDS)
+    toy = _settings(PRESET="toy", PLAN_DEVICE="cpu", RFT_STEPS="160", SFT_STEPS="120")
+    base, longer = plan.plan(toy, stages), plan.plan({**toy, "RFT_STEPS": "320"}, stages)
+    assert base["rows"]["rft"]["seconds"] == pytest.approx(plan.TOY_SECONDS["rft"])
+    assert longer["rows"]["rft"]["seconds"] == pytest.approx(2 * plan.TOY_SECONDS["rft"])
+    assert longer["rows"]["sft_sources"]["seconds"] == base["rows"]["sft_sources"]["seconds"]
+
+
 def test_the_verdict_names_the_stage_the_shortfall_and_the_variable(tmp_path):
     result = plan.plan(_settings(), list(plan.TOY_SECONDS))
     _, summary = plan.render(result, _settings(), tmp_path, {})
