@@ -26,8 +26,9 @@ on the image and is better than chance, exact accuracy low, in the paper's think
 Measured on the toy preset's base (64 held-out 2x2 puzzles, greedy, the preset's 64-token cap): exact 9.4%, hit
 25.8% (format failures score 0), format 40.6%, MI(answer; image) 1.73 nats, p(true answer) 0.44 against
 1/24 = 0.042; prior knowledge 96.7% (the README's toy run, an AVX2 CPU; an AVX-512 CPU rounds differently and
-trained another base from the same rows: 0%, 0%, 1.6%, 0.60 nats, 99.0%). What it does not have: a reliable format on this prompt (GRPO fixes it within
-~20 steps) and think text that its answer follows (measured in the README's toy-run section).
+trained another base from the same rows: 0%, 0%, 1.6%, 0.60 nats, 99.0%). What it does not have: a reliable
+format on this prompt (GRPO fixes it within ~20 steps) and think text that its answer follows (measured in the
+README's toy-run section).
 `--format_share` adds jigsaw rows (jigsaw_prior_row) whose think text is the true description of every piece
 and whose answer follows from it for the column only: a base that says true things and half-knows what they
 mean. Not used by the presets: measured once (share 0.15, the preset's base stages otherwise), its think text
