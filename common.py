@@ -975,6 +975,11 @@ def make_accelerator(mixed_precision: str, report_to: str, output_dir, **kwargs)
         except ImportError:
             fail("--report_to wandb needs wandb (pip install wandb; it reads WANDB_API_KEY from the environment), "
                  "or use --report_to none.")
+    # step_scheduler_with_optimizer=False: our schedules count optimizer steps (warmup_cosine over --max_steps),
+    # and every loop calls scheduler.step() once per optimizer step. accelerate's default steps a prepared
+    # scheduler num_processes times per call, so under `accelerate launch --num_processes 2` the lr reached 0
+    # half-way through (measured: a 40-step sft.py run at lr 0.0 from step 20 on).
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with,
                        project_dir=str(Path(output_dir) / "tracking") if log_with else None, **kwargs)
 

@@ -196,7 +196,7 @@ def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw
     (`accelerate launch --cpu` always starts one process, MPI aside; `--multi_gpu` starts torchrun workers,
     which on a machine without CUDA run on the CPU with the gloo backend.)"""
     common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--prompt_column", "prompt_no_think",
-                   "--completion_column", "target_non_rea", "--max_steps", "3", "--lr", "1e-3"]
+                   "--completion_column", "target_non_rea", "--max_steps", "4", "--lr", "1e-3", "--warmup_ratio", "0.25"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -213,6 +213,10 @@ def test_two_processes_equal_one_process_with_double_batch(toy_model_dir, jigsaw
     first = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two")}
     for key in ("loss", "grad_norm", "tokens"):
         assert first["two"][key] == pytest.approx(first["one"][key], rel=1e-5), key
+    # The schedule counts optimizer steps, not steps x processes (accelerate's default would step it twice)
+    lrs = {run: [json.loads(line)["lr"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in ("one", "two")}
+    assert len(lrs["two"]) == 4 and lrs["two"] == pytest.approx(lrs["one"]) and lrs["two"][-2] > 0, lrs
     two, before = _weights(tmp_path / "two" / "final"), _weights(toy_model_dir)
     assert any(not torch.equal(two[n], before[n]) for n in two)
 
