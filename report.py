@@ -127,6 +127,18 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
                   f"{check['answer_image_mi']:.3f} nats, p(true answer) {check['answer_p_true']:.3f} against "
                   f"{check['answer_p_chance']:.3f} by chance, greedy hit rate {100 * check['eval_hit']:.1f}%. An answer "
                   "that does not depend on the image (MI ~ 0) leaves GRPO nothing to reinforce."]
+    checks = {m: read_json(run / "eval" / m / "think_check.json") for m, _ in METHODS}
+    if any(checks.values()):
+        lines += ["", "What the think text says about the pieces (toy world: `toy.py --think_check` on the greedy "
+                  "jigsaw completions above; per cell that the think text names a colour for):", "",
+                  "| method | cells claimed (%) | claim true (%) | answer follows its column (%) | "
+                  "answer follows its home (%) |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {fmt(c.get('claimed_pct'))} | {fmt(c.get('think_true_pct'))} | "
+                  f"{fmt(c.get('answer_follows_column_pct'))} | {fmt(c.get('answer_follows_home_pct'))} |"
+                  for m, c in checks.items() if c]
+        lines += ["", "Chance: a claim is true 25% of the time, an answer in the claimed colour's column 50%, in its "
+                  "home cell 25%. A base whose think text is true and whose answer follows it is the partly right "
+                  "behaviour GRPO can reinforce (issue 13)."]
     lines += ["", "Paper (Qwen2.5-VL, 3x3): base 0%; RFT 66% (3B) / 75% (7B) after 27,360 steps; SFT-Non-Rea 53% / 80% "
               "after 200 / 400 steps; SFT-Rea-4o 70% / 78%; SFT-Rea-GRPO-Rollout 70% / 81%.", ""]
     return lines, accuracy

@@ -116,7 +116,7 @@ STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze rep
 # every variable. COMMON: what every stage depends on.
 COMMON_SETTINGS="PRESET MODEL BUILD_TOY_BASE PRECISION OPTIMIZER GRADIENT_CHECKPOINTING MIN_PIXELS MAX_PIXELS BENCH_DIR KEEP_RESUME_STATE SEED"
 declare -A STAGE_SETTINGS=(
-  [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH BASE_GRAD_ACCUM LR_BASE_PRETRAIN LR_BASE"
+  [base]="TOY_SIZE PRIOR_PRETRAIN PRIOR_TRAIN PRIOR_TEST TOY_FORMAT_SHARE BASE_PRETRAIN_STEPS BASE_STEPS BASE_BATCH BASE_GRAD_ACCUM LR_BASE_PRETRAIN LR_BASE"
   [data]="SOURCE GRID JIGSAW_IMAGE_SIZE N_TRAIN N_TEST"
   [eval_base]="BENCHMARKS EVAL_BATCH_SIZE EVAL_LIMIT JIGSAW_MAX_COMPLETION_LENGTH MIN_ANSWER_IMAGE_MI RFT_MAX_COMPLETION_LENGTH"
   [sft_non_rea]="SFT_STEPS BATCH_SIZE LR_SFT SAVE_STEPS SFT_SAVE_AT"
@@ -352,7 +352,7 @@ stage_base() {
   [ "$BUILD_TOY_BASE" = 1 ] || { echo "base model: $MODEL (from the hub)"; return 0; }
   fresh "$RUN/toy" "$RUN/base_pretrain" "$RUN/base"
   $PY toy.py --output_dir "$RUN/toy" --size "$TOY_SIZE" --prior_pretrain "$PRIOR_PRETRAIN" --prior_train "$PRIOR_TRAIN" \
-    --prior_test "$PRIOR_TEST"
+    --prior_test "$PRIOR_TEST" --format_share "$TOY_FORMAT_SHARE"
   # Two SFT runs, like a real MLLM: perception first (direct questions), then instruction tuning (think format,
   # answer grids, jigsaw-format rows). From random init on the mix alone, the model learns the text and reads
   # the image late (toy.build_prior_dataset says what we measured).
@@ -372,8 +372,14 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE [EXTRA EVAL.PY FLAGS]
   $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" "${EVAL_COMMON[@]}" \
     --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1" "${@:4}"
 }
+think_check() {  # think_check NAME: the toy world only. Is NAME's think text true of the pieces, does its answer
+  # follow it (toy.py --think_check, from the completions eval.py saved; writes $RUN/eval/NAME/think_check.json)
+  [ "$BUILD_TOY_BASE" = 1 ] || return 0
+  $PY toy.py --think_check "$RUN/eval/$1/results.json" --jigsaw_data "$DATA/jigsaw"
+}
 stage_eval_base() {
   eval_model base "$MODEL" thinking
+  think_check base
   # Does the base model's jigsaw answer depend on the image at all? GRPO can only reinforce what varies with
   # it (rft.py's step-0 check: greedy exact/hit/format and MI(answer; image); stops below MIN_ANSWER_IMAGE_MI).
   $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/base_check" --overwrite --max_steps 0 --beta 0 \
@@ -439,6 +445,7 @@ stage_eval() {
     job "$name" eval_model "$name" "$folder" "$style" "${along[@]}"
   done
   jobs_done
+  for name in rft sft_rea_external sft_rea_grpo_rollout sft_rea_self_generated; do think_check "$name"; done
 }
 stage_analyze() {
   local src=$SOURCES probes=(--probes "$SHARED_RUN/toy/prior") probe_answer=reference

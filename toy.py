@@ -12,34 +12,40 @@ The toy *base* model is then made by sft.py itself, in two runs: the `pretrain` 
 the `train` split (instruction tuning); see run_all.sh.
 
 How much jigsaw skill the base gets, and why (issue 13). Qwen2.5-VL scores 0% on 3x3 puzzles, but it sees the
-pieces, so GRPO has partly right behaviour to reinforce. The toy base must be like that: an answer that depends
-on the image and is better than chance, exact accuracy low, in the paper's thinking format. It gets:
-  * no jigsaw training at all (the `train` split holds no jigsaw prompt unless --format_share > 0). An earlier
-    base saw jigsaw prompts paired with RANDOM answers; that taught exactly "the answer does not depend on the
-    image" (MI(answer; image) 0.04 nats, p(true answer) at chance), and GRPO then reinforced luck.
-  * the nearest skill instead: the colour-grid question (write the colour code of each cell's shape in a 2x2
-    grid), asked with the jigsaw prompt's own format instructions word for word (jigsaw.GRID_FORMAT_*), with
-    and without thinking. Its codes (COLOR_CODES) name where a piece of that colour belongs in the gradient
+pieces, so GRPO has partly right behaviour to reinforce. The toy base must be like that, in the paper's thinking
+format: think text that says something true about the pieces, an answer that follows from it better than chance,
+exact accuracy low. Its instruction mix (`train` split) holds two kinds of jigsaw-like rows:
+  * the colour-grid question (write the colour code of each cell's shape in a 2x2 grid), asked with the jigsaw
+    prompt's own format instructions word for word (jigsaw.GRID_FORMAT_*), with and without thinking ("Cell 1
+    holds a red square. ..."). Its codes (COLOR_CODES) name where a piece of that colour belongs in the gradient
     images the toy jigsaw is cut from (jigsaw.procedural_image: bluish top-left, reddish top-right, greenish
-    bottom-left, yellowish bottom-right). On a jigsaw prompt the base falls back on that skill: it thinks about
-    the colours of the cells and writes a grid of positions.
-Measured on the toy preset's base (64 held-out 2x2 puzzles, greedy, the preset's 64-token cap): exact 9.4%, hit
-25.8% (format failures score 0), format 40.6%, MI(answer; image) 1.73 nats, p(true answer) 0.44 against
-1/24 = 0.042; prior knowledge 96.7% (the README's toy run, an AVX2 CPU; an AVX-512 CPU rounds differently and
-trained another base from the same rows: 0%, 0%, 1.6%, 0.60 nats, 99.0%). What it does not have: a reliable
-format on this prompt (GRPO fixes it within ~20 steps) and think text that its answer follows (measured in the
-README's toy-run section).
-`--format_share` adds jigsaw rows (jigsaw_prior_row) whose think text is the true description of every piece
-and whose answer follows from it for the column only: a base that says true things and half-knows what they
-mean. Not used by the presets: measured once (share 0.15, the preset's base stages otherwise), its think text
-was 95% true, but its completions ran past the toy RFT's 64-token cap (format 0 at step 0) and prior knowledge
-fell to 80.3%, under the 90% the toy benchmark needs.
+    bottom-left, yellowish bottom-right).
+  * with --format_share > 0 (the toy preset: TOY_FORMAT_SHARE 0.25), jigsaw prompts on gradient puzzles
+    (jigsaw_prior_row) whose think text names every piece's true colour ("Cell 1 is red. ...", from
+    describe_piece) and whose answer follows from it for the column only (red and yellow pieces belong right),
+    the row a coin flip: a base that says true things and half-knows what they mean (1/16 of these rows are
+    right as a whole). Never a jigsaw prompt with a random answer: an earlier base saw those, learnt exactly
+    "the answer does not depend on the image" (MI(answer; image) 0.04 nats, p(true answer) at chance), and
+    GRPO then reinforced luck.
+think_check measures the first property on any toy model (run_all.sh runs it after the base's evaluation and
+on the thinking-format arms; the report shows it). Measured on the toy preset's base (64 held-out 2x2 puzzles,
+greedy, 2 threads of an AVX2 EPYC): exact 20.3%, hit 71.1%, format 100%, MI(answer; image) 1.61 nats, p(true
+answer) 0.31 against 1/24; its think text names a colour for every cell, 90.2% of them true (chance 25%); its
+answer puts the piece in the claimed colour's column for 92.6% of the cells (chance 50%) and in its home cell for
+66.4% (chance 25%): it half-learnt the row too, from the colour-grid codes. Prior knowledge 94.0%. The shares
+tried, each with the preset's base stages (1 thread per run, two at once, so other numbers than the preset's):
+0.1 gave think text 76% true, column followed 72%, exact 6.3%, prior 95.3%; 0.25 gave 99.6%, 100%, 9.4%,
+93.0%; 0.15 in an earlier version whose think text was 94 tokens long ("Piece 1: much red, little green.")
+ran past the RFT's 64-token cap and left prior knowledge at 80.3%. Without jigsaw rows (share 0, the previous
+preset) the base wrote think text true for 39% of the cells and answers that did not follow it (49% column).
 
     python toy.py --output_dir runs/toy     # writes runs/toy/init (model+processor) and runs/toy/prior
+    python toy.py --think_check runs/toy/eval/base/results.json --jigsaw_data runs/toy/data/jigsaw
 """
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,32 +187,91 @@ def make_question(rng: random.Random, kind: str, objects: list[dict]) -> dict:
             "answer": str(len(objects)), "reason": f"I count {len(objects)} shapes."}
 
 
+# The toy colour a gradient piece is nearest to, from its red and green levels (describe_piece): the same four
+# names as the colour-grid question, so the think text of a jigsaw row is in the words the base already reads.
+PIECE_COLORS = {(False, False): "blue", (True, False): "red", (False, True): "green", (True, True): "yellow"}
+
+
 def describe_piece(piece: Image.Image) -> tuple[str, bool, bool]:
-    """What the toy base's perception says about a jigsaw piece: how much red and how much green it holds (mean
-    of its pixels above or below half scale). True of the piece by construction; on a jigsaw.procedural_image
-    gradient, red says the column (red grows left->right) and green the row (green grows top->bottom)."""
+    """What the toy base's perception says about a jigsaw piece: the toy colour it is nearest to, from how much
+    red and how much green it holds (mean of its pixels above or below half scale). True of the piece by
+    construction; on a jigsaw.procedural_image gradient, red says the column (red grows left->right) and green
+    the row (green grows top->bottom): blue top-left, red top-right, green bottom-left, yellow bottom-right."""
     mean_red, mean_green, _ = ImageStat.Stat(piece.convert("RGB")).mean
     red, green = mean_red > 127.5, mean_green > 127.5
-    return f"{'much' if red else 'little'} red, {'much' if green else 'little'} green", red, green
+    return PIECE_COLORS[red, green], red, green
+
+
+THINK_CELL = re.compile(r"Cell ([1-4]) (?:is|holds an?) (blue|red|green|yellow)\b")
+
+
+def think_claims(completion: str) -> dict[int, str]:
+    """The colours a completion's think text claims, {position 1..4: colour}, from `Cell k is <colour>` (jigsaw
+    prior rows) or `Cell k holds a <colour> ..` (colour-grid rows) sentences (plain regex on untrusted model text; the first claim of a position counts)."""
+    think = completion.split("</think>")[0]
+    claims: dict[int, str] = {}
+    for m in THINK_CELL.finditer(think[:2000]):
+        claims.setdefault(int(m.group(1)), m.group(2))
+    return claims
+
+
+def puzzle_piece_colors(composite: Image.Image) -> list[str]:
+    """The true toy colour (describe_piece) of each of the four pieces of a 2x2 puzzle image, row by row."""
+    half_w, half_h = composite.width // 2, composite.height // 2
+    return [describe_piece(composite.crop(((p % 2) * half_w, (p // 2) * half_h, (p % 2 + 1) * half_w,
+                                           (p // 2 + 1) * half_h)))[0] for p in range(4)]
+
+
+def think_check(results_path: str, jigsaw_data: str) -> dict:
+    """Does a toy model's think text say true things about the pieces, and does its answer follow from it?
+    Read off the greedy jigsaw completions eval.py saved (results.json, benchmark `jigsaw`) against the test
+    puzzles' images (the jigsaw data folder): for every cell the think text names a colour for (think_claims),
+    whether that is the piece's true colour (chance: 25%), whether the answer puts the piece in the column the
+    colour says (red and yellow right; chance 50%), and whether it puts it in the colour's home cell (COLOR_CODES;
+    chance 25%). Issue 13: the base's prior must be true and used, and this measures it instead of assuming it."""
+    import json
+    import common
+    results = json.loads(Path(results_path).read_text())
+    samples = results.get("benchmarks", {}).get("jigsaw", {}).get("samples", {})
+    if not samples:
+        common.fail(f"{results_path}: no jigsaw samples (run eval.py with --benchmarks jigsaw and save_samples on).")
+    test = common.load_rows(jigsaw_data, "test", required=("images", "answer"))
+    cells = claimed = true = column = home = puzzles = 0
+    for sample in samples.values():
+        row = test[int(sample["row"])]
+        if row["rows"] != 2 or row["cols"] != 2:
+            common.fail(f"{jigsaw_data}: the think check reads 2x2 toy puzzles; row {sample['row']} is "
+                        f"{row['rows']}x{row['cols']}.")
+        colors = puzzle_piece_colors(row["images"][0])
+        claims = think_claims(sample["prediction"])
+        guess = jigsaw.extract_answer(sample["prediction"], 4)
+        puzzles += 1
+        cells += 4
+        for pos, color in claims.items():
+            claimed += 1
+            true += color == colors[pos - 1]
+            if guess is not None:
+                column += (guess[pos - 1] in (2, 4)) == (color in ("red", "yellow"))
+                home += guess[pos - 1] == COLOR_CODES[color]
+    share = lambda a, b: round(100 * a / b, 1) if b else None
+    return {"puzzles": puzzles, "claimed_pct": share(claimed, cells), "think_true_pct": share(true, claimed),
+            "answer_follows_column_pct": share(column, claimed), "answer_follows_home_pct": share(home, claimed),
+            "chance_pct": {"think_true": 25.0, "answer_follows_column": 50.0, "answer_follows_home": 25.0}}
 
 
 def jigsaw_prior_row(rng: random.Random, k: int, split: str) -> dict:
     """The base's prior on the jigsaw prompt (thinking format): a 2x2 puzzle of a gradient image, its think text
-    the true description of every piece (describe_piece), its answer what the base can conclude from it: the
-    column of each piece's home from its red (right when much red), the row a coin flip per position (it has
-    not learnt what green means). So the answer depends on the image and gets the column right, half the
-    positions on average, while a whole puzzle is right only when all four coin flips are (1/16)."""
+    the true colour of every piece (describe_piece: "Cell 1 is red."), its answer what the base can conclude from
+    it: the column of each piece's home from its red (red and yellow pieces belong right), the row a coin flip per
+    position (it has not learnt what green means). So the answer depends on the image and follows the think text
+    for the column, gets half the positions on average, and a whole puzzle only when all four coin flips are
+    right (1/16)."""
     image = jigsaw.procedural_image(rng.randrange(2 ** 31), 112)
     puzzle = jigsaw.make_puzzle(image, 2, 2, seed=rng.randrange(2 ** 31))
-    composite = puzzle.images[0]
-    half_w, half_h = composite.width // 2, composite.height // 2
-    lines, guess = [], []
-    for p in range(4):
-        box = ((p % 2) * half_w, (p // 2) * half_h, (p % 2 + 1) * half_w, (p // 2 + 1) * half_h)
-        text, red, _ = describe_piece(composite.crop(box))
-        lines.append(f"Piece {p + 1}: {text}.")
-        guess.append(rng.choice((1, 3)) + int(red))  # column from red, row a guess
-    completion = f"<think>{' '.join(lines)}</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
+    colors = puzzle_piece_colors(puzzle.images[0])
+    guess = [rng.choice((1, 3)) + int(color in ("red", "yellow")) for color in colors]  # column from red
+    think = " ".join(f"Cell {p + 1} is {color}." for p, color in enumerate(colors))
+    completion = f"<think>{think}</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
     return {"id": f"toy-{split}-jigsaw-{k:06d}", "images": puzzle.images, "prompt": jigsaw.build_prompt(2, 2, True),
             "question": "jigsaw prior", "answer": jigsaw.answer_text(guess, 2, 2), "category": "jigsaw_prior",
             "completion": completion}
@@ -381,13 +446,28 @@ class Args:
     seed: int = 0
     """seed of the model init and the scenes"""
     format_share: float = 0.0
-    """share of the instruction-tuning rows that are jigsaw-prompt rows (jigsaw_prior_row; 0 in the presets:
-    the base has never seen a jigsaw prompt, see the module docstring)"""
+    """share of the instruction-tuning rows that are jigsaw-prompt rows (jigsaw_prior_row; the toy preset:
+    TOY_FORMAT_SHARE, see the module docstring)"""
+    think_check: str = ""
+    """instead of building: an eval.py results.json of a toy model; writes think_check.json beside it (does the
+    think text say true things about the pieces, does the answer follow; see think_check)"""
+    jigsaw_data: str = ""
+    """with --think_check: the jigsaw data folder whose test split eval.py scored (jigsaw.py --output_dir)"""
 
 
 def main(argv=None):
     import common
     args = common.parse_args(Args, __doc__, argv)
+    if args.think_check:
+        if not args.jigsaw_data:
+            common.fail("--think_check needs --jigsaw_data, the jigsaw folder eval.py scored.")
+        check = think_check(args.think_check, args.jigsaw_data)
+        common.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
+        print(f"[toy] think check of {args.think_check}: {check['claimed_pct']}% of cells claimed a colour; of "
+              f"those {check['think_true_pct']}% true (chance 25%), the answer follows the column in "
+              f"{check['answer_follows_column_pct']}% (chance 50%) and the home in {check['answer_follows_home_pct']}%"
+              " (chance 25%)")
+        return
     if args.size not in MODEL_SIZES:
         common.fail(f"--size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
     common.check_ranges(args, {"prior_pretrain": ">= 1", "prior_train": ">= 1", "prior_test": ">= 1",

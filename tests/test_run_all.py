@@ -52,6 +52,9 @@ def test_smoke_preset_writes_full_report(smoke_run):
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (run / image).exists(), f"figure {image} linked from report.md does not exist"
     assert len(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) >= 3
+    # the toy world's think check ran on the base and on the thinking-format arms, and the report shows it
+    assert all((run / "eval" / m / "think_check.json").exists() for m in ("base", "rft", "sft_rea_external"))
+    assert "What the think text says about the pieces" in report and re.search(r"^\| base \| [\d.-]+ \|", report, re.M)
     # Rerun: every stage is skipped, nothing recomputed.
     again = run_all(timeout=300, PRESET="smoke", RUN=run)
     assert again.returncode == 0, again.stdout + again.stderr

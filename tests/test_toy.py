@@ -82,11 +82,61 @@ def test_jigsaw_prior_rows_think_true_and_answer_half_right():
         assert jigsaw.format_ok(row["completion"], 4, thinking=True)
         think = row["completion"].split("</think>")[0]
         guess = jigsaw.extract_answer(row["completion"], 4)
+        claims = toy.think_claims(row["completion"])
+        assert len(claims) == 4 and f"Cell 1 is {claims[1]}." in think
         for p, home in enumerate(truth):
             red, green = home in (2, 4), home in (3, 4)
-            said = f"Piece {p + 1}: {'much' if red else 'little'} red, {'much' if green else 'little'} green."
-            assert said in think                                  # true of the piece at position p
-            assert (guess[p] in (2, 4)) == red                    # the column follows from it
+            assert claims[p + 1] == toy.PIECE_COLORS[red, green]       # true of the piece at position p
+            assert (guess[p] in (2, 4)) == (claims[p + 1] in ("red", "yellow"))   # the column follows from it
         hits += sum(g == t for g, t in zip(guess, truth))
         exact += guess == list(truth)
     assert 0.4 < hits / (4 * n) < 0.6 and exact / n < 0.15, (hits / (4 * n), exact / n)
+
+
+def test_think_claims_reads_both_phrasings_and_nothing_else():
+    """The think-text check of the base (and of any tuned model) reads `Cell k is <colour>` and the colour-grid
+    rows' `Cell k holds a <colour> <shape>`; the first claim of a cell counts; anything else claims nothing."""
+    text = ("<think>Cell 1 is red. Cell 2 holds a green circle. Cell 1 is blue. Cell 9 is red. Cell 3 is purple. "
+            "Cell 4 holds an yellow cross.</think>\n<answer>\n2 3\n1 4\n</answer>")
+    assert toy.think_claims(text) == {1: "red", 2: "green", 4: "yellow"}
+    assert toy.think_claims("<answer>\n1 2\n3 4\n</answer>") == {}
+    assert toy.think_claims("</think>Cell 1 is red.") == {}      # after the think block: not a think claim
+    image = jigsaw.procedural_image(3, 112)
+    assert toy.puzzle_piece_colors(image) == ["blue", "red", "green", "yellow"]   # an unshuffled gradient
+
+
+def test_think_check_scores_true_followed_and_false_think_text(jigsaw_data, tmp_path):
+    """toy.py --think_check on eval.py-shaped results: a model that names each piece's true colour and puts it
+    in that colour's home scores 100/100/100; one that names a wrong colour scores 0% true; one that writes no
+    think text claims nothing. The file it writes sits beside the results."""
+    import json
+    test = load_from_disk(str(jigsaw_data))["test"]
+    wrong = {"blue": "yellow", "yellow": "blue", "red": "green", "green": "red"}
+
+    def results(write):
+        samples = {}
+        for r, row in enumerate(test):
+            colors = toy.puzzle_piece_colors(row["images"][0])
+            samples[str(r)] = {"row": r, "prediction": write(colors)}
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}" / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"benchmarks": {"jigsaw": {"samples": samples}}}))
+        return path
+
+    def grid(digits):
+        return f"<answer>\n{digits[0]} {digits[1]}\n{digits[2]} {digits[3]}\n</answer>"
+
+    good = results(lambda c: "<think>" + " ".join(f"Cell {p + 1} is {x}." for p, x in enumerate(c)) + "</think>\n"
+                   + grid([toy.COLOR_CODES[x] for x in c]))
+    check = toy.think_check(str(good), str(jigsaw_data))
+    assert check["puzzles"] == len(test)
+    assert (check["claimed_pct"], check["think_true_pct"], check["answer_follows_column_pct"],
+            check["answer_follows_home_pct"]) == (100.0, 100.0, 100.0, 100.0)
+    bad = results(lambda c: "<think>" + " ".join(f"Cell {p + 1} is {wrong[x]}." for p, x in enumerate(c))
+                  + "</think>\n" + grid([toy.COLOR_CODES[x] for x in c]))
+    check = toy.think_check(str(bad), str(jigsaw_data))
+    assert check["think_true_pct"] == 0.0 and check["answer_follows_home_pct"] == 0.0   # the answer follows the truth, not the claim
+    silent = results(lambda c: grid([1, 2, 3, 4]))
+    assert toy.think_check(str(silent), str(jigsaw_data))["claimed_pct"] == 0.0
+    toy.main(["--think_check", str(good), "--jigsaw_data", str(jigsaw_data)])
+    assert json.loads((good.parent / "think_check.json").read_text())["think_true_pct"] == 100.0
