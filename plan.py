@@ -77,11 +77,11 @@ RESULT_SAMPLE_BYTES = 1500          # results.json per sample besides the predic
 ANALYSIS_BYTES, REPORT_BYTES = 0.5e6, 0.2e6   # JSON tables and PNG figures (smoke run: 0.24 MB and 0.08 MB)
 
 # CPU presets: the run's own last times in $RUN/.done/<stage>.seconds when present, else these. Toy: README's
-# toy run on 2 free cores of an AVX2 AMD EPYC (1,357 s of stages, fresh clone of 3aa4ba9, JOBS=2, 2026-12-02;
-# an AVX-512 EPYC ran the previous version in 726 s). Smoke/rehearsal: their runs on the 2-core development
-# machine shared with other jobs (smoke 6-10 min, rehearsal ~8 min of stages; about 3 min alone).
-TOY_SECONDS = {"base": 351, "data": 19, "eval_base": 43, "sft_non_rea": 56, "rft": 326, "sources": 50,
-               "sft_sources": 199, "eval": 160, "analyze": 148, "report": 5}
+# toy run on 2 free cores of an AVX2 AMD EPYC (914 s of stages, fresh clone of cd5c6ba, JOBS=2, 2026-12-03).
+# Smoke/rehearsal: their runs on the 2-core development machine shared with other jobs (smoke 6-10 min,
+# rehearsal ~8 min of stages; about 3 min alone).
+TOY_SECONDS = {"base": 245, "data": 10, "eval_base": 22, "sft_non_rea": 39, "rft": 205, "sources": 34,
+               "sft_sources": 145, "eval": 118, "analyze": 92, "report": 4}
 # The steps TOY_SECONDS' training stages were measured at (presets/toy.env): a toy run with other step counts
 # scales those stages by steps (their time is per step; the fixed start-up is a few seconds).
 TOY_MEASURED_STEPS = {"sft_non_rea": ("SFT_STEPS", 120), "sft_sources": ("SFT_STEPS", 120), "rft": ("RFT_STEPS", 160)}

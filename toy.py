@@ -463,10 +463,10 @@ def main(argv=None):
             common.fail("--think_check needs --jigsaw_data, the jigsaw folder eval.py scored.")
         check = think_check(args.think_check, args.jigsaw_data)
         common.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
-        print(f"[toy] think check of {args.think_check}: {check['claimed_pct']}% of cells claimed a colour; of "
-              f"those {check['think_true_pct']}% true (chance 25%), the answer follows the column in "
-              f"{check['answer_follows_column_pct']}% (chance 50%) and the home in {check['answer_follows_home_pct']}%"
-              " (chance 25%)")
+        said = (f"; of those {check['think_true_pct']}% true (chance 25%), the answer follows the column in "
+                f"{check['answer_follows_column_pct']}% (chance 50%) and the home in "
+                f"{check['answer_follows_home_pct']}% (chance 25%)") if check["claimed_pct"] else ""
+        print(f"[toy] think check of {args.think_check}: {check['claimed_pct']}% of cells claimed a colour{said}")
         return
     if args.size not in MODEL_SIZES:
         common.fail(f"--size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
