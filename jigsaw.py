@@ -75,10 +75,8 @@ def make_puzzle(image: Image.Image, rows: int, cols: int, seed: int, convention:
         raise ValueError(f"convention {convention!r} unknown; choose one of {CONVENTIONS}.")
     image = crop_to_grid(image.convert("RGB"), rows, cols)
     n = rows * cols
-    patch_w, patch_h = image.width // cols, image.height // rows
-    boxes = [((i % cols) * patch_w, (i // cols) * patch_h, (i % cols + 1) * patch_w, (i // cols + 1) * patch_h)
-             for i in range(n)]
-    patches = [image.crop(box) for box in boxes]
+    patches = cut(image, rows, cols)
+    patch_w, patch_h = patches[0].size
     rng = random.Random(seed)
     order = list(range(n))
     while order == list(range(n)):
@@ -90,7 +88,7 @@ def make_puzzle(image: Image.Image, rows: int, cols: int, seed: int, convention:
     else:
         composite = Image.new("RGB", image.size)
         for p in range(n):
-            composite.paste(shown[p], boxes[p][:2])
+            composite.paste(shown[p], ((p % cols) * patch_w, (p // cols) * patch_h))
         images = [composite]
     if convention == "position_to_index":
         answer = [order[p] + 1 for p in range(n)]
@@ -101,18 +99,19 @@ def make_puzzle(image: Image.Image, rows: int, cols: int, seed: int, convention:
     return Puzzle(images=images, answer=answer, rows=rows, cols=cols, convention=convention, original=image)
 
 
+def cut(image: Image.Image, rows: int, cols: int) -> list[Image.Image]:
+    """The rows x cols cells of a composite puzzle image, row by row (cell size: the image size // the grid)."""
+    patch_w, patch_h = image.width // cols, image.height // rows
+    return [image.crop(((p % cols) * patch_w, (p // cols) * patch_h, (p % cols + 1) * patch_w,
+                        (p // cols + 1) * patch_h)) for p in range(rows * cols)]
+
+
 def reassemble(images: list, answer: list[int], rows: int, cols: int,
                convention: str = "position_to_index") -> Image.Image:
     """Put the pieces back where `answer` says they belong; the inverse of make_puzzle for the right answer."""
     n = rows * cols
-    if len(images) == 1:
-        composite = images[0]
-        patch_w, patch_h = composite.width // cols, composite.height // rows
-        pieces = [composite.crop(((p % cols) * patch_w, (p // cols) * patch_h,
-                                  (p % cols + 1) * patch_w, (p // cols + 1) * patch_h)) for p in range(n)]
-    else:
-        pieces = list(images)
-        patch_w, patch_h = pieces[0].size
+    pieces = cut(images[0], rows, cols) if len(images) == 1 else list(images)
+    patch_w, patch_h = pieces[0].size
     out = Image.new("RGB", (patch_w * cols, patch_h * rows))
     for p in range(n):
         original_index = answer[p] - 1 if convention == "position_to_index" else p

@@ -207,7 +207,8 @@ THINK_CELL = re.compile(r"Cell ([1-4]) (?:is|holds an?) (blue|red|green|yellow)\
 
 def think_claims(completion: str) -> dict[int, str]:
     """The colours a completion's think text claims, {position 1..4: colour}, from `Cell k is <colour>` (jigsaw
-    prior rows) or `Cell k holds a <colour> ..` (colour-grid rows) sentences (plain regex on untrusted model text; the first claim of a position counts)."""
+    prior rows) or `Cell k holds a <colour> ..` (colour-grid rows) sentences; the first claim of a position
+    counts. Plain regex on untrusted model text, over at most 2,000 characters of it."""
     think = completion.split("</think>")[0]
     claims: dict[int, str] = {}
     for m in THINK_CELL.finditer(think[:2000]):
@@ -217,9 +218,7 @@ def think_claims(completion: str) -> dict[int, str]:
 
 def puzzle_piece_colors(composite: Image.Image) -> list[str]:
     """The true toy colour (describe_piece) of each of the four pieces of a 2x2 puzzle image, row by row."""
-    half_w, half_h = composite.width // 2, composite.height // 2
-    return [describe_piece(composite.crop(((p % 2) * half_w, (p // 2) * half_h, (p % 2 + 1) * half_w,
-                                           (p // 2 + 1) * half_h)))[0] for p in range(4)]
+    return [describe_piece(piece)[0] for piece in jigsaw.cut(composite, 2, 2)]
 
 
 def think_check(results_path: str, jigsaw_data: str) -> dict:
@@ -251,7 +250,7 @@ def think_check(results_path: str, jigsaw_data: str) -> dict:
             claimed += 1
             true += color == colors[pos - 1]
             if guess is not None:
-                column += (guess[pos - 1] in (2, 4)) == (color in ("red", "yellow"))
+                column += (guess[pos - 1] in (2, 4)) == (COLOR_CODES[color] in (2, 4))   # right column
                 home += guess[pos - 1] == COLOR_CODES[color]
     share = lambda a, b: round(100 * a / b, 1) if b else None
     return {"puzzles": puzzles, "claimed_pct": share(claimed, cells), "think_true_pct": share(true, claimed),
@@ -269,7 +268,7 @@ def jigsaw_prior_row(rng: random.Random, k: int, split: str) -> dict:
     image = jigsaw.procedural_image(rng.randrange(2 ** 31), 112)
     puzzle = jigsaw.make_puzzle(image, 2, 2, seed=rng.randrange(2 ** 31))
     colors = puzzle_piece_colors(puzzle.images[0])
-    guess = [rng.choice((1, 3)) + int(color in ("red", "yellow")) for color in colors]  # column from red
+    guess = [rng.choice((1, 3)) + int(COLOR_CODES[color] in (2, 4)) for color in colors]  # the colour's column
     think = " ".join(f"Cell {p + 1} is {color}." for p, color in enumerate(colors))
     completion = f"<think>{think}</think>\n{jigsaw.target_answer_only(guess, 2, 2)}"
     return {"id": f"toy-{split}-jigsaw-{k:06d}", "images": puzzle.images, "prompt": jigsaw.build_prompt(2, 2, True),
