@@ -373,8 +373,9 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE [EXTRA EVAL.PY FLAGS]
     --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" --output_dir "$RUN/eval/$1" "${@:4}"
 }
 think_check() {  # think_check NAME: the toy world only. Is NAME's think text true of the pieces, does its answer
-  # follow it (toy.py --think_check, from the completions eval.py saved; writes $RUN/eval/NAME/think_check.json)
-  [ "$BUILD_TOY_BASE" = 1 ] || return 0
+  # follow it (toy.py --think_check, from the completions eval.py saved; writes $RUN/eval/NAME/think_check.json).
+  # Not in a seed run (SEEDS > 1): the report of the seed-0 folder shows its own checks only.
+  [ "$BUILD_TOY_BASE" = 1 ] && [ "$RUN" = "$SHARED_RUN" ] || return 0
   $PY toy.py --think_check "$RUN/eval/$1/results.json" --jigsaw_data "$DATA/jigsaw"
 }
 stage_eval_base() {
