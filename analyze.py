@@ -8,7 +8,7 @@ the log-probability of a prior-knowledge sample v by
 
 For each training-data source (SFT-Non-Rea data, GPT-4o traces, GRPO rollouts, self-generated traces, ...) and a
 probe set of prior-knowledge questions with a reference answer, this script measures:
-  1. exact one-step influence: step on u's SFT loss (common.sft_loss), re-score v, restore the weights bitwise;
+  1. exact one-step influence: step on u's SFT loss (sequences.sft_loss), re-score v, restore the weights bitwise;
   2. magnitude: the paper's LBK = ||Delta log pi(v|u)||^2 / (||A(v)||_F^2 ||G(u)||_F^2) from those steps;
   3. direction: the first-order estimate eta * <grad log pi(v), grad log pi(u)> (token-mean loss: / T_u), the
      cosine of the two gradients, its sign distribution, the symmetry Delta(v|u) vs Delta(u|v), and the base
@@ -58,6 +58,8 @@ from pathlib import Path
 import torch
 
 import common
+import runs
+import sequences
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def lbk(delta_fro2: float, a_fro2: float, g_fro2: float) -> float:
 
 
 def first_order_delta(inner: torch.Tensor, train_tokens: torch.Tensor, eta: float) -> torch.Tensor:
-    """First-order Delta log pi(y_v|x_v) of one SGD step on u's token-mean SFT loss (common.sft_loss):
+    """First-order Delta log pi(y_v|x_v) of one SGD step on u's token-mean SFT loss (sequences.sft_loss):
     the step is eta * grad S_u / T_u (S = summed response log-prob), so Delta ~ eta <grad S_v, grad S_u> / T_u.
     inner [N_v, N_u] = <grad S_v, grad S_u>, train_tokens [N_u] = T_u."""
     return eta * inner / train_tokens.to(inner.dtype).unsqueeze(0)
@@ -269,9 +271,9 @@ def summary(values) -> dict:
 def response_logsoftmax(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(full log-softmax [T, V], response token ids [T]) at a one-sample batch's response positions.
 
-    Computed in max(model dtype, fp32) rather than through common.selective_log_softmax (which casts to fp32), so
+    Computed in max(model dtype, fp32) rather than through sequences.selective_log_softmax (which casts to fp32), so
     that float64 checks keep float64 precision; only response positions go through lm_head (completion_logits)."""
-    logits = common.completion_logits(model, batch)[0]
+    logits = sequences.completion_logits(model, batch)[0]
     mask = batch["completion_mask"][0].bool()
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return torch.log_softmax(logits[mask].to(dtype), dim=-1), batch["completion_ids"][0][mask]
@@ -311,12 +313,12 @@ def backup_params(params: list[torch.nn.Parameter], device: str) -> list[torch.T
 
 def exact_step(model, params: list[torch.nn.Parameter], backup: list[torch.Tensor], train_batch: dict, eta: float,
                targets: list[dict], keep_full: list[bool] | None = None) -> list[dict]:
-    """One plain SGD step theta <- theta - eta * grad common.sft_loss(u) on `params`, re-score every target,
+    """One plain SGD step theta <- theta - eta * grad sequences.sft_loss(u) on `params`, re-score every target,
     then copy the weights back from `backup` (bitwise: the step is never 'undone' by subtraction, which would
     leave rounding residue). Returns score_sample of each target after the step."""
     keep_full = keep_full or [False] * len(targets)
     try:
-        loss, _ = common.sft_loss(model, train_batch)
+        loss, _ = sequences.sft_loss(model, train_batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(params, grads):
@@ -441,9 +443,9 @@ def load_source_rows(entry: dict, split: str):
 def make_batch(processor, prompt: str, images: list, completion: str | None = None,
                completion_ids: list[int] | None = None, max_tokens: int | None = None) -> dict:
     if completion_ids is not None:
-        return common.build_batch(processor, [prompt], [images], completion_ids=[completion_ids],
+        return sequences.build_batch(processor, [prompt], [images], completion_ids=[completion_ids],
                                   max_completion_tokens=max_tokens)
-    return common.build_batch(processor, [prompt], [images], completions=[completion],
+    return sequences.build_batch(processor, [prompt], [images], completions=[completion],
                               max_completion_tokens=max_tokens)
 
 
@@ -463,11 +465,11 @@ def answer_string(value) -> str:
 # Probe tracking over checkpoints (forward passes only)
 # ----------------------------------------------------------------------------------------------------------
 def run_checkpoints(run_dir: str, name: str) -> list[tuple[int, str, Path]]:
-    """[(step, label, model_folder)] of a run's model snapshots and final/ (common.list_checkpoints: the one
+    """[(step, label, model_folder)] of a run's model snapshots and final/ (runs.list_checkpoints: the one
     place that knows the layout), by step."""
     if not Path(run_dir).is_dir():
         common.fail(f"--runs {name}={run_dir}: no such folder (a training run's --output_dir).")
-    found = common.list_checkpoints(run_dir)
+    found = runs.list_checkpoints(run_dir)
     if not found:
         common.fail(f"--runs {name}={run_dir}: no checkpoint-N/ or final/ folder with a config.json inside.")
     return found
@@ -486,20 +488,20 @@ def task_kl(model, base_model, processor, prompts: list[str], images: list[list]
             max_completion_length: int, batch_size: int = 8) -> dict:
     """E_{x ~ new task, y ~ pi(.|x)} KL per completion (nats), RL's Razor (arXiv 2509.04259): forgetting tracks
     the KL from the base to the tuned model measured on the task being learnt. Completions are sampled from the
-    tuned model at temperature 1 (common.generate, vision tokens suppressed: a log(1 - p) ~ 0 change)."""
+    tuned model at temperature 1 (sequences.generate, vision tokens suppressed: a log(1 - p) ~ 0 change)."""
     values = []
     for start in range(0, len(prompts), batch_size):
-        out = common.generate(model, processor, prompts[start:start + batch_size], images[start:start + batch_size],
+        out = sequences.generate(model, processor, prompts[start:start + batch_size], images[start:start + batch_size],
                               max_completion_length, temperature=1.0, do_sample=True, num_samples=num_samples)
         rows = [i // num_samples for i in range(len(out["completion_ids"]))]
         device = next(model.parameters()).device
         for begin in range(0, len(rows), 4):  # 4 sequences at a time: [4, T, V] fp32 logits of a 152k vocabulary
             ids = [c or [processor.tokenizer.eos_token_id] for c in out["completion_ids"][begin:begin + 4]]
-            chunk = common.append_completions(common.select_rows(out["batch"], rows[begin:begin + 4]), ids,
+            chunk = sequences.append_completions(sequences.select_prompt_rows(out["batch"], rows[begin:begin + 4]), ids,
                                               processor.tokenizer.pad_token_id)
-            chunk = common.to_device(chunk, device)
-            tuned = torch.log_softmax(common.completion_logits(model, chunk).float(), -1)
-            base = torch.log_softmax(common.completion_logits(base_model, chunk).float(), -1)
+            chunk = sequences.to_device(chunk, device)
+            tuned = torch.log_softmax(sequences.completion_logits(model, chunk).float(), -1)
+            base = torch.log_softmax(sequences.completion_logits(base_model, chunk).float(), -1)
             per_token = (tuned.exp() * (tuned - base)).sum(-1) * chunk["completion_mask"]
             values += per_token.sum(1).double().tolist()
     return {"kl": sum(values) / max(1, len(values)), "kl_std": summary(values).get("std"), "samples": len(values)}
@@ -672,16 +674,16 @@ def check_args(args: Args) -> None:
 
 def parse_runs(args: Args) -> list[dict]:
     """--runs entries name=run_dir[:prompt_style], each with its checkpoints (checked now, before any model)."""
-    runs = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
-    for r in runs:
+    tracked = parse_named_paths(args.runs, "--runs", with_columns=False) if args.track else []
+    for r in tracked:
         r["prompt_style"] = "thinking"
         if r["path"].endswith((":thinking", ":answer_only")):
             r["path"], r["prompt_style"] = r["path"].rsplit(":", 1)
         r["checkpoints"] = run_checkpoints(r["path"], r["name"])
-    return runs
+    return tracked
 
 
-def load_inputs(args: Args, sources: list[dict], runs: list[dict]) -> dict:
+def load_inputs(args: Args, sources: list[dict], tracked: list[dict]) -> dict:
     """The drawn training samples of each source (and the whole source, for its perplexity), the probes, and the
     new-task puzzles of the KL: every data set opened and its columns checked before the model is loaded."""
     source_rows, source_data = {}, {}
@@ -703,7 +705,7 @@ def load_inputs(args: Args, sources: list[dict], runs: list[dict]) -> dict:
         probe_set = common.load_rows(args.probes, args.probe_split,
                                      required=(args.probe_prompt_column, args.probe_answer_column))
     kl_rows = []
-    if args.kl_data and runs:
+    if args.kl_data and tracked:
         kl_set = common.load_rows(args.kl_data, args.kl_split, required=("prompt", "prompt_no_think", "images"))
         kl_rows = [kl_set[i] for i in range(min(args.kl_puzzles, len(kl_set)))]
     return {"source_rows": source_rows, "source_data": source_data, "kl_rows": kl_rows,
@@ -742,7 +744,7 @@ def make_samples(args: Args, model, processor, inputs: dict, device: str) -> dic
     if args.probe_answer == "greedy":
         completion_ids = []
         for i in range(0, len(probe_rows), 8):
-            out = common.generate(model, processor, probe_prompts[i:i + 8], probe_images[i:i + 8],
+            out = sequences.generate(model, processor, probe_prompts[i:i + 8], probe_images[i:i + 8],
                                   args.max_completion_length, do_sample=False)
             completion_ids += [ids or [processor.tokenizer.eos_token_id] for ids in out["completion_ids"]]
         probe_answers = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -754,30 +756,30 @@ def make_samples(args: Args, model, processor, inputs: dict, device: str) -> dic
                          for p, im, a in zip(probe_prompts, probe_images, probe_answers)]
     train_batches = {}
     for name, (entry, rows) in inputs["source_rows"].items():
-        train_batches[name] = [common.to_device(make_batch(processor, r[entry["prompt_column"]],
+        train_batches[name] = [sequences.to_device(make_batch(processor, r[entry["prompt_column"]],
                                                            common.row_images(r, data_base_dir(entry["path"])),
                                                            str(r[entry["target_column"]]),
                                                            max_tokens=args.max_completion_length), device)
                                for r in rows]
-    return {"probe_batches": [common.to_device(b, device) for b in probe_batches], "probe_answers": probe_answers,
+    return {"probe_batches": [sequences.to_device(b, device) for b in probe_batches], "probe_answers": probe_answers,
             "train_batches": train_batches}
 
 
 def source_perplexity(args: Args, model, processor, entry: dict, dataset) -> dict:
     """Perplexity pooled over the source's response tokens (each token counts once), the paper's proxy: over all
-    rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses (common.sequence_logprobs),
+    rows (or --perplexity_rows) with the one scoring function rollout_sft.py also uses (sequences.sequence_logprobs),
     so the report shows one perplexity per source."""
     from tqdm import tqdm
     count = min(args.perplexity_rows or len(dataset), len(dataset))
     sums, counts = [], []
     for begin in tqdm(range(0, count, 8), desc=f"perplexity {entry['name']}", leave=False):
         chunk = [dataset[i] for i in range(begin, min(count, begin + 8))]
-        pairs = common.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
+        pairs = sequences.sequence_logprobs(model, processor, [r[entry["prompt_column"]] for r in chunk],
                                          [common.row_images(r, data_base_dir(entry["path"])) for r in chunk],
                                          [str(r[entry["target_column"]]) for r in chunk], batch_size=8)
         sums += [lp for lp, _ in pairs]
         counts += [c for _, c in pairs]
-    mean_nll, perplexity = common.token_weighted_nll(sums, counts)
+    mean_nll, perplexity = sequences.token_weighted_nll(sums, counts)
     return {"perplexity": perplexity, "mean_nll": mean_nll, "perplexity_rows": count, "perplexity_tokens": sum(counts)}
 
 
@@ -890,14 +892,14 @@ def symmetry_phase(args: Args, model, params, backup, samples: dict, base: dict,
             "pairs": pairs}
 
 
-def tracking_phase(args: Args, base_model, processor, runs: list[dict], samples: dict, base: dict,
+def tracking_phase(args: Args, base_model, processor, tracked: list[dict], samples: dict, base: dict,
                    kl_rows: list[dict], device: str) -> dict:
     """Probe log-probs at every checkpoint of each run (forward passes only), and, with --kl_data, the KL from
     the base to that checkpoint on the new task (RL's Razor)."""
     from tqdm import tqdm
     base_curve = [s["token_logprobs"].sum().item() for s in base["probe_base"]]
     tracking = {}
-    for run in runs:
+    for run in tracked:
         steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
         column = "prompt" if run["prompt_style"] == "thinking" else "prompt_no_think"
         for step, label, folder in tqdm(run["checkpoints"], desc=f"track {run['name']}", leave=False):
@@ -932,12 +934,12 @@ def main(argv=None) -> dict:
     check_args(args)
     timings, start = {}, time.time()
     sources = parse_named_paths(args.sources, "--sources", with_columns=True)
-    runs = parse_runs(args)
+    tracked = parse_runs(args)
     device = args.device or common.default_device()
     out_dir = Path(args.output_dir)
 
     # ---- data ------------------------------------------------------------------------------------------------
-    inputs = load_inputs(args, sources, runs)
+    inputs = load_inputs(args, sources, tracked)
 
     # ---- model and samples -----------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -947,7 +949,7 @@ def main(argv=None) -> dict:
 
     # ---- base scores: log-probs, perplexity, ||A(v)||_F^2, ||G(u)||_F^2 --------------------------------------
     base = base_scores(args, model, processor, inputs, samples, k_exact)
-    results = {"config": asdict(args), "environment": common.environment(), "n_probes": len(samples["probe_batches"]),
+    results = {"config": asdict(args), "environment": runs.environment(), "n_probes": len(samples["probe_batches"]),
                "sources": base["sources"], "samples": base["samples"]}
     timings["base_scores_s"] = time.time() - start
 
@@ -977,17 +979,17 @@ def main(argv=None) -> dict:
         timings["exact_s"] = time.time() - t0
 
     # ---- probe tracking over each run's checkpoints, and the KL on the new task ------------------------------
-    if runs:
+    if tracked:
         t0 = time.time()
-        results["tracking"] = tracking_phase(args, model, processor, runs, samples, base, inputs["kl_rows"], device)
+        results["tracking"] = tracking_phase(args, model, processor, tracked, samples, base, inputs["kl_rows"], device)
         timings["tracking_s"] = time.time() - t0
 
     # ---- save ------------------------------------------------------------------------------------------------
     timings["total_s"] = time.time() - start
     results["timings"] = timings
     results["figures"] = make_figures(results, out_dir)
-    common.write_json_atomic(out_dir / "dynamics.json", results)
-    common.write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
+    runs.write_json_atomic(out_dir / "dynamics.json", results)
+    runs.write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
     print(f"[analyze] wrote {out_dir / 'dynamics.json'}, {out_dir / 'dynamics.md'} and "
           f"{len(results['figures'])} figures in {timings['total_s']:.1f}s")
     return results

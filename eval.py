@@ -15,7 +15,7 @@ Every answer is scored twice: strict, the raw output as lmms-eval and the benchm
 format ("metrics_lenient"). The paper's tables use strict; the gap between the two is forgetting of the
 answer format rather than of the knowledge.
 
-Decoding is greedy (do_sample=False), batched with left padding (common.generate), prompts sorted by length.
+Decoding is greedy (do_sample=False), batched with left padding (sequences.generate), prompts sorted by length.
 Answers are read by rules only (regex/string parsing, never an LLM judge).
 
 Run (toy world, CPU; what run_all.sh's eval stages call, once its base and data stages have run):
@@ -50,6 +50,8 @@ from pathlib import Path
 
 import benchmarks
 import common
+import runs
+import sequences
 from benchmarks import parsers
 from benchmarks.base import Benchmark, Context, pct, resized_size  # noqa: F401  (Context: bench/ uses it)
 
@@ -152,7 +154,7 @@ def model_identity(model: str, previous: dict | None = None) -> dict:
     if folder.is_dir():
         known = (previous or {}).get("files", {})
         files = {}
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != common.OUTPUT_MARKER):
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != runs.OUTPUT_MARKER):
             stat = path.stat()
             old = known.get(path.name, {})
             same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns and old.get("sha256")
@@ -214,7 +216,7 @@ def generate_records(model, processor, samples: list[dict], batch_size: int, max
     texts, truncated = [None] * len(samples), [False] * len(samples)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        out = common.generate(model, processor, [samples[i]["prompt"] for i in chunk],
+        out = sequences.generate(model, processor, [samples[i]["prompt"] for i in chunk],
                               [samples[i]["images"] for i in chunk], max_new_tokens=max_new_tokens, do_sample=False)
         for i, text, cut in zip(chunk, out["texts"], out["truncated"]):
             texts[i], truncated[i] = text, cut
@@ -308,9 +310,9 @@ def main(argv=None) -> dict:
     jobs = [(args.model, output_dir, args.limit)]
     if args.checkpoints:
         jobs += [(str(path), output_dir / label, args.checkpoint_limit)
-                 for _, label, path in common.list_checkpoints(Path(args.model).parent, include_final=False)]
+                 for _, label, path in runs.list_checkpoints(Path(args.model).parent, include_final=False)]
     for _, folder, _ in jobs:
-        common.check_output_dir(folder, STAGE, args.overwrite)
+        runs.check_output_dir(folder, STAGE, args.overwrite)
     device = args.device or common.default_device()
     dtype = common.resolve_dtype(args.precision, device, "--precision")
 
@@ -333,14 +335,14 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
     """One model on every benchmark of --benchmarks into output_dir/results.json (resuming from its cache)."""
     # ---- cache: what an earlier run into this folder wrote -------------------------------------------------
     output_dir.mkdir(parents=True, exist_ok=True)
-    common.mark_output_dir(output_dir, STAGE)
+    runs.mark_output_dir(output_dir, STAGE)
     out_path = output_dir / "results.json"
     previous = {} if args.recompute else read_previous(out_path)
     identity = model_identity(model_path, previous.get("model_identity"))
     settings = {**dataclasses.asdict(args), "model": model_path, "output_dir": str(output_dir), "limit": limit,
                 "dtype": dtype, "device": device}
     results = {"model": model_path, "model_identity": identity, "settings": settings,
-               "environment": common.environment(), "benchmarks": previous.get("benchmarks", {})}
+               "environment": runs.environment(), "benchmarks": previous.get("benchmarks", {})}
 
     # ---- loop per benchmark: windows of rows -> samples -> keys -> generate what is missing -> score -------
     model = processor = None
@@ -397,7 +399,7 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
             progress.update(len(rows[start:start + window]))
             if todo:  # a crash loses at most one window: the next run reuses what is written here
                 results["benchmarks"][name] = {**entry, "samples": {**cached, **entry["samples"]}}
-                common.write_json_atomic(out_path, results)
+                runs.write_json_atomic(out_path, results)
         progress.close()
         # Scores are recomputed from the stored predictions on every run, so a fixed parser applies to cached
         # runs too.
@@ -407,7 +409,7 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
         if not args.save_samples:
             entry["samples"] = {}
         results["benchmarks"][name] = entry
-        common.write_json_atomic(out_path, results)
+        runs.write_json_atomic(out_path, results)
         shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in entry["metrics"].items()
                  if not isinstance(v, dict)}
         print(f"[eval] {name}: {len(rows)} rows, {reused} samples cached, {generated} generated; strict {shown}; "

@@ -425,8 +425,8 @@ def build_dataset(args: BuildArgs):
     })
     splits = build_rows(args)
     dataset = DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in splits.items()})
-    import common
-    common.save_dataset_atomic(dataset, args.output_dir, stage="jigsaw.py", overwrite=args.overwrite)
+    import runs
+    runs.save_dataset_atomic(dataset, args.output_dir, stage="jigsaw.py", overwrite=args.overwrite)
     return dataset
 
 

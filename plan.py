@@ -187,7 +187,7 @@ def _i(settings, name, default=0) -> int:
 
 def checkpoints(steps: int, save_steps: int, save_at: str = "") -> int:
     """Model-only checkpoint-N/ folders a training run keeps: one every save_steps and one at each save_at step,
-    before the last step (the last step is final/; common.snapshot_due, checked on the smoke run)."""
+    before the last step (the last step is final/; runs.snapshot_due, checked on the smoke run)."""
     due = {n for n in range(save_steps, steps, save_steps)} if save_steps > 0 else set()
     due |= {int(n) for n in str(save_at).split(",") if n.strip().isdigit() and 0 < int(n) < steps}
     return len(due)
@@ -260,7 +260,6 @@ def plan(settings: dict, stages: list[str]) -> dict:
         return samples
 
     non_rea_tokens = 3 * _grid_cells(s) + 10
-    runs = {"sft_non_rea": (sft_steps, save), "rft": (rft_steps, rft_save)}
     sft_at, rft_at = s.get("SFT_SAVE_AT", ""), f"{s.get('RFT_EARLY_STEP', '')},{s.get('RFT_SAVE_AT', '')}"
     sft_ckpts = checkpoints(sft_steps, save, sft_at)
     rft_ckpts = checkpoints(rft_steps, rft_save, rft_at)

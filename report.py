@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import runs
 
 # (folder / results name, the paper's name for it)
 METHODS = [("base", "Base model"), ("rft", "RFT"), ("sft_non_rea", "SFT-Non-Rea"),
@@ -263,7 +264,7 @@ def prior_section(run: Path, results: dict, out_dir: Path) -> tuple[list[str], d
     plot = run / "report" / "compare.png"
     if compare_plot(rows, [m for m in methods if results.get(m)], plot):
         lines += ["", f"![change from base]({os.path.relpath(plot, out_dir)})"]
-    common.write_json_atomic(run / "report" / "compare.json",
+    runs.write_json_atomic(run / "report" / "compare.json",
                              {"base": "base", "rows": rows, "mean_delta_percent": mean_delta,
                               "mean_delta_percent_lenient": mean_lenient, "tables_use": "strict"})
     lines += ["", "Paper (7B, Δ from base): RFT -0.6 RefCOCO, 0.0 DocVQA, -8 MME, +1.7 MMStar, -0.2 POPE; SFT-Non-Rea "

@@ -11,7 +11,7 @@ Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpo
     the KL term. With mu > 1 the old log-probs are the first pass's own, detached (no extra forward).
   * The KL to the reference uses Schulman's k3 estimator exp(r) - r - 1 per token, added to the loss (not to
     the reward), with beta 0.04 (the GRPO paper, Jigsaw-R1): unbiased, never negative, cheap.
-  * Sampling is our own decode loop (common.generate): each prompt is prefilled once and its cache copied to
+  * Sampling is our own decode loop (sequences.generate): each prompt is prefilled once and its cache copied to
     its G samples; plain multinomial sampling at --temperature, no top-k; vision tokens are never sampled.
   * Loss aggregation: grpo (per-sequence token mean, the paper's), dapo or dr_grpo with TRL's normalisers.
 
@@ -39,21 +39,20 @@ state: weights, optimizer, data position, RNG), final/ (save_pretrained model + 
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import itertools
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import base_check
 import common
 import jigsaw
+import runs
+import sequences
 
 
 @dataclass
@@ -261,7 +260,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards, RNG state
+# Rewards
 # ----------------------------------------------------------------------------------------------------------
 def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, torch.Tensor]:
     """The shared jigsaw reward of each completion, every component separately. Completions are untrusted
@@ -282,42 +281,17 @@ def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, t
     return out
 
 
-def _b64(tensor: torch.Tensor) -> str:
-    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def rng_state() -> dict:
-    """Python and torch (CPU, CUDA) RNG states as JSON (the sampler of generate draws from torch's)."""
-    version, internal, gauss = random.getstate()
-    state = {"python": [version, list(internal), gauss], "torch": _b64(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Rollout, policy update, evaluation
+# Rollout and policy update
 # ----------------------------------------------------------------------------------------------------------
 def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
-    """Sample G completions for each of the B puzzles in ONE batched decode (common.generate prefills each
+    """Sample G completions for each of the B puzzles in ONE batched decode (sequences.generate prefills each
     puzzle and its images once and copies the cache G times), score them, and compute advantages. The
     completions come group by group: puzzle 1's G samples, then puzzle 2's, ..."""
     prompt_column = PROMPT_COLUMNS[args.prompt_style]
     answers = [row["answer"] for row in rows for _ in range(args.num_generations)]
     with autocast():
-        out = common.generate(model, processor, [row[prompt_column] for row in rows],
+        out = sequences.generate(model, processor, [row[prompt_column] for row in rows],
                               [common.row_images(row) for row in rows], max_new_tokens=args.max_completion_length,
                               temperature=args.temperature, top_p=args.top_p, do_sample=True,
                               num_samples=args.num_generations)
@@ -330,17 +304,17 @@ def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.
 def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
     """The rollout as training micro-batches of `micro_batch_size` sequences (prompt left-padded, completion
     right-padded). Sequence i is completion i after prompt i // G, taken from the prompts the rollout already
-    encoded (common.select_rows: no second pass of the image processor); reused by every pass."""
+    encoded (sequences.select_prompt_rows: no second pass of the image processor); reused by every pass."""
     chunks = []
     n = len(batch["completion_ids"])
     for start in range(0, n, args.micro_batch_size):
         end = min(n, start + args.micro_batch_size)
         rows = [i // args.num_generations for i in range(start, end)]
-        prompts = common.select_rows(batch["prompt_batch"], rows)
-        mb = common.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
+        prompts = sequences.select_prompt_rows(batch["prompt_batch"], rows)
+        mb = sequences.append_completions(prompts, batch["completion_ids"][start:end], processor.tokenizer.pad_token_id)
         # The chunk's distinct prompts, for the no-gradient log-probs that run each prompt once.
         distinct = sorted(set(rows))
-        mb["prefix"] = common.select_rows(batch["prompt_batch"], distinct)
+        mb["prefix"] = sequences.select_prompt_rows(batch["prompt_batch"], distinct)
         mb["prefix_index"] = torch.tensor([distinct.index(r) for r in rows])
         loss_mask = mb["completion_mask"].clone()
         if args.mask_truncated:
@@ -369,11 +343,11 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
     # before any update of this rollout (so the first pass has ratio exactly 1).
     with torch.no_grad():
         for mb in chunks:
-            inputs = common.to_device(mb, device)
-            prefix = (common.to_device(mb["prefix"], device), inputs["prefix_index"], inputs["completion_ids"],
+            inputs = sequences.to_device(mb, device)
+            prefix = (sequences.to_device(mb["prefix"], device), inputs["prefix_index"], inputs["completion_ids"],
                       inputs["completion_mask"], args.temperature)
             if ref_model is not None:
-                mb["ref_logprobs"] = common.shared_prefix_logprobs(ref_model, *prefix).float().cpu()
+                mb["ref_logprobs"] = sequences.shared_prefix_logprobs(ref_model, *prefix).float().cpu()
 
     passes, skipped = [], 0
     for _ in range(args.num_iterations):
@@ -381,10 +355,10 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                  "ratio_min": math.inf, "ratio_max": -math.inf}
         finite = True
         for i, mb in enumerate(chunks):
-            inputs = common.to_device(mb, device)
+            inputs = sequences.to_device(mb, device)
             sync = accelerator.no_sync(model) if i < len(chunks) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                logprobs = common.completion_logprobs(model, inputs, args.temperature).float()
+                logprobs = sequences.completion_logprobs(model, inputs, args.temperature).float()
                 if args.num_iterations > 1 and "old_logprobs" not in mb:
                     # first pass (or one after a skipped first pass: the weights have not moved either way)
                     mb["old_logprobs"] = logprobs.detach().cpu()
@@ -423,184 +397,6 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
     return {"passes": passes, "skipped": skipped}
 
 
-@torch.no_grad()
-def evaluate(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
-    """Greedy decoding on a fixed subset of the test split: exact accuracy (R_acc), format rate, mean hit."""
-    prompt_column = PROMPT_COLUMNS[args.prompt_style]
-    texts, answers = [], []
-    for start in range(0, len(rows), args.eval_batch_size):
-        chunk = rows[start:start + args.eval_batch_size]
-        with autocast():
-            out = common.generate(model, processor, [r[prompt_column] for r in chunk],
-                                  [common.row_images(r) for r in chunk], max_new_tokens=args.max_completion_length,
-                                  do_sample=False)
-        texts += out["texts"]
-        answers += [r["answer"] for r in chunk]
-    scores = score(texts, answers, args)
-    return {"eval_accuracy": float(scores["acc"].mean()), "eval_format_rate": float(scores["fmt"].mean()),
-            "eval_hit": float(scores["hit"].mean()), "eval_size": len(rows)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Step-0 check: does the starting model's answer depend on the image? (issue 13)
-# ----------------------------------------------------------------------------------------------------------
-# GRPO can only reinforce what the starting model already samples. A base whose jigsaw answer ignores the image
-# (the toy base of issue 13: one fixed think sentence, then a grid whose digits did not depend on the picture)
-# gives group rewards that differ by luck alone, and the run spends its steps on a noise gradient. The check
-# teacher-forces every candidate answer after the model's own greedy think text and asks how much the answer
-# distribution changes from one puzzle to the next.
-def answer_candidates(answers: list[list[int]], num_candidates: int, seed: int = 0) -> tuple[list[list[int]], bool]:
-    """One candidate set shared by every puzzle (so that the p_i live on one support and can be averaged):
-    all n! permutations when n! <= num_candidates (2x2: the 24 permutations, the identity included), else a
-    seeded sample of num_candidates distinct permutations plus every puzzle's true answer. Returns (candidates,
-    exhaustive)."""
-    n = len(answers[0])
-    if math.factorial(n) <= num_candidates:
-        return [list(p) for p in itertools.permutations(range(1, n + 1))], True
-    rng = random.Random(f"{seed}/answer-candidates")
-    seen, candidates = set(), []
-    for answer in answers:
-        if tuple(answer) not in seen:
-            seen.add(tuple(answer))
-            candidates.append(list(answer))
-    sampled, wanted = 0, min(num_candidates, math.factorial(n) - len(candidates))  # never more than exist
-    while sampled < wanted:
-        perm = rng.sample(range(1, n + 1), n)
-        if tuple(perm) not in seen:
-            seen.add(tuple(perm))
-            candidates.append(perm)
-            sampled += 1
-    return candidates, False
-
-
-def answer_distribution_mi(probs: torch.Tensor) -> float:
-    """MI(answer; image) in nats from p(answer | image_i) over a shared candidate set, [puzzles, candidates]:
-    mean_i KL(p_i || p_bar) with p_bar = mean_i p_i (the answer's marginal). 0 exactly when every puzzle gets
-    the same distribution; at most log(puzzles) and log(candidates).
-
-    Example: two puzzles, two candidates. p_1 = p_2 = [0.5, 0.5] -> MI 0. p_1 = [1, 0], p_2 = [0, 1] ->
-    p_bar = [0.5, 0.5], KL = log 2 each -> MI = log 2 = 0.693 nats (the answer names the image exactly)."""
-    probs = probs.double()
-    marginal = probs.mean(0, keepdim=True)
-    terms = torch.where(probs > 0, probs * (probs.clamp_min(1e-300).log() - marginal.clamp_min(1e-300).log()),
-                        torch.zeros_like(probs))
-    return float(terms.sum(1).mean())
-
-
-@torch.no_grad()
-def answer_image_mutual_information(model, processor, rows: list[dict], thinking: bool = True,
-                                    num_puzzles: int = 32, num_candidates: int = 24, max_new_tokens: int = 512,
-                                    batch_size: int = 16, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
-    """How much the model's jigsaw answer depends on the image, teacher-forced over candidate answers.
-
-    For each of the first `num_puzzles` rows: with the thinking prompt, the model first writes its own greedy
-    think text (everything up to and including its first </think>; "<think></think>" if it never closes one);
-    then every candidate answer c is scored as the completion  think + "\n" + "<answer>\n<grid of c>\n</answer>"
-    (answer-only prompt: the answer block alone), log p summed over the completion's tokens, and normalised over
-    the candidates: p_i(c) = p(c | image_i, think_i) / sum_c' p(c' | image_i, think_i). Candidates: the n!
-    permutations when n! <= num_candidates (2x2: all 24), else a seeded sample of num_candidates permutations
-    plus the true answers of the scored puzzles (an estimate on that subset, said in the result as
-    "exhaustive": false). Returns MI = mean_i KL(p_i || mean_j p_j) in nats, the mean p_i(true answer) against
-    chance 1 / (number of candidates), the share of puzzles whose most likely candidate is the true answer, and
-    the share of greedy think texts that closed </think>.
-
-    Reads: MI ~ 0 means the answer is one distribution whatever the picture (GRPO would reinforce luck); an
-    answer that names the pieces' homes has MI up to log(24) = 3.18 nats on 2x2.
-    """
-    rows = list(rows)[:num_puzzles]
-    if not rows:
-        raise ValueError("answer_image_mutual_information needs at least one jigsaw row.")
-    tokenizer = processor.tokenizer
-    column = "prompt" if thinking else "prompt_no_think"
-    answers = [list(r["answer"]) for r in rows]
-    candidates, exhaustive = answer_candidates(answers, num_candidates, seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    thinks, closed = [], 0
-    try:
-        if thinking:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                with autocast():
-                    out = common.generate(model, processor, [r[column] for r in chunk],
-                                          [common.row_images(r) for r in chunk], max_new_tokens=max_new_tokens,
-                                          do_sample=False)
-                for text in out["texts"]:
-                    end = text.find("</think>")
-                    closed += end >= 0
-                    thinks.append(text[:end + len("</think>")].lstrip() + "\n" if end >= 0 else "<think></think>\n")
-        else:
-            thinks = [""] * len(rows)
-        eos = tokenizer.eos_token
-        logps = []
-        for i, row in enumerate(rows):
-            prompt = common.build_batch(processor, [row[column]], [common.row_images(row)])
-            ids = [tokenizer(thinks[i] + jigsaw.target_answer_only(c, row["rows"], row["cols"]) + eos,
-                             add_special_tokens=False)["input_ids"] for c in candidates]
-            scores = []
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start:start + batch_size]
-                length = max(len(x) for x in chunk)
-                completion_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-                completion_mask = torch.zeros((len(chunk), length), dtype=torch.long)
-                for j, x in enumerate(chunk):
-                    completion_ids[j, :len(x)] = torch.tensor(x)
-                    completion_mask[j, :len(x)] = 1
-                with autocast():
-                    lp = common.shared_prefix_logprobs(model, common.to_device(common.model_inputs(prompt), device),
-                                                       torch.zeros(len(chunk), dtype=torch.long, device=device),
-                                                       completion_ids.to(device), completion_mask.to(device))
-                scores.append(lp.float().sum(1).cpu())
-            logps.append(torch.cat(scores))
-    finally:
-        model.train(was_training)
-    probs = torch.softmax(torch.stack(logps).double(), dim=1)
-    true_index = torch.tensor([candidates.index(a) for a in answers])
-    p_true = probs[torch.arange(len(rows)), true_index]
-    return {"answer_image_mi": answer_distribution_mi(probs), "answer_p_true": float(p_true.mean()),
-            "answer_p_chance": 1.0 / len(candidates), "answer_top1_true": float((probs.argmax(1) == true_index)
-                                                                                  .double().mean()),
-            "answer_mi_puzzles": len(rows), "answer_mi_candidates": len(candidates),
-            "answer_mi_exhaustive": exhaustive, "think_closed": closed / len(rows) if thinking else None}
-
-
-# Step-0 greedy format rate under which rft.py warns (a warning, not a stop; see step_zero_check).
-LOW_FORMAT_RATE = 0.05
-
-
-def step_zero_check(model, processor, eval_rows: list[dict], args: Args, logger, autocast) -> dict:
-    """Step 0 of a fresh run: the greedy evaluation and the answer;image MI of the starting model, logged to
-    metrics.jsonl as step 0; stops the run (common.fail) when MI < --min_answer_image_mi."""
-    result = {"step": 0, **evaluate(model, processor, eval_rows, args, autocast)}
-    if args.mi_puzzles > 0:
-        result.update(answer_image_mutual_information(
-            model, processor, eval_rows, thinking=args.prompt_style == "thinking", num_puzzles=args.mi_puzzles,
-            num_candidates=args.mi_candidates, max_new_tokens=args.max_completion_length,
-            batch_size=args.eval_batch_size, seed=args.seed, autocast=autocast))
-    logger.log(result)
-    mi = result.get("answer_image_mi")
-    print(f"[rft] step 0: exact {result['eval_accuracy']:.3f}, hit {result['eval_hit']:.3f}, format "
-          f"{result['eval_format_rate']:.3f} on {result['eval_size']} test puzzles"
-          + ("" if mi is None else f"; MI(answer; image) {mi:.3f} nats, p(true answer) "
-             f"{result['answer_p_true']:.3f} vs chance {result['answer_p_chance']:.3f}"), flush=True)
-    if result["eval_format_rate"] < LOW_FORMAT_RATE:
-        # Not a stop: GRPO can find the format by sampling, but until it does most groups score 0 for format and
-        # the run spends its first steps on that (measured, toy: a base at 1.6% format needed ~160 steps for 50%
-        # exact on every seed, one at 40.6% reached 73% in 80).
-        print(f"[rft] warning: at step 0 only {result['eval_format_rate']:.1%} of the greedy answers are in the "
-              f"prompt's format (< {LOW_FORMAT_RATE:.0%}); expect GRPO's first steps to go to the format. Read "
-              f"what it samples in completions.jsonl, or check --prompt_style.", flush=True)
-    if mi is not None and mi < args.min_answer_image_mi:
-        common.fail(f"step 0: the model's jigsaw answer hardly depends on the image (MI(answer; image) = {mi:.3f} "
-                    f"nats < --min_answer_image_mi {args.min_answer_image_mi}; p(true answer) "
-                    f"{result['answer_p_true']:.3f} vs chance {result['answer_p_chance']:.3f}). GRPO would "
-                    f"reinforce luck: its group rewards differ by chance alone. Start from a model that reads the "
-                    f"pieces (for the toy world, rebuild the base: run_all.sh --from base), or pass "
-                    f"--min_answer_image_mi 0 to train anyway.")
-    return result
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
@@ -635,7 +431,7 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "max_nonfinite": ">= 1", "plan_prompt_length": ">= 1", "log_completions": ">= 0", "w_hit": ">= 0",
           "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
           "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0"}
-# Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
+# Flags that do not change the trajectory: a --resume may change them (runs.prepare_run compares the rest).
 OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size",
                "max_nonfinite", "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles",
                "mi_candidates", "min_answer_image_mi")
@@ -682,7 +478,7 @@ def main(argv=None) -> dict:
     # ------------------------------------------------------------------ config
     args = common.parse_args(Args, __doc__, argv)
     check_args(args)
-    save_at = common.parse_save_at(args.save_at)
+    save_at = runs.parse_save_at(args.save_at)
     precision, mixed_precision, policy_dtype, ref_dtype = resolve_precision(args)
     if args.dry_run:
         dry_run(args, precision, ref_dtype)
@@ -701,8 +497,8 @@ def main(argv=None) -> dict:
     common.check_model_path(args.model)
 
     output_dir = Path(args.output_dir)
-    accelerator = common.make_accelerator(mixed_precision, args.report_to, output_dir)
-    resume_from = common.prepare_run(accelerator, output_dir, "rft.py", dataclasses.asdict(args), args.resume,
+    accelerator = runs.make_accelerator(mixed_precision, args.report_to, output_dir)
+    resume_from = runs.prepare_run(accelerator, output_dir, "rft.py", dataclasses.asdict(args), args.resume,
                                      args.overwrite, OPERATIONAL)
     # Each process samples with its own seed and draws its own puzzles (common.data_indices at its rank's
     # positions): N GPUs must not generate N copies of the same rollouts.
@@ -728,7 +524,7 @@ def main(argv=None) -> dict:
                                      args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # Training mode: transformers checkpoints a layer only while the module is in training mode, and
-    # from_pretrained returns eval mode. common.generate switches to eval for sampling and back afterwards.
+    # from_pretrained returns eval mode. sequences.generate switches to eval for sampling and back afterwards.
     model.train()
     trainable, frozen = common.count_parameters(model)
     accelerator.print(f"[rft] {args.model}: {trainable:,} trainable / {frozen:,} frozen parameters; "
@@ -737,42 +533,29 @@ def main(argv=None) -> dict:
                       f"{ref_dtype if ref_model is not None else 'none'}")
 
     # ------------------------------------------------------------------ resume
-    step, position, nonfinite_total, last = 0, 0, 0, {}
-    if resume_from is not None:
-        state = common.load_resume_state(accelerator, resume_from)
-        step, position = state["step"], state["data_position"]
-        nonfinite_total = state.get("nonfinite_total", 0)
-        if rank == 0:  # rank 0's own record; the other ranks keep the RNG states accelerate restored for them
-            set_rng_state(state["rng"])
-        accelerator.print(f"[rft] resumed from {resume_from} at step {step}")
-    elif args.resume:
-        accelerator.print(f"[rft] --resume: no resume state in {output_dir}, starting from scratch")
+    # accelerate's load_state restores every process's RNG (the sampler draws from torch's); runs checks it did.
+    state = runs.start_or_resume(accelerator, resume_from, output_dir, args.resume, "rft")
+    step, position, nonfinite_total, last = state["step"], state["data_position"], state.get("nonfinite_total", 0), {}
     if args.report_to != "none":
         accelerator.init_trackers("rft", config={k: v for k, v in dataclasses.asdict(args).items()
                                                  if isinstance(v, (int, float, str, bool))})
-    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                                  accelerator=accelerator)
+    logger = runs.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                accelerator=accelerator)
     # Every process records what it sampled (rank r > 0 in completions.rank{r}.jsonl): N GPUs must show N
     # different sets of puzzles and completions.
-    completions_log = common.MetricsLogger(
+    completions_log = runs.MetricsLogger(
         output_dir / ("completions.jsonl" if rank == 0 else f"completions.rank{rank}.jsonl"),
         enabled=args.log_completions > 0)
-    snapshot_dtype = common.snapshot_dtype(precision)
+    snapshot_dtype = runs.snapshot_dtype(precision)
 
-    def save(at_step: int, snapshot: bool = True, resume_state: bool = True) -> None:
-        if snapshot:
-            common.save_snapshot(accelerator, model, processor, output_dir, at_step, snapshot_dtype)
-        if resume_state:
-            common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position, "rng": rng_state(),
-                                                                        "nonfinite_total": nonfinite_total})
-        if accelerator.is_main_process and args.save_total_limit:
-            for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    # ------------------------------------------------------------------ step 0 (--max_steps 0: only this)
+    # ------------------------------------------------------------------ step 0: the base check as a guard
+    # (base_check.py: greedy exact/hit/format and MI(answer; image); stops below --min_answer_image_mi)
     policy = accelerator.unwrap_model(model)
     if step == 0 and eval_rows:
-        last = step_zero_check(policy, processor, eval_rows, args, logger, accelerator.autocast)
+        last = {"step": 0, **base_check.check(
+            policy, processor, eval_rows, args.prompt_style, args.max_completion_length, args.eval_batch_size,
+            args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast, "rft")}
+        logger.log(last)
     if args.max_steps == 0:
         return last
 
@@ -833,31 +616,31 @@ def main(argv=None) -> dict:
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
         if nonfinite_in_row >= args.max_nonfinite:
             bar.close()
-            good = common.resume_state(output_dir)
+            good = runs.resume_state(output_dir)
             common.fail(f"{nonfinite_in_row} non-finite losses/gradients in a row at step {step}: stopping. The "
                         f"last good state is {good or 'none (nothing was saved yet)'}; lower --lr, use "
                         "--precision bf16_mixed, or raise --max_nonfinite, then --resume.")
         # ------------------------------------------------------------------ eval and save
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
-            result = evaluate(policy, processor, eval_rows, args, accelerator.autocast)
+            result = base_check.greedy_scores(policy, processor, eval_rows, args.prompt_style,
+                                              args.max_completion_length, args.eval_batch_size, accelerator.autocast)
             logger.log({"step": step, **result})
             record.update(result)
         # A skipped update left the weights and optimizer as they were (known-good), so the snapshot is taken
         # anyway: later stages rely on checkpoint-N existing at every --save_steps and --save_at step (the early
         # RFT checkpoint).
-        snapshot, resume_due = common.snapshot_due(step, args.max_steps, args.save_steps, save_at)
+        snapshot, resume_due = runs.snapshot_due(step, args.max_steps, args.save_steps, save_at)
         if snapshot:
-            save(step, resume_state=resume_due)
+            runs.save_checkpoint(accelerator, model, processor, output_dir, step, snapshot_dtype,
+                                 {"data_position": position, "nonfinite_total": nonfinite_total} if resume_due
+                                 else None, keep_snapshots=args.save_total_limit)
         last = record
     bar.close()
 
     # ------------------------------------------------------------------ save
-    save(step, snapshot=False)
-    common.export_model(accelerator, model, processor, output_dir / "final", snapshot_dtype)
-    if accelerator.is_main_process:
-        common.write_json_atomic(output_dir / "final" / "trainer_state.json", {"step": step, "model": args.model})
-    accelerator.print(f"[rft] done: {output_dir / 'final'}")
-    accelerator.end_training()
+    final = runs.finish_run(accelerator, model, processor, output_dir, step, snapshot_dtype,
+                            {"data_position": position, "nonfinite_total": nonfinite_total}, {"model": args.model})
+    accelerator.print(f"[rft] done: {final}")
     return last
 
 

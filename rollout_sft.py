@@ -70,6 +70,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import runs
+import sequences
 import jigsaw
 
 SOURCES = ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated")
@@ -315,13 +317,13 @@ def load_sampler(args: Args):
 
 
 def sample_completions(model, processor, rows: list[dict], args: Args) -> list[list[str]]:
-    """K sampled texts per row, max(1, --batch_size // K) puzzles per common.generate call: each puzzle is
+    """K sampled texts per row, max(1, --batch_size // K) puzzles per sequences.generate call: each puzzle is
     prefilled once and its cache copied K times (num_samples), left padding, images in row order."""
     per_call = max(1, args.batch_size // args.num_generations)
     texts = []
     for start in range(0, len(rows), per_call):
         chunk = rows[start:start + per_call]
-        out = common.generate(model, processor, [row["prompt"] for row in chunk],
+        out = sequences.generate(model, processor, [row["prompt"] for row in chunk],
                               [common.row_images(row) for row in chunk], args.max_completion_length,
                               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
                               do_sample=args.temperature > 0, num_samples=args.num_generations)
@@ -348,7 +350,7 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
             common.fail(f"{meta_path} was written by a run with other settings ({'; '.join(diff)}). Rerun with "
                         f"the same flags to resume, or delete {meta_path} and {shard} to start over.")
     else:
-        common.write_json_atomic(meta_path, meta)
+        runs.write_json_atomic(meta_path, meta)
 
 
 def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, reward_fn: Callable,
@@ -359,7 +361,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
     id, so a resumed run draws exactly what the uninterrupted run would have drawn. A chunk with any puzzle
     missing is redrawn whole (same seed, same batch) and only the missing puzzles are written.
     """
-    done = common.read_shard(shard)
+    done = runs.read_shard(shard)
     per_chunk = max(1, args.batch_size // max(1, args.num_generations))
     ids = dataset["id"]
     chunks = [list(range(start, min(start + per_chunk, len(ids)))) for start in range(0, len(ids), per_chunk)]
@@ -385,7 +387,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
                                   [item["completion"] for _, item in flat])
                 for (_, item), (logprob, tokens) in zip(flat, scores):
                     item["logprob"], item["tokens"] = logprob, tokens
-        common.append_shard(shard, records)
+        runs.append_shard(shard, records)
         done.update({r["id"]: r for r in records})
         kept_rows = sum(len(r["kept"]) for r in done.values())
         if kept_rows == 0:
@@ -531,9 +533,9 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     rows = rows.add_column("source_checkpoint", [source_checkpoint] * len(indices), feature=Value("string"))
     rows = rows.add_column("logprob", logprobs, feature=Value("float64"))
     rows = rows.select_columns(list(OUT_COLUMNS))
-    common.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
+    runs.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
                                overwrite=args.overwrite)
-    common.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
+    runs.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
 
 
 def print_stats(stats: dict) -> None:
@@ -562,7 +564,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
                     "hub id).")
     common.check_ranges(args, RANGES)
     # Before any model is loaded: never replace a folder this script did not make.
-    common.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
+    runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
     if args.traces and args.source != "rea_external":
         common.fail("--traces only applies to --source rea_external.")
     if args.teacher_url:
@@ -600,7 +602,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
     model = processor = None
-    if not all(i in common.read_shard(shard) for i in ids):
+    if not all(i in runs.read_shard(shard) for i in ids):
         model, processor = load_sampler(args)
     sampler = sample_fn or sample_completions
 
@@ -609,7 +611,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
         dataset, args, shard,
         sample_fn=lambda rows, a: sampler(model, processor, rows, a),
         reward_fn=reward_fn,
-        score_fn=lambda prompts, images, completions: common.sequence_logprobs(model, processor, prompts, images,
+        score_fn=lambda prompts, images, completions: sequences.sequence_logprobs(model, processor, prompts, images,
                                                                                completions, args.batch_size))
 
     # ---------------- save ----------------

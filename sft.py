@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
+import runs
+import sequences
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Args:
     """prompt tokens (image + text) assumed by the --dry_run activation estimate (Jigsaw-R1: 512)"""
 
 
-# Flags that do not change the trajectory: a --resume may change them (common.prepare_run compares the rest).
+# Flags that do not change the trajectory: a --resume may change them (runs.prepare_run compares the rest).
 OPERATIONAL = ("logging_steps", "save_steps", "save_at", "save_total_limit", "report_to", "dry_run",
                "plan_prompt_length")
 RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
@@ -153,7 +154,7 @@ def check_args(args: Args) -> None:
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     check_args(args)
-    save_at = common.parse_save_at(args.save_at)
+    save_at = runs.parse_save_at(args.save_at)
 
     # ======================================================================================================
     # Config: precision. Pure bf16 weights lose most updates at lr 1e-5..1e-6 (bf16 keeps ~3 significant
@@ -186,8 +187,8 @@ def main(argv=None):
     common.check_model_path(args.model)
 
     output_dir = Path(args.output_dir)
-    accelerator = common.make_accelerator(mixed, args.report_to, output_dir)
-    resume_from = common.prepare_run(accelerator, output_dir, "sft.py", asdict(args), args.resume, args.overwrite,
+    accelerator = runs.make_accelerator(mixed, args.report_to, output_dir)
+    resume_from = runs.prepare_run(accelerator, output_dir, "sft.py", asdict(args), args.resume, args.overwrite,
                                      OPERATIONAL)
     common.seed_everything(args.seed + accelerator.process_index)
 
@@ -216,32 +217,19 @@ def main(argv=None):
 
     # Data position = global rows consumed; rank r of a micro-batch reads rows [position + r*B, position + (r+1)*B)
     # of the one seeded order (common.data_indices), so any position is recomputed on resume without replay.
-    step, position = 0, 0
-    if resume_from is not None:
-        state = common.load_resume_state(accelerator, resume_from)
-        step, position = state["step"], state["data_position"]
-        accelerator.print(f"[sft] resumed from {resume_from} (step {step}, data position {position})")
-    elif args.resume:
-        accelerator.print(f"[sft] --resume: no resume state in {output_dir}; starting from step 0")
+    state = runs.start_or_resume(accelerator, resume_from, output_dir, args.resume, "sft")
+    step, position = state["step"], state["data_position"]
     if args.report_to != "none":
         accelerator.init_trackers("sft", config={k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))})
-    logger = common.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                                  accelerator=accelerator)
+    logger = runs.MetricsLogger(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                accelerator=accelerator)
+    snapshot_dtype = runs.snapshot_dtype(precision)
     accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
                       f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)")
 
     def row_length(row: dict) -> int:
         """--sort_by_length's key: text tokens (a row's image tokens are fixed by the pixel budget)."""
         return len(processor.tokenizer(row[args.prompt_column] + row[args.completion_column])["input_ids"])
-
-    def save(at_step: int, snapshot: bool = True, resume_state: bool = True) -> None:
-        if snapshot:
-            common.save_snapshot(accelerator, model, processor, output_dir, at_step, common.snapshot_dtype(precision))
-        if resume_state:
-            common.save_resume_state(accelerator, output_dir, at_step, {"data_position": position})
-        if accelerator.is_main_process and args.save_total_limit:
-            for _, _, old in common.list_checkpoints(output_dir, include_final=False)[:-args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
 
     # ======================================================================================================
     # Loop: grad_accum micro-batches per optimizer step; loss = mean over the step's completion tokens
@@ -257,7 +245,7 @@ def main(argv=None):
         if args.sort_by_length and args.grad_accum > 1:
             flat = sorted((r for rows in step_rows for r in rows), key=row_length)
             step_rows = [flat[k * args.batch_size:(k + 1) * args.batch_size] for k in range(args.grad_accum)]
-        micro_batches = [common.build_batch(
+        micro_batches = [sequences.build_batch(
             processor, [r[args.prompt_column] for r in rows], [common.row_images(r, base_dir) for r in rows],
             completions=[r[args.completion_column] for r in rows], max_completion_tokens=args.max_completion_length)
             for rows in step_rows]
@@ -267,10 +255,10 @@ def main(argv=None):
         step_tokens_all = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
         loss_sum = 0.0
         for k, batch in enumerate(micro_batches):
-            batch = common.to_device(batch, accelerator.device)
+            batch = sequences.to_device(batch, accelerator.device)
             sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                logprobs = common.completion_logprobs(model, batch)
+                logprobs = sequences.completion_logprobs(model, batch)
                 token_loss_sum = -(logprobs * batch["completion_mask"]).sum()
                 loss = token_loss_sum * world / max(1, step_tokens_all)
                 accelerator.backward(loss)
@@ -295,24 +283,23 @@ def main(argv=None):
         if not math.isfinite(loss_value):
             common.fail(f"loss is {loss_value} at step {step}; lower --lr, or use --precision bf16_mixed/fp32. "
                         f"The last good checkpoint in {output_dir} is untouched.")
-        snapshot, resume_due = common.snapshot_due(step, max_steps, args.save_steps, save_at)
+        snapshot, resume_due = runs.snapshot_due(step, max_steps, args.save_steps, save_at)
         if snapshot:
-            save(step, resume_state=resume_due)
+            runs.save_checkpoint(accelerator, model, processor, output_dir, step, snapshot_dtype,
+                                 {"data_position": position} if resume_due else None,
+                                 keep_snapshots=args.save_total_limit)
     progress.close()
 
     # ======================================================================================================
     # Save: the resume state of the last step (a rerun with --resume finds the run finished) and final/
     # (save_pretrained in the snapshots' dtype; it is the last step's snapshot, so no checkpoint-N/ copy of it)
     # ======================================================================================================
-    save(step, snapshot=False)
-    common.export_model(accelerator, model, processor, output_dir / "final", common.snapshot_dtype(precision))
-    if accelerator.is_main_process:
-        common.write_json_atomic(output_dir / "final" / "trainer_state.json",
-                                 {"step": step, "rows_seen": position, "data": args.data,
-                                  "completion_column": args.completion_column, "model": args.model})
-    accelerator.print(f"[sft] done: {step} steps; model in {output_dir / 'final'}")
-    accelerator.end_training()
-    return output_dir / "final"
+    final = runs.finish_run(accelerator, model, processor, output_dir, step, snapshot_dtype,
+                            {"data_position": position},
+                            {"rows_seen": position, "data": args.data, "completion_column": args.completion_column,
+                             "model": args.model})
+    accelerator.print(f"[sft] done: {step} steps; model in {final}")
+    return final
 
 
 if __name__ == "__main__":

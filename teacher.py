@@ -55,6 +55,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
+import runs
 import jigsaw
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
             common.fail(f"{meta_path} was written with other teacher settings ({'; '.join(diff)}). Rerun with the "
                         f"same flags to resume, or delete {meta_path} and {shard} to start over.")
     else:
-        common.write_json_atomic(meta_path, meta)
+        runs.write_json_atomic(meta_path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     client = TeacherClient(config)
     if not client.key:
         log(f"${config.api_key_env} is not set: sending no Authorization header (fine for a local server)")
-    done = common.read_shard(shard)
+    done = runs.read_shard(shard)
     ids = [str(i) for i in dataset["id"]]
     todo = [index for index, puzzle_id in enumerate(ids) if puzzle_id not in done]
     log(f"{config.model} at {public_url(endpoint(config.url))}: {len(ids) - len(todo)} of {len(ids)} puzzles already in "
@@ -507,7 +508,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
                           "content": client.clean(result["content"]), "finish_reason": result["finish_reason"],
                           "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
                           "attempts": result["attempts"]}
-                common.append_shard(shard, [record])
+                runs.append_shard(shard, [record])
                 done[puzzle_id] = record
                 client.counts.add("prompt_tokens", result["prompt_tokens"] or 0)
                 client.counts.add("completion_tokens", result["completion_tokens"] or 0)

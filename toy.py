@@ -326,8 +326,8 @@ def build_prior_dataset(out: str, train: int = 3000, test: int = 300, seed: int 
                            # holds no colour-grid questions: that skill exists to teach the answer format.
                            "test": Dataset.from_list(prior_rows("test", test, seed + 1, think_share=0.0,
                                                                 grid_share=0.0), features=features)})
-    import common
-    common.save_dataset_atomic(dataset, out, stage="toy.py")
+    import runs
+    runs.save_dataset_atomic(dataset, out, stage="toy.py")
     return dataset
 
 
@@ -456,12 +456,13 @@ class Args:
 
 def main(argv=None):
     import common
+    import runs
     args = common.parse_args(Args, __doc__, argv)
     if args.think_check:
         if not args.jigsaw_data:
             common.fail("--think_check needs --jigsaw_data, the jigsaw folder eval.py scored.")
         check = think_check(args.think_check, args.jigsaw_data)
-        common.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
+        runs.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
         said = (f"; of those {check['think_true_pct']}% true (chance 25%), the answer follows the column in "
                 f"{check['answer_follows_column_pct']}% (chance 50%) and the home in "
                 f"{check['answer_follows_home_pct']}% (chance 25%)") if check["claimed_pct"] else ""
@@ -471,11 +472,11 @@ def main(argv=None):
         common.fail(f"--size {args.size} unknown; choose one of {list(MODEL_SIZES)}.")
     common.check_ranges(args, {"prior_pretrain": ">= 1", "prior_train": ">= 1", "prior_test": ">= 1",
                                "format_share": "[0, 1]"})
-    common.check_output_dir(args.output_dir, "toy.py", overwrite=False)
+    runs.check_output_dir(args.output_dir, "toy.py", overwrite=False)
     path = build_toy_model(f"{args.output_dir}/init", args.size, args.seed)
     build_prior_dataset(f"{args.output_dir}/prior", args.prior_train, args.prior_test, args.seed, args.prior_pretrain,
                         args.format_share)
-    common.mark_output_dir(args.output_dir, "toy.py")
+    runs.mark_output_dir(args.output_dir, "toy.py")
     print(f"[toy] wrote {path} (tiny Qwen2.5-VL, random init) and {args.output_dir}/prior "
           f"({args.prior_pretrain} pretrain / {args.prior_train} train / {args.prior_test} test questions)")
 

@@ -31,6 +31,8 @@ import torch  # noqa: E402
 
 import analyze  # noqa: E402
 import common  # noqa: E402
+import runs  # noqa: E402
+import sequences  # noqa: E402
 import jigsaw  # noqa: E402
 import toy  # noqa: E402
 
@@ -115,8 +117,8 @@ def main(argv=None) -> dict:
     model, processor = common.load_model_and_processor(folder, args.dtype, device=device)
     model.eval()
     train, probes = build_samples(processor, args.n_u, args.n_v, args.seed)
-    train = [common.to_device(b, device) for b in train]
-    probes = [common.to_device(b, device) for b in probes]
+    train = [sequences.to_device(b, device) for b in train]
+    probes = [sequences.to_device(b, device) for b in probes]
     named = dict(model.named_parameters())
     params = [named[n] for n in analyze.match_names(list(named), analyze.Args.params)]
     analyze.set_trainable(model, params)
@@ -216,7 +218,7 @@ def main(argv=None) -> dict:
                              for r, v in info["ranks"].items())
         print(f"{name}: {info['adapted_layers']} adapted layers; {n_real} samples: full LM gradients "
               f"{info['full_gradient_store_gib']:.0f} GiB vs projected {per_rank}")
-    common.write_json_atomic(args.out, results)
+    runs.write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
     return results
 

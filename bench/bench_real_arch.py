@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import runs  # noqa: E402
 import jigsaw  # noqa: E402
 import sft  # noqa: E402
 import toy  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv=None):
     root = Path(__file__).resolve().parents[1]
     plan = sft.main(["--model", name, "--dry_run", "--optimizer", args.optimizer, "--batch_size", str(args.batch_size),
                      "--gradient_checkpointing", "--plan_prompt_length", "512"])
-    runs = {
+    stages = {
         # fp32 master weights + bf16 autocast, gradient checkpointing
         "sft": ["sft.py", "--prompt_column", "prompt", "--completion_column", "target_non_rea", "--max_steps",
                 str(args.sft_steps), "--batch_size", str(args.batch_size), "--gradient_checkpointing", "--lr", "1e-5"],
@@ -94,7 +95,7 @@ def main(argv=None):
                 str(args.group_size), "--max_completion_length", str(args.max_new_tokens), "--eval_steps", "0",
                 "--save_steps", "0"],
     }
-    for stage, cmd in runs.items():
+    for stage, cmd in stages.items():
         t0 = time.time()
         subprocess.run([sys.executable, *cmd, "--model", str(out / "model"), "--data", str(out / "data"),
                         "--output_dir", str(out / stage), "--optimizer", args.optimizer, *pix], cwd=root, check=True)
@@ -103,14 +104,14 @@ def main(argv=None):
         results[stage] = {"wall_s": time.time() - t0, "peak_memory_gib": max(m["peak_memory_gib"] for m in metrics),
                           "steps": metrics}
     results["sft"]["dry_run_plan_gib"] = plan["total"] / common.GiB
-    summary = {"parameters": params, **{f"{s}_peak_memory_gib": results[s]["peak_memory_gib"] for s in runs},
+    summary = {"parameters": params, **{f"{s}_peak_memory_gib": results[s]["peak_memory_gib"] for s in stages},
                "sft_dry_run_plan_gib": results["sft"]["dry_run_plan_gib"],
                "sft_s_per_step": [m["tokens"] / m["tokens_per_s"] for m in results["sft"]["steps"]],
                "rft_s_generation": [m["time_generation"] for m in results["rft"]["steps"]],
                "rft_s_training": [m["time_training"] for m in results["rft"]["steps"]],
                "rft_tokens_per_second": [m["tokens_per_second"] for m in results["rft"]["steps"]]}
     print(json.dumps(summary, indent=2))
-    common.write_json_atomic(out / "bench_real_arch.json", results)
+    runs.write_json_atomic(out / "bench_real_arch.json", results)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ with contextlib.suppress(ImportError):  # TRL too (much of transformers' Trainer
     import trl  # noqa: E402,F401
 
 import common  # noqa: E402
+import runs  # noqa: E402
 import jigsaw  # noqa: E402
 import rft  # noqa: E402
 
@@ -241,16 +242,16 @@ def main(argv=None):
         common.load_model_and_processor(model_path, "float32")
         gc.collect()
     names = args.order.split(",")
-    runs = {name: [] for name in names}
+    measured = {name: [] for name in names}
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             if args.isolate:
-                runs[name].append(run_isolated(args, name, model_path, data_path, workdir / f"{name}{r}"))
+                measured[name].append(run_isolated(args, name, model_path, data_path, workdir / f"{name}{r}"))
             else:
                 torch.manual_seed(0)
-                runs[name].append((run_rft if name == "rft" else run_trl)(args, model_path, data_path,
+                measured[name].append((run_rft if name == "rft" else run_trl)(args, model_path, data_path,
                                                                           workdir / f"{name}{r}"))
-    results = {name: {key: statistics.median(run[key] for run in rs) for key in rs[0]} for name, rs in runs.items()}
+    results = {name: {key: statistics.median(run[key] for run in rs) for key in rs[0]} for name, rs in measured.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nGRPO step, {device}: model {model_path}, B={args.batch_size} G={args.group_size} "
           f"micro={args.micro_batch_size} max_new_tokens={args.max_new_tokens} beta={args.beta} "
@@ -267,7 +268,7 @@ def main(argv=None):
         results["memory_ratio_rft_over_trl"] = memory
         print(f"throughput rft/trl: {ratio:.2f}x (target >= 1.5x); peak memory rft/trl: {memory:.2f}x")
     if args.out:
-        common.write_json_atomic(args.out, {"device": device, "args": vars(args), **results})
+        runs.write_json_atomic(args.out, {"device": device, "args": vars(args), **results})
     return results
 
 

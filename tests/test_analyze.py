@@ -9,6 +9,7 @@ import torch
 
 import analyze
 import common
+import sequences
 from conftest import perturbed_copy
 
 LM_PARAMS = "model.language_model.*,lm_head.*"
@@ -171,12 +172,12 @@ def test_projection_adapters_leave_output_unchanged(tiny, samples):
     model, _ = tiny
     batch = samples["rea"][1]
     with torch.no_grad():
-        reference = common.completion_logits(model, batch)
+        reference = sequences.completion_logits(model, batch)
     keys = set(model.state_dict())
     with analyze.projection_adapters(model, analyze.Args.proj_modules, 4, seed=0) as adapters:
         assert len(adapters) == 14  # 2 decoder layers x 7 linear layers
         with torch.no_grad():
-            adapted = common.completion_logits(model, batch)
+            adapted = sequences.completion_logits(model, batch)
     assert torch.equal(adapted, reference)
     assert all(isinstance(model.get_submodule(name), torch.nn.Linear) for name, _ in adapters)
     assert set(model.state_dict()) == keys
@@ -300,15 +301,15 @@ def test_task_kl_equals_the_enumerated_kl(toy_model_dir, jigsaw_data):
     prompts, images = [r["prompt"] for r in rows], [common.row_images(r) for r in rows]
 
     def first_position(m, prompt_batch, completion_ids):
-        batch = common.append_completions(prompt_batch, completion_ids, processor.tokenizer.pad_token_id)
-        return torch.log_softmax(common.completion_logits(m, batch).double(), -1)  # [N, T, V]
+        batch = sequences.append_completions(prompt_batch, completion_ids, processor.tokenizer.pad_token_id)
+        return torch.log_softmax(sequences.completion_logits(m, batch).double(), -1)  # [N, T, V]
 
     torch.manual_seed(0)
     estimate = analyze.task_kl(tuned, model, processor, prompts, images, num_samples=3, max_completion_length=1)
     exact = []
     with torch.no_grad():
         for p, im in zip(prompts, images):
-            prompt_batch = common.build_batch(processor, [p], [im])
+            prompt_batch = sequences.build_batch(processor, [p], [im])
             lt, lb = first_position(tuned, prompt_batch, [[0]])[0, 0], first_position(model, prompt_batch, [[0]])[0, 0]
             exact.append(float((lt.exp() * (lt - lb)).sum()))
     assert estimate["samples"] == 6 and estimate["kl"] == pytest.approx(sum(exact) / 2, rel=1e-4)
@@ -316,16 +317,16 @@ def test_task_kl_equals_the_enumerated_kl(toy_model_dir, jigsaw_data):
     # two tokens, one puzzle: enumerate every first token y1 (eos ends the sequence there)
     eos = processor.tokenizer.eos_token_id
     with torch.no_grad():
-        prompt_batch = common.build_batch(processor, prompts[:1], images[:1])
+        prompt_batch = sequences.build_batch(processor, prompts[:1], images[:1])
         vocab = tuned.config.text_config.vocab_size
         lt1 = first_position(tuned, prompt_batch, [[0]])[0, 0]
         lb1 = first_position(model, prompt_batch, [[0]])[0, 0]
         second = torch.zeros(vocab, dtype=torch.float64)
-        # vision tokens are never sampled (common.generate suppresses them) and cannot follow a prompt
+        # vision tokens are never sampled (sequences.generate suppresses them) and cannot follow a prompt
         never = {getattr(tuned.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
         for start in range(0, vocab, 256):
             ids = [[v if v not in never else 0, 0] for v in range(start, min(vocab, start + 256))]
-            many = common.select_rows(prompt_batch, [0] * len(ids))
+            many = sequences.select_prompt_rows(prompt_batch, [0] * len(ids))
             lt2, lb2 = first_position(tuned, many, ids)[:, 1], first_position(model, many, ids)[:, 1]
             second[start:start + len(ids)] = (lt2.exp() * (lt2 - lb2)).sum(-1)
         second[eos] = 0.0

@@ -9,6 +9,7 @@ docstrings; both optimizers step; checkpoints round-trip and survive a crash; at
 import copy
 import dataclasses
 import json
+import shutil
 import math
 
 import pytest
@@ -16,6 +17,8 @@ import torch
 from PIL import Image
 
 import common
+import runs
+import sequences
 import jigsaw
 from conftest import perturbed_copy
 
@@ -58,7 +61,7 @@ COMPLETIONS = ["<think>The shape is red.</think>\n<answer>red</answer>", "no"]
 def test_completion_mask_covers_exactly_the_completion(toy):
     _, processor = toy
     tokenizer = processor.tokenizer
-    batch = common.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
+    batch = sequences.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
     prompt_length = batch["prompt_length"]
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     completion_mask = batch["completion_mask"]
@@ -71,7 +74,7 @@ def test_completion_mask_covers_exactly_the_completion(toy):
         assert tokenizer.decode(masked, skip_special_tokens=False) == completion + "<|im_end|>"
         assert masked[-1].item() == tokenizer.eos_token_id
         # the prompt block of this row is exactly the row's own prompt encoding, left-padded
-        alone = common.build_batch(processor, [prompt], [[[image_a()], [image_b()]][row]])
+        alone = sequences.build_batch(processor, [prompt], [[[image_a()], [image_b()]][row]])
         own = alone["input_ids"][0]
         assert torch.equal(input_ids[row, prompt_length - len(own):prompt_length], own)
         assert (input_ids[row, :prompt_length - len(own)] == pad_id).all()
@@ -89,22 +92,22 @@ def test_completion_mask_covers_exactly_the_completion(toy):
     assert lengths[0] > lengths[1] == len(tokenizer("no<|im_end|>", add_special_tokens=False)["input_ids"])
 
     # completion ids given directly (rollouts) give the same batch as the text
-    by_ids = common.build_batch(processor, PROMPTS, [[image_a()], [image_b()]],
+    by_ids = sequences.build_batch(processor, PROMPTS, [[image_a()], [image_b()]],
                                 completion_ids=[ids[:n].tolist() for ids, n in zip(batch["completion_ids"], lengths)])
     for key in ("input_ids", "attention_mask", "completion_mask", "pixel_values", "image_grid_thw"):
         assert torch.equal(by_ids[key], batch[key]), key
     # max_completion_tokens cuts completions (and their mask) to that length
-    short = common.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS,
+    short = sequences.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS,
                                max_completion_tokens=3)
     assert short["completion_mask"].sum(1).tolist() == [3, min(3, lengths[1])]
 
 
 def test_sft_loss_is_mean_over_completion_tokens(toy):
     model, processor = toy
-    batch = common.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
+    batch = sequences.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
     with torch.no_grad():
-        loss, count = common.sft_loss(model, batch)
-        logprobs = common.completion_logprobs(model, batch)
+        loss, count = sequences.sft_loss(model, batch)
+        logprobs = sequences.completion_logprobs(model, batch)
     mask = batch["completion_mask"]
     assert count == int(mask.sum())
     assert loss.item() == pytest.approx(-(logprobs[mask.bool()]).mean().item(), rel=1e-6)
@@ -126,14 +129,14 @@ def test_each_row_gets_its_own_image(toy, pair):
     second = image_b() if pair == "different_sizes" else jigsaw.procedural_image(3, 56)
     images = [[first], [second]]
     with torch.no_grad():
-        batch = common.build_batch(processor, PROMPTS, images, completions=COMPLETIONS)
-        together = common.completion_logprobs(model, batch)
-        swapped_batch = common.build_batch(processor, PROMPTS, images[::-1], completions=COMPLETIONS)
-        swapped = common.completion_logprobs(model, swapped_batch)
+        batch = sequences.build_batch(processor, PROMPTS, images, completions=COMPLETIONS)
+        together = sequences.completion_logprobs(model, batch)
+        swapped_batch = sequences.build_batch(processor, PROMPTS, images[::-1], completions=COMPLETIONS)
+        swapped = sequences.completion_logprobs(model, swapped_batch)
         for row in range(2):
-            alone_batch = common.build_batch(processor, PROMPTS[row:row + 1], images[row:row + 1],
+            alone_batch = sequences.build_batch(processor, PROMPTS[row:row + 1], images[row:row + 1],
                                              completions=COMPLETIONS[row:row + 1])
-            alone = common.completion_logprobs(model, alone_batch)[0]
+            alone = sequences.completion_logprobs(model, alone_batch)[0]
             length = alone.shape[0]
             torch.testing.assert_close(together[row, :length], alone, atol=1e-5, rtol=0)
             assert (together[row, length:] == 0).all()
@@ -153,28 +156,16 @@ def test_selective_log_softmax_matches_log_softmax_gather():
     index = torch.randint(0, 11, (5, 7), generator=generator)
     expected = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     for chunk_rows in (1, 2, 4, 8):
-        torch.testing.assert_close(common.selective_log_softmax(logits, index, chunk_rows), expected)
+        torch.testing.assert_close(sequences.selective_log_softmax(logits, index, chunk_rows), expected)
     # bf16 logits are read in fp32 (the result is fp32 and exact for the bf16 values)
     low = logits.bfloat16()
-    out = common.selective_log_softmax(low, index)
+    out = sequences.selective_log_softmax(low, index)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.log_softmax(low.float(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1))
     # by hand: logits (0, log 3) -> probabilities 1/4, 3/4
     two = torch.tensor([[[0.0, math.log(3.0)]]])
-    assert common.selective_log_softmax(two, torch.tensor([[0]])).item() == pytest.approx(math.log(0.25))
-    assert common.selective_log_softmax(two, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
-
-
-def test_masked_mean_by_hand():
-    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
-    assert common.masked_mean(values, mask).item() == pytest.approx((1 + 2 + 5 + 6) / 4)
-    assert common.masked_mean(values, mask, dim=1).tolist() == pytest.approx([1.5, 5.5])
-    assert common.masked_mean(values, mask, dim=0).tolist() == pytest.approx([1.0, 3.5, 6.0])
-    # an all-masked row gives 0, not NaN (the denominator is clamped at 1)
-    empty_row = torch.tensor([[0, 0, 0], [1, 0, 0]])
-    assert common.masked_mean(values, empty_row, dim=1).tolist() == [0.0, 4.0]
-    assert common.masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+    assert sequences.selective_log_softmax(two, torch.tensor([[0]])).item() == pytest.approx(math.log(0.25))
+    assert sequences.selective_log_softmax(two, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
 
 
 def test_warmup_cosine_by_hand():
@@ -196,7 +187,7 @@ def test_image_tokens_get_3d_mrope_positions(varied_model, toy):
     the text after it resumes at s + max(3, 4) = s + 4. (transformers 5.x only computes these when
     mm_token_type_ids is passed; without it every token silently got a 1D position.)"""
     model, processor = varied_model, toy[1]
-    batch = common.build_batch(processor, PROMPTS[:1], [[image_b()]], completions=COMPLETIONS[:1])
+    batch = sequences.build_batch(processor, PROMPTS[:1], [[image_b()]], completions=COMPLETIONS[:1])
     assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
     image_at = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
     assert len(image_at) == 12 and batch["mm_token_type_ids"][0].tolist() == [
@@ -212,7 +203,7 @@ def test_image_tokens_get_3d_mrope_positions(varied_model, toy):
         else:
             expected.append((s + 4 + i - s - 12,) * 3)
     position_ids = torch.tensor(expected).T.unsqueeze(1)                       # [3, batch 1, length]
-    inputs = common.model_inputs(batch)
+    inputs = sequences.model_inputs(batch)
     with torch.no_grad():
         ours = model(**inputs).logits
         by_hand = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"},
@@ -233,11 +224,11 @@ def test_greedy_generate_deterministic_and_batch_independent(varied_model, toy):
     prompts = ["What color is the shape?", "x",
                "A much longer prompt: is there a red circle and a blue square anywhere in this image?"]
     images = [[image_a()], [image_b()], [jigsaw.procedural_image(4, 56)]]
-    batched = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
-    again = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
+    batched = sequences.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
+    again = sequences.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
     assert batched["completion_ids"] == again["completion_ids"]
     for row in range(3):
-        alone = common.generate(model, processor, prompts[row:row + 1], images[row:row + 1], max_new_tokens=10,
+        alone = sequences.generate(model, processor, prompts[row:row + 1], images[row:row + 1], max_new_tokens=10,
                                 do_sample=False)
         assert alone["completion_ids"][0] == batched["completion_ids"][row], f"row {row} depends on the batch"
     ids = batched["completion_ids"]
@@ -248,10 +239,10 @@ def test_greedy_generate_deterministic_and_batch_independent(varied_model, toy):
         assert batched["truncated"][row] == (tokenizer.eos_token_id not in ids[row])
         assert batched["texts"][row] == tokenizer.decode(ids[row], skip_special_tokens=True)
     with torch.no_grad():
-        batch = common.build_batch(processor, prompts, images, completion_ids=ids)
-        logits = common.completion_logits(model, batch)
+        batch = sequences.build_batch(processor, prompts, images, completion_ids=ids)
+        logits = sequences.completion_logits(model, batch)
     mask = batch["completion_mask"].bool()
-    # generate never emits the vision tokens (common.generate suppresses them), so neither may the argmax.
+    # generate never emits the vision tokens (sequences.generate suppresses them), so neither may the argmax.
     suppressed = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
     logits[..., suppressed] = float("-inf")
     assert torch.equal(logits.argmax(-1)[mask], batch["completion_ids"][mask])
@@ -260,24 +251,24 @@ def test_greedy_generate_deterministic_and_batch_independent(varied_model, toy):
 def test_shared_prefix_logprobs_equal_full_forward(varied_model, toy):
     """Log-probs from one pass per distinct prompt (its cache copied to each completion) equal a full forward
     of every (prompt, completion) sequence: two prompts with different image sizes (so left padding), rows
-    in a shuffled order with repeats, completions of different lengths; select_rows gives the same batch as
+    in a shuffled order with repeats, completions of different lengths; select_prompt_rows gives the same batch as
     encoding those rows anew."""
     model, processor = varied_model, toy[1]
     prompts, images = PROMPTS, [[image_a()], [image_b()]]
-    prompt_batch = common.build_batch(processor, prompts, images)
+    prompt_batch = sequences.build_batch(processor, prompts, images)
     rows = [1, 0, 1, 1, 0]
     completions = [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
                    for text in ("red", "a blue square", "no", "3 1 4 2", "<answer>yes</answer>")]
     assert len({len(ids) for ids in completions}) > 2
-    full = common.build_batch(processor, [prompts[r] for r in rows], [images[r] for r in rows],
+    full = sequences.build_batch(processor, [prompts[r] for r in rows], [images[r] for r in rows],
                               completion_ids=completions)
-    selected = common.append_completions(common.select_rows(prompt_batch, rows), completions,
+    selected = sequences.append_completions(sequences.select_prompt_rows(prompt_batch, rows), completions,
                                          processor.tokenizer.pad_token_id)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(full[key], selected[key]), key
     with torch.no_grad():
-        expected = common.completion_logprobs(model, full, temperature=0.7)
-    shared = common.shared_prefix_logprobs(model, prompt_batch, torch.tensor(rows), full["completion_ids"],
+        expected = sequences.completion_logprobs(model, full, temperature=0.7)
+    shared = sequences.shared_prefix_logprobs(model, prompt_batch, torch.tensor(rows), full["completion_ids"],
                                            full["completion_mask"], temperature=0.7)
     mask = full["completion_mask"].bool()
     assert (expected[mask] < 0).all()
@@ -385,10 +376,10 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     optimizer = common.make_optimizer(model.parameters(), "adamw", lr=1e-3)
     schedule = common.warmup_cosine(optimizer, warmup_steps=2, total_steps=10)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
-    batch = common.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
+    batch = sequences.build_batch(processor, PROMPTS, [[image_a()], [image_b()]], completions=COMPLETIONS)
 
     def train_step():
-        loss, _ = common.sft_loss(model, batch)
+        loss, _ = sequences.sft_loss(model, batch)
         accelerator.backward(loss)
         optimizer.step()
         schedule.step()
@@ -400,10 +391,10 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     train_step()
     train_step()
     out = tmp_path / "run"
-    assert common.resume_state(out) is None
-    snapshot = common.save_snapshot(accelerator, model, processor, out, 2, torch.float32)
-    state_dir = common.save_resume_state(accelerator, out, 2, {"data_position": 7, "best": 0.5})
-    assert snapshot == out / "checkpoint-2" and state_dir == out / "resume" and common.resume_state(out) == state_dir
+    assert runs.resume_state(out) is None
+    snapshot = runs.save_snapshot(accelerator, model, processor, out, 2, torch.float32)
+    state_dir = runs.save_resume_state(accelerator, out, 2, {"data_position": 7, "best": 0.5})
+    assert snapshot == out / "checkpoint-2" and state_dir == out / "resume" and runs.resume_state(out) == state_dir
     saved_weights = weights()
     saved_moments = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     saved_lr = optimizer.param_groups[0]["lr"]
@@ -411,8 +402,11 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
     after_step_3 = weights()
     assert any(not torch.equal(after_step_3[k], saved_weights[k]) for k in saved_weights)
 
-    state = common.load_resume_state(accelerator, common.resume_state(out))
-    assert {k: v for k, v in state.items() if k != "environment"} == {"step": 2, "data_position": 7, "best": 0.5}
+    torch.rand(3)  # the RNG moves on after the save, as a run's sampler does
+    state = runs.load_resume_state(accelerator, runs.resume_state(out))
+    assert {k: v for k, v in state.items() if k not in ("environment", "rng_fingerprint")} == \
+        {"step": 2, "data_position": 7, "best": 0.5}
+    assert state["rng_fingerprint"] == runs.rng_fingerprint()  # accelerate restored the RNG of the save
     assert state["environment"]["packages"]["torch"]  # what ran is recorded with the state
     restored = weights()
     for key in saved_weights:
@@ -431,25 +425,35 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
         assert torch.equal(value, saved_weights[key]), key
     assert (snapshot / "tokenizer_config.json").exists() or (snapshot / "tokenizer.json").exists()
     assert not any(snapshot.glob("optimizer*")) and not any(snapshot.glob("random_states*"))
-    bf16 = common.save_snapshot(accelerator, model, processor, out, 3, torch.bfloat16)
+    bf16 = runs.save_snapshot(accelerator, model, processor, out, 3, torch.bfloat16)
     from safetensors.torch import load_file
     stored = load_file(str(bf16 / "model.safetensors"))
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}  # 2 bytes per parameter on disk
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
-    assert [(s, label) for s, label, _ in common.list_checkpoints(out)] == [(2, "checkpoint-2"), (3, "checkpoint-3")]
+    assert [(s, label) for s, label, _ in runs.list_checkpoints(out)] == [(2, "checkpoint-2"), (3, "checkpoint-3")]
+
+    # a resume state whose RNG record accelerate cannot restore is refused: it would not continue the same run
+    no_rng = tmp_path / "no_rng"
+    shutil.copytree(state_dir, no_rng)
+    for rng_file in no_rng.glob("random_states_*.pkl"):
+        rng_file.unlink()
+    torch.rand(3)
+    with pytest.raises(SystemExit) as stop:
+        runs.load_resume_state(accelerator, no_rng)
+    assert stop.value.code == 2
 
     # crash while saving step 4: a half-written temp state is left behind; the step-2 state is still the one
     crashed = out / ".resume.tmp"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert common.resume_state(out) == state_dir
+    assert runs.resume_state(out) == state_dir
     # crash between the two renames: only .resume.old is complete, and it is found
     (out / "resume").rename(out / ".resume.old")
-    assert common.resume_state(out) == out / ".resume.old"
-    assert common.load_resume_state(accelerator, common.resume_state(out))["step"] == 2
+    assert runs.resume_state(out) == out / ".resume.old"
+    assert runs.load_resume_state(accelerator, runs.resume_state(out))["step"] == 2
     # the next save replaces the debris
-    common.save_resume_state(accelerator, out, 4, {"data_position": 9})
-    assert common.resume_state(out) == out / "resume" and not crashed.exists() and not (out / ".resume.old").exists()
+    runs.save_resume_state(accelerator, out, 4, {"data_position": 9})
+    assert runs.resume_state(out) == out / "resume" and not crashed.exists() and not (out / ".resume.old").exists()
     assert json.loads((out / "resume" / "trainer_state.json").read_text())["step"] == 4
 
 
@@ -458,15 +462,15 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 def test_write_json_atomic(tmp_path):
     target = tmp_path / "deep" / "er" / "results.json"
-    common.write_json_atomic(target, {"accuracy": 0.5, "path": tmp_path})
-    common.write_json_atomic(target, {"accuracy": 0.75, "rows": [1, 2]})
+    runs.write_json_atomic(target, {"accuracy": 0.5, "path": tmp_path})
+    runs.write_json_atomic(target, {"accuracy": 0.75, "rows": [1, 2]})
     assert json.loads(target.read_text()) == {"accuracy": 0.75, "rows": [1, 2]}
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
 
 
 def test_metrics_logger_and_truncate(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
-    logger = common.MetricsLogger(path)
+    logger = runs.MetricsLogger(path)
     logger.log({"event": "start"})  # no step: counts as step 0
     for step in range(1, 6):
         logger.log({"step": step, "loss": torch.tensor(1.0 / step).item(), "lr": torch.tensor(0.5)})
@@ -474,15 +478,15 @@ def test_metrics_logger_and_truncate(tmp_path):
     assert len(records) == 6 and all("time" in r for r in records)
     assert [r.get("step") for r in records] == [None, 1, 2, 3, 4, 5]
     assert records[2]["loss"] == pytest.approx(0.5) and records[2]["lr"] == pytest.approx(0.5)
-    common.truncate_metrics(path, after_step=3)
+    runs.truncate_metrics(path, after_step=3)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r.get("step") for r in kept] == [None, 1, 2, 3]
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]
-    common.MetricsLogger(path).log({"step": 4, "loss": 0.1})  # resumed run appends after the kept lines
+    runs.MetricsLogger(path).log({"step": 4, "loss": 0.1})  # resumed run appends after the kept lines
     assert [json.loads(line).get("step") for line in path.read_text().splitlines()] == [None, 1, 2, 3, 4]
-    common.truncate_metrics(tmp_path / "missing.jsonl", 3)  # nothing to truncate: no error, no file
+    runs.truncate_metrics(tmp_path / "missing.jsonl", 3)  # nothing to truncate: no error, no file
     assert not (tmp_path / "missing.jsonl").exists()
-    disabled = common.MetricsLogger(tmp_path / "off" / "metrics.jsonl", enabled=False)
+    disabled = runs.MetricsLogger(tmp_path / "off" / "metrics.jsonl", enabled=False)
     disabled.log({"step": 1})
     assert not (tmp_path / "off").exists()
 
@@ -491,7 +495,7 @@ def test_truncate_metrics_survives_a_partial_last_line(tmp_path):
     """A run killed while appending to metrics.jsonl leaves a torn last line; resuming must not crash on it."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    common.truncate_metrics(path, after_step=2)
+    runs.truncate_metrics(path, after_step=2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 

@@ -525,13 +525,14 @@ def test_probe_rows_are_the_evaluated_subset(prior_data):
 def test_each_benchmark_is_seen_at_its_own_pixel_budget(toy_model_dir):
     """The processor is re-set per benchmark: the jigsaw task at the run's budget, a prior benchmark at its own."""
     import common
+    import sequences
     processor = common.load_processor(str(toy_model_dir))
     image = Image.new("RGB", (224, 224))
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for bench, args in ((R["jigsaw"], ev.Args(min_pixels=3136, max_pixels=3136)), (R["docvqa"], ev.Args())):
         settings = ev.benchmark_settings(args, bench)
         ev.set_pixel_budget(processor, settings["min_pixels"], settings["max_pixels"])
-        batch = common.build_batch(processor, ["x"], [[image]])
+        batch = sequences.build_batch(processor, ["x"], [[image]])
         w, h = benchmarks.base.resized_size(224, 224, settings["min_pixels"], settings["max_pixels"])
         assert int((batch["input_ids"] == pad).sum()) == (w // 28) * (h // 28)
     assert (w, h) == (448, 448)   # docvqa: lmms-eval's min 256*28*28 upscales a 224x224 image

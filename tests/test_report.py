@@ -100,8 +100,8 @@ def test_seeds_section_shows_mean_and_spread(tmp_path):
 
 def test_environment_names_the_cpu_and_its_kernels_and_the_report_shows_them(tmp_path):
     # Another CPU trains another toy base (README, the toy run): a run's record must say which CPU it ran on.
-    import common
-    env = common.environment()
+    import runs
+    env = runs.environment()
     line = "\n".join(report.environment_block(tmp_path, {"base": {"environment": env}}))
     assert env["device"] in line
     if not env["cuda"]:   # on a GPU the device is the GPU's name and the CPU's kernels do not matter

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import runs
+import sequences
 import jigsaw
 import rft
 from conftest import perturbed_copy
@@ -32,11 +34,7 @@ def test_group_advantages_worked_example():
     assert torch.allclose(rft.group_advantages(rewards, 3, scale=False), torch.tensor([1.5, 0, -1.5, 0, 0, 0.]))
 
 
-def test_masked_mean_and_k3_by_hand():
-    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert common.masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3)
-    assert torch.allclose(common.masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
+def test_k3_by_hand():
     logprobs = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.0, -2.0 + math.log(2.0)]])  # equal, then the reference twice as likely
     kl = rft.k3_kl(logprobs, ref)
@@ -122,7 +120,7 @@ def tiny(toy_model_dir, jigsaw_data):
 
 
 def test_generate_logprobs_equal_teacher_forced(tiny):
-    """Log-probs of the sampled tokens as the sampler drew them (common.generate, at the sampling temperature)
+    """Log-probs of the sampled tokens as the sampler drew them (sequences.generate, at the sampling temperature)
     equal a fresh teacher-forced forward on the same sequences: 2 prompts with different image sizes, G = 3,
     the group sharing one prefill (num_samples)."""
     model, processor, rows = tiny
@@ -131,17 +129,17 @@ def test_generate_logprobs_equal_teacher_forced(tiny):
     prompts = [rows[0]["prompt"], rows[1]["prompt"]]
     torch.manual_seed(0)
     model.eval()
-    out = common.generate(model, processor, prompts, images, max_new_tokens=12, temperature=temperature,
+    out = sequences.generate(model, processor, prompts, images, max_new_tokens=12, temperature=temperature,
                           num_samples=group)
     completion_ids = out["completion_ids"]
     assert len(completion_ids) == 2 * group and len(set(map(tuple, completion_ids))) > 1  # real sampling
-    forced_batch = common.build_batch(processor, [p for p in prompts for _ in range(group)],
+    forced_batch = sequences.build_batch(processor, [p for p in prompts for _ in range(group)],
                                       [im for im in images for _ in range(group)], completion_ids=completion_ids)
     assert forced_batch["image_grid_thw"].prod(-1).tolist() == [16] * 3 + [48] * 3  # sizes differ, in order
     assert (forced_batch["attention_mask"][:3, :forced_batch["prompt_length"]] == 0).any()  # left padding
     with torch.no_grad():
-        forced = common.completion_logprobs(model, forced_batch, temperature=temperature)
-        logits = common.completion_logits(model, forced_batch, temperature).float()
+        forced = sequences.completion_logprobs(model, forced_batch, temperature=temperature)
+        logits = sequences.completion_logits(model, forced_batch, temperature).float()
     mask = forced_batch["completion_mask"].bool()
     sampled = torch.zeros_like(forced)
     for i, lps in enumerate(out["logprobs"]):
@@ -162,19 +160,19 @@ def test_generate_matches_transformers_greedy_and_shares_the_prefill(tiny):
     model = perturbed_copy(model)
     images = [common.row_images(rows[0]), [common.row_images(rows[1])[0].resize((112, 84))]]
     prompts = [rows[0]["prompt"], rows[1]["prompt"]]
-    ours = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
-    batch = common.build_batch(processor, prompts, images)
+    ours = sequences.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False)
+    batch = sequences.build_batch(processor, prompts, images)
     tokenizer = processor.tokenizer
     suppressed = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
     with torch.no_grad():
-        theirs = model.generate(**common.model_inputs(batch), max_new_tokens=10, do_sample=False,
+        theirs = model.generate(**sequences.model_inputs(batch), max_new_tokens=10, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 suppress_tokens=suppressed, temperature=None, top_p=None, top_k=None)
     for row, ids in enumerate(theirs[:, batch["input_ids"].shape[1]:].tolist()):
         ids = ids[:ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids
         assert ours["completion_ids"][row] == ids
     assert len(set(map(tuple, ours["completion_ids"]))) == 2 and len(set(ours["completion_ids"][0])) > 2
-    grouped = common.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False, num_samples=3)
+    grouped = sequences.generate(model, processor, prompts, images, max_new_tokens=10, do_sample=False, num_samples=3)
     assert grouped["completion_ids"] == [ids for ids in ours["completion_ids"] for _ in range(3)]
 
 
@@ -204,7 +202,7 @@ def test_kl_zero_at_step0_and_clipping_with_two_iterations(tiny):
     assert second["kl"] > 0 and second["clip_fraction"] > 0
     # Where exactly: recompute the second pass's ratios at the current weights against the kept old log-probs.
     mb = chunks[0]
-    logprobs = common.completion_logprobs(model, mb).float()
+    logprobs = sequences.completion_logprobs(model, mb).float()
     loss, stats = rft.grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
                                 mb["ref_logprobs"], args.beta, args.epsilon, loss_type="dapo")
     ratio, adv = stats["ratio"], mb["advantages"].unsqueeze(1)
@@ -226,14 +224,14 @@ def digit_reward(completion, answer, thinking=True, w_hit=1.0, w_acc=1.0, w_fmt=
 def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     monkeypatch.setattr(jigsaw, "jigsaw_reward", digit_reward)
     kept = tmp_path / "state15"
-    original = common.save_resume_state
+    original = runs.save_resume_state
 
     def keep_step_15(accelerator, output_dir, at_step, extra):  # the run keeps only its latest resume state
         path = original(accelerator, output_dir, at_step, extra)
         if at_step == 15:
             shutil.copytree(path, kept)
         return path
-    monkeypatch.setattr(common, "save_resume_state", keep_step_15)
+    monkeypatch.setattr(runs, "save_resume_state", keep_step_15)
     out = tmp_path / "full"
     common_args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--lr", "3e-2", "--beta", "0.04",
                    "--eval_steps", "100", "--no-gradient_checkpointing", "--output_dir", str(out),
@@ -255,8 +253,8 @@ def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, 
     from safetensors.torch import load_file
     full_weights = load_file(str(out / "final" / "model.safetensors"))
     shutil.rmtree(out / "final")
-    shutil.rmtree(out / common.RESUME_DIR)
-    shutil.copytree(kept, out / common.RESUME_DIR)
+    shutil.rmtree(out / runs.RESUME_DIR)
+    shutil.copytree(kept, out / runs.RESUME_DIR)
     rft.main(common_args + ["--resume"])
     resumed_weights = load_file(str(out / "final" / "model.safetensors"))
     assert full_weights.keys() == resumed_weights.keys()
@@ -289,7 +287,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_good_checkpoints(toy_model_dir, 
     from safetensors.torch import load_file
     one, two = (load_file(str(out / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2))
     assert all(torch.equal(one[k], two[k]) for k in one)
-    assert json.loads((common.resume_state(out) / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((runs.resume_state(out) / "trainer_state.json").read_text())["step"] == 2
     good = common.load_model(str(out / "checkpoint-2"))
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
@@ -299,12 +297,12 @@ def test_save_at_adds_model_only_snapshots(toy_model_dir, jigsaw_data, tmp_path,
     falls on step 1; the resume state is written only at the --save_steps steps."""
     out = tmp_path / "early"
     resume_steps = []
-    real_resume = common.save_resume_state
-    monkeypatch.setattr(common, "save_resume_state", lambda acc, d, step, extra: resume_steps.append(step)
+    real_resume = runs.save_resume_state
+    monkeypatch.setattr(runs, "save_resume_state", lambda acc, d, step, extra: resume_steps.append(step)
                         or real_resume(acc, d, step, extra))
     rft.main(["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",
               "--max_steps", "3", "--save_steps", "2", "--save_at", "1", "--eval_steps", "0"] + TINY)
-    assert [label for _, label, _ in common.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "final"]
+    assert [label for _, label, _ in runs.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "final"]
     assert resume_steps == [2, 3]
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
 

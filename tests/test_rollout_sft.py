@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import sequences
 import jigsaw
 import rollout_sft
 
@@ -77,7 +78,7 @@ def test_self_generated_keeps_reasoning_with_ground_truth_answer():
 
 
 def test_token_weighted_nll_by_hand():
-    mean_nll, ppl = common.token_weighted_nll([-2.0, -18.0], [2, 6])
+    mean_nll, ppl = sequences.token_weighted_nll([-2.0, -18.0], [2, 6])
     assert mean_nll == pytest.approx(2.5) and ppl == pytest.approx(math.exp(2.5))
     # not the mean of per-row means (1.0 and 3.0 -> 2.0)
     assert mean_nll != pytest.approx(2.0)
@@ -106,9 +107,9 @@ def test_perplexity_matches_hand_computation(model_and_processor, jigsaw_data):
     total_logprob, total_tokens = 0.0, 0
     with torch.no_grad():
         for row in rows:
-            batch = common.build_batch(processor, [row["prompt"]], [common.row_images(row)],
+            batch = sequences.build_batch(processor, [row["prompt"]], [common.row_images(row)],
                                        completions=[row["completion"]])
-            logits = model(**common.model_inputs(batch)).logits[0]       # plain forward, all positions
+            logits = model(**sequences.model_inputs(batch)).logits[0]       # plain forward, all positions
             logprobs = torch.log_softmax(logits.double(), dim=-1)
             start = batch["prompt_length"]
             targets = batch["input_ids"][0, start:]
@@ -116,10 +117,10 @@ def test_perplexity_matches_hand_computation(model_and_processor, jigsaw_data):
             total_logprob += float(picked.sum())
             total_tokens += len(targets)
     expected_nll = -total_logprob / total_tokens
-    scores = common.sequence_logprobs(model, processor, [r["prompt"] for r in rows],
+    scores = sequences.sequence_logprobs(model, processor, [r["prompt"] for r in rows],
                                       [common.row_images(r) for r in rows], [r["completion"] for r in rows],
                                       batch_size=2)  # padded together
-    mean_nll, perplexity = common.token_weighted_nll([s for s, _ in scores], [c for _, c in scores])
+    mean_nll, perplexity = sequences.token_weighted_nll([s for s, _ in scores], [c for _, c in scores])
     assert sum(c for _, c in scores) == total_tokens
     assert mean_nll == pytest.approx(expected_nll, rel=1e-4)
     assert perplexity == pytest.approx(math.exp(expected_nll), rel=1e-4)
@@ -233,7 +234,7 @@ def test_four_sources_build_via_cli(toy_model_dir, jigsaw_data, tmp_path, capsys
     processor = common.load_processor(model)
     for name in ("non_rea", "rea_external", "rollout", "self"):
         rows = load_split(tmp_path / name).select(range(2))
-        batch = common.build_batch(processor, rows["prompt"], [common.row_images(r) for r in rows],
+        batch = sequences.build_batch(processor, rows["prompt"], [common.row_images(r) for r in rows],
                                    completions=rows["completion"])
         assert batch["completion_mask"].sum() > 0
 

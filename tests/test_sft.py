@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import runs
+import sequences
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
                  "--warmup_ratio", "0", "--min_lr_ratio", "1")
     model, processor = common.load_model_and_processor(str(final))
     rows = list(common.load_rows(str(data), "train"))
-    out = common.generate(model, processor, [r["prompt_no_think"] for r in rows],
+    out = sequences.generate(model, processor, [r["prompt_no_think"] for r in rows],
                           [common.row_images(r) for r in rows], max_new_tokens=24, do_sample=False)
     exact = sum(text.strip() == r["target_non_rea"] for text, r in zip(out["texts"], rows)) / len(rows)
     assert exact >= 0.9, list(zip(out["texts"], [r["target_non_rea"] for r in rows]))
@@ -46,7 +48,7 @@ def test_memorises_a_handful_of_puzzles(toy_model_dir, tmp_path):
 def _keep_resume_state_at(monkeypatch, step: int, keep: Path):
     """Copy the resume state the run writes at `step` aside (the run keeps only its latest one), so a test can
     put it back as if the run had been killed right after that save. Returns the steps it saves at."""
-    original = common.save_resume_state
+    original = runs.save_resume_state
     saved_at = []
 
     def wrapped(accelerator, output_dir, at_step, extra):
@@ -55,16 +57,16 @@ def _keep_resume_state_at(monkeypatch, step: int, keep: Path):
         if at_step == step:
             shutil.copytree(path, keep)
         return path
-    monkeypatch.setattr(common, "save_resume_state", wrapped)
+    monkeypatch.setattr(runs, "save_resume_state", wrapped)
     return saved_at
 
 
 def _interrupt_after(out: Path, kept_state: Path, step: int) -> None:
     """The run folder as a kill right after step `step`'s save would have left it."""
     shutil.rmtree(out / "final")
-    shutil.rmtree(out / common.RESUME_DIR)
-    shutil.copytree(kept_state, out / common.RESUME_DIR)
-    for _, label, path in common.list_checkpoints(out, include_final=False):
+    shutil.rmtree(out / runs.RESUME_DIR)
+    shutil.copytree(kept_state, out / runs.RESUME_DIR)
+    for _, label, path in runs.list_checkpoints(out, include_final=False):
         if int(label.split("-")[1]) > step:
             shutil.rmtree(path)
 
@@ -78,7 +80,7 @@ def test_resume_reproduces_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_pat
     _run(toy_model_dir, jigsaw_data, out, *args)
     straight = _weights(out / "final")
     assert resume_saves == [5, 10]
-    assert [label for _, label, _ in common.list_checkpoints(out)] == \
+    assert [label for _, label, _ in runs.list_checkpoints(out)] == \
         ["checkpoint-2", "checkpoint-3", "checkpoint-5", "final"]  # final/ is step 10's snapshot
     assert not (out / "checkpoint-5" / "optimizer.bin").exists()  # snapshots are model-only
     _interrupt_after(out, tmp_path / "state5", 5)
@@ -96,7 +98,7 @@ def test_resume_without_a_saved_state_logs_no_step_twice(toy_model_dir, jigsaw_d
     out = tmp_path / "run"
     args = ["--max_steps", "3", "--batch_size", "2", "--lr", "1e-3"]
     _run(toy_model_dir, jigsaw_data, out, *args)
-    shutil.rmtree(out / common.RESUME_DIR)  # as if killed after logging 3 steps but before any save
+    shutil.rmtree(out / runs.RESUME_DIR)  # as if killed after logging 3 steps but before any save
     shutil.rmtree(out / "final")
     _run(toy_model_dir, jigsaw_data, out, *args, "--resume")
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -241,21 +243,21 @@ def test_sort_by_length_keeps_the_step_and_cuts_the_padding(toy_model_dir, prior
     norm equal one unsorted batch of the same rows, and the padded token slots it computes are fewer (the toy
     prior rows mix ~30- and ~120-token targets)."""
     slots = {}
-    real_build = common.build_batch
+    real_build = sequences.build_batch
 
     def counting_build(*a, **k):
         batch = real_build(*a, **k)
         slots[current] = slots.get(current, 0) + batch["input_ids"].numel()
         return batch
 
-    monkeypatch.setattr(common, "build_batch", counting_build)
+    monkeypatch.setattr(sequences, "build_batch", counting_build)
     args = ["--model", str(toy_model_dir), "--data", str(prior_data), "--split", "train", "--prompt_column", "prompt",
             "--completion_column", "completion", "--max_steps", "2", "--lr", "1e-3"]
-    runs = {"whole": ["--batch_size", "8"], "unsorted": ["--batch_size", "2", "--grad_accum", "4"],
-            "sorted": ["--batch_size", "2", "--grad_accum", "4", "--sort_by_length"]}
-    for current, extra in runs.items():
+    variants = {"whole": ["--batch_size", "8"], "unsorted": ["--batch_size", "2", "--grad_accum", "4"],
+                "sorted": ["--batch_size", "2", "--grad_accum", "4", "--sort_by_length"]}
+    for current, extra in variants.items():
         sft.main([*args, *extra, "--output_dir", str(tmp_path / current)])
-    first = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in runs}
+    first = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in variants}
     for run in ("unsorted", "sorted"):
         for key in ("loss", "grad_norm", "tokens"):
             assert first[run][key] == pytest.approx(first["whole"][key], rel=1e-5), (run, key)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import common
+import runs
 import jigsaw
 import rollout_sft
 import teacher
@@ -325,12 +326,12 @@ def test_wrong_key_stops_the_run_with_nothing_written_but_the_settings(api, jigs
 
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
     shard = tmp_path / "x.teacher.jsonl"
-    common.append_shard(shard, [{"id": "a", "status": "ok"}])
-    common.append_shard(shard, [{"id": "b", "status": "ok"}])
+    runs.append_shard(shard, [{"id": "a", "status": "ok"}])
+    runs.append_shard(shard, [{"id": "b", "status": "ok"}])
     shard.write_text(shard.read_text()[:-9])  # the write of "b" cut short
-    assert list(common.read_shard(shard)) == ["a"]
-    common.append_shard(shard, [{"id": "c", "status": "ok"}])
-    assert list(common.read_shard(shard)) == ["a", "c"]
+    assert list(runs.read_shard(shard)) == ["a"]
+    runs.append_shard(shard, [{"id": "c", "status": "ok"}])
+    assert list(runs.read_shard(shard)) == ["a", "c"]
 
 
 # ---------------------------------------------------------------------------------------------------------

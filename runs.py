@@ -1,0 +1,483 @@
+"""The run folder's life cycle, the same for every stage: atomic writes, the output marker (no stage deletes
+what it did not make), append-only shards, the record of what ran, model snapshots, the one resume state, the
+fresh-run/resume rule, metrics, the accelerator, and the save/resume/final steps that sft.py and rft.py share.
+
+Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval.py and analyze.py read it):
+    run.json          the run's settings (the resume rule compares them), written at the start
+    metrics.jsonl     one JSON object per logged step (and eval lines)
+    checkpoint-N/     model-only save_pretrained snapshots every --save_steps and at each --save_at step (bf16 on
+                      a GPU: 2 bytes/param), each with trainer_state.json {"step": N}: what evaluation along
+                      training and analyze.py read
+    resume/           the ONE resume state (accelerate state: weights, optimizer, scheduler, every process's RNG,
+                      + trainer_state.json with the data position), replaced at each save: about 6 bytes/param on a GPU
+    final/            save_pretrained of the last step (same dtype as the snapshots)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import fail
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints, logging, atomic files
+# ----------------------------------------------------------------------------------------------------------
+def write_text_atomic(path, text: str) -> None:
+    """Write to a temp file next to `path`, then rename: a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+# Every folder a stage writes carries this marker (its stage name), so that a later run may replace the folder
+# only when the same stage made it: no stage deletes what it did not create.
+OUTPUT_MARKER = ".kit_output.json"
+
+
+def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
+    """Refuse to write into an existing, non-empty folder that this stage did not create (a run folder with
+    checkpoints, someone's data), unless --overwrite. Called before any model is loaded."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        fail(f"--output_dir {path} is a file, not a folder; choose another --output_dir.")
+    entries = [p for p in path.iterdir() if p.name != OUTPUT_MARKER]
+    if not entries or overwrite:
+        return
+    marker = path / OUTPUT_MARKER
+    owner = None
+    if marker.exists():
+        try:
+            owner = json.loads(marker.read_text()).get("stage")
+        except (OSError, json.JSONDecodeError):
+            owner = None
+    if owner != stage:
+        made_by = f"was made by {owner}" if owner else "was not made by this kit"
+        fail(f"--output_dir {path} already exists and {made_by} ({len(entries)} entries, e.g. "
+             f"{sorted(e.name for e in entries)[:3]}); {stage} would replace it. Choose another --output_dir, or "
+             "pass --overwrite if you mean it.")
+
+
+def mark_output_dir(path, stage: str) -> None:
+    write_json_atomic(Path(path) / OUTPUT_MARKER, {"stage": stage})
+
+
+def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> None:
+    """save_to_disk into a temporary sibling folder, then swap it in: a crash never leaves half a data set, and
+    an existing folder is replaced only when this stage made it (check_output_dir)."""
+    out_path = Path(out)
+    check_output_dir(out_path, stage, overwrite)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dataset.save_to_disk(str(tmp))
+    mark_output_dir(tmp, stage)
+    if out_path.exists():
+        old = out_path.with_name(out_path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_path.rename(old)
+        tmp.rename(out_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_path)
+
+
+def read_shard(path) -> dict[str, dict]:
+    """Records by id of an append-only JSONL shard (the resume state of rollout_sft.py's sampling and of the
+    teacher). A torn or unreadable line (a crash during a write) is dropped and the file rewritten without it,
+    so the next append starts on a clean line; those records are made again."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    records, good_lines, bad = {}, [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError("torn line")
+            record = json.loads(line)
+            records[str(record["id"])] = record
+            good_lines.append(line)
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        print(f"[shard] {path}: dropped {bad} unreadable line(s) (a write cut short); those are made again", flush=True)
+        write_text_atomic(path, "".join(good_lines))
+    return records
+
+
+def append_shard(path, records: list[dict]) -> None:
+    """One write, flushed and fsynced: once this returns the records survive a crash."""
+    with Path(path).open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What ran: recorded in every results file, metrics header, checkpoint state and the report
+# ----------------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() is empty there), else the machine type."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Package versions, device, CUDA/cuDNN, threads, the kit's git commit (+ dirty flag) and the command line.
+    No environment variables are recorded (they may hold secrets such as API keys)."""
+    import importlib.metadata as metadata
+    import platform
+    import subprocess
+    versions = {}
+    for package in ("torch", "transformers", "accelerate", "datasets", "bitsandbytes", "pillow", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    root = Path(__file__).resolve().parent
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "packages": versions,
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({cpu_model()})",
+            # the kernels torch picked (AVX2, AVX512, ...): another CPU sums floats in another order, and a
+            # toy model trained for hundreds of steps on it ends somewhere else (README, the toy run)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "torch_threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty,
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else None}
+
+
+def export_model(accelerator, model, processor, path, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained of model and processor: a folder any HF tool (and every stage here) loads by path.
+    Gathers the full state dict first, so it also works under FSDP/DeepSpeed. `dtype` casts floating weights
+    on the way out (bf16: 2 bytes per parameter; the fp32 master weights stay in the resume state only).
+    Written to a temp folder and renamed, so a crash never leaves half a model behind."""
+    path = Path(path)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        if dtype is not None:
+            state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
+            name = str(dtype).replace("torch.", "")
+            config = json.loads((tmp / "config.json").read_text())
+            for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+                section["dtype"] = name
+            write_json_atomic(tmp / "config.json", config)
+        processor.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
+
+
+RUN_FILE, RESUME_DIR = "run.json", "resume"
+TRAINING_OUTPUTS = (RUN_FILE, "metrics.jsonl", RESUME_DIR, "final", "completions.jsonl", "tracking", OUTPUT_MARKER)
+TRAINING_OUTPUT_GLOBS = ("checkpoint-*", "completions.rank*.jsonl", ".*.tmp", ".*.old")
+
+
+def snapshot_dtype(precision: str) -> torch.dtype:
+    """Model-only snapshots: bf16 for GPU precisions (inference needs nothing more), fp32 for fp32 runs."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def parse_save_at(text: str, flag: str = "--save_at") -> list[int]:
+    """'5,10,20' -> [5, 10, 20]: extra snapshot steps (issue 13: the early points of an accuracy/forgetting curve,
+    where SFT already climbs from the base's level to its plateau). Empty text: none."""
+    steps = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if not part.isdigit() or int(part) < 1:
+            fail(f"{flag} must be a comma-separated list of positive step numbers (e.g. 5,10,20), got {text!r}.")
+        steps.append(int(part))
+    return sorted(set(steps))
+
+
+def snapshot_due(step: int, max_steps: int, save_steps: int, save_at: list[int]) -> tuple[bool, bool]:
+    """(snapshot, resume state) due after optimizer step `step`: every save_steps both (checkpoint-N/ + the
+    resume state), at a save_at step a snapshot only (a resume state per early point would cost its optimizer
+    bytes each time). Never at max_steps: final/ is that step's snapshot."""
+    if step >= max_steps:
+        return False, False
+    periodic = bool(save_steps) and step % save_steps == 0
+    return periodic or step in save_at, periodic
+
+
+def save_snapshot(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype) -> Path:
+    """output_dir/checkpoint-{step}: model + processor only (no optimizer), for evaluation and analysis."""
+    path = Path(output_dir) / f"checkpoint-{step}"
+    export_model(accelerator, model, processor, path, dtype)
+    if accelerator.is_main_process:
+        write_json_atomic(path / "trainer_state.json", {"step": step})
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_resume_state(accelerator, output_dir, step: int, extra: dict) -> Path:
+    """Model, optimizer, scheduler and every RNG state (accelerator.save_state, safetensors) plus
+    trainer_state.json (step, data position, ...) in output_dir/resume, replacing the previous one. Written to
+    a temp folder first; the old state is only removed once the new one is complete, so a crash at any moment
+    leaves one complete state (resume_state() finds it)."""
+    output_dir = Path(output_dir)
+    final, tmp, old = output_dir / RESUME_DIR, output_dir / f".{RESUME_DIR}.tmp", output_dir / f".{RESUME_DIR}.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "rng_fingerprint": rng_fingerprint(),
+                                                       "environment": environment()})
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_state(output_dir) -> Path | None:
+    """The complete resume state of a run, or None (a crash between the two renames leaves it in .resume.old)."""
+    for name in (RESUME_DIR, f".{RESUME_DIR}.old"):
+        path = Path(output_dir) / name
+        if (path / "trainer_state.json").exists():
+            return path
+    return None
+
+
+def rng_fingerprint() -> str:
+    """A short hash of this process's Python and torch RNG states: what the sampler and the data draws depend on."""
+    import hashlib
+    digest = hashlib.sha256(repr(random.getstate()).encode())
+    digest.update(torch.get_rng_state().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_resume_state(accelerator, path) -> dict:
+    """accelerator.load_state (weights, optimizer, scheduler and every process's RNG), then the trainer state.
+    accelerate only logs "Could not load random states" when it fails to restore them; a resume that samples
+    from another RNG state is not the same run, so the main process compares the restored state with the
+    fingerprint recorded at save time and stops on a difference."""
+    accelerator.load_state(str(path))
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    recorded = state.get("rng_fingerprint")
+    if accelerator.is_main_process and recorded is not None and recorded != rng_fingerprint():
+        fail(f"resume state {path}: accelerate did not restore the random number generators (their fingerprint "
+             f"differs from the one saved); resuming would not continue the same run. Check that the accelerate "
+             f"version matches the one that saved it ({state.get('environment', {}).get('packages', {})}).")
+    return state
+
+
+def list_checkpoints(run_dir, include_final: bool = True) -> list[tuple[int, str, Path]]:
+    """[(step, label, folder)] of a training run's model snapshots (checkpoint-N/) and final/, by step: the one
+    place that knows the layout (eval along training, analyze.py, rollout_sft.py and report.py use it)."""
+    root = Path(run_dir)
+    found = []
+    for path in root.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / "config.json").exists():
+            found.append((int(match.group(1)), path.name, path))
+    final = root / "final"
+    if include_final and (final / "config.json").exists():
+        state = final / "trainer_state.json"
+        step = json.loads(state.read_text()).get("step") if state.exists() else None
+        found.append((int(step) if step is not None else max((s for s, _, _ in found), default=0), "final", final))
+    return sorted(found, key=lambda item: (item[0], item[1] == "final"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The save / resume / final steps of a training loop (sft.py and rft.py)
+# ----------------------------------------------------------------------------------------------------------
+def start_or_resume(accelerator, resume_from, output_dir, resume_asked: bool, tag: str) -> dict:
+    """The trainer state a training loop continues from: the resume state's (step, data position, ...) after
+    accelerate restored the weights, optimizer, scheduler and RNGs, or step 0 of a fresh run."""
+    if resume_from is not None:
+        state = load_resume_state(accelerator, resume_from)
+        accelerator.print(f"[{tag}] resumed from {resume_from} at step {state['step']} (data position "
+                          f"{state.get('data_position')})")
+        return state
+    if resume_asked:
+        accelerator.print(f"[{tag}] --resume: no resume state in {output_dir}; starting from step 0")
+    return {"step": 0, "data_position": 0}
+
+
+def save_checkpoint(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype,
+                    trainer_state: dict | None, snapshot: bool = True, keep_snapshots: int = 0) -> None:
+    """After optimizer step `step`: the model-only snapshot checkpoint-{step}/ (when `snapshot`), the one resume
+    state with `trainer_state` (when given), then only the newest `keep_snapshots` snapshots kept (0: all)."""
+    if snapshot:
+        save_snapshot(accelerator, model, processor, output_dir, step, dtype)
+    if trainer_state is not None:
+        save_resume_state(accelerator, output_dir, step, trainer_state)
+    if accelerator.is_main_process and keep_snapshots:
+        for _, _, old in list_checkpoints(output_dir, include_final=False)[:-keep_snapshots]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_run(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype, trainer_state: dict,
+               final_state: dict) -> Path:
+    """The end of a training run: the last step's resume state (a rerun with --resume finds the run finished),
+    final/ (save_pretrained in the snapshots' dtype; it is the last step's snapshot, so no checkpoint-N/ copy of
+    it) with `final_state` in its trainer_state.json, and the trackers closed."""
+    save_resume_state(accelerator, output_dir, step, trainer_state)
+    final = Path(output_dir) / "final"
+    export_model(accelerator, model, processor, final, dtype)
+    if accelerator.is_main_process:
+        write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
+    accelerator.end_training()
+    return final
+
+
+def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: bool, overwrite: bool,
+                operational: tuple[str, ...] = ()) -> Path | None:
+    """The one fresh-run / resume rule of every training stage; returns the resume state to load, or None.
+
+    - Fresh run (no --resume) into a folder that already holds a run of this stage: stop, unless --overwrite,
+      which removes only what this stage writes (TRAINING_OUTPUTS and checkpoint-N/). A folder this kit did
+      not make is refused (check_output_dir).
+    - --resume: the recorded run.json settings must equal these, except the `operational` ones (logging,
+      saving and evaluation cadence), which do not change the trajectory; a difference stops and names them.
+    - In every case metrics.jsonl keeps only the steps up to the resumed one (0 for a fresh start), so a run
+      killed before its first checkpoint and resumed never logs a step twice (-1: nothing kept).
+    """
+    output_dir = Path(output_dir)
+    run_file = output_dir / RUN_FILE
+    ignored = set(operational) | {"resume", "overwrite"}
+    state = None
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not run_file.exists():
+            check_output_dir(output_dir, stage, overwrite)  # a folder someone else made: refused without --overwrite
+        if resume and run_file.exists():
+            recorded = json.loads(run_file.read_text()).get("settings", {})
+            changed = [f"--{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
+                       if k not in ignored and recorded.get(k) != settings.get(k)]
+            if changed:
+                fail(f"--resume: {output_dir} was trained with other settings ({'; '.join(changed)}). Resuming would "
+                     "mix two runs in one. Rerun with the recorded settings, or start a new --output_dir (or "
+                     "--overwrite it without --resume).")
+            state = resume_state(output_dir)
+        elif not resume and run_file.exists():
+            if not overwrite:
+                fail(f"--output_dir {output_dir} already holds a {stage} run (its {RUN_FILE}); pass --resume to "
+                     "continue it, --overwrite to start it again (removes that run's checkpoints and metrics), or "
+                     "choose a new --output_dir.")
+        if not resume and overwrite and accelerator.is_main_process:
+            for name in TRAINING_OUTPUTS:
+                target = output_dir / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            for target in [t for pattern in TRAINING_OUTPUT_GLOBS for t in output_dir.glob(pattern)]:
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        step = json.loads((state / "trainer_state.json").read_text())["step"] if state is not None else -1
+        truncate_metrics(output_dir / "metrics.jsonl", step)
+        if not (resume and run_file.exists()):
+            write_json_atomic(run_file, {"stage": stage, "settings": settings, "environment": environment()})
+        mark_output_dir(output_dir, stage)
+    accelerator.wait_for_everyone()
+    return state
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to metrics.jsonl (durable, greppable, plotted by the report), and
+    mirrors every record to the experiment trackers accelerate was set up with (--report_to), if any."""
+
+    def __init__(self, path, enabled: bool = True, accelerator=None):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.accelerator = accelerator
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k != "step" and v is not None and math.isfinite(v)}
+            self.accelerator.log(scalars, step=record.get("step"))
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def make_accelerator(mixed_precision: str, report_to: str, output_dir, **kwargs):
+    """accelerate.Accelerator on the GPU if there is one, with --report_to trackers (HF Trainer's flag): off by
+    default, and nothing of tensorboard/wandb is imported unless asked for."""
+    from accelerate import Accelerator
+    if report_to not in REPORT_TO:
+        fail(f"--report_to {report_to}: choose one of {', '.join(REPORT_TO)}.")
+    log_with = None if report_to == "none" else report_to
+    if log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                fail("--report_to tensorboard needs tensorboard (pip install tensorboard), or use --report_to none.")
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--report_to wandb needs wandb (pip install wandb; it reads WANDB_API_KEY from the environment), "
+                 "or use --report_to none.")
+    # step_scheduler_with_optimizer=False: our schedules count optimizer steps (warmup_cosine over --max_steps),
+    # and every loop calls scheduler.step() once per optimizer step. accelerate's default steps a prepared
+    # scheduler num_processes times per call, so under `accelerate launch --num_processes 2` the lr reached 0
+    # half-way through (measured: a 40-step sft.py run at lr 0.0 from step 20 on).
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with,
+                       project_dir=str(Path(output_dir) / "tracking") if log_with else None, **kwargs)
+
+
+def truncate_metrics(path, after_step: int) -> None:
+    """Keep only lines logged at steps <= after_step (later ones are logged again after a resume); -1 keeps
+    nothing (a run that starts over, including its step-0 evaluation)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+        if record.get("step", 0) <= after_step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
