@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -245,29 +244,15 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: 
 # ----------------------------------------------------------------------------------------------------------
 # Range checks of numeric flags: one table per stage, one message style, exit 2 before any model is loaded
 # ----------------------------------------------------------------------------------------------------------
-_RANGE_RE = re.compile(r"^(>=|>|<=|<)\s*(-?[0-9.e+-]+)$|^([\[(])\s*(-?[0-9.e+-]+)\s*,\s*(-?[0-9.e+-]+)\s*([\])])$")
-
-
 def check_ranges(args, ranges: dict[str, str]) -> None:
     """ranges: flag name -> '>= 1' | '> 0' | '[0, 1]' | '(0, 1]' ... ; None values (optional flags) pass.
 
     Example: check_ranges(args, {"lr": "> 0", "warmup_ratio": "[0, 1]"}) stops a run given --lr -1 with
     'error: --lr must be > 0 (got -1.0)'."""
+    import experiment
     for name, spec in ranges.items():
         value = getattr(args, name)
-        if value is None:
-            continue
-        match = _RANGE_RE.match(spec.strip())
-        if not match:
-            raise ValueError(f"bad range spec {spec!r} for {name}")
-        if match.group(1):
-            op, bound = match.group(1), float(match.group(2))
-            ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
-        else:
-            low, high = float(match.group(4)), float(match.group(5))
-            ok = (value >= low if match.group(3) == "[" else value > low) and \
-                 (value <= high if match.group(6) == "]" else value < high)
-        if not ok or (isinstance(value, float) and math.isnan(value)):
+        if value is not None and not experiment.in_range(value, spec):
             fail(f"--{name} must be {spec.replace(' ', '')} (got {value}).")
 
 

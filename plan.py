@@ -6,8 +6,8 @@ preset's own numbers (steps, batch, group size, token caps, rows sampled, checkp
 count) and the throughput constants below, each with the place it was measured. It is a plan, not a promise:
 the GPU constants come from one H100 with random weights (README, bench/bench_real_arch.py).
 
-    PRESET=3b bash run_all.sh --list          # what run_all.sh does
-    python plan.py --settings runs/3b/settings.json --run runs/3b     # the same table from a settings file
+    PRESET=3b bash run_all.sh --list          # what run_all.sh does (it pipes the preset's variables in)
+    python plan.py plan --run runs/3b --settings runs/3b/settings.json   # the table from a run's settings
 
 Disk model: the checkpoint layout of sft.py / rft.py. Every SAVE_STEPS before the last step a model-only `checkpoint-N/` folder
 (save_pretrained: 2 B/param in bf16 on GPU presets, 4 B/param in fp32 on CPU presets), one `resume/` state
@@ -259,6 +259,10 @@ def plan(settings: dict, stages: list[str]) -> dict:
             samples += min(limit or size, size) * (RESULT_SAMPLE_BYTES + TEXT_BYTES_PER_TOKEN * cap)
         return samples
 
+    import experiment
+    sampled_sources = sum(src.sampled for src in experiment.SOURCES)
+    sft_runs = [src for src in experiment.SOURCES if not src.own_stage]      # the sft_sources stage's runs
+    trained = len(experiment.TRAINING_ORDER)                                 # final models besides the base
     non_rea_tokens = 3 * _grid_cells(s) + 10
     sft_at, rft_at = s.get("SFT_SAVE_AT", ""), f"{s.get('RFT_EARLY_STEP', '')},{s.get('RFT_SAVE_AT', '')}"
     sft_ckpts = checkpoints(sft_steps, save, sft_at)
@@ -297,28 +301,29 @@ def plan(settings: dict, stages: list[str]) -> dict:
     row("rft", rft_gen + rft_train, kept + rft_steps * 2e4, peak,
         f"{rft_steps} steps x {rft_batch}x{group} completions <= {rollout_cap} tokens; {note}",
         "RFT_SAVE_STEPS (fewer checkpoints)" + resume_knob)
-    sampled = 2 * decode_seconds(rollout_puzzles * k, rollout_batch, rollout_cap, prompt)
-    source_rows = 2 * n_train + 2 * rollout_puzzles
+    sampled = sampled_sources * decode_seconds(rollout_puzzles * k, rollout_batch, rollout_cap, prompt)
+    source_rows = (len(experiment.SOURCES) - sampled_sources) * n_train + sampled_sources * rollout_puzzles
     perplexity = source_rows * (prompt + THINK_TARGET_TOKENS) * PREFILL_TOKEN_S * ratio
     row("sources", sampled + perplexity + 60, source_rows * (puzzle_row + 2e3), 0,
-        f"2 x {rollout_puzzles} puzzles x k {k} sampled in calls of {rollout_batch}; "
-        f"4 sources <= {source_rows} rows", "ROLLOUT_LIMIT")
+        f"{sampled_sources} x {rollout_puzzles} puzzles x k {k} sampled in calls of {rollout_batch}; "
+        f"{len(experiment.SOURCES)} sources <= {source_rows} rows", "ROLLOUT_LIMIT")
     kept, peak, note = train_disk(sft_steps, save, sft_at)
-    row("sft_sources", 3 * sft_seconds(sft_steps, THINK_TARGET_TOKENS), 3 * kept, peak,
-        f"3 runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
+    row("sft_sources", len(sft_runs) * sft_seconds(sft_steps, THINK_TARGET_TOKENS), len(sft_runs) * kept, peak,
+        f"{len(sft_runs)} runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
     # Checkpoints along training, every checkpoint-N/ scored on CHECKPOINT_EVAL_LIMIT rows for the accuracy/forgetting
     # frontier (run_all.sh stage_eval; issue 13).
-    n_ckpt = 4 * sft_ckpts + rft_ckpts
-    row("eval", 5 * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
-        5 * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
-        f"5 models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
+    n_ckpt = (trained - 1) * sft_ckpts + rft_ckpts
+    row("eval", trained * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
+        trained * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,
+        f"{trained} models at --limit {eval_limit} + {n_ckpt} checkpoints at --limit {ckpt_limit}",
         "CHECKPOINT_EVAL_LIMIT / EVAL_LIMIT")
     analyze_n = _i(s, "ANALYZE_N", 12)
-    grads = analyze_n * 5 + analyze_n * (1 + n_ckpt)  # per-sample gradients of 4 sources + probes; probe scores
+    grads = analyze_n * (len(experiment.SOURCES) + 1) + analyze_n * (1 + n_ckpt)  # per-sample gradients of the
+    # sources and the probes; probe scores at every checkpoint
     kl_sequences = _i(s, "KL_PUZZLES", 16) * _i(s, "KL_SAMPLES", 4)   # RL's Razor KL: sampled at each checkpoint
-    kl = (n_ckpt + 5) * decode_seconds(kl_sequences, kl_sequences, rollout_cap, prompt)
+    kl = (n_ckpt + trained) * decode_seconds(kl_sequences, kl_sequences, rollout_cap, prompt)
     row("analyze", grads * SFT_STEP_S / SFT_STEP_ROWS * ratio * (prompt + THINK_TARGET_TOKENS) / SFT_STEP_TOKENS + kl + 300,
-        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples, KL of {kl_sequences} samples, {n_ckpt + 6} models",
+        ANALYSIS_BYTES, 0, f"{analyze_n} training x {analyze_n} probe samples, KL of {kl_sequences} samples, {n_ckpt + trained + 1} models",
         "ANALYZE_N")
     row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
@@ -407,16 +412,138 @@ def disk_verdict(summary: dict, run: Path, free: int) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# run_all.sh's helpers: the settings check before a run, and the record of what each stage ran with
+# ----------------------------------------------------------------------------------------------------------
+def read_settings(stream) -> dict:
+    """NAME<TAB>VALUE lines (run_all.sh's settings_lines: every variable that is set) as a dict of strings."""
+    return dict(line.rstrip("\n").split("\t", 1) for line in stream if "\t" in line)
+
+
+def preset_names(preset: str) -> list[tuple[str, str]]:
+    """(variable, file) of every `: "${VAR:=...}"` line of presets/<preset>.env and the presets it sources."""
+    found, todo, seen = [], [ROOT / "presets" / f"{preset}.env"], set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())   # comments aside
+        found += [(name, path.name) for name in re.findall(r'\$\{([A-Za-z_][A-Za-z0-9_]*):=', text)]
+        todo += [ROOT / f for f in re.findall(r"^\s*\.\s+(presets/[\w.-]+\.env)", text, re.M)]
+    return found
+
+
+def check_settings(settings: dict, preset: str, environ: dict) -> list[str]:
+    """Every problem a run's variables have, as messages naming the variable and the fix (empty: none):
+    a preset variable no preset file sets, a name in a preset file or the environment that is a near miss of a
+    known one (a typo), a number out of range, and the rules that tie two variables together."""
+    import difflib
+    import experiment
+    known = {**{k: r for k, (_, r) in experiment.PRESET_VARIABLES.items()}, **experiment.RUN_VARIABLES}
+    problems = []
+    toy_base = settings.get("BUILD_TOY_BASE") == "1"
+    for name in experiment.PRESET_VARIABLES:
+        if name not in settings and (toy_base or name not in experiment.TOY_BASE_VARIABLES):
+            problems.append(f"{name} is not set: presets/{preset}.env (or a preset it sources) must set it, e.g. "
+                            f': "${{{name}:=value}}" with the reason for the value (experiment.py lists every variable).')
+
+    def near_miss(name: str, where: str) -> None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if name not in known and close:
+            problems.append(f"{name} ({where}) is not a variable of this kit; did you mean {close[0]}? A misspelt "
+                            "variable would be ignored silently.")
+    for name, file in preset_names(preset):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            problems.append(f"{name} (presets/{file}) is not a variable of this kit"
+                            + (f"; did you mean {close[0]}?" if close else "; experiment.py lists every variable."))
+    for name in environ:
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            near_miss(name, "in the environment")
+    for name, spec in known.items():
+        value = settings.get(name, "")
+        if spec is None or value.strip() == "":
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            problems.append(f"{name}={value!r} must be a number {spec}.")
+            continue
+        if not experiment.in_range(number, spec):
+            problems.append(f"{name}={value} must be {spec.replace(' ', '')}.")
+    if not problems:
+        rft_steps, early = int(float(settings["RFT_STEPS"])), int(float(settings["RFT_EARLY_STEP"]))
+        if not 1 <= early < rft_steps:
+            problems.append(f"RFT_EARLY_STEP={early} must be between 1 and RFT_STEPS - 1 = {rft_steps - 1} "
+                            "(rea_self_generated samples checkpoint-RFT_EARLY_STEP).")
+        if toy_base and int(settings["BASE_BATCH"]) % int(settings["BASE_GRAD_ACCUM"]):
+            problems.append(f"BASE_BATCH={settings['BASE_BATCH']} must be a multiple of BASE_GRAD_ACCUM="
+                            f"{settings['BASE_GRAD_ACCUM']}.")
+    return problems
+
+
+def record_stage(run: Path, stage: str, seconds: int, settings: dict) -> None:
+    """<run>/settings/<stage>.json (the variables the stage ran with, the commit, the time), then
+    <run>/settings.json, the flat merge: one value per variable, or `2 (sft_non_rea) / 7 (sft_sources)` where the
+    stages that ran differ."""
+    import subprocess
+    import time
+    import experiment
+    import runs
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=ROOT).stdout.strip())
+    except OSError:
+        commit, dirty = "", False
+    names = experiment.stage_variables(stage)
+    runs.write_json_atomic(run / "settings" / f"{stage}.json", {
+        "stage": stage, "preset": settings.get("PRESET"), "seconds": seconds,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit, "git_dirty": dirty,
+        "settings": {name: settings.get(name, "") for name in names}})
+    merged = {}
+    for name in experiment.STAGES:
+        path = run / "settings" / f"{name}.json"
+        if path.is_file():
+            for key, value in json.loads(path.read_text())["settings"].items():
+                merged.setdefault(key, {}).setdefault(value, []).append(name)
+    flat = {k: next(iter(v)) if len(v) == 1 else " / ".join(f"{val} ({', '.join(st)})" for val, st in v.items())
+            for k, v in merged.items()}
+    runs.write_json_atomic(run / "settings.json", flat)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", required=True, help="JSON of the run's variables (run_all.sh writes it)")
-    parser.add_argument("--run", required=True, help="the run folder (its free disk is checked)")
-    parser.add_argument("--stages", default="", help="stages in order, space separated (default: all)")
-    parser.add_argument("--states", default="", help="STAGE=STATE;... (e.g. 'done, skipped'); others: to run")
-    parser.add_argument("--check_disk", action="store_true", help="exit 2 when the stages to run do not fit")
-    parser.add_argument("--json", default="", help="also write the plan as JSON here")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("plan", help="the plan of a run (settings on stdin, as run_all.sh writes them)")
+    show.add_argument("--run", required=True, help="the run folder (its free disk is checked)")
+    show.add_argument("--stages", default="", help="stages in order, space separated (default: all)")
+    show.add_argument("--states", default="", help="STAGE=STATE;... (e.g. 'done, skipped'); others: to run")
+    show.add_argument("--check_disk", action="store_true", help="exit 2 when the stages to run do not fit")
+    show.add_argument("--json", default="", help="also write the plan as JSON here")
+    show.add_argument("--settings", default="", help="a run's settings.json instead of the settings on stdin")
+    check = commands.add_parser("check", help="exit 2, naming each problem, when a run's variables are incomplete, "
+                                              "out of range or misspelt (settings on stdin)")
+    check.add_argument("--preset", required=True, help="the preset whose files set them")
+    record = commands.add_parser("record", help="write <run>/settings/<stage>.json and <run>/settings.json")
+    record.add_argument("--run", required=True)
+    record.add_argument("--stage", required=True)
+    record.add_argument("--seconds", type=int, required=True)
     args = parser.parse_args(argv)
-    settings = json.loads(Path(args.settings).read_text())
+    if getattr(args, "settings", ""):
+        settings = {k: str(v) for k, v in json.loads(Path(args.settings).read_text()).items()}
+    else:
+        settings = read_settings(sys.stdin)
+
+    if args.command == "check":
+        problems = check_settings(settings, args.preset, os.environ)
+        for problem in problems:
+            print(f"run_all.sh: {problem}", file=sys.stderr)
+        return 2 if problems else 0
+    if args.command == "record":
+        record_stage(Path(args.run), args.stage, args.seconds, settings)
+        return 0
     stages = args.stages.split() or list(TOY_SECONDS)
     states = dict(item.split("=", 1) for item in args.states.split(";") if "=" in item)
     run = Path(args.run)

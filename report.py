@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import experiment
 import runs
 
-# (folder / results name, the paper's name for it)
-METHODS = [("base", "Base model"), ("rft", "RFT"), ("sft_non_rea", "SFT-Non-Rea"),
-           ("sft_rea_external", "SFT-Rea-External (stand-in for SFT-Rea-4o)"),
-           ("sft_rea_grpo_rollout", "SFT-Rea-GRPO-Rollout"),
-           ("sft_rea_self_generated", "SFT-Rea-Self-Generated")]
+# (folder / results name, the paper's name for it), in the report's order: experiment.py's table
+METHODS = [(m.name, m.paper_name) for m in experiment.METHODS]
 
 
 @dataclass
@@ -121,9 +119,9 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
         lines.append(f"| {method} | {paper_name} | {fmt(training_steps(run, method), 0)} | "
                      f"{fmt(metrics.get('accuracy'))} | {fmt(metrics.get('hit_rate'))} | "
                      f"{fmt(metrics.get('format_rate'))} | {fmt(metrics.get('num_samples'), 0)} |")
-    check = next((m for m in read_metrics(run / "base_check" / "metrics.jsonl") if m.get("step") == 0), None)
+    check = read_json(run / "base_check" / "base_check.json")
     if check and check.get("answer_image_mi") is not None:
-        lines += ["", f"Step-0 check of the base model (rft.py --max_steps 0, {check.get('answer_mi_puzzles')} test puzzles, "
+        lines += ["", f"Base check (base_check.py, {check.get('answer_mi_puzzles')} test puzzles, "
                   f"{check.get('answer_mi_candidates')} candidate answers each): MI(answer; image) "
                   f"{check['answer_image_mi']:.3f} nats, p(true answer) {check['answer_p_true']:.3f} against "
                   f"{check['answer_p_chance']:.3f} by chance, greedy hit rate {100 * check['eval_hit']:.1f}%. An answer "
@@ -355,7 +353,7 @@ def sources_section(run: Path) -> list[str]:
                for name, d in (dynamics.get("sources") or {}).items()}
     lines = ["## 4. The SFT data sources", "", "| source | rows | mean NLL / token under base | perplexity | notes |",
              "|---|---|---|---|---|"]
-    for name in ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated"):
+    for name in experiment.SOURCE_NAMES:
         stats = read_json(src / name / "stats.json") or {}
         e = entries.get(name, {}) if isinstance(entries, dict) else {}
         notes = []

@@ -58,8 +58,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -70,12 +68,13 @@ import torch
 from tqdm import tqdm
 
 import common
+import experiment
 import runs
 import sequences
 import jigsaw
 
-SOURCES = ("non_rea", "rea_external", "rea_grpo_rollout", "rea_self_generated")
-NEEDS_MODEL = ("rea_grpo_rollout", "rea_self_generated")
+SOURCES = experiment.SOURCE_NAMES        # the sources and what each keeps: experiment.py's table
+NEEDS_MODEL = tuple(s.name for s in experiment.SOURCES if s.sampled)
 JIGSAW_COLUMNS = ("id", "images", "prompt", "prompt_no_think", "answer", "rows", "cols", "target_non_rea")
 OUT_COLUMNS = ("id", "images", "prompt", "completion", "answer", "rows", "cols", "reward", "source_checkpoint",
                "logprob")
@@ -252,11 +251,12 @@ def select_completions(source: str, texts: list[str], row: dict, reward_fn: Call
         counts["acc"] += int(scores["acc"] == 1)
         counts["fmt"] += int(scores["fmt"] == 1)
         counts["correct"] += int(is_correct(scores))
-        if source == "rea_grpo_rollout":
+        keeps = experiment.source(source).keeps
+        if keeps == "correct_sample":
             if not is_correct(scores):
                 continue
             target, target_scores = text.strip(), scores
-        elif source == "rea_self_generated":
+        elif keeps == "own_think":
             reasoning = think_text(text)
             if reasoning is None:
                 counts["no_think"] += 1
@@ -396,7 +396,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
             stats = summarize(done, [i for i in ids if i in done])
             common.fail(f"source {args.source}: 0 usable rows from the first {len(done)} puzzle(s) of {args.data} "
                         f"({json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}). "
-                        + EMPTY_HINTS.get(args.source, ""))
+                        + EMPTY_HINTS.get(experiment.source(args.source).keeps, ""))
         if args.max_rows and kept_rows >= args.max_rows:
             log(f"{kept_rows} rows kept (>= --max_rows {args.max_rows}) after {len(done)} of {len(ids)} puzzles: "
                 "stopping early")
@@ -441,9 +441,10 @@ def read_traces(path: str, known_ids: set[str]) -> tuple[dict[str, list[str]], d
 def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
     """non_rea / rea_external: one record per puzzle, no model involved (logprob stays null)."""
     stats = {}
-    if args.source == "rea_external" and args.traces:
+    keeps = experiment.source(args.source).keeps
+    if keeps == "trace" and args.traces:
         traces, stats = read_traces(args.traces, set(dataset["id"]))
-    elif args.source == "rea_external" and args.teacher_url:  # the paper's GPT-4o traces, asked for (teacher.py)
+    elif keeps == "trace" and args.teacher_url:  # the paper's GPT-4o traces, asked for (teacher.py)
         import teacher
         traces, stats = teacher.collect_traces(dataset, teacher.config_from_args(args), args.output_dir, args.data,
                                                args.split)
@@ -453,7 +454,7 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
     for row in columns:
         answer, rows, cols = list(row["answer"]), int(row["rows"]), int(row["cols"])
         counts = {"samples": 0, "invalid_target": 0, "duplicates": 0, "kept": 0}
-        if args.source == "non_rea":
+        if keeps == "answer":
             candidates = [jigsaw.target_answer_only(answer, rows, cols)]
             thinking = False
         elif args.traces or args.teacher_url:
@@ -484,10 +485,10 @@ def fixed_source_records(dataset, args: Args) -> tuple[dict[str, dict], dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Save: the data set sft.py reads, and its statistics
 # ----------------------------------------------------------------------------------------------------------
-EMPTY_HINTS = {
-    "rea_grpo_rollout": "The checkpoint got no puzzle right: sample more (--num_generations), use a later "
+EMPTY_HINTS = {   # by what the source keeps (experiment.Source.keeps)
+    "correct_sample": "The checkpoint got no puzzle right: sample more (--num_generations), use a later "
                         "checkpoint, or check --max_completion_length (truncated completions have no answer).",
-    "rea_self_generated": "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
+    "own_think": "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
                           "format (use a later early checkpoint or a larger --num_generations)."}
 
 
@@ -522,9 +523,9 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     if not indices:
         common.fail(f"source {args.source} gave 0 rows from {len(ids)} puzzles of {args.data} ({args.split}): "
                     f"{json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}. "
-                    + EMPTY_HINTS.get(args.source, "Nothing usable in the input."))
+                    + EMPTY_HINTS.get(experiment.source(args.source).keeps, "Nothing usable in the input."))
     rows = dataset.select(indices)
-    prompt_column = "prompt_no_think" if args.source == "non_rea" else "prompt"
+    prompt_column = "prompt_no_think" if experiment.source(args.source).prompt_style == "answer_only" else "prompt"
     rows = rows.select_columns(["id", "images", prompt_column, "answer", "rows", "cols"])
     if prompt_column != "prompt":
         rows = rows.rename_column(prompt_column, "prompt")
@@ -565,8 +566,8 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     common.check_ranges(args, RANGES)
     # Before any model is loaded: never replace a folder this script did not make.
     runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
-    if args.traces and args.source != "rea_external":
-        common.fail("--traces only applies to --source rea_external.")
+    if (args.traces or args.teacher_url) and experiment.source(args.source).keeps != "trace":
+        common.fail("--traces and --teacher_url only apply to a source of a teacher's traces (--source rea_external).")
     if args.teacher_url:
         import teacher
         teacher.config_from_args(args)  # every --teacher_* check before the data is read
@@ -586,7 +587,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     # ---------------- sources without a model ----------------
     if args.source not in NEEDS_MODEL:
         records, extra = fixed_source_records(dataset, args)
-        checkpoint = "ground_truth" if args.source == "non_rea" else (
+        checkpoint = "ground_truth" if experiment.source(args.source).keeps == "answer" else (
             args.traces or (f"teacher:{args.teacher_model}" if args.teacher_url else "programmatic"))
         stats = {"source": args.source, "source_checkpoint": checkpoint, **summarize(records, ids), **extra}
         save_source(dataset, records, args, checkpoint, stats)
@@ -618,7 +619,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     sampled = [i for i in ids if i in records]
     stats = {"source": args.source, "source_checkpoint": args.model, "num_generations": args.num_generations,
              "temperature": args.temperature, "puzzles_available": len(ids), **summarize(records, sampled)}
-    if args.source == "rea_self_generated" and stats["sampler_accuracy"] >= args.max_checkpoint_accuracy:
+    if experiment.source(args.source).made_from == "rft_early" and stats["sampler_accuracy"] >= args.max_checkpoint_accuracy:
         log(f"warning: the checkpoint's task accuracy is {stats['sampler_accuracy']:.1%} (the paper's early "
             f"checkpoint: < {args.max_checkpoint_accuracy:.0%}); pick an earlier checkpoint for this source.")
     print_stats(stats)

@@ -35,16 +35,50 @@ def test_one_name_per_concept(stage):
         assert "dtype" not in names
 
 
-def test_the_source_names_are_one_list():
-    import re
+def test_every_list_of_methods_and_sources_derives_from_experiment_py():
+    import experiment
+    assert report.METHODS == [(m.name, m.paper_name) for m in experiment.METHODS]
+    assert rollout_sft.SOURCES == experiment.SOURCE_NAMES
+    assert set(experiment.TRAINING_ORDER) == {m.name for m in experiment.METHODS} - {"base"}
+
+
+def test_adding_a_source_is_one_row_of_experiment_py(tmp_path):
+    """A fifth SFT source (SFT on the base model's own correct samples) added as one row of experiment.SOURCES in a
+    copy of the kit: run_all.sh samples it from the base model, trains an SFT run on it, evaluates that run and
+    its checkpoints, analyses the source and tracks the run; the plan counts one more run."""
+    import shutil
+    import subprocess
+    import sys
     from pathlib import Path
-    import report
-    run_all = (Path(__file__).resolve().parents[1] / "run_all.sh").read_text()
-    for source in rollout_sft.SOURCES:
-        assert source in run_all
-    reported = [m[len("sft_"):] for m, _ in report.METHODS if m.startswith("sft_rea")]
-    assert ["non_rea"] + reported == list(rollout_sft.SOURCES)
-    assert set(re.findall(r"sft_(rea_\w+)", run_all)) <= set(rollout_sft.SOURCES)
+    root = Path(__file__).resolve().parents[1]
+    kit = tmp_path / "kit"
+    shutil.copytree(root, kit, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "tests", "__pycache__"))
+    table = (kit / "experiment.py").read_text()
+    row = '    Source("rea_self_generated", "SFT-Rea-Self-Generated", made_from="rft_early", keeps="own_think"),\n'
+    assert row in table
+    (kit / "experiment.py").write_text(table.replace(row, row + '    Source("rea_base_rollout", '
+                                                     '"SFT-Rea-Base-Rollout", made_from="base", keeps="correct_sample"),\n'))
+    calls = tmp_path / "calls"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|experiment.py) exec {sys.executable} "$@" ;;\nesac\n'
+                    f'echo "$@" >> {calls}\nexit 0\n')
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    result = subprocess.run(["bash", "run_all.sh"], cwd=kit, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PY": str(fake), "PRESET": "smoke", "RUN": str(run),
+                                 "IGNORE_DISK_PLAN": "1"}, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 runs x 2 steps" in result.stdout and "5 sources" in result.stdout, result.stdout
+    lines = calls.read_text().splitlines()
+    model = f"{run}/base/final"
+    assert any(line.startswith("rollout_sft.py --source rea_base_rollout") and f"--model {model} " in line
+               for line in lines), lines
+    assert any(line.startswith("sft.py") and f"--output_dir {run}/sft_rea_base_rollout " in line for line in lines)
+    assert any(line.startswith("eval.py") and f"--model {run}/sft_rea_base_rollout/final " in line
+               and "--checkpoints" in line for line in lines)
+    analyze = next(line for line in lines if line.startswith("analyze.py"))
+    assert f"rea_base_rollout={run}/data/sources/rea_base_rollout" in analyze
+    assert f"sft_rea_base_rollout={run}/sft_rea_base_rollout" in analyze
 
 
 BAD = {

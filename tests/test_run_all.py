@@ -27,7 +27,7 @@ def fake_python(tmp_path, body: str) -> Path:
     """A PY that runs the machinery's own helpers (plan.py, mirror.py, python -c) with the real interpreter and
     answers the stage scripts with `body` (a bash case arm list on $1)."""
     fake = tmp_path / "py"
-    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|mirror.py|-c) exec {PYTHON} "$@" ;;\n{body}\nesac\n')
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|mirror.py|experiment.py|-c) exec {PYTHON} "$@" ;;\n{body}\nesac\n')
     fake.chmod(0o755)
     return fake
 
@@ -191,8 +191,9 @@ def test_killing_run_all_stops_the_stage_and_a_second_run_is_refused(tmp_path, s
         while _processes_with(marker) and time.time() < deadline:
             time.sleep(0.2)
         assert _processes_with(marker) == [], "a stage process outlived run_all.sh"
-        assert proc.returncode != 0 and not (run / ".lock").exists()
-        assert not (run / ".done" / "base").exists()
+        assert proc.returncode != 0 and not (run / ".done" / "base").exists()
+        # the lock went with the last process of the run: a new run takes it
+        assert run_all(["--only", "data"], PRESET="smoke", RUN=run, PY=fake).returncode == 0
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -243,8 +244,9 @@ def test_seeds_repeat_the_training_stages_in_their_own_folders(tmp_path):
     --seed 1 (sharing the base model and the data of RUN), then the report is written again."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "py"
-    # every command "succeeds" and is recorded (stdin drained: run_all pipes settings into python)
-    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\ncat > /dev/null\nexit 0\n')
+    # every stage command "succeeds" and is recorded; run_all.sh's own helpers run for real
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|experiment.py) exec {PYTHON} "$@" ;;\nesac\n'
+                    f'echo "$@" >> {calls}\nexit 0\n')
     fake.chmod(0o755)
     run = tmp_path / "run"
     env = {**os.environ, "PRESET": "smoke", "RUN": str(run), "PY": str(fake), "SEEDS": "2", "IGNORE_DISK_PLAN": "1"}
@@ -290,3 +292,62 @@ def test_a_failed_job_fails_its_stage_and_shows_its_log(tmp_path):
     assert result.returncode != 0 and "sft_sources FAILED" in result.stderr, result.stdout + result.stderr
     assert "sft_rea_grpo_rollout FAILED (exit status 3)" in result.stderr and "boom" in result.stderr, result.stderr
     assert not (run / ".done" / "sft_sources").exists()
+
+
+def test_a_stage_left_running_by_a_killed_run_all_keeps_the_folder_locked(tmp_path):
+    """kill -9 of run_all.sh leaves its stage running (nothing can stop it then); the stage holds the run folder's
+    flock it inherited, so a second run_all.sh is refused until that stage exits, never two writers at once."""
+    marker = "stage-marker-" + uuid.uuid4().hex
+    fake = fake_python(tmp_path, f'  toy.py) {PYTHON} -c "import time; time.sleep(120)" {marker} ;;\n  *) exit 0 ;;')
+    run = tmp_path / "run"
+    env = {**os.environ, "PY": str(fake), "PRESET": "smoke", "RUN": str(run)}
+    proc = subprocess.Popen(["bash", "run_all.sh", "--only", "base"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not _processes_with(marker) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _processes_with(marker), "the stage did not start"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert _processes_with(marker), "the stage died with run_all.sh: this test needs it orphaned"
+        second = run_all(["--only", "data"], PRESET="smoke", RUN=run, PY=fake)
+        assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
+    finally:
+        for line in _processes_with(marker):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    deadline = time.time() + 10
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    third = run_all(["--only", "data"], PRESET="smoke", RUN=run, PY=fake)
+    assert third.returncode == 0, third.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RFT_STPES": "500"}, "RFT_STPES (in the environment) is not a variable of this kit; did you mean RFT_STEPS?"),
+    ({"SEEDS": "0"}, "SEEDS=0 must be >=1"),
+    ({"SEEDS": "-1"}, "SEEDS=-1 must be >=1"),
+    ({"GROUP_SIZE": "1"}, "GROUP_SIZE=1 must be >=2"),
+    ({"LR_RFT": "fast"}, "LR_RFT='fast' must be a number"),
+    ({"RFT_EARLY_STEP": "4"}, "RFT_EARLY_STEP=4 must be between 1 and RFT_STEPS - 1 = 3"),
+])
+def test_bad_variables_stop_before_anything_runs(tmp_path, env, message):
+    run = tmp_path / "run"
+    result = run_all(PRESET="smoke", RUN=run, **env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not run.exists()
+
+
+def test_a_preset_that_misses_a_variable_or_misspells_one_is_named(tmp_path):
+    presets = ROOT / "presets"
+    broken = presets / f"broken_{uuid.uuid4().hex[:8]}.env"
+    text = (presets / "smoke.env").read_text().replace(". presets/toy.env", "")
+    toy = (presets / "toy.env").read_text().replace(': "${KL_SAMPLES:=4}"', ': "${KL_SAMPELS:=4}"')
+    broken.write_text(text + "\n" + "\n".join(line for line in toy.splitlines() if "BETA:=" not in line) + "\n")
+    try:
+        result = run_all(["--list"], PRESET=broken.stem, RUN=tmp_path / "run")
+    finally:
+        broken.unlink()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"BETA is not set: presets/{broken.name}" in result.stderr, result.stderr
+    assert f"KL_SAMPELS (presets/{broken.name}) is not a variable of this kit; did you mean KL_SAMPLES?" in result.stderr
