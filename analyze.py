@@ -17,7 +17,8 @@ probe set of prior-knowledge questions with a reference answer, this script meas
      gradients (--proj_dim r: a zero-initialised r x r block between fixed seeded random projections on chosen
      linear layers, so the block's gradient is the projected weight gradient); the exact step calibrates them;
   5. probe tracking: log pi(reference answer) of every probe at every saved checkpoint of each run.
-Outputs in --output_dir: dynamics.json, dynamics.md (the section run_all.sh's report includes) and PNG figures.
+Outputs in --output_dir: dynamics.json (report.py renders the report's learning-dynamics section from it) and PNG
+figures.
 
 Worked example of the symmetry check (token-mean SFT loss, T_u = 40 response tokens in u, T_v = 2 in v):
     Delta(v|u) = eta <g_v, g_u> / 40 = 0.003  and  Delta(u|v) = eta <g_u, g_v> / 2 = 0.060
@@ -48,7 +49,6 @@ import contextlib
 import fnmatch
 import json
 import math
-import os
 import random
 import re
 import time
@@ -106,7 +106,7 @@ class Args:
     kl_max_completion_length: int = 512
     """token cap of those sampled completions (the RFT rollouts' cap: Jigsaw-R1's 512)"""
     output_dir: str = "runs/analysis"
-    """where dynamics.json, dynamics.md and the PNG figures go"""
+    """where dynamics.json and the PNG figures go"""
     n_train: int = 16
     """training samples drawn per source (seeded); first-order scores cost one backward pass per sample"""
     n_probe: int = 16
@@ -237,16 +237,6 @@ def cosine_matrix(grads_v: torch.Tensor, grads_u: torch.Tensor) -> torch.Tensor:
     """cos(grad S_v, grad S_u) for all pairs: [N_v, D] x [N_u, D] -> [N_v, N_u] (scale-free: sum or mean loss)."""
     norms = grads_v.norm(dim=1, keepdim=True) * grads_u.norm(dim=1).unsqueeze(0)
     return (grads_v @ grads_u.T) / norms.clamp(min=1e-300)
-
-
-def pearson(x, y) -> float:
-    x = torch.as_tensor(x, dtype=torch.float64).flatten()
-    y = torch.as_tensor(y, dtype=torch.float64).flatten()
-    if x.numel() < 2:
-        return float("nan")
-    x, y = x - x.mean(), y - y.mean()
-    denom = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / denom) if denom > 0 else float("nan")
 
 
 def sign_agreement(x, y) -> float:
@@ -508,12 +498,11 @@ def task_kl(model, base_model, processor, prompts: list[str], images: list[list]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Figures and the markdown section
+# Figures (report.py shows them, with the tables it renders from dynamics.json)
 # ----------------------------------------------------------------------------------------------------------
 def save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with runs.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def make_figures(results: dict, out_dir: Path) -> dict:
@@ -589,60 +578,6 @@ def make_figures(results: dict, out_dir: Path) -> dict:
         plt.close(fig)
         figures["probe_logprob"] = "probe_logprob.png"
     return figures
-
-
-def fmt(value, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
-
-
-def markdown_section(results: dict) -> str:
-    cfg = results["config"]
-    stats = results["sources"]
-    lines = ["## Learning dynamics", "",
-             f"Model `{cfg['model']}`; {results['n_probes']} probes from `{cfg['probes']}` ({cfg['probe_split']}, "
-             f"{cfg['probe_answer']} answers); one SGD step of eta = {cfg['eta']:g} on a training sample's SFT loss. "
-             f"Gradients: {results.get('gradients', {}).get('mode', 'not computed')}"
-             + (f" ({results['gradients']['dims']:,} dims)" if results.get("gradients") else "") + ".", "",
-             "| source | n | perplexity | mean cos | cos > 0 | first-order Δ (mean) | exact Δ (mean) | "
-             "LBK (mean ± std) | corr(exact, first-order) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, s in stats.items():
-        cos = s.get("cosine", {})
-        lines.append(
-            f"| {name} | {s['n']} | {fmt(s.get('perplexity'))} | {fmt(cos.get('mean'))} | "
-            f"{fmt(s.get('cosine_positive_share'), '.0%') if 'cosine_positive_share' in s else '–'} | "
-            f"{fmt(s.get('first_order', {}).get('mean'))} | {fmt(s.get('exact_delta', {}).get('mean'))} | "
-            f"{fmt(s.get('lbk', {}).get('mean'))} ± {fmt(s.get('lbk', {}).get('std'))} | "
-            f"{fmt(s.get('calibration', {}).get('pearson'), '.3f')} |")
-    lines += ["", "Δ = change of the probe answer's log-prob summed over its tokens; LBK uses the full-vocabulary "
-              "change (see analyze.lbk). Lower perplexity should go with higher cosine if the paper's proxy holds.", ""]
-    sym = results.get("symmetry")
-    if sym:
-        lines += ["**Symmetry** (T_u·Δ(v|u) against T_v·Δ(u|v), equal to first order): "
-                  f"Pearson {fmt(sym['pearson'], '.3f')}, sign agreement {fmt(sym['sign_agreement'], '.0%')}, "
-                  f"median relative asymmetry {fmt(sym['median_relative_asymmetry'], '.2g')} "
-                  f"over {sym['n']} pairs.", ""]
-    cal = results.get("calibration")
-    if cal:
-        lines += [f"**Calibration** of first-order against exact steps ({cal['n']} pairs): Pearson "
-                  f"{fmt(cal['pearson'], '.3f')}, sign agreement {fmt(cal['sign_agreement'], '.0%')}, "
-                  f"slope exact ≈ {fmt(cal['slope'], '.3g')} × first-order.", ""]
-    tracking = results.get("tracking")
-    if tracking:
-        lines += ["| run | checkpoints | steps | probe log-prob at base | at last | change |", "|---|---|---|---|---|---|"]
-        for run, c in tracking.items():
-            lines.append(f"| {run} | {len(c['steps']) - 1} | {c['steps'][1]}–{c['steps'][-1]} | "
-                         f"{fmt(c['mean_logprob'][0])} | {fmt(c['mean_logprob'][-1])} | "
-                         f"{fmt(c['mean_logprob'][-1] - c['mean_logprob'][0])} |")
-        lines.append("")
-    for key, title in (("lbk", "LBK per source"), ("cosine", "Cosine per source"),
-                       ("perplexity_vs_influence", "Perplexity against influence"),
-                       ("probe_logprob", "Probe log-probs over training")):
-        if key in results.get("figures", {}):
-            lines.append(f"![{title}]({results['figures'][key]})")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -853,14 +788,15 @@ def exact_phase(args: Args, model, params, backup, samples: dict, base: dict, fi
              "exact_positive_share": sum(p["delta"] > 0 for p in pairs) / len(pairs)}
         if name in first_order:
             e, f = [p["delta"] for p in pairs], [p["first_order"] for p in pairs]
-            s["calibration"] = {"pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f)}
+            s["calibration"] = {"pearson": common.pearson(e, f), "sign_agreement": sign_agreement(e, f)}
             exact_all += e
             first_all += f
         stats[name] = s
     out = {"stats": stats}
     if exact_all:
         e, f = torch.tensor(exact_all, dtype=torch.float64), torch.tensor(first_all, dtype=torch.float64)
-        out["calibration"] = {"n": len(exact_all), "pearson": pearson(e, f), "sign_agreement": sign_agreement(e, f),
+        out["calibration"] = {"n": len(exact_all), "pearson": common.pearson(e, f),
+                              "sign_agreement": sign_agreement(e, f),
                               "slope": float((e @ f) / (f @ f).clamp(min=1e-300)),
                               "median_relative_error": float(((e - f).abs() / f.abs().clamp(min=1e-300)).median())}
     return out
@@ -886,9 +822,9 @@ def symmetry_phase(args: Args, model, params, backup, samples: dict, base: dict,
                           "normalised_u_given_v": t_v * u_given_v})
     a = torch.tensor([p["normalised_v_given_u"] for p in pairs], dtype=torch.float64)
     b = torch.tensor([p["normalised_u_given_v"] for p in pairs], dtype=torch.float64)
-    return {"n": len(pairs), "pearson": pearson(a, b), "sign_agreement": sign_agreement(a, b),
+    return {"n": len(pairs), "pearson": common.pearson(a, b), "sign_agreement": sign_agreement(a, b),
             "median_relative_asymmetry": float(((a - b).abs() / ((a.abs() + b.abs()) / 2).clamp(min=1e-300)).median()),
-            "pearson_raw": pearson([p["delta_v_given_u"] for p in pairs], [p["delta_u_given_v"] for p in pairs]),
+            "pearson_raw": common.pearson([p["delta_v_given_u"] for p in pairs], [p["delta_u_given_v"] for p in pairs]),
             "pairs": pairs}
 
 
@@ -989,9 +925,8 @@ def main(argv=None) -> dict:
     results["timings"] = timings
     results["figures"] = make_figures(results, out_dir)
     runs.write_json_atomic(out_dir / "dynamics.json", results)
-    runs.write_text_atomic(out_dir / "dynamics.md", markdown_section(results))
-    print(f"[analyze] wrote {out_dir / 'dynamics.json'}, {out_dir / 'dynamics.md'} and "
-          f"{len(results['figures'])} figures in {timings['total_s']:.1f}s")
+    print(f"[analyze] wrote {out_dir / 'dynamics.json'} and {len(results['figures'])} figures in "
+          f"{timings['total_s']:.1f}s")
     return results
 
 

@@ -1,6 +1,6 @@
 """What every stage does the same way before its own algorithm starts: arguments, errors and range checks,
 seeding, precision, model/processor loading, the optimizer and schedule, data loading with its seeded order,
-and the memory plan of --dry_run.
+the Pearson correlation analyze.py and report.py both report, and the memory plan of --dry_run.
 
 Every stage script (sft.py, rft.py, rollout_sft.py, eval.py, analyze.py) shows its own algorithm top to bottom;
 only what must be identical across stages lives in the shared modules, split by concept:
@@ -384,6 +384,21 @@ def _epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
         _ORDER_CACHE.clear()  # one epoch at a time is all a run needs
         _ORDER_CACHE[key] = order
     return _ORDER_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics: one correlation for analyze.py (dynamics.json) and report.py (KL against forgetting)
+# ----------------------------------------------------------------------------------------------------------
+def pearson(x, y) -> float:
+    """Pearson correlation of two equally long sequences in float64; NaN when it is undefined (fewer than two
+    values, or one side constant)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / denom) if denom > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------

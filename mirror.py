@@ -47,9 +47,8 @@ def read_manifest(root: Path) -> dict:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / (MIRROR_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(root / MIRROR_FILE)
+    import runs
+    runs.write_text_atomic(root / MIRROR_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def save_split(dataset, split: str, out: Path) -> None:

@@ -53,12 +53,13 @@ JIGSAW_BUILD_S = 0.05               # jigsaw.py per puzzle from a hub stream or 
 # an assumption (not measured with COCO here); the toy builds 576 procedural puzzles in ~10 s.
 SECONDS_OTHER_STAGE = 120           # report, the base stage of a hub model: a few minutes of wall time
 
-# Benchmarks (eval.py's registry: split size of the hub copy, max new tokens = lmms-eval's; image tokens at
-# lmms-eval's pixel budget, rough: a 640x480 COCO photo is ~390 tokens, a DocVQA page ~2,000).
-BENCHMARKS = {   # name: (rows of the split, max new tokens, image tokens per sample)
-    "refcoco": (8811, 512, 390), "docvqa": (5349, 32, 2000), "mme": (2374, 16, 700), "mmstar": (1500, 32, 500),
-    "pope": (9000, 128, 390), "mmmu": (900, 128, 800), "chartqa": (2500, 16, 700), "ai2d": (3088, 16, 600),
-    "ocrbench": (1000, 128, 500), "mathvista": (1000, 512, 600), "toy_prior": (300, 64, 16),
+# Benchmarks: split size of the hub copy, and image tokens at lmms-eval's pixel budget (rough: a 640x480 COCO photo
+# is ~390 tokens, a DocVQA page ~2,000). The token cap is the one eval.py decodes to: the registry's max_new_tokens
+# (benchmarks/<name>.py, lmms-eval's cap; 128 for a name the registry does not know).
+BENCHMARKS = {   # name: (rows of the split, image tokens per sample)
+    "refcoco": (8811, 390), "docvqa": (5349, 2000), "mme": (2374, 700), "mmstar": (1500, 500),
+    "pope": (9000, 390), "mmmu": (900, 800), "chartqa": (2500, 700), "ai2d": (3088, 600),
+    "ocrbench": (1000, 500), "mathvista": (1000, 600), "toy_prior": (300, 16),
 }
 # Answers of the prior benchmarks are a few tokens; a batch decodes until its longest answer stops, and a model
 # that forgot the format may write to the cap. The plan takes the cap, except for RefCOCO (a JSON box is ~40
@@ -222,7 +223,10 @@ def plan(settings: dict, stages: list[str]) -> dict:
     resume_knob = " or KEEP_RESUME_STATE=0" if keep_resume else ""
 
     def bench_info(name):
-        size, cap, image_tokens = BENCHMARKS.get(name, (1000, 128, 600))
+        import benchmarks
+        size, image_tokens = BENCHMARKS.get(name, (1000, 600))
+        registered = benchmarks.get(name)
+        cap = registered.max_new_tokens if registered else 128
         if name == "toy_prior":   # the toy world's own held-out questions
             size = _i(s, "PRIOR_TEST", size)
         return size, cap, image_tokens

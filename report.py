@@ -5,7 +5,7 @@ writes report.md with its figures under report/ (compare.png/.json: the changes 
     eval/<method>/results.json        jigsaw accuracy and prior-knowledge benchmarks (eval.py)
     <method>/metrics.jsonl            training curves and step counts (sft.py, rft.py)
     data/sources/*                    SFT data sources, their statistics and perplexity (rollout_sft.py)
-    analysis/dynamics.{json,md}       learning dynamics (analyze.py)
+    analysis/dynamics.json            learning dynamics (analyze.py), with its PNG figures
     settings.json                     the preset's variables (run_all.sh)
 
     python report.py --run_dir runs/toy --preset toy       # writes runs/toy/report.md
@@ -17,6 +17,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import common
@@ -55,10 +56,12 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def fmt(value, digits: int = 1, signed: bool = False) -> str:
+def fmt(value, digits: int = 1, signed: bool = False, spec: str = "", missing: str = "-") -> str:
+    """A number in a table cell: `digits` decimals (with its sign when `signed`), or a format spec ('.3g',
+    '.0%'); `missing` for None or NaN. fmt(-0.5, signed=True) -> '-0.5'; fmt(0.25, spec='.0%') -> '25%'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+        return missing
+    return format(value, spec or (f"+.{digits}f" if signed else f".{digits}f"))
 
 
 def training_steps(run: Path, method: str) -> int | None:
@@ -98,10 +101,9 @@ def training_curves(run: Path, out_png: Path) -> bool:
     axes[1].set_yscale("log")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with runs.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return True
 
 
@@ -223,11 +225,9 @@ def compare_plot(rows: list[dict], methods: list[str], path: Path) -> bool:
         ax.axis("off")
     fig.suptitle("change from the base model (strict)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with runs.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -370,20 +370,69 @@ def sources_section(run: Path) -> list[str]:
     return lines
 
 
+# The figures analyze.py draws (dynamics.json "figures": key -> file next to it), in the order section 5 shows them.
+DYNAMICS_FIGURES = (("lbk", "LBK per source"), ("cosine", "Cosine per source"),
+                    ("perplexity_vs_influence", "Perplexity against influence"),
+                    ("probe_logprob", "Probe log-probs over training"))
+
+
+def dynamics_lines(dynamics: dict, figure_dir: str) -> list[str]:
+    """The learning-dynamics tables of one dynamics.json (analyze.py): per source the perplexity, gradient
+    alignment, first-order and exact change of the probes' log-prob and the LBK; the symmetry and calibration
+    checks; the probe log-prob at the first and last checkpoint of each run; the figures, linked under
+    `figure_dir` (relative to report.md)."""
+    num = partial(fmt, spec=".3g", missing="–")
+    cfg, stats = dynamics["config"], dynamics["sources"]
+    gradients = dynamics.get("gradients")
+    lines = ["### Learning dynamics", "",
+             f"Model `{cfg['model']}`; {dynamics['n_probes']} probes from `{cfg['probes']}` ({cfg['probe_split']}, "
+             f"{cfg['probe_answer']} answers); one SGD step of eta = {cfg['eta']:g} on a training sample's SFT loss. "
+             f"Gradients: {(gradients or {}).get('mode', 'not computed')}"
+             + (f" ({gradients['dims']:,} dims)" if gradients else "") + ".", "",
+             "| source | n | perplexity | mean cos | cos > 0 | first-order Δ (mean) | exact Δ (mean) | "
+             "LBK (mean ± std) | corr(exact, first-order) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in stats.items():
+        lbk = s.get("lbk", {})
+        lines.append(
+            f"| {name} | {s['n']} | {num(s.get('perplexity'))} | {num(s.get('cosine', {}).get('mean'))} | "
+            f"{num(s.get('cosine_positive_share'), spec='.0%')} | {num(s.get('first_order', {}).get('mean'))} | "
+            f"{num(s.get('exact_delta', {}).get('mean'))} | {num(lbk.get('mean'))} ± {num(lbk.get('std'))} | "
+            f"{num(s.get('calibration', {}).get('pearson'), spec='.3f')} |")
+    lines += ["", "Δ = change of the probe answer's log-prob summed over its tokens; LBK uses the full-vocabulary "
+              "change (see analyze.lbk). Lower perplexity should go with higher cosine if the paper's proxy holds."]
+    sym = dynamics.get("symmetry")
+    if sym:
+        lines += ["", "**Symmetry** (T_u·Δ(v|u) against T_v·Δ(u|v), equal to first order): "
+                  f"Pearson {num(sym['pearson'], spec='.3f')}, "
+                  f"sign agreement {num(sym['sign_agreement'], spec='.0%')}, "
+                  f"median relative asymmetry {num(sym['median_relative_asymmetry'], spec='.2g')} "
+                  f"over {sym['n']} pairs."]
+    cal = dynamics.get("calibration")
+    if cal:
+        lines += ["", f"**Calibration** of first-order against exact steps ({cal['n']} pairs): Pearson "
+                  f"{num(cal['pearson'], spec='.3f')}, sign agreement {num(cal['sign_agreement'], spec='.0%')}, "
+                  f"slope exact ≈ {num(cal['slope'])} × first-order."]
+    tracking = dynamics.get("tracking")
+    if tracking:
+        lines += ["", "| run | checkpoints | steps | probe log-prob at base | at last | change |",
+                  "|---|---|---|---|---|---|"]
+        for run, c in tracking.items():
+            first, last = c["mean_logprob"][0], c["mean_logprob"][-1]
+            lines.append(f"| {run} | {len(c['steps']) - 1} | {c['steps'][1]}–{c['steps'][-1]} | "
+                         f"{num(first)} | {num(last)} | {num(last - first)} |")
+    figures = dynamics.get("figures") or {}
+    shown = [f"![{title}]({figure_dir}/{figures[key]})" for key, title in DYNAMICS_FIGURES if key in figures]
+    return lines + ([""] + shown if shown else [])
+
+
 def dynamics_section(run: Path, out_dir: Path) -> tuple[list[str], dict]:
-    md_path = run / "analysis" / "dynamics.md"
-    dynamics = read_json(run / "analysis" / "dynamics.json") or {}
+    path = run / "analysis" / "dynamics.json"
+    dynamics = read_json(path) or {}
     lines = ["## 5. Learning dynamics", ""]
-    if md_path.exists():
-        text = md_path.read_text()
-        rel = os.path.relpath(md_path.parent, out_dir)
-        # Re-root the section's relative image links at report.md's folder; demote its headings one level.
-        text = re.sub(r"!\[([^\]]*)\]\((?!/|https?:)([^)]+)\)", lambda m: f"![{m.group(1)}]({rel}/{m.group(2)})", text)
-        text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
-        lines += [text.strip(), ""]
-    else:
-        lines += ["(analysis/dynamics.md was not written)", ""]
-    return lines, dynamics
+    if not dynamics:
+        return lines + ["(analysis/dynamics.json was not written)", ""], dynamics
+    return lines + dynamics_lines(dynamics, os.path.relpath(path.parent, out_dir)) + [""], dynamics
 
 
 def verdict(holds: bool, tie: bool) -> str:
@@ -564,15 +613,6 @@ def method_curves(run: Path, base_results: dict | None) -> dict[str, list[tuple[
     return curves
 
 
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 3:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
-    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
-    return None if sx == 0 or sy == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
-
-
 WIDE_GAP = 25.0  # jigsaw points between the checkpoints around a level above which the value is marked
 
 
@@ -622,10 +662,10 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
         lines += ["", f"\\* interpolated between two checkpoints more than {WIDE_GAP:.0f} jigsaw points apart: the run has no "
                   "checkpoint near that accuracy, so the value is a straight line between them, not a measurement "
                   "(save more often early: SAVE_STEPS / RFT_SAVE_STEPS)."]
-    r = pearson(xs, ys)
+    r = common.pearson(xs, ys) if len(xs) >= 3 else None   # two points always correlate perfectly: not shown
     lines += ["", f"KL(tuned || base) on the new task, nats per completion (analyze.py, sampled jigsaw completions of "
               f"each checkpoint); its correlation with forgetting over {len(xs)} checkpoints of all methods: "
-              f"Pearson {fmt(r, 2) if r is not None else '-'} (RL's Razor: forgetting tracks this KL).", ""]
+              f"Pearson {fmt(r, 2)} (RL's Razor: forgetting tracks this KL).", ""]
     png = run / "report" / "frontier.png"
     try:
         import matplotlib
@@ -640,11 +680,9 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
         ax.set_ylabel("prior knowledge (mean %, strict)")
         ax.set_title("Prior knowledge against new-task skill, along training")
         ax.legend(fontsize=7)
-        png.parent.mkdir(parents=True, exist_ok=True)
-        tmp = png.with_name(png.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with runs.atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, png)
         lines += [f"![frontier]({os.path.relpath(png, out_dir)})", ""]
     except ImportError:
         lines += ["(matplotlib is not installed: no figure)", ""]
@@ -774,9 +812,7 @@ def main(argv=None):
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
     if timings:
         lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    runs.write_text_atomic(out, "\n".join(lines) + "\n")
     print(f"[report] wrote {out}")
 
 

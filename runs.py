@@ -14,6 +14,7 @@ Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,13 +32,25 @@ from common import fail
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints, logging, atomic files
 # ----------------------------------------------------------------------------------------------------------
-def write_text_atomic(path, text: str) -> None:
-    """Write to a temp file next to `path`, then rename: a crash never leaves half a file behind."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path next to `path` (`path` + ".tmp") for the caller to write, then rename it over `path`:
+    a crash never leaves half a file behind. A writer that picks its format from the suffix (matplotlib's
+    savefig) must be given the format. On an error the temp file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path, obj) -> None:

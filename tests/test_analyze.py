@@ -9,6 +9,7 @@ import torch
 
 import analyze
 import common
+import report
 import sequences
 from conftest import perturbed_copy
 
@@ -86,7 +87,7 @@ def test_first_order_and_cosine_by_hand():
     assert torch.allclose(scores, torch.tensor([[0.15, -0.1, 0.0], [0.4, 0.0, -0.2]], dtype=torch.float64))
     cos = analyze.cosine_matrix(grads_v, grads_u)
     assert torch.allclose(cos, torch.tensor([[0.6, -1.0, 0.0], [0.8, 0.0, -1.0]], dtype=torch.float64))
-    assert analyze.pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and analyze.sign_agreement([1, -1], [2, 1]) == 0.5
+    assert common.pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and analyze.sign_agreement([1, -1], [2, 1]) == 0.5
 
 
 def test_parse_sources_and_errors():
@@ -204,7 +205,7 @@ def test_projected_gradient_is_projected_weight_gradient(tiny64, samples):
     i, j = torch.triu_indices(len(batches), len(batches), offset=1)
     exact_inner = (full @ full.T)[i, j]
     proj_inner = (projected @ projected.T)[i, j]
-    correlation = analyze.pearson(exact_inner, proj_inner)
+    correlation = common.pearson(exact_inner, proj_inner)
     assert correlation >= 0.95, correlation
     for p in model.parameters():  # trainable flags restored
         assert p.requires_grad == any(p is w for w in weights)
@@ -269,8 +270,11 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
     assert curve["logprob"][1] == curve["logprob"][0] and curve["logprob"][2] != curve["logprob"][0]
     for png in ("lbk.png", "cosine.png", "perplexity_vs_influence.png", "probe_logprob.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = (out / "dynamics.md").read_text()
-    assert "## Learning dynamics" in markdown and "](probe_logprob.png)" in markdown and "| non_rea | 3 |" in markdown
+    # JSON only: report.py renders the section from what analyze.py saved
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == ["dynamics.json"]
+    markdown = "\n".join(report.dynamics_lines(saved, "analysis"))
+    assert "### Learning dynamics" in markdown and "](analysis/probe_logprob.png)" in markdown
+    assert "| non_rea | 3 |" in markdown and "Gradients: projected (896 dims)." in markdown
     assert math.isfinite(results["calibration"]["pearson"])
 
 

@@ -468,6 +468,19 @@ def test_write_json_atomic(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
 
 
+def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "figure.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with runs.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer failed")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+    with runs.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
 def test_metrics_logger_and_truncate(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     logger = runs.MetricsLogger(path)

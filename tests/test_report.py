@@ -1,4 +1,5 @@
-"""report.py's pure readers: forgetting at equal skill along hand-made checkpoint curves."""
+"""report.py's pure readers: forgetting at equal skill along hand-made checkpoint curves, and the learning-dynamics
+section rendered from a dynamics.json."""
 import pytest
 
 import report
@@ -108,3 +109,53 @@ def test_environment_names_the_cpu_and_its_kernels_and_the_report_shows_them(tmp
         assert env["cpu_capability"] and env["device"].startswith("cpu (") and env["device"] != "cpu ()"
         assert f"{env['cpu_capability']} kernels" in line
     assert f"{env['torch_threads']} torch threads" in line
+
+
+def _dynamics():
+    """A dynamics.json as analyze.py writes it (the keys the section reads): one source with gradients and exact
+    steps, one probe-only source without them."""
+    full = {"n": 4, "perplexity": 12.3456, "cosine": {"mean": -0.12345}, "cosine_positive_share": 0.25,
+            "first_order": {"mean": -0.0086512}, "exact_delta": {"mean": -0.031},
+            "lbk": {"mean": 6.85e-06, "std": 4.3e-07}, "calibration": {"pearson": 0.86666}}
+    return {"config": {"model": "runs/toy/base", "probes": "runs/toy/prior", "probe_split": "test",
+                       "probe_answer": "greedy", "eta": 0.0001},
+            "n_probes": 4, "gradients": {"mode": "projected", "dims": 16128},
+            "sources": {"non_rea": full, "rea_external": {"n": 4, "perplexity": float("nan")}},
+            "symmetry": {"n": 8, "pearson": 0.99951, "sign_agreement": 0.75, "median_relative_asymmetry": 0.0391},
+            "calibration": {"n": 16, "pearson": float("nan"), "sign_agreement": 1.0, "slope": 2.7912},
+            "tracking": {"rft": {"steps": [0, 10, 20], "mean_logprob": [-3.0, -3.25, -3.5]}},
+            "figures": {"probe_logprob": "probe_logprob.png", "lbk": "lbk.png"}}
+
+
+def test_dynamics_section_is_rendered_from_dynamics_json(tmp_path):
+    import json
+    run = tmp_path / "run"
+    (run / "analysis").mkdir(parents=True)
+    (run / "analysis" / "dynamics.json").write_text(json.dumps(_dynamics()))
+    lines, dynamics = report.dynamics_section(run, run)
+    text = "\n".join(lines)
+    assert dynamics["n_probes"] == 4 and lines[:4] == ["## 5. Learning dynamics", "", "### Learning dynamics", ""]
+    assert ("4 probes from `runs/toy/prior` (test, greedy answers); one SGD step of eta = 0.0001 on a training "
+            "sample's SFT loss. Gradients: projected (16,128 dims).") in text
+    assert "| non_rea | 4 | 12.3 | -0.123 | 25% | -0.00865 | -0.031 | 6.85e-06 ± 4.3e-07 | 0.867 |" in lines
+    assert "| rea_external | 4 | – | – | – | – | – | – ± – | – |" in lines     # NaN and absent alike
+    assert ("Pearson 1.000, sign agreement 75%, median relative asymmetry 0.039 over 8 pairs." in text
+            and "(16 pairs): Pearson –, sign agreement 100%, slope exact ≈ 2.79 × first-order." in text)
+    assert "| rft | 2 | 10–20 | -3 | -3.5 | -0.5 |" in lines
+    # figures in a fixed order, linked from report.md's folder; the section ends with one blank line
+    assert lines[-3:] == ["![LBK per source](analysis/lbk.png)",
+                          "![Probe log-probs over training](analysis/probe_logprob.png)", ""]
+    elsewhere, _ = report.dynamics_section(run, tmp_path / "out" / "md")
+    assert "![LBK per source](../../run/analysis/lbk.png)" in elsewhere
+    probe_only = {k: v for k, v in _dynamics().items() if k not in ("gradients", "symmetry", "calibration", "figures")}
+    (run / "analysis" / "dynamics.json").write_text(json.dumps(probe_only))
+    text = "\n".join(report.dynamics_section(run, run)[0])
+    assert "Gradients: not computed." in text and "Symmetry" not in text and "![" not in text
+    assert report.dynamics_section(tmp_path / "none", tmp_path)[0][2] == "(analysis/dynamics.json was not written)"
+
+
+def test_fmt_cells():
+    assert report.fmt(None) == "-" and report.fmt(float("nan"), missing="–") == "–"
+    assert report.fmt(2.345) == "2.3" and report.fmt(12, 0) == "12" and report.fmt(-0.26, signed=True) == "-0.3"
+    assert report.fmt(1.5, signed=True) == "+1.5" and report.fmt(0.25, spec=".0%") == "25%"
+    assert report.fmt(0.000123456, spec=".3g") == "0.000123"
