@@ -10,10 +10,13 @@ pixel budget, the official evaluation code its scorer follows, the published Qwe
 `python eval.py --help` lists them. This file is the loop: arguments, data, seeded subset, batched greedy
 decoding, per-sample cache, results.json. report.py turns several results files into the paper's tables.
 
-Every answer is scored twice: strict, the raw output as lmms-eval and the benchmark's official script read it
-("metrics"); and lenient, the <answer> block (or the text without <think>) of a model trained on the jigsaw
-format ("metrics_lenient"). The paper's tables use strict; the gap between the two is forgetting of the
-answer format rather than of the knowledge.
+Every answer is scored twice: strict, the raw output as the benchmark's official script reads it ("metrics");
+and lenient, the <answer> block (or the text without <think>) of a model trained on the jigsaw format
+("metrics_lenient"). The paper's tables use strict; the gap between the two is forgetting of the answer format
+rather than of the knowledge. Strict is not what lmms-eval scores today: since v0.7 (2026-03, PR #1210) its
+CLI default --reasoning_tags removes closed <think>/<analysis> blocks before scoring
+(lmms_eval/api/reasoning.py at 75571cf); before v0.7 (every 2025 release, the paper's time) it scored the raw
+output.
 
 Decoding is greedy (do_sample=False), batched with left padding (sequences.generate), prompts sorted by length.
 Answers are read by rules only (regex/string parsing, never an LLM judge).
@@ -239,7 +242,7 @@ def score_text(bench: Benchmark, text: str, record: dict) -> dict:
 
 
 def score_record(bench: Benchmark, record: dict) -> dict:
-    """The strict score: the raw answer, as lmms-eval and the official scripts read it."""
+    """The strict score: the raw answer, as the official scripts read it (lmms-eval >= 0.7 strips think blocks)."""
     return score_text(bench, record.get("prediction") or "", record)
 
 

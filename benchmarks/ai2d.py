@@ -3,16 +3,16 @@
 Data: lmms_eval/tasks/ai2d/ai2d.yaml at commit 75571cf (2026-08): dataset_path lmms-lab-encoder/ai2d (the old
 lmms-lab/ai2d redirects there), split test; `answer` is the index of the right option. Card not readable here.
 Prompt: lmms-eval's mcq format (options as "A. ..." lines + the letter post-prompt); 16 new tokens.
-Answer reading: AI2D ships no VLM scorer of its own, so the reference is lmms-eval's ai2d.yaml: a leading
-"X." gives the letter, otherwise the whole answer is compared with the target letter by exact_match with
-ignore_case and ignore_punctuation: 'B', 'b', '(B)', 'B.' are right; 'B) cat' or 'The answer is B' are not.
-We strip surrounding whitespace as well (exact_match does not; the decoder's skip_special_tokens output has
-none in practice).
+Answer reading: AI2D ships no VLM scorer of its own, so the reference is lmms-eval's ai2d.yaml (75571cf): the
+MultiChoiceRegexFilter takes the letter of a leading "X." (utils.py), otherwise the whole answer is compared
+with the target letter by exact_match with ignore_case and ignore_punctuation (api/metrics.py): 'B', 'b',
+'(B)', 'B.' are right; 'B) cat' or 'The answer is B' are not. Departure, on purpose: we strip surrounding
+whitespace as well (exact_match does not, so ' B' is wrong in lmms-eval before v0.7; since v0.7 its CLI default
+--reasoning_tags strips every answer, and ' B' is right there too).
 """
 import re
 import string
 
-from benchmarks import parsers
 from benchmarks.base import MODEL_CARD_3B, QWEN_3B, Benchmark, accuracy_by, sample, to_pil
 
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -29,7 +29,7 @@ def build(row: dict, ctx) -> list[dict]:
 
 
 def read_answer(text) -> str:
-    answer = parsers.capped(str(text))
+    answer = str(text)
     match = _LEADING_LETTER.match(answer)
     if match:
         return match.group(1)

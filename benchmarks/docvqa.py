@@ -4,7 +4,10 @@ Data: lmms_eval/tasks/docvqa/docvqa_val.yaml at commit 75571cf (2026-08): datase
 (the old lmms-lab/DocVQA redirects there), config DocVQA, split validation. Data set card not readable here
 (no hub access); no revision pinned.
 Prompt: question + lmms-eval's default post-prompt; 32 new tokens (_default_template_docvqa_yaml).
-Metric: ANLS (Biten et al. 2019; the RRC evaluation script; lmms_eval/api/metrics.py::anls), x100.
+Metric: ANLS (Biten et al. 2019), x100, exactly as the RRC evaluation script computes it (its evaluate_method,
+as copied in QwenLM/Qwen-VL eval_mm/infographicsvqa_eval.py at e6bbb9d; lmms_eval/api/metrics.py::anls at
+75571cf is the same formula): edit distance of the normalised strings divided by the length of the RAW strings
+(parsers.anls says why that matters). No departure from the script.
 Published figures are on the TEST split (Qwen's model cards: DocVQA_test), evaluated on the RRC server;
 val is the split with public answers, so a measured val score is expected near, not at, the test figure.
 """

@@ -4,18 +4,21 @@ Data: AI4Math/MathVista, split testmini (lmms_eval/tasks/mathvista/*.yaml at com
 authors' repo); the image is `decoded_image`. Card not readable here; no revision pinned.
 Prompt: lmms-eval's mathvista_testmini_format (shot_type format-prompt, 0-shot, no caption/OCR): question
 (+ unit), options as 'A. ...' lines, then a one-line answer-format hint.
-Answer reading, after MathVista's official code (github.com/lupantech/MathVista, evaluation/):
-  extraction (extract_answer.py): an answer that is exactly an option, or (integer/float questions) a string
-  that int()/float() reads, is taken as is, so '.67' is 0.67. The official code then asks GPT-4 to extract
-  the answer; there is no LLM here, so a rule stands in for that step: the option letter of a multiple-choice
-  answer, the number of a free-form one (the one after 'answer'/'=' when several), a bracketed list.
-  normalisation (calculate_score.py::normalize_extracted_answer): a letter -> its option, any other text ->
-  the MOST SIMILAR option (edit distance; so an empty answer still picks an option, as officially);
-  integer -> str(int(float(x))); float -> str(round(float(x), int(precision))); list -> str(x).
+Answer reading, after MathVista's official code (lupantech/MathVista at 53d5258, evaluation/):
+  extraction (extract_answer.py::extract_answer), its deterministic steps on the answer as it is: an empty
+  answer -> ''; a multiple-choice answer that is exactly an option -> itself; an integer question's answer
+  that int() reads -> str(int(answer)); a float question's answer that float() reads -> str(float(answer))
+  (so '.67' is 0.67). Departure, on purpose: everything else goes to GPT-4 there; there is no LLM here, so a
+  rule stands in for that step (on the stripped answer): the option letter of a multiple-choice answer, the
+  number of a free-form one (the one after 'answer'/'=' when several), a bracketed list.
+  normalisation (calculate_score.py::normalize_extracted_answer), as officially: multiple choice: '(b)' ->
+  'B'; a letter -> its option; any other text -> the MOST SIMILAR option (edit distance; so an empty answer
+  still picks an option); integer -> str(int(float(x))); float -> str(round(float(x), int(precision)));
+  list -> str(x); None when that fails.
   lmms-eval's mathvista_evals.py passes the data set's float precision (1.0, 2.0) to round() unconverted:
   round(x, 1.0) raises TypeError, caught as "no answer", so every float question is wrong there. We follow
   the official int(precision).
-  comparison (safe_equal): str(prediction).strip() == str(answer).strip().
+  comparison (safe_equal): prediction == answer, exactly.
 A multiple-choice answer snapped to the most similar option, and a free-form answer with no number, count as
 parse failures (parse_failure_rate) while keeping the official score.
 """
@@ -53,8 +56,24 @@ def build(row: dict, ctx) -> list[dict]:
 
 
 def extract(text, question_type: str, answer_type: str, choices: list[str]) -> tuple[str, bool]:
-    """(extraction, found): the official quick checks, then the rule that stands in for GPT extraction."""
-    response = parsers.capped(str(text)).strip()
+    """(extraction, found): extract_answer.py's deterministic steps, then the rule that stands in for GPT."""
+    response = str(text)
+    if response == "":
+        return "", False
+    if question_type == "multi_choice" and response in choices:
+        return response, True
+    if answer_type == "integer":
+        try:
+            return str(int(response)), True
+        except ValueError:
+            pass
+    if answer_type == "float":
+        try:
+            return str(float(response)), True
+        except ValueError:
+            pass
+    # --- the stand-in for GPT-4 extraction (not official) ---
+    response = parsers.capped(response).strip()
     if not response:
         return "", False
     if question_type == "multi_choice":
@@ -62,11 +81,6 @@ def extract(text, question_type: str, answer_type: str, choices: list[str]) -> t
             return response, True
         letter = parsers.parse_choice_letter(response, "".join(chr(ord("A") + i) for i in range(len(choices))))
         return (letter, True) if letter else (response, False)
-    if answer_type in ("integer", "float") and len(response) < 64:
-        try:
-            return (str(int(response)) if answer_type == "integer" else str(float(response))), True
-        except ValueError:
-            pass
     if answer_type == "list":
         match = _LIST.search(response)
         return (match.group(0), True) if match else (response, False)
@@ -77,13 +91,13 @@ def extract(text, question_type: str, answer_type: str, choices: list[str]) -> t
     return (numbers[-1] if tail else numbers[0]), True
 
 
-def normalize(extraction: str, choices: list[str], question_type: str, answer_type: str, precision) -> str | None:
+def normalize(extraction, choices: list[str], question_type: str, answer_type: str, precision) -> str | None:
     """MathVista's normalize_extracted_answer (official; see the module docstring for lmms-eval's round bug)."""
     if question_type == "multi_choice":
-        extraction = str(extraction).strip()
-        letters = _PAREN_LETTER.findall(extraction[:64])
-        if letters:
-            extraction = letters[0].upper()
+        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
+        letter = _PAREN_LETTER.search(extraction)
+        if letter:
+            extraction = letter.group(1).upper()
         sequential = [chr(ord("A") + i) for i in range(len(choices))]
         if extraction in sequential:
             return choices[sequential.index(extraction)]
@@ -98,11 +112,16 @@ def normalize(extraction: str, choices: list[str], question_type: str, answer_ty
     return str(extraction)
 
 
+def safe_equal(prediction, answer) -> bool:
+    """calculate_score.py::safe_equal: plain ==, no stripping ('[1,2]' is not '[1, 2]'; None is never right)."""
+    return prediction == answer
+
+
 def score(text: str, s: dict) -> dict:
     m = s["meta"]
     extraction, found = extract(text, m["question_type"], m["answer_type"], m["choices"])
     prediction = normalize(extraction, m["choices"], m["question_type"], m["answer_type"], m["precision"])
-    correct = prediction is not None and str(prediction).strip() == str(s["target"]).strip()
+    correct = safe_equal(prediction, s["target"])
     return {"correct": float(correct), "parsed": found and prediction is not None,
             "extracted": None if prediction is None else str(prediction)[:64]}
 

@@ -4,14 +4,17 @@ Data: lmms_eval/tasks/mme/mme.yaml at commit 75571cf (2026-08): dataset_path lmm
 lmms-lab/MME redirects there), split test. Data set card not readable here; no revision pinned.
 Prompt: lmms_eval/tasks/mme/utils.py::mme_doc_to_text: the question's own " Please answer yes or no." is
 replaced by the default post-prompt; 16 new tokens.
-Answer reading: MME's official eval_tool/calculation.py::parse_pred_ans on the lower-cased answer: exactly
+Answer reading: MME's official eval_tool/calculation.py::parse_pred_ans (BradyFU/Awesome-Multimodal-Large-
+Language-Models, branch Evaluation at dd29509, tools/eval_tool.zip) on the lower-cased answer: exactly
 'yes'/'no', else the FIRST FOUR CHARACTERS decide: 'yes' in them -> yes, else 'no' in them -> no, else other
-(wrong). So 'None', 'nope' and 'Not that I can see.' are "no" there. lmms-eval's copy ("brought from Otter
-eval") also strips whitespace, deletes '.', and reads a lone 'y'/'n'; we follow the official script (a lone
-'y' is "other" there) and say so here.
+(wrong). So 'None', 'nope' and 'Not that I can see.' are "no" there, and here. lmms-eval's copy ("brought from
+Otter eval") also strips whitespace, deletes '.', and reads a lone 'y'/'n'; we follow the official script (a
+lone 'y' is "other" there). The script reads answers from tab-separated .txt lines (each keeps its '\n', which
+changes no verdict); an answer holding a tab or newline would break that file, we read the text itself.
 Metric: per subtask acc (% of questions) + acc+ (% of images with both questions right), max 200; perception
 = 10 subtasks (max 2000), cognition = 4 (max 800); headline total out of 2800 (not a percentage: the report
-keeps it out of the mean of percentages).
+keeps it out of the mean of percentages). Departure, on purpose: the script pairs consecutive lines as an
+image's two questions; we pair by question_id (the image), so a --limit subset keeps whole pairs.
 """
 from collections import defaultdict
 

@@ -4,15 +4,18 @@
 Data: Lin-Chen/MMStar, split val (lmms_eval/tasks/mmstar/mmstar.yaml at commit 75571cf, 2026-08, still uses
 the authors' repo). Data set card not readable here; no revision pinned.
 Prompt: the question already lists the options; lmms-eval's default post-prompt (no final period).
-Answer reading: the rule MMStar's authors published and lmms-eval used until 2026-04 ("Brought from MMStar",
-lmms_eval/tasks/mmstar/utils.py::exact_match before PR #1274): on the lower-cased, newline-flattened answer,
-right when its first character is the letter, or '(' + letter, or 'option ' + letter, or 'the answer is '
-+ letter. Lower case is accepted ('b'). Since PR #1274 lmms-eval uses a broader extractor
+Answer reading: the rule of MMStar's own evaluation (MMStar-Benchmark/MMStar eval/vlmeval/evaluate/mmstar.py at
+88f243a), which lmms-eval used until 2026-04 ("Brought from MMStar", lmms_eval/tasks/mmstar/utils.py::exact_match
+before PR #1274): on the WHOLE answer, lower-cased, stripped, newlines as spaces, right when its first character
+is the letter, or it opens with '(' + letter, 'option ' + letter or 'the answer is ' + letter. Lower case is
+accepted ('b'); 64 spaces and then 'B' is right. Since PR #1274 lmms-eval uses a broader extractor
 (_task_utils/mcq_extract.py: letters anywhere, last occurrence); we keep the authors' rule, which is what the
 published figures were scored with. The lenient view reads the same rule inside the <answer> block.
-Metric (headline): the MACRO mean over the 6 categories (MMStar's leaderboard "Avg."; with 250 questions each
-it equals the micro mean on the full set, not on a --limit subset). lmms-eval's "average" is the macro mean
-over the 18 l2 categories; reported too, as is the micro accuracy.
+Metric (headline): the MACRO mean over the 6 categories (MMStar's leaderboard "Avg."). Departure, on purpose:
+the official script divides every category by 250 and the total by 1500, right only on the full set; we
+divide by the questions actually scored, so a --limit subset gives a mean, and with 250 questions each the
+macro mean equals the official "final score". lmms-eval's "average" is the macro mean over the 18 l2
+categories; reported too, as is the micro accuracy.
 """
 from collections import defaultdict
 
@@ -26,9 +29,14 @@ def build(row: dict, ctx) -> list[dict]:
                    l2_category=row["l2_category"])]
 
 
+def official_predict(text) -> str:
+    """The answer as MMStar's script compares it: the whole text, lower-cased, stripped, newlines as spaces."""
+    return str(text).lower().strip().replace("\n", " ")
+
+
 def read_letter(text) -> str | None:
     """The letter MMStar's rule reads at the start of an answer ('b', '(b)', 'option b', 'the answer is b')."""
-    predict = str(text)[:64].lower().replace("\n", " ").strip()
+    predict = official_predict(text)
     for prefix in ("(", "option ", "the answer is "):
         if predict.startswith(prefix) and len(predict) > len(prefix):
             return predict[len(prefix)].upper()
@@ -36,10 +44,11 @@ def read_letter(text) -> str | None:
 
 
 def score(text: str, s: dict) -> dict:
-    gold = s["target"].lower()
-    predict = str(text)[:64].lower().replace("\n", " ").strip()
-    # The authors' four tests, in order: any one that holds makes the answer right.
-    correct = bool(predict) and (predict[0] == gold or (predict[:1] == "(" and predict[1:2] == gold)
+    gold = s["target"].lower().strip()
+    predict = official_predict(text)
+    # The authors' four tests, in order: any one that holds makes the answer right (an empty answer, or a
+    # lone '(', raises IndexError there and counts wrong).
+    correct = bool(predict) and (predict[0] == gold or (predict[0] == "(" and predict[1:2] == gold)
                                  or (predict[:7] == "option " and predict[7:8] == gold)
                                  or (predict[:14] == "the answer is " and predict[14:15] == gold))
     extracted = read_letter(text)

@@ -5,8 +5,10 @@ Why linear matters: a regex with nested or adjacent unbounded quantifiers over t
 super-polynomially. The old letter parser took > 30 s on 'The answer' + 400 spaces + 'is the cat' (14 real
 Qwen2.5 tokens, inside AI2D's 16-token cap), and cached predictions are re-scored on every run, so one such
 output hung every rerun. The rules here: no two adjacent quantifiers that can match the same character,
-tags found with str.find/rfind (not lazy `.*?` regexes), and at most SCAN_LIMIT characters read by any
-parser that searches inside an answer (answers that long are not short answers any more).
+tags found with str.find/rfind (not lazy `.*?` regexes), and at most SCAN_LIMIT characters read by the
+kit's own lenient readers (answers that long are not short answers any more). The readings that follow a
+benchmark's official script read the whole answer, as the script does (a cap would change its verdict on a
+degenerate answer, e.g. one opening with 64 spaces), so they are written to be linear instead.
 tests/test_benchmark_parsers.py times each parser on 100 KB adversarial inputs against a linear scan.
 """
 from __future__ import annotations
@@ -22,13 +24,15 @@ def capped(text) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The two views of an answer: strict (raw, as lmms-eval reads it) and lenient (the <answer> block)
+# The two views of an answer: strict (raw, as the official scripts read it) and lenient (the <answer> block)
 # ----------------------------------------------------------------------------------------------------------
 def final_answer(text) -> str:
     """The lenient view of a completion: the last <answer>...</answer> block when there is one, else the text
     with <think>...</think> blocks removed (an unclosed <think> hides everything after it: a truncated
-    trace has no answer). A model fine-tuned on the jigsaw format may keep using it on benchmarks;
-    lmms-eval's reasoning tasks strip think tags the same way. Linear: rfind/find only."""
+    trace has no answer). A model fine-tuned on the jigsaw format may keep using it on benchmarks.
+    Not lmms-eval's reading: since v0.7 (2026-03, PR #1210) its CLI default --reasoning_tags removes closed
+    <think>/<analysis> blocks, keeps an unclosed <think> and its text, ignores <answer>, and strips the
+    result (lmms_eval/api/reasoning.py::strip_reasoning_tags at 75571cf). Linear: rfind/find only."""
     if not isinstance(text, str):
         return ""
     end = text.rfind("</answer>")
@@ -124,66 +128,98 @@ def parse_count(text) -> int | None:
 # Strings and numbers
 # ----------------------------------------------------------------------------------------------------------
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance, O(len(a) * len(b)): callers bound the lengths (see anls, most_similar)."""
-    if len(a) < len(b):
+    """Edit distance (unit insert/delete/substitute), computed with Myers' bit-parallel algorithm (Myers 1999,
+    J. ACM 46(3); the global-distance form of Hyyrö 2001): one column of the classic table is held as bit
+    vectors over the shorter string, so the cost is len(longer) steps of a few integer operations on
+    len(shorter)-bit integers, linear in an untrusted prediction against a short reference. Same value as the
+    textbook dynamic programme (tests/test_official_scorers.py compares them on random strings)."""
+    if len(a) > len(b):
         a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
+    if not a:
+        return len(b)
+    mask, top = (1 << len(a)) - 1, 1 << (len(a) - 1)
+    match_bits = {}                       # character -> positions of a where it occurs
+    for i, char in enumerate(a):
+        match_bits[char] = match_bits.get(char, 0) | (1 << i)
+    bits_of = match_bits.get
+    plus, minus, distance = mask, 0, len(a)   # vertical deltas (+1 / -1) of the current column; its last cell
+    for char in b:
+        eq = bits_of(char, 0)
+        x_vertical = eq | minus
+        x_horizontal = (((eq & plus) + plus) ^ plus) | eq
+        h_plus = minus | (~(x_horizontal | plus) & mask)
+        h_minus = plus & x_horizontal
+        if h_plus & top:
+            distance += 1
+        elif h_minus & top:
+            distance -= 1
+        h_plus = ((h_plus << 1) | 1) & mask   # row 0 grows by one per character of b (global distance)
+        h_minus = (h_minus << 1) & mask
+        plus = h_minus | (~(x_vertical | h_plus) & mask)
+        minus = h_plus & x_vertical
+    return distance
 
 
 def anls(prediction, answers: list, threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity of one question (DocVQA; Biten et al. 2019, the RRC
-    evaluation script and lmms_eval/api/metrics.py::anls): max over the references of
-    1 - lev(a, p) / max(len(a), len(p)) on lower-cased, whitespace-collapsed strings, 0 when below
-    `threshold` (a similarity of exactly 0.5 is kept, as in both scripts).
-    Linear in the prediction: lev(a, p) >= len(p) - len(a), so a prediction longer than twice a reference
-    scores below 0.5 on it (0) without running the quadratic edit distance; references are data-set text."""
-    pred = " ".join(str(prediction).strip().lower().split())
-    best = 0.0
+    """ANLS of one question as the DocVQA/RRC evaluation script computes it (Biten et al. 2019; the RRC
+    script's evaluate_method, copied in QwenLM/Qwen-VL eval_mm/infographicsvqa_eval.py, and
+    lmms_eval/api/metrics.py::anls): for each reference, the edit distance between the NORMALISED strings
+    (stripped, lower-cased, whitespace runs collapsed) divided by the length of the RAW strings,
+    max(len(answer.upper()), len(prediction.upper())) (0 when both are empty); the question scores 1 minus
+    the smallest of these, or 0 when that is below `threshold` (exactly 0.5 is kept).
+    Dividing by the raw lengths is the script's own choice, kept: 'ITC Limited ' (trailing space) vs 'ITC Ltd'
+    is 1 - 4/12 = 0.667 there, where normalised lengths would give 1 - 4/11.
+    Linear in the prediction: lev >= the difference of the normalised lengths, so a reference whose
+    difference alone exceeds (1 - threshold) x length cannot be kept and is skipped; otherwise `levenshtein`
+    is linear in the longer string. No references: 0 (the script would fail on min of nothing)."""
+    prediction = str(prediction)
+    pred = " ".join(prediction.strip().lower().split())
+    pred_length = len(prediction.upper())
+    values = []
     for answer in answers:
-        ref = " ".join(str(answer).strip().lower().split())
-        length = max(len(ref), len(pred))
+        answer = str(answer)
+        ref = " ".join(answer.strip().lower().split())
+        length = max(len(answer.upper()), pred_length)
         if length == 0:
-            similarity = 1.0
-        elif len(pred) > 2 * len(ref) + 1:
-            continue
+            values.append(0.0)
+        elif abs(len(ref) - len(pred)) > (1 - threshold) * length:
+            values.append(float("inf"))   # distance / length > 1 - threshold: below the threshold whatever it is
         else:
-            similarity = 1.0 - levenshtein(ref, pred) / length
-        best = max(best, similarity)
-    return best if best >= threshold else 0.0
+            values.append(float(levenshtein(ref, pred)) / float(length))
+    if not values:
+        return 0.0
+    result = 1 - min(values)
+    return float(result) if result >= threshold else 0.0
 
 
-def most_similar(text: str, choices: list[str], limit: int = 1024) -> str:
-    """The choice with the smallest edit distance to `text` (MathVista's calculate_score.get_most_similar).
-    Only the first `limit` characters are compared: an option is a short phrase, and a longer text is no
-    closer to any of them (bounds the quadratic edit distance on untrusted text)."""
-    text = str(text)[:limit]
-    return min(choices, key=lambda c: levenshtein(text, str(c)[:limit]))
+def most_similar(text: str, choices: list[str]) -> str:
+    """The choice with the smallest edit distance to `text`, the first such on ties (MathVista's
+    calculate_score.get_most_similar, Levenshtein.distance on the whole strings). Only the first SCAN_LIMIT
+    characters of `text` are compared (bounded work on untrusted text); mathvista.py only passes texts of at
+    most that length, so there the result is the official one."""
+    text = capped(str(text))
+    return min(choices, key=lambda c: levenshtein(text, str(c)))
 
 
 def to_float(text) -> float | None:
-    """ChartQA's _to_float: 'x%' -> x / 100, a number -> float, else None."""
-    text = str(text).strip()
-    if len(text) > 64:
-        return None
+    """pix2struct's relaxed_correctness._to_float: text ending in '%' -> float(text without its trailing '%'s)
+    / 100, else float(text) (float() itself ignores surrounding whitespace, but ' 5% ' does not end in '%'
+    and is not a number); None when float() refuses it. float() is linear in its input."""
+    text = str(text)
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_correct(prediction, target, tolerance: float = 0.05) -> bool:
-    """ChartQA relaxed accuracy (Methani et al. 2020; ChartQA's and pix2struct's relaxed_correctness, as in
-    lmms_eval/tasks/chartqa/utils.py): numbers within 5% relative error of a non-zero target count (exactly
-    5% is right); 'x%' reads as x/100; anything else needs a case-insensitive exact match."""
+    """ChartQA relaxed accuracy (Methani et al. 2020; pix2struct/metrics.py::relaxed_correctness, which
+    lmms_eval/tasks/chartqa/utils.py copies): when the prediction is a number and the target a non-zero
+    number, right iff |p - t| / |t| <= 5% as computed in floating point ('105' vs '100' is right; '1.05' vs
+    '1' is 0.050000000000000044 and wrong); otherwise a case-insensitive exact match of the raw strings."""
     pred_value, target_value = to_float(prediction), to_float(target)
     if pred_value is not None and target_value:
-        return abs(pred_value - target_value) / abs(target_value) <= tolerance + 1e-12
+        return abs(pred_value - target_value) / abs(target_value) <= tolerance
     return str(prediction).lower() == str(target).lower()
 
 

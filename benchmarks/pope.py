@@ -4,17 +4,20 @@ paper's POPE (7B: RFT -0.2, SFT-Non-Rea -69.9).
 Data: lmms_eval/tasks/pope/pope.yaml at commit 75571cf (2026-08): dataset_path lmms-lab-encoder/POPE (the old
 lmms-lab/POPE redirects there), split test, column `category` = the split. Card not readable here.
 Prompt: question + lmms-eval's default post-prompt; 128 new tokens.
-Answer reading: POPE's official evaluate.py (github.com/AoiDragon/POPE): keep the text before the first '.',
-drop commas, split on spaces; 'No', 'no' or 'not' among the words -> no, anything else -> yes. lmms-eval
-(pope/utils.py) instead needs the whole answer to equal 'yes'/'no' after lower()+strip(), so 'Yes.' or
-'Yes, there is a dog' count wrong there; we follow the official script.
+Answer reading: POPE's official evaluate.py (AoiDragon/POPE at 08d957b), on the whole answer: keep the text
+before the first '.', drop commas, split on spaces; 'No', 'no' or 'not' among the words -> no, anything else
+-> yes ('Not at all', and 'no' followed by a newline, are yes there, and here). lmms-eval (pope/utils.py)
+instead needs the whole answer to equal 'yes'/'no' after lower()+strip(), so 'Yes.' or 'Yes, there is a dog'
+count wrong there; we follow the official script.
 Metric: accuracy, precision, recall, F1 (positive class yes) and yes-ratio (share of answers read as yes, as
-the official script prints it; lmms-eval reports the ground truth's share), per split and their mean (the
-headline: mean accuracy over the three splits, lmms-eval's pope_full grouping).
+the official script prints it; lmms-eval reports the ground truth's share), per split.
+Departures, on purpose: the official script scores one split file at a time; the headline is the mean
+accuracy over the three splits (lmms-eval's pope_full grouping). Precision/recall are 0 where the script
+would divide by zero (no yes predicted / no yes in the gold). An empty answer is read as yes, as officially,
+and is also counted in parse_failure_rate.
 """
 from collections import defaultdict
 
-from benchmarks import parsers
 from benchmarks.base import Benchmark, parse_failure_rate, pct, sample, to_pil
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -26,7 +29,9 @@ def build(row: dict, ctx) -> list[dict]:
 
 
 def parse_official(text) -> str:
-    first_sentence = parsers.capped(str(text)).split(".")[0].replace(",", "")
+    """POPE's evaluate.py on the whole answer: 'Not at all.' -> yes ('Not' is none of its words), 'no' and a
+    newline -> yes (words are split on spaces only), 'There is no dog.' -> no."""
+    first_sentence = str(text).partition(".")[0].replace(",", "")
     words = first_sentence.split(" ")
     return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
 
