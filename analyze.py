@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import math
 import random
 import re

@@ -124,7 +124,7 @@ def stage_variables(stage: str) -> list[str]:
     """The variables `stage` depends on (what <run>/settings/<stage>.json records): its preset variables, the
     preset, the mirror and the seed, and the thread budget of the stages that run jobs side by side."""
     names = ["PRESET", "BENCH_DIR", "SEED"] + [name for name, (stages, _) in PRESET_VARIABLES.items()
-                                               if stage in stages or stage == "report"]
+                                               if stage in stages]
     return names + (["CPU_THREADS"] if stage in JOB_STAGES else [])
 
 

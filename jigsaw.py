@@ -17,7 +17,6 @@ Build a data set (one row per puzzle, saved with `datasets.save_to_disk`):
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import random

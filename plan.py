@@ -39,9 +39,9 @@ SFT_STEP_ROWS, SFT_STEP_TOKENS = 4, 340
 GRPO_GEN_S = (18.0, 32.0)           # rft.py generation per step, B=4 x G=8 = 32 sequences, 256-token completions
 GRPO_GEN_SEQS, GRPO_GEN_TOKENS = 32, 256
 GRPO_TRAIN_S = (12.0, 13.0)         # rft.py training per step on those 32 sequences (micro-batch 2) ...
-GRPO_TRAIN_CHECKPOINTING = 4 / 3    # ... measured WITHOUT gradient checkpointing (rft.py never called
-# model.train(), issue 12): checkpointing recomputes each layer's forward in backward, about one forward on top
-# of forward + backward (~2 forwards), so the plan multiplies by 4/3 until bench_real_arch.py is rerun.
+GRPO_TRAIN_CHECKPOINTING = 4 / 3    # ... measured without gradient checkpointing acting (docs/LOG.md):
+# checkpointing recomputes each layer's forward in backward, about one forward on top of forward + backward
+# (~2 forwards), so the plan multiplies by 4/3 until bench_real_arch.py is rerun.
 GRPO_PROMPT_TOKENS = 256 + 150      # the bench's prompts: a 448x448 puzzle (256 merged vision tokens) + text
 # Decoding: the measured generation time per decode step (all sequences of the call advance one token) is taken
 # as constant up to 32 sequences and linear above (larger calls are expected to be cheaper per sequence, but that
@@ -315,7 +315,7 @@ def plan(settings: dict, stages: list[str]) -> dict:
     row("sft_sources", len(sft_runs) * sft_seconds(sft_steps, THINK_TARGET_TOKENS), len(sft_runs) * kept, peak,
         f"{len(sft_runs)} runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
     # Checkpoints along training, every checkpoint-N/ scored on CHECKPOINT_EVAL_LIMIT rows for the accuracy/forgetting
-    # frontier (run_all.sh stage_eval; issue 13).
+    # frontier (run_all.sh stage_eval).
     n_ckpt = (trained - 1) * sft_ckpts + rft_ckpts
     row("eval", trained * eval_seconds(eval_limit) + n_ckpt * eval_seconds(ckpt_limit or eval_limit),
         trained * eval_bytes(eval_limit) + n_ckpt * eval_bytes(ckpt_limit or eval_limit), 0,

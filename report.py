@@ -139,7 +139,7 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
                   for m, c in checks.items() if c]
         lines += ["", "Chance: a claim is true 25% of the time, an answer in the claimed colour's column 50%, in its "
                   "home cell 25%. A base whose think text is true and whose answer follows it is the partly right "
-                  "behaviour GRPO can reinforce (issue 13)."]
+                  "behaviour GRPO can reinforce."]
     lines += ["", "Paper (Qwen2.5-VL, 3x3): base 0%; RFT 66% (3B) / 75% (7B) after 27,360 steps; SFT-Non-Rea 53% / 80% "
               "after 200 / 400 steps; SFT-Rea-4o 70% / 78%; SFT-Rea-GRPO-Rollout 70% / 81%.", ""]
     return lines, accuracy

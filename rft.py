@@ -115,11 +115,8 @@ class Args:
     mask_truncated: bool = False
     """drop completions that hit --max_completion_length from the loss (DAPO's overlong filtering; TRL default off)"""
     micro_batch_size: int = 2
-    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size. On an
-    H100 with the 3B architecture and 256-token completions, 2 peaked at 61.6 GiB and 8 ran out of 80 GB, both
-    measured while gradient checkpointing was silently off (rft.py never entered training mode, fixed since):
-    with it really on, larger chunks should fit (the --dry_run plan says 8 does) but that is not measured yet, so
-    the default stays at the value measured to fit"""
+    """sequences per forward/backward; the B*G rollout sequences are accumulated in chunks of this size (2: the
+    largest measured to fit an H100 with the 3B architecture; docs/LOG.md)"""
     max_grad_norm: float = 1.0
     """gradient clipping (HF Trainer / TRL default 1.0)"""
     weight_decay: float = 0.0
@@ -159,14 +156,13 @@ class Args:
     eval_batch_size: int = 16
     """prompts per greedy generate call during evaluation"""
     mi_puzzles: int = 32
-    """test puzzles of the step-0 check MI(answer; image) (0: skip it); a few dozen, as in issue 13"""
+    """test puzzles of the step-0 check MI(answer; image) (0: skip it; base_check.py)"""
     mi_candidates: int = 24
     """candidate answers teacher-forced per puzzle: all n! when n! <= this (2x2: the 24 permutations), else a
     seeded sample of this many plus the true answers"""
     min_answer_image_mi: float = 0.1
-    """stop at step 0 when MI(answer; image) is below this, in nats (0: never). Measured in the toy world
-    (issue 13): 0.04 for the old base whose answer ignored the image, 1.38 for the toy preset's base (thinking
-    prompt, 2x2); 0.1 is 3% of the 2x2 maximum log(24) = 3.18"""
+    """stop at step 0 when MI(answer; image) is below this, in nats (0: never): GRPO would reinforce luck. 0.1 is
+    3% of the 2x2 maximum log(24) = 3.18; a blind toy base measured 0.04 (docs/LOG.md)"""
     resume: bool = False
     """continue the run in --output_dir from its resume state (weights, optimizer, schedule, data position, RNG);
     refused when the recorded settings differ"""

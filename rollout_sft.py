@@ -173,7 +173,6 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Pure pieces: targets and selection (tests check these by hand)
 # ----------------------------------------------------------------------------------------------------------
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TAG_RE = re.compile(r"</?(think|answer)>")
 
 

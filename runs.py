@@ -227,7 +227,7 @@ def snapshot_dtype(precision: str) -> torch.dtype:
 
 
 def parse_save_at(text: str, flag: str = "--save_at") -> list[int]:
-    """'5,10,20' -> [5, 10, 20]: extra snapshot steps (issue 13: the early points of an accuracy/forgetting curve,
+    """'5,10,20' -> [5, 10, 20]: extra snapshot steps (the early points of an accuracy/forgetting curve,
     where SFT already climbs from the base's level to its plateau). Empty text: none."""
     steps = []
     for part in (p.strip() for p in text.split(",") if p.strip()):

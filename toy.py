@@ -11,10 +11,10 @@ Nothing here downloads anything. It makes:
 The toy *base* model is then made by sft.py itself, in two runs: the `pretrain` split (direct questions), then
 the `train` split (instruction tuning); see run_all.sh.
 
-How much jigsaw skill the base gets, and why (issue 13). Qwen2.5-VL scores 0% on 3x3 puzzles, but it sees the
-pieces, so GRPO has partly right behaviour to reinforce. The toy base must be like that, in the paper's thinking
-format: think text that says something true about the pieces, an answer that follows from it better than chance,
-exact accuracy low. Its instruction mix (`train` split) holds two kinds of jigsaw-like rows:
+How much jigsaw skill the base gets, and why. Qwen2.5-VL scores 0% on 3x3 puzzles, but it sees the pieces, so
+GRPO has partly right behaviour to reinforce. The toy base must be like that, in the paper's thinking format:
+think text that says something true about the pieces, an answer that follows from it better than chance, exact
+accuracy low. Its instruction mix (`train` split) holds two kinds of jigsaw-like rows:
   * the colour-grid question (write the colour code of each cell's shape in a 2x2 grid), asked with the jigsaw
     prompt's own format instructions word for word (jigsaw.GRID_FORMAT_*), with and without thinking ("Cell 1
     holds a red square. ..."). Its codes (COLOR_CODES) name where a piece of that colour belongs in the gradient
@@ -24,20 +24,12 @@ exact accuracy low. Its instruction mix (`train` split) holds two kinds of jigsa
     (jigsaw_prior_row) whose think text names every piece's true colour ("Cell 1 is red. ...", from
     describe_piece) and whose answer follows from it for the column only (red and yellow pieces belong right),
     the row a coin flip: a base that says true things and half-knows what they mean (1/16 of these rows are
-    right as a whole). Never a jigsaw prompt with a random answer: an earlier base saw those, learnt exactly
-    "the answer does not depend on the image" (MI(answer; image) 0.04 nats, p(true answer) at chance), and
-    GRPO then reinforced luck.
+    right as a whole). Never a jigsaw prompt with a random answer: a base trained on those learns exactly "the
+    answer does not depend on the image", and GRPO then reinforces luck.
 think_check measures the first property on any toy model (run_all.sh runs it after the base's evaluation and
-on the thinking-format arms; the report shows it). Measured on the toy preset's base (64 held-out 2x2 puzzles,
-greedy, 2 threads of an AVX2 EPYC): exact 20.3%, hit 71.1%, format 100%, MI(answer; image) 1.61 nats, p(true
-answer) 0.31 against 1/24; its think text names a colour for every cell, 90.2% of them true (chance 25%); its
-answer puts the piece in the claimed colour's column for 92.6% of the cells (chance 50%) and in its home cell for
-66.4% (chance 25%): it half-learnt the row too, from the colour-grid codes. Prior knowledge 94.0%. The shares
-tried, each with the preset's base stages (1 thread per run, two at once, so other numbers than the preset's):
-0.1 gave think text 76% true, column followed 72%, exact 6.3%, prior 95.3%; 0.25 gave 99.6%, 100%, 9.4%,
-93.0%; 0.15 in an earlier version whose think text was 94 tokens long ("Piece 1: much red, little green.")
-ran past the RFT's 64-token cap and left prior knowledge at 80.3%. Without jigsaw rows (share 0, the previous
-preset) the base wrote think text true for 39% of the cells and answers that did not follow it (49% column).
+on the thinking-format arms; the report shows it). The toy preset's base on an AVX2 EPYC: think text 90% true,
+answer in the claimed colour's column for 93% of the cells, exact 20%, prior knowledge 94% (docs/LOG.md, with
+the shares tried and the earlier bases).
 
     python toy.py --output_dir runs/toy     # writes runs/toy/init (model+processor) and runs/toy/prior
     python toy.py --think_check runs/toy/eval/base/results.json --jigsaw_data runs/toy/data/jigsaw
