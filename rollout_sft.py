@@ -134,14 +134,18 @@ class Args:
     no Authorization header, as a local server needs)"""
     teacher_concurrency: int = 8
     """requests in flight at once (8: a modest load, about one gpt-4o request a second; the lowest OpenAI
-    tiers may still answer 429 at times, which is retried; raise it for a local server or a higher tier)"""
+    tiers may still answer 429 at times, which is retried; raise it for a local server or a higher tier). Halved
+    while the run goes when a request times out as the server answers others (a server that runs fewer at once,
+    e.g. transformers serve runs one: the rest would wait in its queue on their timeout)"""
     teacher_max_retries: int = 8
     """retries per puzzle on 429 / 5xx / timeouts / dropped connections, with exponential backoff (1 s doubling
     to 60 s, jitter) or the server's Retry-After; then the puzzle is given up for this run (openai-python
-    retries 2 times; a batch of thousands of requests meets rate limits more often)"""
+    retries 2 times; a batch of thousands of requests meets rate limits more often). The run itself stops, with
+    the flag to fix, when its first 3 requests all fail or no reply comes for 10 minutes (teacher.py)"""
     teacher_timeout_s: float = 120.0
-    """seconds without a byte from the server before a request counts as timed out and is retried (a 512-token
-    gpt-4o reply takes seconds; openai-python's default of 600 s would hide a hung connection for 10 minutes)"""
+    """seconds from sending a request to the end of its reply before it counts as timed out and is retried (a
+    512-token gpt-4o reply takes seconds; openai-python's default of 600 s would hide a hung connection for 10
+    minutes). Raise it for a local server that loads the model on its first request"""
     teacher_prompt_price: float = 2.5
     """USD per 1M prompt tokens (image tokens included) for the cost estimate: GPT-4o's list price on
     openai.com/api/pricing (gpt-4o-2024-08-06; prices change, check the page; 0 for a local server)"""
@@ -495,7 +499,9 @@ EMPTY_HINTS = {   # by what the source keeps (experiment.Source.keeps)
     "correct_sample": "The checkpoint got no puzzle right: sample more (--num_generations), use a later "
                         "checkpoint, or check --max_completion_length (truncated completions have no answer).",
     "own_think": "No sample had a usable <think>...</think> block: the checkpoint must have learnt the "
-                          "format (use a later early checkpoint or a larger --num_generations)."}
+                 "format (use a later early checkpoint or a larger --num_generations).",
+    "trace": "With --teacher_url: every reply was dropped (teacher_wrong_answer / teacher_no_answer / "
+             "teacher_no_think above); read a few replies in OUTPUT_DIR.teacher.jsonl."}
 
 
 def summarize(records: dict[str, dict], ids: list[str]) -> dict:

@@ -14,23 +14,46 @@ sees the puzzle image(s), the student's own question and the true answer; the re
 
 Worked example (2x2 puzzle, true answer 3 1 / 4 2):
     reply "<think>The top-left piece shows sky ...</think><answer>3 1\\n4 2</answer>"  -> ok, reasoning kept
+    reply content "<answer>3 1\\n4 2</answer>", reasoning_content "The top-left ..."  -> ok (joined, see below)
     reply "<think>...</think><answer>3 1\\n2 4</answer>"                          -> wrong_answer, dropped
     reply "The answer is 3 1 4 2."                                               -> no_answer, dropped
     HTTP 429 (Retry-After: 2) -> wait 2 s, ask again; HTTP 500 / timeout / dropped connection -> back off, ask
     again; after --teacher_max_retries failed retries the puzzle is given up for this run (not written), and
     the next run of the same command asks for it again.
 
-Resume: every answered puzzle (ok or dropped) is appended to OUT.teacher.jsonl as soon as its reply arrives,
-with write + fsync, so a crash or a dropped connection loses at most the requests in flight. A rerun reads the
-shard (a torn last line is dropped), skips the puzzles in it and asks only for the rest; the data set is built
-from the shard in data order, so it is the same whatever the order replies came back in. OUT.teacher.json
-holds the settings that change what the teacher writes (model, prompt, token cap, data): a resume with other
-values is refused rather than mixing two teachers in one data set.
+Reasoning in a separate field: servers that parse a model's <think> block out of its reply return it in
+message.reasoning_content and only the rest in message.content: transformers serve (Qwen models: its response
+template in transformers/cli/serving/utils.py, field set in chat_completion.py), the DeepSeek API, and vLLM with
+a --reasoning-parser, which renamed the field to message.reasoning (docs.vllm.ai, features/reasoning_outputs:
+"reasoning used to be called reasoning_content"). The first non-empty one is read and the trace judged is
+"<think>" + reasoning + "</think>" + content. Both raw fields are stored in the shard, so a rerun rebuilds every
+record from them. Shards written before this (only content stored; a reply whose reasoning came in the separate
+field was judged "no reasoning") cannot be rebuilt: those no-reasoning records are asked again, with a message.
+
+A teacher that cannot work stops the run early, with the setting to fix: the first EARLY_STOP_FAILURES requests
+all failing (connection refused: --teacher_url; no reply in time: the server or --teacher_timeout_s; HTTP 500 or
+an error naming the model: --teacher_model), or, once replies have come, STALL_S seconds of failures without a
+reply. Without this, a wrong port was retried for minutes per puzzle and hours per run before a word was said.
+
+Timeouts: --teacher_timeout_s bounds each request from its send to the end of its reply (not per byte, and not
+the time a request waits in the client for a free slot). A server that answers fewer requests at once than
+--teacher_concurrency (transformers serve answers one at a time) queues the rest, and their wait counts: when a
+request times out while the server was answering others, the client halves the requests it keeps in flight, so
+the queue moves into the client, where it is not timed.
+
+Resume: every answered puzzle (ok or dropped) is appended to OUT.teacher.jsonl as soon as its reply arrives, by
+the thread that received it, with write + fsync. Ctrl-C cancels the requests in flight at once (their sockets
+are shut down; a paid API may still bill a reply it was generating) and keeps every reply that had arrived. A
+rerun reads the shard (a torn last line is dropped), skips the puzzles in it and asks only for the rest; the data
+set is built from the shard in data order, so it is the same whatever the order replies came back in.
+OUT.teacher.json holds the settings that change what the teacher writes (model, prompt, token cap, data): a
+resume with other values is refused rather than mixing two teachers in one data set.
 
 The API key is read from the environment variable named by --teacher_api_key_env (never from a flag, so it is
 not in the shell history or in any recorded command line), sent only in the Authorization header, and removed
 from every message this module prints or writes (a server may echo a request back in an error body).
-Redirects are refused, so the header never goes to a host the user did not name.
+Redirects are refused, so the header never goes to a host the user did not name. Replies are untrusted text:
+they are parsed with json and plain string / regex code, never evaluated.
 """
 from __future__ import annotations
 
@@ -42,6 +65,7 @@ import io
 import json
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -79,6 +103,16 @@ RETRY_AFTER_MAX_S = 300.0
 # the next run asks again.
 RETRY_STATUSES = {408, 409, 429}
 FATAL_STATUSES = {401, 403, 404}
+# Early stop. Before the first reply of a run, this many failed requests in a row (any puzzles, any workers) stop
+# it: a wrong URL, model or server fails every request, and nothing is lost by stopping (rerun to resume). 429s
+# are not counted (the server is alive and asks to slow down).
+EARLY_STOP_FAILURES = 3
+# Once replies have come: stop after this long with only failures (and at least EARLY_STOP_FAILURES of them).
+# Long enough to ride out a server restart (vLLM loading a 72B model takes minutes), short against the hours a
+# dead server would otherwise cost (every puzzle retried with backoff up to 60 s).
+STALL_S = 600.0
+# Seconds allowed to GET {url}/models, asked only to name the served models in an error message.
+MODELS_TIMEOUT_S = 10.0
 
 # ----------------------------------------------------------------------------------------------------------
 # The teacher's prompt (what GPT-4o reads). Changing any sentence changes the data set: the prompt's hash is
@@ -208,6 +242,8 @@ def build_messages(question: str, images: list, answer: list[int], rows: int, co
 
 
 def build_payload(config: TeacherConfig, messages: list[dict]) -> bytes:
+    # No `stop`: the prompt asks for nothing after </answer>, and transformers serve fails with HTTP 500 on any
+    # `stop` for a Qwen2.5-VL (it hands stop_strings the processor, not a tokenizer).
     body = {"model": config.model, "messages": messages, "max_tokens": config.max_tokens, "n": 1}
     if config.temperature is not None:
         body["temperature"] = config.temperature
@@ -218,9 +254,24 @@ class MalformedReply(ValueError):
     """A 2xx reply that is not a chat completion (not JSON, no choices, no text)."""
 
 
+# Where servers put the reasoning they parse out of a reply (see the module docstring), in the order read.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _text(value) -> str | None:
+    """A message field as text: a string, or the text parts of a list of content parts; else None."""
+    if isinstance(value, list):  # some servers return content parts
+        texts = [part.get("text") for part in value if isinstance(part, dict) and part.get("type") == "text"]
+        value = "".join(t for t in texts if isinstance(t, str)) if texts else None
+    return value if isinstance(value, str) else None
+
+
 def parse_reply(body: bytes) -> dict:
-    """{"content", "finish_reason", "prompt_tokens", "completion_tokens"} of a chat-completions reply body, or
-    MalformedReply. Token counts are None when the server sends no usage."""
+    """{"content", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens"} of a
+    chat-completions reply body, or MalformedReply. reasoning_content is the reasoning the server returned in a
+    field of its own (REASONING_FIELDS, the first non-empty one), None when it sent none; token counts are None
+    when the server sends no usage. A reply with reasoning but an empty or null content is a reply (the answer
+    may be missing: judge says so)."""
     try:
         reply = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -233,11 +284,11 @@ def parse_reply(body: bytes) -> dict:
         detail = f": {str(error.get('message', ''))[:200]}" if isinstance(error, dict) else ""
         raise MalformedReply(f"no choices{detail}")
     message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):  # some servers return content parts
-        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        content = "".join(t for t in texts if isinstance(t, str)) if texts else None
-    if not isinstance(content, str):
+    message = message if isinstance(message, dict) else {}
+    content = _text(message.get("content"))
+    reasoning = next((text for text in (_text(message.get(field)) for field in REASONING_FIELDS)
+                      if text and text.strip()), None)
+    if content is None and reasoning is None:
         raise MalformedReply("choices[0].message.content is not text")
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
 
@@ -245,8 +296,15 @@ def parse_reply(body: bytes) -> dict:
         value = usage.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
     finish = choices[0].get("finish_reason")
-    return {"content": content, "finish_reason": finish if isinstance(finish, str) else None,
+    return {"content": content or "", "reasoning_content": reasoning,
+            "finish_reason": finish if isinstance(finish, str) else None,
             "prompt_tokens": count("prompt_tokens"), "completion_tokens": count("completion_tokens")}
+
+
+def full_text(content: str, reasoning_content: str | None) -> str:
+    """The reply as one text: the separate reasoning field, when there is one, put back in its <think> block
+    before the content ("<answer>3 1 4 2</answer>" + "sky on top" -> "<think>sky on top</think><answer>...")."""
+    return f"<think>{reasoning_content}</think>{content}" if reasoning_content else content
 
 
 def judge(content: str, answer: list[int]) -> tuple[str, str | None]:
@@ -310,8 +368,40 @@ def redact(text: str, secret: str) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
+def early_stop_message(failures: list[tuple[str, str]], replies: int, failing_s: float, config: TeacherConfig,
+                       models: list[str] | None = None) -> str:
+    """Why the run stops early, naming the flag to fix. failures: (kind, detail) of the requests that failed in a
+    row, kind connection | timeout | model (an HTTP error that names --teacher_model) | http_5xx | http_4xx |
+    malformed; the cause shown is the first 'model' failure, else the last failure. Example: 3 x ('connection',
+    'ConnectionRefusedError ...') before any reply -> "the first 3 requests to http://127.0.0.1:9/v1/chat/
+    completions all failed, none was answered: could not connect (...). Is the server running, on this host and
+    port? Check --teacher_url." """
+    url = public_url(endpoint(config.url))
+    kind, detail = next((f for f in failures if f[0] == "model"), failures[-1])
+    head = (f"the first {len(failures)} requests to {url} all failed, none was answered" if replies == 0 else
+            f"no reply from {url} for {failing_s:.0f} s ({len(failures)} failed requests in a row)")
+    listed = f" (the server lists: {', '.join(models)})" if models else ""
+    if kind == "connection":
+        cause = f"{detail}. Is the server running, on this host and port? Check --teacher_url."
+    elif kind == "timeout":
+        cause = (f"{detail}: the server takes connections but does not answer (stuck, overloaded or still loading "
+                 "the model). Check the server's log, and raise --teacher_timeout_s if one reply takes longer.")
+    elif kind == "model":
+        cause = f"{detail}: the server's error names the model. Check --teacher_model {config.model!r}{listed}."
+    elif kind == "http_5xx":
+        cause = (f"{detail}. Some servers answer an unknown model name with HTTP 500 (transformers serve does): "
+                 f"check --teacher_model {config.model!r}{listed}, then the server's log.")
+    elif kind == "http_4xx":
+        cause = (f"{detail}: the server refuses these requests. Check --teacher_model {config.model!r}{listed} (a "
+                 "model without image input refuses them) and the server's log.")
+    else:
+        cause = (f"{detail}: the replies are not chat completions. Is --teacher_url the API's base URL (e.g. "
+                 "https://api.openai.com/v1 or http://localhost:8000/v1)?")
+    return f"{head}: {cause}"
+
+
 # ----------------------------------------------------------------------------------------------------------
-# HTTP client: one POST, then the retry loop around it
+# HTTP client: one POST (with its deadline), then the retry loop around it
 # ----------------------------------------------------------------------------------------------------------
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect would send the Authorization header to another URL: refuse it (the 3xx becomes an error)."""
@@ -320,8 +410,137 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _Request:
+    """One HTTP exchange: its socket once connected, and whether its deadline passed."""
+    __slots__ = ("sock", "expired")
+
+    def __init__(self):
+        self.sock = None
+        self.expired = False
+
+
+def _shut(sock) -> None:
+    try:  # the plain socket's shutdown (an SSL socket's would first drop its TLS state under the reader)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class InFlight:
+    """The requests in flight, so that a request's deadline or Ctrl-C can end it from another thread: shutting
+    its socket down makes a recv blocked on it return at once. (A socket timeout alone restarts at every byte, so
+    a reply sent slowly was never timed out, and nothing could end a request early.)"""
+
+    def __init__(self, stop: threading.Event):
+        self.lock = threading.Lock()
+        self.requests: set[_Request] = set()
+        self.local = threading.local()  # the request this worker thread is sending
+        self.stop = stop
+
+    def begin(self, request: _Request) -> None:
+        with self.lock:
+            self.requests.add(request)
+        self.local.request = request
+
+    def end(self, request: _Request) -> None:
+        with self.lock:
+            self.requests.discard(request)
+        self.local.request = None
+
+    def connected(self, sock) -> None:
+        """Called by the connection, in the worker thread, once its socket is open."""
+        request = getattr(self.local, "request", None)
+        if request is None:  # not a tracked request (the /models look-up)
+            return
+        with self.lock:
+            request.sock = sock
+            cut = request.expired or self.stop.is_set()
+        if cut:
+            _shut(sock)
+
+    def expire(self, request: _Request) -> None:
+        """The request's deadline (a timer thread)."""
+        with self.lock:
+            if request not in self.requests:  # it ended in time
+                return
+            request.expired = True
+            sock = request.sock
+        if sock is not None:
+            _shut(sock)
+
+    def cut_all(self) -> int:
+        """End every request in flight now (Ctrl-C); the number ended."""
+        with self.lock:
+            requests = list(self.requests)
+        for request in requests:
+            if request.sock is not None:
+                _shut(request.sock)
+        return len(requests)
+
+
+class _Tracked:
+    """Mixin of urllib's HTTP(S) handlers: their connections report their socket to InFlight on connect.
+    Proxies from the environment (HTTPS_PROXY, NO_PROXY) work as with the stock handlers."""
+
+    def __init__(self, inflight: InFlight):
+        super().__init__()
+        self.inflight = inflight
+
+    def do_open(self, http_class, req, **kwargs):
+        inflight = self.inflight
+
+        class Connection(http_class):
+            def connect(self):
+                super().connect()
+                inflight.connected(self.sock)
+        return super().do_open(Connection, req, **kwargs)
+
+
+class _TrackedHTTP(_Tracked, urllib.request.HTTPHandler):
+    pass
+
+
+class _TrackedHTTPS(_Tracked, urllib.request.HTTPSHandler):
+    pass
+
+
+class Slots:
+    """At most `limit` requests in flight. Halved when a request times out while the server answered others: a
+    server that runs fewer requests at once than are sent (transformers serve runs one) queues the rest, and that
+    wait counts against each request's --teacher_timeout_s; the wait for a slot here does not."""
+
+    def __init__(self, limit: int):
+        self.cond = threading.Condition()
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self, stop: threading.Event) -> int | None:
+        """Wait for a slot; the limit when it was taken (see lower), None once the run stops."""
+        with self.cond:
+            while self.used >= self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            if stop.is_set():
+                return None
+            self.used += 1
+            return self.limit
+
+    def release(self) -> None:
+        with self.cond:
+            self.used -= 1
+            self.cond.notify_all()
+
+    def lower(self, seen_limit: int) -> int | None:
+        """Halve the limit, once per limit (requests sent under the same limit that time out together lower it
+        once); the new limit, or None when it was not changed."""
+        with self.cond:
+            if self.limit != seen_limit or self.limit == 1:
+                return None
+            self.limit = max(1, self.limit // 2)
+            return self.limit
+
+
 class TeacherFatal(RuntimeError):
-    """An error every puzzle would meet (wrong key, model or URL): the run stops."""
+    """An error every puzzle would meet (wrong key, model or URL, a dead server): the run stops."""
 
 
 class Counters:
@@ -336,6 +555,9 @@ class Counters:
             self.values[name] = self.values.get(name, 0) + amount
 
 
+CANCELLED = {"status": "cancelled", "error": "run stopped"}
+
+
 class TeacherClient:
     def __init__(self, config: TeacherConfig):
         self.config = config
@@ -344,44 +566,142 @@ class TeacherClient:
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.key:
             self.headers["Authorization"] = f"Bearer {self.key}"
-        # Proxies from the environment (HTTPS_PROXY, NO_PROXY) as urllib reads them; no redirects.
-        self.opener = urllib.request.build_opener(_NoRedirect())
         self.counts = Counters()
         self.stop = threading.Event()
+        self.inflight = InFlight(self.stop)
+        self.slots = Slots(config.concurrency)
+        self.opener = urllib.request.build_opener(_NoRedirect(), _TrackedHTTP(self.inflight),
+                                                  _TrackedHTTPS(self.inflight))
+        # Early stop: replies this run, and the failures since the last reply (kind, detail).
+        self.health = threading.Lock()
+        self.replies = 0
+        self.failures: list[tuple[str, str]] = []
+        self.failing_since = 0.0
+        self.last_reply_at = float("-inf")
 
     def clean(self, text: str) -> str:
         return redact(text, self.key)
 
-    def post(self, payload: bytes) -> tuple[int, object, bytes]:
+    def post(self, payload: bytes, request: _Request) -> tuple[int, object, bytes]:
         """(status, headers, body) of one POST; HTTP error statuses are returned, transport failures raise
-        (TimeoutError, OSError, http.client.HTTPException). The timeout bounds each socket operation."""
-        request = urllib.request.Request(self.url, data=payload, headers=self.headers, method="POST")
+        (TimeoutError, OSError, http.client.HTTPException). The request is ended --teacher_timeout_s after it is
+        sent, reply or not (request.expired tells); the socket timeout is the same, a backstop."""
+        http_request = urllib.request.Request(self.url, data=payload, headers=self.headers, method="POST")
+        deadline = threading.Timer(self.config.timeout_s, self.inflight.expire, (request,))
+        deadline.daemon = True
+        self.inflight.begin(request)
+        deadline.start()
         try:
-            with self.opener.open(request, timeout=self.config.timeout_s) as response:
+            with self.opener.open(http_request, timeout=self.config.timeout_s) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as err:  # a status >= 300: the reply itself is what we want
             with err:
                 return err.code, err.headers, err.read()
+        finally:
+            deadline.cancel()
+            self.inflight.end(request)
+
+    def server_models(self) -> list[str]:
+        """Up to 10 model names the server lists at GET {url}/models (OpenAI, vLLM, SGLang and transformers serve
+        have it), for an error message; [] when that cannot be read. Untrusted text: JSON-parsed, cut short."""
+        url = self.url[:-len("/chat/completions")] + "/models" if self.url.endswith("/chat/completions") else ""
+        try:
+            with self.opener.open(urllib.request.Request(url, headers=self.headers), timeout=MODELS_TIMEOUT_S) as reply:
+                listing = json.loads(reply.read(1_000_000).decode("utf-8"))
+        except Exception:  # noqa: BLE001 - only a hint for a message
+            return []
+        data = listing.get("data") if isinstance(listing, dict) else None
+        names = [item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)] \
+            if isinstance(data, list) else []
+        shown = [repr(self.clean(" ".join(name.split()))[:100]) for name in names[:10]]
+        return shown + ([f"... {len(names) - 10} more"] if len(names) > 10 else [])
+
+    def http_fatal(self, status: int, detail: str, code: str) -> str | None:
+        """The message of an HTTP error that every request would meet, None for one worth retrying or that is
+        this puzzle's own."""
+        url = public_url(self.url)
+        names_model = code == "model_not_found" or (bool(self.config.model) and self.config.model in detail)
+        if status in (401, 403):
+            return (f"{url} answered HTTP {status} ({detail}): the key was refused; check ${self.config.api_key_env} "
+                    f"(or --teacher_api_key_env), --teacher_url and --teacher_model.")
+        if names_model and 400 <= status < 500 and status not in RETRY_STATUSES:
+            models = self.server_models()
+            listed = f" (the server lists: {', '.join(models)})" if models else ""
+            return (f"{url} answered HTTP {status} ({detail}): the server does not serve --teacher_model "
+                    f"{self.config.model!r}{listed}; check the name.")
+        if status == 404:
+            return (f"{url} answered HTTP 404 ({detail}): no chat-completions endpoint there; check --teacher_url "
+                    "(the API's base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1) and "
+                    "--teacher_model.")
+        if 300 <= status < 400:
+            return (f"{url} answered HTTP {status}, a redirect (refused: it would send the key to another URL); "
+                    "check --teacher_url (give the final URL).")
+        if status == 429 and code == "insufficient_quota":  # OpenAI's "no credit left": retrying cannot help
+            return (f"{url} answered HTTP 429 insufficient_quota ({detail}): the account of "
+                    f"${self.config.api_key_env} has no credit left.")
+        return None
+
+    def replied(self) -> None:
+        with self.health:
+            self.replies += 1
+            self.failures.clear()
+            self.last_reply_at = time.monotonic()
+
+    def failed(self, kind: str, detail: str) -> str | None:
+        """Record a failed request; the early-stop message when the run should stop (EARLY_STOP_FAILURES in a row
+        before any reply, or STALL_S of failures since the last one)."""
+        now = time.monotonic()
+        with self.health:
+            if self.stop.is_set():  # another request already stopped the run
+                return None
+            if not self.failures:
+                self.failing_since = now
+            self.failures.append((kind, self.clean(detail)))
+            failures, replies, failing_s = list(self.failures), self.replies, now - self.failing_since
+        if len(failures) < EARLY_STOP_FAILURES or (replies and failing_s < STALL_S):
+            return None
+        model_suspect = any(k in ("model", "http_5xx", "http_4xx") for k, _ in failures)
+        return early_stop_message(failures, replies, failing_s, self.config,
+                                  self.server_models() if model_suspect else None)
 
     def ask(self, payload: bytes) -> dict:
-        """One puzzle's reply with retries: {"status": "answered", content, finish_reason, tokens, attempts},
-        {"status": "gave_up" | "rejected" | "cancelled", "error"}, or TeacherFatal."""
+        """One puzzle's reply with retries: {"status": "answered", content, reasoning_content, finish_reason,
+        tokens, attempts}, {"status": "gave_up" | "rejected" | "cancelled", "error"}, or TeacherFatal."""
         counts, last_error = self.counts, ""
         for attempt in range(self.config.max_retries + 1):
-            if self.stop.is_set():
-                return {"status": "cancelled", "error": "run stopped"}
+            seen_limit = self.slots.acquire(self.stop)  # waiting for a slot is not part of the request's time
+            if seen_limit is None:
+                return CANCELLED
             counts.add("requests")
-            retry_after = None
+            request, sent_at = _Request(), time.monotonic()
+            retry_after, failure = None, None
             try:
-                status, headers, body = self.post(payload)
+                try:
+                    status, headers, body = self.post(payload, request)
+                finally:
+                    self.slots.release()
             except Exception as err:  # noqa: BLE001 - transport failures of many types; classified below
+                if self.stop.is_set() and not request.expired:
+                    return CANCELLED  # ended by Ctrl-C or a stop of the run
                 reason = getattr(err, "reason", err)  # URLError wraps the socket's error
-                if isinstance(err, TimeoutError) or isinstance(reason, TimeoutError):
+                if request.expired or isinstance(err, TimeoutError) or isinstance(reason, TimeoutError):
                     counts.add("timeouts")
-                    last_error = f"no reply within --teacher_timeout_s {self.config.timeout_s:g}"
+                    if request.sock is None:
+                        last_error = f"could not connect within --teacher_timeout_s {self.config.timeout_s:g}"
+                        failure = ("connection", last_error)
+                    else:
+                        last_error = f"no reply within --teacher_timeout_s {self.config.timeout_s:g}"
+                        failure = ("timeout", last_error)
+                    if self.last_reply_at > sent_at:  # the server answered others meanwhile: busy, not stuck
+                        lowered = self.slots.lower(seen_limit)
+                        if lowered:
+                            counts.add("in_flight_lowered")
+                            log(f"a request timed out while the server answered others: it runs fewer at once "
+                                f"than are sent; now at most {lowered} in flight (the rest wait here, untimed)")
                 elif isinstance(err, (OSError, http.client.HTTPException)):
                     counts.add("connection_errors")
-                    last_error = f"connection error ({type(reason).__name__}: {reason})"
+                    last_error = f"could not connect or connection lost ({type(reason).__name__}: {reason})"
+                    failure = ("connection", last_error)
                 else:  # e.g. ValueError from urllib for a URL it cannot open: every puzzle would meet it
                     raise TeacherFatal(f"request failed ({type(err).__name__}: {self.clean(str(err))[:200]})") \
                         from None
@@ -390,42 +710,77 @@ class TeacherClient:
                     try:
                         reply = parse_reply(body)
                     except MalformedReply as err:
-                        counts.add("malformed_replies")
-                        last_error = f"malformed reply: {err}"
+                        if request.expired:  # the deadline cut the body short
+                            counts.add("timeouts")
+                            last_error = f"no reply within --teacher_timeout_s {self.config.timeout_s:g}"
+                            failure = ("timeout", last_error)
+                        elif self.stop.is_set():
+                            return CANCELLED
+                        else:
+                            counts.add("malformed_replies")
+                            last_error = f"malformed reply: {err}"
+                            failure = ("malformed", last_error)
                     else:
+                        self.replied()
                         return {"status": "answered", "attempts": attempt + 1, **reply}
                 else:
-                    detail = self.clean(_error_detail(body))
-                    if status in FATAL_STATUSES or 300 <= status < 400:
-                        raise TeacherFatal(f"{public_url(self.url)} answered HTTP {status} ({detail}): check "
-                                           f"--teacher_url, --teacher_model and ${self.config.api_key_env}.")
+                    detail, code = self.clean(_error_detail(body)), _error_code(body)
+                    fatal = self.http_fatal(status, detail, code)
+                    if fatal:
+                        self.stop.set()
+                        raise TeacherFatal(fatal)
+                    last_error = f"HTTP {status} ({detail})"
+                    names_model = bool(self.config.model) and self.config.model in detail
+                    kind = "model" if names_model else "http_5xx" if status >= 500 else "http_4xx"
                     if status in RETRY_STATUSES or status >= 500:
                         counts.add("http_429" if status == 429 else "http_5xx" if status >= 500 else
                                    f"http_{status}")
                         retry_after = parse_retry_after(headers)
-                        last_error = f"HTTP {status} ({detail})"
-                    else:
+                        if status != 429:  # a rate limit says the server is alive: not a failure to stop on
+                            failure = (kind, last_error)
+                    else:  # any other 4xx: this puzzle's problem, unless every request meets it
                         counts.add("rejected")
-                        return {"status": "rejected", "error": f"HTTP {status} ({detail})"}
+                        message = self.failed(kind, last_error)
+                        if message:
+                            self.stop.set()
+                            raise TeacherFatal(message)
+                        return {"status": "rejected", "error": last_error}
+            if failure:
+                message = self.failed(*failure)
+                if message:
+                    self.stop.set()
+                    raise TeacherFatal(message)
             if attempt == self.config.max_retries:
                 break
             counts.add("retries")
             if self.stop.wait(retry_delay(attempt, retry_after)):
-                return {"status": "cancelled", "error": "run stopped"}
+                return CANCELLED
         counts.add("gave_up")
         return {"status": "gave_up", "error": self.clean(last_error)}
 
 
-def _error_detail(body: bytes) -> str:
-    """The error message of an API error body ({"error": {"message": ...}}), or its first characters."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+def _error_json(body: bytes) -> dict:
+    """The "error" object of an API error body ({"error": {"message": ..., "code": ...}}), or {}."""
     try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            text = error["message"]
+        error = json.loads(body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)).get("error")
     except (json.JSONDecodeError, AttributeError):
-        pass
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def _error_detail(body: bytes) -> str:
+    """The error message of an API error body, or the body's first characters (FastAPI's {"detail": ...} and
+    plain-text bodies such as transformers serve's "Internal Server Error" are shown as they are)."""
+    message = _error_json(body).get("message")
+    text = message if isinstance(message, str) else (
+        body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body))
     return " ".join(text.split())[:200] or "empty body"
+
+
+def _error_code(body: bytes) -> str:
+    """The error code of an API error body (OpenAI: model_not_found, insufficient_quota, ...), or ""."""
+    code = _error_json(body).get("code")
+    return code if isinstance(code, str) else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,11 +806,37 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The run: every puzzle not yet in the shard, --teacher_concurrency requests at a time
 # ----------------------------------------------------------------------------------------------------------
+def make_record(puzzle_id: str, reply: dict, answer: list[int], clean) -> dict:
+    """The shard's record of one reply: the raw fields as the server sent them (key redacted), so a rerun can
+    judge them again, and the verdict."""
+    content = clean(reply["content"])
+    reasoning_content = clean(reply["reasoning_content"]) if reply["reasoning_content"] is not None else None
+    status, reasoning = judge(full_text(content, reasoning_content), answer)
+    return {"id": puzzle_id, "status": status, "reasoning": reasoning, "content": content,
+            "reasoning_content": reasoning_content, "finish_reason": reply["finish_reason"],
+            "prompt_tokens": reply["prompt_tokens"], "completion_tokens": reply["completion_tokens"],
+            "attempts": reply["attempts"]}
+
+
+def rebuild(record: dict, answer: list[int]) -> dict | None:
+    """A shard record judged again from its raw fields (a rerun applies this module's reading of them), or None
+    for a record that cannot be rebuilt and is asked again: written by an older teacher.py (no reasoning_content
+    key: only message.content was read) and judged no_think, or with no content at all, which is what a reply
+    whose reasoning came in the separate field looked like to it."""
+    content = record.get("content") if isinstance(record.get("content"), str) else ""
+    reasoning_content = record.get("reasoning_content") if isinstance(record.get("reasoning_content"), str) else None
+    status, reasoning = judge(full_text(content, reasoning_content), answer)
+    if "reasoning_content" not in record and (status == "no_think" or not content.strip()):
+        return None
+    return {**record, "status": status, "reasoning": reasoning}
+
+
 def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", split: str = ""
                    ) -> tuple[dict[str, list[str]], dict]:
     """{puzzle id: [reasoning]} for the puzzles whose reply ended in the true answer, and the statistics
     (teacher_*: this run's request events, and the shard's totals over all runs: answered, ok, dropped by
-    reason, tokens, estimated cost). Rows are read and images encoded in this thread; workers only talk HTTP."""
+    reason, tokens, estimated cost). Rows are read and images encoded in this thread; workers talk HTTP and
+    append each reply to the shard as it arrives."""
     shard, meta_path = shard_paths(out)
     shard.parent.mkdir(parents=True, exist_ok=True)
     # What changes the traces (not the URL: the same model served on another port or host is the same teacher).
@@ -465,8 +846,22 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     client = TeacherClient(config)
     if not client.key:
         log(f"${config.api_key_env} is not set: sending no Authorization header (fine for a local server)")
-    done = runs.read_shard(shard)
     ids = [str(i) for i in dataset["id"]]
+    answers = dict(zip(ids, (list(answer) for answer in dataset["answer"])))
+    done, stale = {}, []
+    for puzzle_id, record in runs.read_shard(shard).items():
+        rebuilt = rebuild(record, answers[puzzle_id]) if puzzle_id in answers else record
+        if rebuilt is None:
+            stale.append(record)
+        else:
+            done[puzzle_id] = rebuilt
+    if stale:
+        tokens = sum((r.get("prompt_tokens") or 0) + (r.get("completion_tokens") or 0) for r in stale)
+        log(f"{len(stale)} replies in {shard} were recorded by an older teacher.py, which read only "
+            "message.content and judged them 'no reasoning' (a server that returns the reasoning in "
+            "reasoning_content, as transformers serve and vLLM do, looked like that); their reasoning was not "
+            f"stored, so they are asked again ({tokens} tokens last time)")
+    client.counts.add("old_records_asked_again", len(stale))
     todo = [index for index, puzzle_id in enumerate(ids) if puzzle_id not in done]
     log(f"{config.model} at {public_url(endpoint(config.url))}: {len(ids) - len(todo)} of {len(ids)} puzzles already in "
         f"{shard}, {len(todo)} to ask ({config.concurrency} at a time)")
@@ -474,6 +869,19 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     fatal = None
     pending: dict = {}
     queue = iter(todo)
+    shard_lock = threading.Lock()
+
+    def ask_and_record(puzzle_id: str, payload: bytes, answer: list[int]) -> tuple[dict, dict | None]:
+        # In the worker: a reply is in the shard the moment it arrives, even while the run is stopping (Ctrl-C
+        # reaches only the main thread, so it never cuts this write short).
+        result = client.ask(payload)
+        if result["status"] != "answered":
+            return result, None
+        record = make_record(puzzle_id, result, answer, client.clean)
+        with shard_lock:
+            runs.append_shard(shard, [record])
+        return result, record
+
     progress = tqdm(total=len(todo), desc="teacher", unit="puzzle", file=sys.stdout, disable=not todo)
     executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="teacher")
     try:
@@ -487,43 +895,40 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
                 answer, rows, cols = list(row["answer"]), int(row["rows"]), int(row["cols"])
                 payload = build_payload(config, build_messages(row["prompt"], common.row_images(row), answer,
                                                                rows, cols))
-                pending[executor.submit(client.ask, payload)] = (ids[index], answer)
+                pending[executor.submit(ask_and_record, ids[index], payload, answer)] = ids[index]
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                puzzle_id, answer = pending.pop(future)
+                puzzle_id = pending.pop(future)
                 try:
-                    result = future.result()
+                    result, record = future.result()
                 except TeacherFatal as err:
                     fatal = fatal or client.clean(str(err))
                     client.stop.set()  # no new requests and no more retries; replies in flight are still kept
                     continue
-                if result["status"] != "answered":
+                if record is None:
                     if result["status"] != "cancelled":
                         failures[puzzle_id] = f"{result['status']}: {client.clean(result['error'])}"
                     continue
-                status, reasoning = judge(result["content"], answer)
-                record = {"id": puzzle_id, "status": status, "reasoning": reasoning,
-                          "content": client.clean(result["content"]), "finish_reason": result["finish_reason"],
-                          "prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                          "attempts": result["attempts"]}
-                runs.append_shard(shard, [record])
                 done[puzzle_id] = record
                 client.counts.add("prompt_tokens", result["prompt_tokens"] or 0)
                 client.counts.add("completion_tokens", result["completion_tokens"] or 0)
                 progress.update(1)
-    except BaseException:
-        client.stop.set()  # Ctrl-C: workers stop retrying; everything already appended stays in the shard
-        if pending:
-            log(f"stopping: waiting for {len(pending)} request(s) in flight (at most --teacher_timeout_s); "
-                f"{len(done)} replies are safe in {shard}")
-        raise
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C (or a bug): end the requests in flight now rather than wait out their timeout
+        client.stop.set()
+        in_flight = client.inflight.cut_all()
+        executor.shutdown(wait=True, cancel_futures=True)  # quick: every socket in flight is shut
         progress.close()
+        log(f"stopped: {in_flight} request(s) in flight cancelled (a paid API may bill a reply it was writing); "
+            f"every reply that arrived is in {shard} ({len(runs.read_shard(shard))} puzzles); rerun the same "
+            "command to resume")
+        raise
+    executor.shutdown(wait=True)
+    progress.close()
 
     stats = summarize(done, ids, client.counts.values, config)
+    stats["teacher_run_in_flight_limit"] = client.slots.limit
     print_summary(stats, config)
     for puzzle_id, message in list(failures.items())[:10]:
         log(f"  not answered: {puzzle_id} ({message})")
@@ -560,7 +965,8 @@ def summarize(done: dict[str, dict], ids: list[str], events: dict[str, int], con
                                               config.completion_price),
     }
     for name in ("prompt_tokens", "completion_tokens", "requests", "retries", "http_429", "http_5xx", "timeouts",
-                 "connection_errors", "malformed_replies", "rejected", "gave_up"):
+                 "connection_errors", "malformed_replies", "rejected", "gave_up", "in_flight_lowered",
+                 "old_records_asked_again"):
         stats[f"teacher_run_{name}"] = events.get(name, 0)
     for name, value in sorted(events.items()):  # other retried statuses (408, 409)
         stats.setdefault(f"teacher_run_{name}", value)
@@ -577,6 +983,9 @@ def print_summary(stats: dict, config: TeacherConfig) -> None:
         f"{stats['teacher_run_malformed_replies']} malformed replies), {stats['teacher_run_rejected']} rejected, "
         f"{stats['teacher_run_gave_up']} given up; {stats['teacher_run_prompt_tokens']} prompt + "
         f"{stats['teacher_run_completion_tokens']} completion tokens")
+    if stats["teacher_no_think"]:
+        log(f"note: {stats['teacher_no_think']} replies had the true answer but no reasoning (no <think> block in "
+            f"the content, nothing in {' / '.join(REASONING_FIELDS)}): look at their content in the shard")
     log(f"all replies in the shard: {stats['teacher_prompt_tokens']} prompt + "
         f"{stats['teacher_completion_tokens']} completion tokens; "
         f"estimated cost ${stats['teacher_cost_usd_estimate']:.4f} at ${config.prompt_price:g} / "

@@ -3,11 +3,19 @@ that answers like the chat-completions API and can be scripted to fail in every 
 import dataclasses
 import email.utils
 import json
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import shutil
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +25,7 @@ import jigsaw
 import rollout_sft
 import teacher
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-3f9a1c7e5b2d4086a1b2c3d4e5f60718"
 KEY_ENV = "KIT_TEST_TEACHER_KEY"
 # The lead may rename --out to --output_dir (the kit's shared vocabulary); the tests follow either.
@@ -38,6 +47,10 @@ class FakeAPI:
         self.requests: list[tuple[float, str, str]] = []
         self.lock = threading.Lock()
         self.slow_s = 1.0
+        self.serial = threading.Lock()    # held while answering when one_at_a_time (as transformers serve runs)
+        self.one_at_a_time = False
+        self.release = threading.Event()  # ends every "hang" (set at teardown)
+        self.sent: list[str] = []         # puzzle ids whose reply was written in full
 
     def next_behaviour(self, puzzle_id: str) -> str:
         with self.lock:
@@ -64,10 +77,10 @@ def make_handler(api: FakeAPI):
 
         def send(self, status: int, body: bytes, headers: dict | None = None):
             try:
+                headers = {"Content-Type": "application/json", **(headers or {})}
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
-                for name, value in (headers or {}).items():
+                for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
@@ -75,6 +88,12 @@ def make_handler(api: FakeAPI):
                 pass
 
         def do_POST(self):
+            if api.one_at_a_time:
+                with api.serial:
+                    return self.answer()
+            return self.answer()
+
+        def answer(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/moved/v1/chat/completions":  # a redirect would carry the key elsewhere
                 return self.send(307, b"", {"Location": "/v1/chat/completions"})
@@ -93,6 +112,33 @@ def make_handler(api: FakeAPI):
                 return
             if behaviour == "slow":
                 time.sleep(api.slow_s)
+            if behaviour == "hang":  # takes the request, never answers (until the test ends)
+                api.release.wait(60)
+                self.close_connection = True
+                return
+            if behaviour == "trickle":  # headers at once, then the body a few bytes at a time (3 s in all)
+                reply = json.dumps({"choices": [{"message": {"content": reply_text(puzzle_id, answer, rows, cols)},
+                                                 "finish_reason": "stop"}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    for start in range(0, len(reply), 8):
+                        self.wfile.write(reply[start:start + 8])
+                        self.wfile.flush()
+                        time.sleep(3 / (len(reply) / 8))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                return
+            if behaviour == "500_plain":  # transformers serve's answer to an unknown model name
+                return self.send(500, b"Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+            if behaviour == "500_model":
+                return self.send(500, json.dumps({"error": {"message": f"could not load model {body['model']}"}})
+                                 .encode())
+            if behaviour == "404_model":  # OpenAI's answer to an unknown model name
+                return self.send(404, json.dumps({"error": {
+                    "message": f"The model `{body['model']}` does not exist or you do not have access to it.",
+                    "type": "invalid_request_error", "param": None, "code": "model_not_found"}}).encode())
             if behaviour == "malformed":
                 return self.send(200, b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "<think>')
             if behaviour == "429":
@@ -114,11 +160,18 @@ def make_handler(api: FakeAPI):
                 content = reply_text(puzzle_id, wrong, rows, cols)
             if behaviour == "truncated":
                 content, finish = f"<think>Reasoning for {puzzle_id}: the top left piece", "length"
+            message = {"role": "assistant", "content": content}
+            if behaviour in ("reasoning_content", "reasoning"):  # transformers serve / DeepSeek; vLLM >= 0.11
+                think, rest = content.split("</think>")
+                message = {"role": "assistant", "content": rest, behaviour: think.replace("<think>", "")}
+                if behaviour == "reasoning":
+                    message["reasoning_content"] = None
             reply = {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                  "finish_reason": finish}],
+                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                      "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
             self.send(200, json.dumps(reply).encode())
+            with api.lock:
+                api.sent.append(puzzle_id)
 
     return Handler
 
@@ -149,6 +202,7 @@ def api(puzzles, monkeypatch):
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     yield fake
+    fake.release.set()
     server.shutdown()
     server.server_close()
 
@@ -324,6 +378,280 @@ def test_wrong_key_stops_the_run_with_nothing_written_but_the_settings(api, jigs
     assert "HTTP 307" in capsys.readouterr().err and api.requests == []
 
 
+def shard_records(tmp_path, name):
+    return [json.loads(line) for line in (tmp_path / f"{name}.teacher.jsonl").read_text().splitlines()]
+
+
+def test_reasoning_in_a_separate_field_is_read_stored_raw_and_rebuilt(api, jigsaw_data, tmp_path, capsys):
+    ids = train_ids(jigsaw_data, 4)
+    # transformers serve / DeepSeek send reasoning_content, vLLM >= 0.11 reasoning; ids[3] has it in the content
+    api.script = {ids[0]: ["reasoning_content"], ids[1]: ["reasoning"], ids[2]: ["reasoning_content"]}
+    out = tmp_path / "split"
+    stats = run(api, jigsaw_data, out, "--limit", "4")
+    assert stats["teacher_ok"] == 4 and stats["teacher_no_think"] == 0 and stats["rows_kept"] == 4
+    kept = completions(out)
+    for puzzle_id in ids:
+        assert f"Reasoning for {puzzle_id}:" in kept[puzzle_id]
+    records = {r["id"]: r for r in shard_records(tmp_path, "split")}
+    # the raw fields as the server sent them
+    assert records[ids[0]]["content"].strip().startswith("<answer>") and "<think>" not in records[ids[0]]["content"]
+    assert records[ids[0]]["reasoning_content"].startswith(f"Reasoning for {ids[0]}:")
+    assert records[ids[1]]["reasoning_content"].startswith(f"Reasoning for {ids[1]}:")  # read from "reasoning"
+    assert records[ids[3]]["reasoning_content"] is None and "<think>" in records[ids[3]]["content"]
+
+    # a rerun rebuilds every record from its raw fields (here: verdicts spoilt by hand), asking nothing
+    shard = tmp_path / "split.teacher.jsonl"
+    shard.write_text("".join(json.dumps({**r, "status": "no_think", "reasoning": None}) + "\n"
+                             for r in records.values()))
+    api.requests.clear()
+    stats = run(api, jigsaw_data, out, "--limit", "4", "--overwrite")
+    assert api.requests == [] and stats["teacher_ok"] == 4 and completions(out) == kept
+    capsys.readouterr()
+
+
+def test_an_old_shard_that_dropped_the_reasoning_field_is_asked_again(api, jigsaw_data, tmp_path, capsys):
+    """Shards of the older teacher.py stored only message.content: against a server that sends the reasoning in
+    reasoning_content, every right answer was recorded as no_think (or, all in the reasoning, as empty)."""
+    ids = train_ids(jigsaw_data, 4)
+    rows = common.load_rows(str(jigsaw_data), "train")
+    grid = {r["id"]: jigsaw.answer_text(list(r["answer"]), int(r["rows"]), int(r["cols"])) for r in rows}
+    old = [  # the older format: no reasoning_content key
+        {"id": ids[0], "status": "ok", "reasoning": "old reasoning", "attempts": 1, "finish_reason": "stop",
+         "content": f"<think>old reasoning</think><answer>\n{grid[ids[0]]}\n</answer>", "prompt_tokens": 100,
+         "completion_tokens": 20},
+        {"id": ids[1], "status": "no_think", "reasoning": None, "content": f"<answer>\n{grid[ids[1]]}\n</answer>",
+         "finish_reason": "stop", "prompt_tokens": 100, "completion_tokens": 20, "attempts": 1},
+        {"id": ids[2], "status": "no_answer", "reasoning": None, "content": "", "finish_reason": "length",
+         "prompt_tokens": 100, "completion_tokens": 512, "attempts": 1},
+    ]
+    out = tmp_path / "old"
+    run(api, jigsaw_data, tmp_path / "meta_only", "--limit", "4")  # the settings file, as the old run wrote it
+    (tmp_path / "old.teacher.json").write_text((tmp_path / "meta_only.teacher.json").read_text())
+    (tmp_path / "old.teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    api.requests.clear()
+    api.default = "reasoning_content"
+    stats = run(api, jigsaw_data, out, "--limit", "4")
+    assert sorted(api.requested()) == sorted(ids[1:])  # ids[0] kept as it was; the two unreadable ones asked again
+    assert stats["teacher_ok"] == 4 and stats["teacher_run_old_records_asked_again"] == 2
+    assert "old reasoning" in completions(out)[ids[0]]
+    assert "2 replies in" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_wrong_url_stops_the_run_at_once_naming_the_flag(api, jigsaw_data, tmp_path, capsys, monkeypatch):
+    # the real backoff (1 s doubling): without the early stop this was ~190 s per puzzle
+    monkeypatch.setattr(teacher, "BACKOFF_BASE_S", 1.0)
+    monkeypatch.setattr(teacher, "BACKOFF_MAX_S", 60.0)
+    for concurrency, bound_s in (("8", 2.0), ("1", 6.0)):  # concurrency 1: 1 + 2 s of backoff between the 3
+        started = time.monotonic()
+        with pytest.raises(SystemExit):
+            rollout_sft.main(["--source", "rea_external", "--data", str(jigsaw_data), OUT, str(tmp_path / "o"),
+                              "--limit", "16", "--teacher_url", f"http://127.0.0.1:{free_port()}/v1",
+                              "--teacher_model", "teacher-test", "--teacher_api_key_env", KEY_ENV,
+                              "--teacher_concurrency", concurrency])
+        elapsed = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert err.startswith("error: teacher: the first 3 requests") and "could not connect" in err
+        assert "Check --teacher_url" in err and "ConnectionRefusedError" in err
+        assert elapsed < bound_s, elapsed
+
+
+@pytest.mark.parametrize("behaviour, requests, message", [
+    ("500_plain", 3, "HTTP 500 (Internal Server Error). Some servers answer an unknown model name with HTTP 500"),
+    ("500_model", 3, "could not load model teacher-test): the server's error names the model"),
+    ("404_model", 1, "does not serve --teacher_model 'teacher-test'"),
+])
+def test_an_unknown_model_stops_the_run_as_a_model_problem(api, jigsaw_data, tmp_path, capsys, behaviour, requests,
+                                                           message):
+    api.default = behaviour
+    with pytest.raises(SystemExit):
+        run(api, jigsaw_data, tmp_path / "o", "--limit", "16", "--teacher_concurrency", "1")
+    err = capsys.readouterr().err
+    assert message in err and "--teacher_model" in err, err
+    assert len(api.requests) == requests  # 3 failures in a row before any reply (EARLY_STOP_FAILURES); 404 at once
+
+
+def test_a_server_that_never_answers_stops_the_run_early(api, jigsaw_data, tmp_path, capsys):
+    api.default = "hang"
+    started = time.monotonic()
+    with pytest.raises(SystemExit):
+        run(api, jigsaw_data, tmp_path / "o", "--limit", "16", "--teacher_concurrency", "2")  # timeout 0.3 s
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert "no reply within --teacher_timeout_s 0.3" in err and "raise --teacher_timeout_s" in err
+    assert len(api.requests) <= 4 and elapsed < 3.0, (len(api.requests), elapsed)
+
+
+def test_timeouts_bound_each_request_and_a_serial_server_lowers_the_requests_in_flight(api, jigsaw_data, tmp_path):
+    ids = train_ids(jigsaw_data, 8)
+    # a reply whose bytes keep coming (3 s in all) is cut at the deadline (a per-byte timeout never fired)
+    api.script = {ids[0]: ["trickle"]}
+    started = time.monotonic()
+    stats = run(api, jigsaw_data, tmp_path / "trickle", "--limit", "2")
+    assert stats["teacher_run_timeouts"] == 1 and stats["teacher_ok"] == 2 and time.monotonic() - started < 2.5
+
+    # one request at a time, 0.25 s each: with 4 sent at once the 3rd and 4th wait past the 0.6 s timeout in the
+    # server's queue; the client halves what it keeps in flight, and every puzzle is answered
+    api.script, api.default, api.slow_s, api.one_at_a_time = {}, "slow", 0.25, True
+    stats = run(api, jigsaw_data, tmp_path / "serial", "--limit", "8", "--teacher_concurrency", "4",
+                "--teacher_timeout_s", "0.6")
+    assert stats["teacher_ok"] == 8 and stats["teacher_run_timeouts"] >= 1
+    assert stats["teacher_run_in_flight_lowered"] >= 1 and stats["teacher_run_in_flight_limit"] < 4
+
+
+def test_ctrl_c_keeps_the_replies_that_arrived_and_does_not_wait_for_the_rest(api, jigsaw_data, tmp_path):
+    ids = train_ids(jigsaw_data, 8)
+    api.script = {puzzle_id: ["hang"] for puzzle_id in ids[3:]}  # 0-2 answered, then 4 requests that hang
+    out = tmp_path / "interrupted"
+    env = {**os.environ, KEY_ENV: KEY, "OMP_NUM_THREADS": "1"}
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(name, None)
+    command = [sys.executable, str(ROOT / "rollout_sft.py"), "--source", "rea_external", "--data", str(jigsaw_data),
+               OUT, str(out), "--limit", "8", "--teacher_url", api.url, "--teacher_model", "teacher-test",
+               "--teacher_api_key_env", KEY_ENV, "--teacher_concurrency", "4", "--teacher_timeout_s", "60"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(api.sent) == 3 and len(api.requests) == 7) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.05)
+        assert sorted(api.sent) == sorted(ids[:3]) and len(api.requests) == 7  # 4 requests in flight, hanging
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+        stop_s = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"SIGINT to exit: {stop_s:.2f} s")
+    assert process.returncode != 0 and stop_s < 10, (process.returncode, stop_s)  # not the 60 s timeout
+    assert "stopped: 4 request(s) in flight cancelled" in output, output
+    assert sorted(r["id"] for r in shard_records(tmp_path, "interrupted")) == sorted(ids[:3])
+    assert KEY not in output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against a real OpenAI-compatible server: `transformers serve` (transformers' [serving] extra,
+# requirements-dev.txt) serving the tiny random Qwen2.5-VL on 127.0.0.1
+# ---------------------------------------------------------------------------------------------------------
+SERVE_START_S = 120  # the server answers GET /health within this, or the test fails (measured: ~10-20 s)
+REAL_REASONING = "sky on top"
+
+
+@pytest.fixture(scope="module")
+def real_server(toy_model_dir, jigsaw_data, tmp_path_factory):
+    """`transformers serve` in its own process group, killed (the whole group) at teardown whatever happens.
+    A random model writes noise, so the model folder's generation_config carries a sequence_bias that makes
+    greedy decoding write one script after the assistant prompt, "<think>sky on top</think>" and the answer of
+    the first training puzzle, on the server's real path (chat template, image processor, Qwen's response parser
+    that moves <think> into reasoning_content)."""
+    pytest.importorskip("uvicorn", reason="transformers serve needs transformers[serving]: "
+                                          "pip install -r requirements-dev.txt")
+    from transformers import AutoTokenizer
+    folder = tmp_path_factory.mktemp("served") / "toy-qwen2.5-vl"
+    shutil.copytree(toy_model_dir, folder)
+    first = common.load_rows(str(jigsaw_data), "train")[0]
+    grid = jigsaw.answer_text(list(first["answer"]), int(first["rows"]), int(first["cols"]))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    script = tokenizer.encode(f"<think>{REAL_REASONING}</think>\n<answer>\n{grid}\n</answer>",
+                              add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    prompt_end = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    # token i of the script gets +100 when everything before it matches: bigrams would loop on repeated tokens
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["sequence_bias"] = [[prompt_end + script[:i + 1], 100.0] for i in range(len(script))]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+
+    port = free_port()
+    log_path = folder.parent / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(folder.parent / "hf_home")}
+    started = time.monotonic()
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--host",
+                                   "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                  stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as health:
+                    if health.status == 200:
+                        break
+            except OSError:
+                pass
+            tail = log_path.read_text(errors="replace")[-3000:]
+            assert server.poll() is None, f"transformers serve exited ({server.returncode}):\n{tail}"
+            assert time.monotonic() - started < SERVE_START_S, \
+                f"transformers serve not up in {SERVE_START_S} s:\n{tail}"
+            time.sleep(0.2)
+        # Load the model now (it loads on its first request), so that GET /v1/models lists it in every test.
+        warm_up = json.dumps({"model": str(folder), "max_tokens": 1,
+                              "messages": [{"role": "user", "content": "hi"}]}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=warm_up,
+                                                      headers={"Content-Type": "application/json"}),
+                               timeout=SERVE_START_S).close()
+        print(f"transformers serve up and the model loaded in {time.monotonic() - started:.1f} s")
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", model=str(folder), answer=list(first["answer"]),
+                              log=log_path)
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)  # the whole group: uvicorn's workers too
+            except ProcessLookupError:
+                break
+            try:
+                server.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def test_real_server_reasoning_content_is_read_and_rows_are_kept(real_server, jigsaw_data, tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    rows = common.load_rows(str(jigsaw_data), "train").select(range(4))
+    same = [r["id"] for r in rows if list(r["answer"]) == real_server.answer]  # the script's answer is theirs
+    out = tmp_path / "real"
+    stats = rollout_sft.main(["--source", "rea_external", "--data", str(jigsaw_data), OUT, str(out), "--limit", "4",
+                              "--teacher_url", real_server.url, "--teacher_model", real_server.model,
+                              "--teacher_api_key_env", KEY_ENV, "--teacher_concurrency", "2",
+                              "--teacher_timeout_s", "120", "--max_completion_length", "48",
+                              "--teacher_prompt_price", "0", "--teacher_completion_price", "0"])
+    # every request answered (the first one loads the model), no retries; the server's usage counted
+    assert stats["teacher_run_requests"] == 4 and stats["teacher_answered"] == 4
+    assert stats["teacher_prompt_tokens"] > 4 * 16 and stats["teacher_completion_tokens"] > 0
+    # the reasoning came in reasoning_content (the content holds only the answer) and was read
+    assert (stats["teacher_ok"], stats["teacher_wrong_answer"], stats["rows_kept"]) == (len(same), 4 - len(same),
+                                                                                        len(same))
+    records = shard_records(tmp_path, "real")
+    assert sorted(r["id"] for r in records) == sorted(rows["id"])
+    for record in records:
+        assert record["reasoning_content"] == REAL_REASONING and "<think>" not in record["content"]
+        assert record["content"].strip().startswith("<answer>") and record["finish_reason"] == "stop"
+    for completion in completions(out).values():
+        assert REAL_REASONING in completion
+
+
+def test_real_server_unknown_model_stops_the_run_early(real_server, jigsaw_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    started = time.monotonic()
+    with pytest.raises(SystemExit):
+        rollout_sft.main(["--source", "rea_external", "--data", str(jigsaw_data), OUT, str(tmp_path / "o"),
+                          "--limit", "16", "--teacher_url", real_server.url, "--teacher_model", "no-such/model",
+                          "--teacher_api_key_env", KEY_ENV, "--teacher_concurrency", "2"])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert "HTTP 500" in err and "check --teacher_model 'no-such/model'" in err, err
+    assert f"(the server lists: {real_server.model!r})" in err  # GET /v1/models, to pick the right name
+    assert elapsed < 15, elapsed  # backoff 1 + 2 s at most between the 3 failures (was 205 s per puzzle)
+
+
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
     shard = tmp_path / "x.teacher.jsonl"
     runs.append_shard(shard, [{"id": "a", "status": "ok"}])
@@ -341,8 +669,18 @@ def test_parse_reply_accepts_chat_completions_and_rejects_the_rest():
     good = {"choices": [{"message": {"content": "<think>a</think><answer>1 2</answer>"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
     assert teacher.parse_reply(json.dumps(good).encode()) == {
-        "content": "<think>a</think><answer>1 2</answer>", "finish_reason": "stop", "prompt_tokens": 7,
-        "completion_tokens": 3}
+        "content": "<think>a</think><answer>1 2</answer>", "reasoning_content": None, "finish_reason": "stop",
+        "prompt_tokens": 7, "completion_tokens": 3}
+    # reasoning in a field of its own (transformers serve, DeepSeek: reasoning_content; vLLM: reasoning)
+    for field in ("reasoning_content", "reasoning"):
+        split = {"choices": [{"message": {"content": "<answer>1 2</answer>", field: "a"}}]}
+        reply = teacher.parse_reply(json.dumps(split).encode())
+        assert (reply["content"], reply["reasoning_content"]) == ("<answer>1 2</answer>", "a")
+        assert teacher.full_text(reply["content"], reply["reasoning_content"]) == "<think>a</think><answer>1 2</answer>"
+    both = {"choices": [{"message": {"content": None, "reasoning_content": "", "reasoning": "b"}}]}
+    assert teacher.parse_reply(json.dumps(both).encode())["reasoning_content"] == "b"  # the first non-empty one
+    assert teacher.parse_reply(json.dumps(both).encode())["content"] == ""
+    assert teacher.full_text("<answer>1</answer>", None) == "<answer>1</answer>"
     parts = {"choices": [{"message": {"content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}}]}
     assert teacher.parse_reply(json.dumps(parts).encode())["content"] == "xy"
     assert teacher.parse_reply(json.dumps(parts).encode())["prompt_tokens"] is None  # no usage sent
