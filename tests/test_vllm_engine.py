@@ -5,8 +5,8 @@ What is checked (one engine for the module; its start is the main cost): greedy 
 text-only and jigsaw (image) prompts; the sampler's log-probs equal a teacher-forced forward; after two optimizer
 steps and push_weights the engine decodes like the updated model (tied embeddings, and untied in an engine of its
 own); the image/video/vision_start tokens are never sampled, even by a model that prefers them; eos ends a
-completion as in the kit; the message when vllm is missing. Every test but the last is skipped when vllm cannot
-be imported.
+completion as in the kit; bench/bench_vllm_rollout.py --toy runs; the message when vllm is missing. Every test but
+the last is skipped when vllm cannot be imported.
 
 The model is the toy preset's size ("small": head_dim 32), not conftest's "tiny" (head_dim 16): vLLM's CPU
 attention supports head sizes from 32 up. Its language weights are perturbed by 0.1 (seeded): the random init
@@ -16,6 +16,7 @@ fp64), which would hide a real mismatch below that.
 import copy
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +269,19 @@ def test_push_weights_untied_embeddings(small, rows, tmp_path):
         del second
     print(f"push_weights (untied): {seconds:.3f} s")
 
+
+
+@needs_vllm
+def test_bench_runs_on_the_cpu(tmp_path):
+    """bench/bench_vllm_rollout.py --toy, shrunk (its GPU figures are not testable here): both backends agree
+    greedily before and after a push, and the sampler's log-probs match the trainer's. After the untied test for
+    the same reason (an engine of its own)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_vllm_rollout
+    results = bench_vllm_rollout.main(["--toy", "--out", str(tmp_path), "--rounds", "1", "--group_size", "2",
+                                       "--toy_max_new_tokens", "12"])
+    assert results["greedy_equal"] == results["greedy_equal_after_push"] == "4/4"
+    assert results["logprob_difference_max"] < 1e-4 and results["vllm"]["tokens_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
