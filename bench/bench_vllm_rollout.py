@@ -1,4 +1,4 @@
-"""GRPO rollouts with the vllm backend (vllm_engine.py) against the hf backend (common.generate), in one run:
+"""GRPO rollouts with the vllm backend (vllm_engine.py) against the hf backend (sequences.generate), in one run:
 tokens/s of each (median over rounds) and their ratio, the weight-push time, GPU memory with the engine awake
 and asleep, greedy agreement, and the sampler-vs-trainer log-prob mismatch that GRPO's importance ratio sees.
 
@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import runs  # noqa: E402
+import sequences  # noqa: E402
 import jigsaw  # noqa: E402
 import toy  # noqa: E402
 
@@ -70,10 +72,10 @@ def reference_logprobs(model, processor, prompts, images, completion_ids, vision
     out = []
     for start in range(0, len(prompts), chunk_rows):
         end = start + chunk_rows
-        batch = common.build_batch(processor, prompts[start:end], images[start:end],
+        batch = sequences.build_batch(processor, prompts[start:end], images[start:end],
                                    completion_ids=completion_ids[start:end])
-        batch = common.to_device(batch, next(model.parameters()).device)
-        logits = common.completion_logits(model, batch).float()
+        batch = sequences.to_device(batch, next(model.parameters()).device)
+        logits = sequences.completion_logits(model, batch).float()
         logits[..., vision_ids] = float("-inf")
         logprobs = torch.log_softmax(logits / temperature, dim=-1)
         logprobs = logprobs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
@@ -173,12 +175,12 @@ def main(argv=None):
     # ---- hf backend: the kit's own decoder --------------------------------------------------------------------
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    hf_speed, hf_seconds, _ = timed_rounds(lambda: common.generate(
+    hf_speed, hf_seconds, _ = timed_rounds(lambda: sequences.generate(
         model, processor, prompts, images, max_new_tokens, temperature=args.temperature,
         num_samples=args.group_size))
     results["hf"] = {"tokens_per_s": round(hf_speed, 1), "seconds_per_rollout": round(hf_seconds, 2),
                      "peak_gib": round(torch.cuda.max_memory_allocated() / common.GiB, 2) if cuda else None}
-    hf_greedy = common.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
+    hf_greedy = sequences.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
     print(f"[bench] hf:   {hf_speed:8.1f} tokens/s ({hf_seconds:.2f} s per rollout)")
 
     # ---- vllm backend: start, rollouts, weight push, sleep --------------------------------------------------
@@ -230,14 +232,14 @@ def main(argv=None):
     results["push_weights_s"] = round(statistics.median(pushes), 3)
     results["gib_in_use_engine_woken"] = gib_in_use()
     after = engine.generate(prompts, images, max_new_tokens, do_sample=False, processor=processor)
-    expected = common.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
+    expected = sequences.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
     results["greedy_equal_after_push"] = f"{sum(a == b for a, b in zip(after['completion_ids'], expected['completion_ids']))}" \
                                          f"/{len(prompts)}"
     print(f"[bench] push_weights {results['push_weights_s']:.3f} s (median of {args.rounds}); greedy equal after "
           f"push {results['greedy_equal_after_push']}; GPU GiB in use: hf model {results['gib_in_use_hf_model']}, "
           f"+engine awake {results['gib_in_use_engine_awake']}, asleep {results['gib_in_use_engine_asleep']}, "
           f"woken {results['gib_in_use_engine_woken']}; hf rollout peak {results['hf']['peak_gib']}")
-    common.write_json_atomic(out / "bench_vllm_rollout.json", results)
+    runs.write_json_atomic(out / "bench_vllm_rollout.json", results)
     print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     return results
 

