@@ -578,8 +578,8 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     common.check_ranges(args, RANGES)
     # Before any model is loaded: never replace a folder this script did not make.
     runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
-    if (args.traces or args.teacher_url) and experiment.source(args.source).keeps != "trace":
-        common.fail("--traces and --teacher_url only apply to a source of a teacher's traces (--source rea_external).")
+    if args.traces and experiment.source(args.source).keeps != "trace":
+        common.fail("--traces only applies to a source of a teacher's traces (--source rea_external).")
     if args.teacher_url:
         import teacher
         teacher.config_from_args(args)  # every --teacher_* check before the data is read

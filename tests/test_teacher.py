@@ -447,7 +447,9 @@ def test_a_wrong_url_stops_the_run_at_once_naming_the_flag(api, jigsaw_data, tmp
     # the real backoff (1 s doubling): without the early stop this was ~190 s per puzzle
     monkeypatch.setattr(teacher, "BACKOFF_BASE_S", 1.0)
     monkeypatch.setattr(teacher, "BACKOFF_MAX_S", 60.0)
-    for concurrency, bound_s in (("8", 2.0), ("1", 6.0)):  # concurrency 1: 1 + 2 s of backoff between the 3
+    # bounds far below the old ~190 s per puzzle, loose enough for a loaded machine (free: 0.02 s and 2.6 s;
+    # concurrency 1 waits 1 + 2 s of backoff between the 3 failures)
+    for concurrency, bound_s in (("8", 20.0), ("1", 30.0)):
         started = time.monotonic()
         with pytest.raises(SystemExit):
             rollout_sft.main(["--source", "rea_external", "--data", str(jigsaw_data), OUT, str(tmp_path / "o"),
@@ -484,7 +486,7 @@ def test_a_server_that_never_answers_stops_the_run_early(api, jigsaw_data, tmp_p
     elapsed = time.monotonic() - started
     err = capsys.readouterr().err
     assert "no reply within --teacher_timeout_s 0.3" in err and "raise --teacher_timeout_s" in err
-    assert len(api.requests) <= 4 and elapsed < 3.0, (len(api.requests), elapsed)
+    assert len(api.requests) <= 4 and elapsed < 20, (len(api.requests), elapsed)  # free machine: ~1 s
 
 
 def test_timeouts_bound_each_request_and_a_serial_server_lowers_the_requests_in_flight(api, jigsaw_data, tmp_path):
@@ -513,7 +515,7 @@ def test_ctrl_c_keeps_the_replies_that_arrived_and_does_not_wait_for_the_rest(ap
         env.pop(name, None)
     command = [sys.executable, str(ROOT / "rollout_sft.py"), "--source", "rea_external", "--data", str(jigsaw_data),
                OUT, str(out), "--limit", "8", "--teacher_url", api.url, "--teacher_model", "teacher-test",
-               "--teacher_api_key_env", KEY_ENV, "--teacher_concurrency", "4", "--teacher_timeout_s", "60"]
+               "--teacher_api_key_env", KEY_ENV, "--teacher_concurrency", "4", "--teacher_timeout_s", "300"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -530,7 +532,8 @@ def test_ctrl_c_keeps_the_replies_that_arrived_and_does_not_wait_for_the_rest(ap
             process.kill()
             process.wait()
     print(f"SIGINT to exit: {stop_s:.2f} s")
-    assert process.returncode != 0 and stop_s < 10, (process.returncode, stop_s)  # not the 60 s timeout
+    # far below the 300 s request timeout it used to wait for (1.2 s on a free machine; a loaded one is slower)
+    assert process.returncode != 0 and stop_s < 60, (process.returncode, stop_s)
     assert "stopped: 4 request(s) in flight cancelled" in output, output
     assert sorted(r["id"] for r in shard_records(tmp_path, "interrupted")) == sorted(ids[:3])
     assert KEY not in output
@@ -649,7 +652,7 @@ def test_real_server_unknown_model_stops_the_run_early(real_server, jigsaw_data,
     err = capsys.readouterr().err
     assert "HTTP 500" in err and "check --teacher_model 'no-such/model'" in err, err
     assert f"(the server lists: {real_server.model!r})" in err  # GET /v1/models, to pick the right name
-    assert elapsed < 15, elapsed  # backoff 1 + 2 s at most between the 3 failures (was 205 s per puzzle)
+    assert elapsed < 60, elapsed  # backoff 1 + 2 s between the 3 failures (0.85 s free; was 205 s per puzzle)
 
 
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
