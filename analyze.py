@@ -27,21 +27,21 @@ Worked example of the symmetry check (token-mean SFT loss, T_u = 40 response tok
 The data sources are made by other stages (sft data from jigsaw.py, rollouts from rollout_sft.py, ...) and may not
 exist yet while you develop: tests/test_analyze.py builds tiny ones from the jigsaw fixture. Run commands:
 
-    # the toy world (CPU, a few minutes; after run_all.sh made the data and runs)
-    python analyze.py --model runs/toy/base \
-        --sources non_rea=data/jigsaw_toy:prompt_no_think:target_non_rea,rea_grpo_rollout=runs/toy/rollouts.jsonl \
-        --probes runs/toy/prior --probe_split test --runs sft_non_rea=runs/toy/sft_non_rea,rft=runs/toy/rft \
-        --output_dir runs/toy/analysis --n_train 8 --n_probe 8 --exact_pairs 4
-    # Qwen2.5-VL-3B on one GPU: project gradients to 7 x 36 x 8^2 = 16,128 dims per sample
-    python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \
-        --sources non_rea=data/jigsaw:prompt_no_think:target_non_rea,rea_external=data/rea_4o.jsonl,\
-rea_grpo_rollout=data/rollouts.jsonl,rea_self_generated=data/self_gen.jsonl \
-        --probes benchmarks:refcoco,docvqa,mme,mmstar,pope,mmmu --probe_limit 500 --probe_answer greedy \
-        --runs sft_non_rea=runs/sft_non_rea:answer_only,rft=runs/rft --kl_data data/jigsaw \
-        --output_dir runs/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
-    # only the probe curves
-    python analyze.py --model runs/toy/base --sources x=data/jigsaw_toy --probes runs/toy/prior \
-        --runs rft=runs/toy/rft --output_dir runs/toy/analysis --no_first_order --no_exact
+    # on the CPU, after `bash run_all.sh` made the toy run (runs/toy/): two of its sources, its probe questions
+    # and two of its runs (a few minutes), in a folder of its own
+    python analyze.py --model runs/toy/base/final --probes runs/toy/toy/prior --min_pixels 3136 --max_pixels 12544 \\
+        --sources non_rea=runs/toy/data/sources/non_rea,rea_grpo_rollout=runs/toy/data/sources/rea_grpo_rollout \\
+        --runs sft_non_rea=runs/toy/sft_non_rea:answer_only,rft=runs/toy/rft --kl_data runs/toy/data/jigsaw \\
+        --kl_max_completion_length 64 --output_dir /tmp/analysis --n_train 8 --n_probe 8 --exact_pairs 4
+    # only the probe curves along the toy run's RFT checkpoints
+    python analyze.py --model runs/toy/base/final --sources non_rea=runs/toy/data/sources/non_rea \\
+        --probes runs/toy/toy/prior --runs rft=runs/toy/rft --output_dir /tmp/probe_curves --no_first_order --no_exact
+    # Qwen2.5-VL-3B on one GPU, the 3b preset's run: project gradients to 7 x 36 x 8^2 = 16,128 dims per sample
+    python analyze.py --model Qwen/Qwen2.5-VL-3B-Instruct \\
+        --sources non_rea=runs/3b/data/sources/non_rea,rea_external=runs/3b/data/sources/rea_external,rea_grpo_rollout=runs/3b/data/sources/rea_grpo_rollout,rea_self_generated=runs/3b/data/sources/rea_self_generated \\
+        --probes benchmarks:refcoco,docvqa,mme,mmstar,pope,mmmu --probe_limit 500 --probe_answer greedy \\
+        --runs sft_non_rea=runs/3b/sft_non_rea:answer_only,rft=runs/3b/rft --kl_data runs/3b/data/jigsaw \\
+        --output_dir runs/3b/analysis --n_train 16 --n_probe 16 --eta 1e-4 --exact_pairs 8 --proj_dim 8
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ import sequences
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    model: str = "runs/toy/base"
+    model: str = "runs/toy/base/final"
     """model whose learning dynamics are measured (usually the base model): hub id or save_pretrained folder"""
     sources: str = ""
     """training-data sources, comma-separated name=path[:prompt_col:target_col] (default columns prompt/completion);

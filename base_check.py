@@ -9,9 +9,10 @@ one puzzle to the next. run_all.sh's eval_base stage runs it on the base model; 
 fresh run as a guard (it stops below --min_answer_image_mi) and uses `greedy_scores` for its evaluations.
 
 Run it:
-    python base_check.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/3b/base_check
+    python base_check.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/base_check
     python base_check.py --model runs/toy/base/final --data runs/toy/data/jigsaw --output_dir runs/toy/base_check \\
-        --max_completion_length 64 --min_answer_image_mi 0.1
+        --max_completion_length 64 --batch_size 64 --min_answer_image_mi 0.1 --precision fp32 --min_pixels 3136 \\
+        --max_pixels 12544       # the toy run's eval_base stage
 Writes --output_dir/base_check.json: exact (eval_accuracy), hit, format rate, MI(answer; image) in nats, the mean
 p(true answer) against chance, and the environment it ran in.
 """

@@ -21,20 +21,20 @@ output.
 Decoding is greedy (do_sample=False), batched with left padding (sequences.generate), prompts sorted by length.
 Answers are read by rules only (regex/string parsing, never an LLM judge).
 
-Run (toy world, CPU; what run_all.sh's eval stages call, once its base and data stages have run):
+Run (toy world, CPU; the eval_base stage's command, once run_all.sh's base and data stages have run):
     python eval.py --model runs/toy/base/final --benchmarks jigsaw,toy_prior --prompt_style thinking \
-        --data jigsaw=runs/toy/data/jigsaw,toy_prior=runs/toy/toy/prior --min_pixels 3136 --max_pixels 12544 \
-        --output_dir runs/toy/eval/base
-Run (real model, one GPU; data sets from the hub):
+        --data jigsaw=runs/toy/data/jigsaw,toy_prior=runs/toy/toy/prior --batch_size 64 --max_completion_length 320 \
+        --min_pixels 3136 --max_pixels 12544 --output_dir runs/toy/eval/base
+Run (real model, one GPU; data sets from the hub, run folders of the 3b and 7b presets):
     python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks refcoco,docvqa,mme,mmstar,pope,mmmu \
-        --output_dir runs/eval/base --batch_size 16
-    python eval.py --model runs/rft/final --benchmarks all --data jigsaw=data/jigsaw --limit 500 \
-        --output_dir runs/eval/rft       # --limit: the same seeded subset for every model
-    python eval.py --model runs/rft/final --benchmarks all --data jigsaw=data/jigsaw --limit 500 \
-        --checkpoints --checkpoint_limit 100 --output_dir runs/eval/rft   # + runs/rft/checkpoint-N/ snapshots
+        --output_dir runs/7b/eval/base --batch_size 16
+    python eval.py --model runs/3b/rft/final --benchmarks all --data jigsaw=runs/3b/data/jigsaw --limit 500 \
+        --output_dir runs/3b/eval/rft       # --limit: the same seeded subset for every model
+    python eval.py --model runs/3b/rft/final --benchmarks all --data jigsaw=runs/3b/data/jigsaw --limit 500 \
+        --checkpoints --checkpoint_limit 100 --output_dir runs/3b/eval/rft   # + runs/3b/rft/checkpoint-N/ snapshots
 Offline copies (save_to_disk folders, hub parquet snapshots or .jsonl) of any benchmark:
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --benchmarks mme,pope \
-        --data mme=/copies/MME,pope=/copies/POPE --output_dir runs/eval/base
+        --data mme=/copies/MME,pope=/copies/POPE --output_dir runs/3b/eval/base
 Tables of changes from the base model: report.py (reads every eval/<method>/results.json of a run).
 
 A rerun with the same --output_dir only generates what is missing or changed: a cached prediction is reused only

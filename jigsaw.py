@@ -11,9 +11,14 @@ Worked example (2x2, Jigsaw-R1 convention "position_to_index"):
     (here 2 4 1 3).
 
 Build a data set (one row per puzzle, saved with `datasets.save_to_disk`):
-    python jigsaw.py --source procedural --grid 2x2 --train 512 --test 128 --output_dir data/jigsaw_toy
-    python jigsaw.py --source detection-datasets/coco --grid 3x3 --train 20000 --test 500 --output_dir data/jigsaw
-    python jigsaw.py --source /path/to/image_folder --grid 3x3 --train 1000 --test 200 --output_dir data/jigsaw
+    # the toy run's puzzles (run_all.sh's data stage, preset toy)
+    python jigsaw.py --source procedural --grid 2x2 --train 512 --test 64 --image_size 112 --max_side 112 \\
+        --output_dir runs/toy/data/jigsaw
+    # the 3b preset's, from COCO; or from a folder of your own images
+    python jigsaw.py --source detection-datasets/coco --grid 3x3 --train 2500 --test 500 --image_size 448 \\
+        --max_side 448 --output_dir runs/3b/data/jigsaw
+    python jigsaw.py --source /path/to/image_folder --grid 3x3 --train 2500 --test 500 --image_size 448 \\
+        --max_side 448 --output_dir runs/3b/data/jigsaw
 """
 from __future__ import annotations
 

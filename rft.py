@@ -15,24 +15,28 @@ Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpo
     its G samples; plain multinomial sampling at --temperature, no top-k; vision tokens are never sampled.
   * Loss aggregation: grpo (per-sequence token mean, the paper's), dapo or dr_grpo with TRL's normalisers.
 
-Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing):
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
-        --max_steps 2000 --batch_size 4 --num_generations 8
-    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --output_dir runs/rft_3b \\
-        --max_steps 2000 --batch_size 4 --num_generations 8 --resume
-    accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw --output_dir runs/rft_7b
+Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing), in the 3b preset's folders:
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
+        --max_steps 500 --batch_size 4 --num_generations 8
+    python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
+        --max_steps 500 --batch_size 4 --num_generations 8 --resume
+    accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --output_dir runs/7b/rft
 Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
     python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --num_generations 8
-Tiny CPU run (the offline toy world: `python toy.py --output_dir runs/toy/toy`, `python jigsaw.py --source procedural
---grid 2x2 --train 64 --test 16 --image_size 56 --output_dir data/jigsaw_toy`):
-    python rft.py --model runs/toy/toy/init --data data/jigsaw_toy --output_dir runs/rft_toy --max_steps 20 \\
+On the CPU, after `bash run_all.sh` made the toy run (runs/toy/): its RFT stage as run_all.sh runs it (the same
+command resumes it after an interruption), then a short run of your own in a folder of its own:
+    python rft.py --model runs/toy/base/final --data runs/toy/data/jigsaw --output_dir runs/toy/rft --max_steps 160 \\
+        --batch_size 4 --num_generations 8 --lr 1e-4 --max_completion_length 64 --save_steps 20 --save_at 10 \\
+        --min_answer_image_mi 0.1 --micro_batch_size 32 --no_gradient_checkpointing --precision fp32 \\
+        --optimizer adamw --min_pixels 3136 --max_pixels 12544 --resume
+    python rft.py --model runs/toy/base/final --data runs/toy/data/jigsaw --output_dir /tmp/rft_short --max_steps 20 \\
         --batch_size 2 --num_generations 4 --max_completion_length 32 --lr 1e-3 --optimizer adamw --eval_size 8
 
 Step 0 of a fresh run evaluates the starting model (exact, hit, format) and checks that its answer depends on the
-image (answer_image_mutual_information; stops below --min_answer_image_mi). The check alone:
-    python rft.py --model runs/toy/base/final --data data/jigsaw_toy --output_dir runs/check --max_steps 0
+image (base_check.check: MI(answer; image); stops below --min_answer_image_mi). The same check alone, without a
+training run, is base_check.py (run_all.sh's eval_base stage runs it on the base model).
 
-Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl (one line per step, plus eval
+Outputs in --output_dir (runs.py's layout): run.json (settings), metrics.jsonl (one line per step, plus eval
 lines), completions.jsonl (what the policy wrote: a few groups with rewards and advantages at step 1 and every
 --eval_steps), checkpoint-N/ (model-only snapshots every --save_steps, bf16 on a GPU), resume/ (the one resume
 state: weights, optimizer, data position, RNG), final/ (save_pretrained model + processor).

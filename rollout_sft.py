@@ -26,30 +26,33 @@ Rollout generation is resumable: puzzles are processed in fixed chunks (in data 
 crash keeps every finished chunk; rerunning the same command skips the done puzzles and gives the same rows as
 an uninterrupted run. The data set folder is built from the shard at the end (atomic swap).
 
-    # the four sources (run_all.sh calls these)
-    python rollout_sft.py --source non_rea --data data/jigsaw --output_dir data/sources/non_rea
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_external
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+    # the four sources, in the 3b preset's folders (run_all.sh's sources stage adds its sampling settings)
+    python rollout_sft.py --source non_rea --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/non_rea
+    python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw \\
+        --output_dir runs/3b/data/sources/rea_external
+    python rollout_sft.py --source rea_grpo_rollout --data runs/3b/data/jigsaw --model runs/3b/rft/final \\
+        --num_generations 4 --max_completion_length 512 --max_rows 880 \\
+        --output_dir runs/3b/data/sources/rea_grpo_rollout
+    python rollout_sft.py --source rea_self_generated --data runs/3b/data/jigsaw --model runs/3b/rft/checkpoint-100 \\
+        --num_generations 4 --max_rows 880 --output_dir runs/3b/data/sources/rea_self_generated
+    # rea_external from reasoning written elsewhere
+    python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/rea_4o \\
         --traces gpt4o_traces.jsonl             # JSONL of {"id": puzzle id, "reasoning": text}
     # rea_external with a real teacher (the paper's GPT-4o; key in $OPENAI_API_KEY, never on the command line):
     # resumable (OUT.teacher.jsonl), tokens and estimated cost in stats.json (teacher.py has the prompt)
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+    python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/rea_4o \\
         --teacher_url https://api.openai.com/v1 --teacher_model gpt-4o --teacher_concurrency 8
     #   or a local OpenAI-compatible server (vllm serve Qwen/Qwen2.5-VL-72B-Instruct):
     #   --teacher_url http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \\
     #   --teacher_prompt_price 0 --teacher_completion_price 0
-    python rollout_sft.py --source rea_grpo_rollout --data data/jigsaw --model runs/3b/rft/final \\
-        --num_generations 8 --max_completion_length 512 --max_rows 1800 --output_dir data/sources/rea_grpo_rollout
-    python rollout_sft.py --source rea_self_generated --data data/jigsaw --model runs/3b/rft/checkpoint-100 \\
-        --num_generations 8 --max_rows 1800 --output_dir data/sources/rea_self_generated
-    # then, for each: python sft.py --model BASE --data data/sources/NAME --output_dir runs/sft_NAME ...
+    # then, for each: python sft.py --model BASE --data runs/3b/data/sources/NAME --output_dir runs/3b/sft_NAME ...
     # (analyze.py measures each source's perplexity under the base model)
 
-    # tiny CPU run (toy world)
-    python toy.py --output_dir runs/toy/toy && python jigsaw.py --source procedural --grid 2x2 --train 32 --test 8 \\
-        --image_size 56 --output_dir runs/toy/jigsaw
-    python rollout_sft.py --source rea_self_generated --data runs/toy/jigsaw --model runs/toy/toy/init \\
-        --num_generations 4 --max_completion_length 32 --limit 8 --output_dir runs/toy/sources/rea_self_generated
+    # on the CPU, after `bash run_all.sh` made the toy run (runs/toy/): its self-generated source as run_all.sh
+    # makes it, from RFT's early checkpoint (RFT_EARLY_STEP 10)
+    python rollout_sft.py --source rea_self_generated --data runs/toy/data/jigsaw --model runs/toy/rft/checkpoint-10 \\
+        --num_generations 8 --max_completion_length 64 --batch_size 64 --limit 128 --min_pixels 3136 \\
+        --max_pixels 12544 --output_dir runs/toy/data/sources/rea_self_generated
 
 Without a usable source (a checkpoint that gets nothing right, traces that match no puzzle) the script stops
 with counts; it never hands sft.py an empty data set.

@@ -1,32 +1,39 @@
 """Supervised fine-tuning of Qwen2.5-VL on (images, prompt, target) rows: the SFT runs of the paper.
 
 The loss is the cross-entropy of the target tokens only (prompt and padding masked), i.e. maximum likelihood
-of the completion given the prompt. Every SFT variant of the paper is this script on a different data source:
-    SFT-Non-Rea             --data data/jigsaw --prompt_column prompt_no_think --completion_column target_non_rea
-    SFT-Rea-4o / external   --data data/sources/rea_external          (built by rollout_sft.py)
-    SFT-Rea-GRPO-Rollout    --data data/sources/rea_grpo_rollout      (built by rollout_sft.py)
-    SFT-Rea-Self-Generated  --data data/sources/rea_self_generated    (built by rollout_sft.py)
+of the completion given the prompt. Every SFT variant of the paper is this script on a different data source (the
+folders of the 3b preset's run; run_all.sh makes each):
+    SFT-Non-Rea             --data runs/3b/data/jigsaw --prompt_column prompt_no_think \\
+                            --completion_column target_non_rea
+    SFT-Rea-4o / external   --data runs/3b/data/sources/rea_external          (built by rollout_sft.py)
+    SFT-Rea-GRPO-Rollout    --data runs/3b/data/sources/rea_grpo_rollout      (built by rollout_sft.py)
+    SFT-Rea-Self-Generated  --data runs/3b/data/sources/rea_self_generated    (built by rollout_sft.py)
 The toy world's base model is also made with this script (on the toy prior-knowledge questions).
 
 Run commands:
     # one GPU (Qwen2.5-VL-3B, fp32 master weights + bf16 autocast, 8-bit AdamW)
-    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data data/jigsaw --prompt_column prompt_no_think \\
-        --completion_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 400 --optimizer adamw8bit \\
-        --gradient_checkpointing --save_steps 100
+    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --prompt_column prompt_no_think \\
+        --completion_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 200 --optimizer adamw8bit \\
+        --gradient_checkpointing --save_steps 50
     # several GPUs: the same script under accelerate (DDP, or FSDP/DeepSpeed via `accelerate config`)
-    accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data data/jigsaw ...
-    # two CPU processes (a check of the distributed path without GPUs; `--cpu` would start only one)
-    accelerate launch --multi_gpu --num_processes 2 sft.py --model runs/toy/toy/init --data runs/toy/toy/prior \\
-        --split pretrain --output_dir runs/sft_2proc --max_steps 4
+    accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw ...
     # memory plan before renting a GPU (no weights loaded)
     python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --optimizer adamw8bit
-    # tiny CPU run on the toy world (python toy.py --output_dir runs/toy/toy), then resume it after an interruption
-    python sft.py --model runs/toy/toy/init --data runs/toy/toy/prior --split pretrain --output_dir runs/sft_toy \\
-        --max_steps 300 --lr 1e-3 --save_steps 100
-    python sft.py --model runs/toy/toy/init --data runs/toy/toy/prior --split pretrain --output_dir runs/sft_toy \\
-        --max_steps 300 --lr 1e-3 --save_steps 100 --resume
+On the CPU, after `bash run_all.sh` made the toy run (runs/toy/):
+    # the toy base's first run, as run_all.sh's base stage runs it; after an interruption the same command
+    # resumes (--resume), and other settings on the same folder are refused and named
+    python sft.py --model runs/toy/toy/init --data runs/toy/toy/prior --split pretrain \\
+        --output_dir runs/toy/base_pretrain --max_steps 200 --lr 1e-3 --warmup_ratio 0.05 --min_lr_ratio 0.1 \\
+        --save_steps 200 --batch_size 8 --grad_accum 4 --sort_by_length --precision fp32 --optimizer adamw \\
+        --min_pixels 3136 --max_pixels 12544 --resume
+    # SFT-Non-Rea on the toy run's data, in a folder of its own
+    python sft.py --model runs/toy/base/final --data runs/toy/data/jigsaw --prompt_column prompt_no_think \\
+        --completion_column target_non_rea --output_dir /tmp/sft_non_rea --max_steps 60 --lr 1e-3 --save_steps 20
+    # two CPU processes (a check of the distributed path without GPUs; `--cpu` would start only one)
+    accelerate launch --multi_gpu --num_processes 2 sft.py --model runs/toy/toy/init --data runs/toy/toy/prior \\
+        --split pretrain --output_dir /tmp/sft_2proc --max_steps 4
 
-Outputs in --output_dir (common.py's layout): run.json (settings), metrics.jsonl, checkpoint-N/ (model-only
+Outputs in --output_dir (runs.py's layout): run.json (settings), metrics.jsonl, checkpoint-N/ (model-only
 snapshots every --save_steps, bf16 on a GPU), resume/ (the one resume state), final/ (save_pretrained).
 """
 from __future__ import annotations

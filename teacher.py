@@ -6,9 +6,9 @@ serving a large Qwen2.5-VL) to write, for each puzzle, the reasoning that leads 
 sees the puzzle image(s), the student's own question and the true answer; the reply must end in that answer
 (parsed with jigsaw.extract_answer: regex only, never eval), else the trace is dropped and counted.
 
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+    python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/rea_4o \\
         --teacher_url https://api.openai.com/v1 --teacher_model gpt-4o        # key in $OPENAI_API_KEY
-    python rollout_sft.py --source rea_external --data data/jigsaw --output_dir data/sources/rea_4o \\
+    python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/rea_4o \\
         --teacher_url http://localhost:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \\
         --teacher_prompt_price 0 --teacher_completion_price 0                 # a local server, no key needed
 

@@ -31,7 +31,9 @@ on the thinking-format arms; the report shows it). The toy preset's base on an A
 answer in the claimed colour's column for 93% of the cells, exact 20%, prior knowledge 94% (docs/LOG.md, with
 the shares tried and the earlier bases).
 
-    python toy.py --output_dir runs/toy     # writes runs/toy/init (model+processor) and runs/toy/prior
+    # the toy run's first step (run_all.sh's base stage, preset toy): runs/toy/toy/init (model + processor)
+    # and runs/toy/toy/prior (the prior-knowledge questions)
+    python toy.py --output_dir runs/toy/toy --format_share 0.25     # the preset's other values are the defaults
     python toy.py --think_check runs/toy/eval/base/results.json --jigsaw_data runs/toy/data/jigsaw
 """
 from __future__ import annotations
@@ -424,7 +426,7 @@ def build_toy_model(out: str, size: str = "tiny", seed: int = 0) -> Path:
 
 @dataclass
 class Args:
-    output_dir: str = "runs/toy"
+    output_dir: str = "runs/toy/toy"
     """folder for init/ (the random tiny model + processor) and prior/ (the prior-knowledge data set)"""
     size: str = "small"
     """toy model size: tiny (tests) or small (the toy preset)"""

@@ -1,5 +1,6 @@
 """run_all.sh: the smoke preset end to end (a few steps of every stage, tiny model, offline), its plan against
 what it wrote, and the stage machinery (process groups, lock, settings per stage, presets)."""
+import glob
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from test_docs import documented_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["base", "sft_non_rea", "rft", "sft_rea_external", "sft_rea_grpo_rollout", "sft_rea_self_generated"]
@@ -70,6 +73,40 @@ def test_settings_recorded_per_stage(smoke_run):
     assert json.loads((run / "settings" / "rft.json").read_text())["settings"]["RFT_STEPS"] == "4"
     assert json.loads((run / "settings" / "sft_non_rea.json").read_text())["settings"]["SFT_STEPS"] == "2"
     assert "RFT_STEPS" not in json.loads((run / "settings" / "sft_non_rea.json").read_text())["settings"]
+
+
+def _is_toy_run_path(path: str) -> bool:
+    return path == "runs/toy" or path.startswith("runs/toy/")
+
+
+def toy_path_in(run: Path, path: str) -> list[Path]:
+    """What a documented runs/toy/... path names in a run folder of the toy world: checkpoint-N (or a step, e.g.
+    checkpoint-10) matches any checkpoint-* of that run, since the smoke preset saves other steps; a <name>-style
+    placeholder (also inside a name: sft_rea_<name>) matches any entry."""
+    parts = path.rstrip("/").split("/")[2:]
+    pattern = "/".join("checkpoint-*" if re.fullmatch(r"checkpoint-(\d+|N)", part) else
+                       re.sub(r"<[^>]+>", "*", glob.escape(part)) for part in parts)
+    return list(run.glob(pattern)) if pattern else [run]
+
+
+def test_toy_paths_in_the_docs_are_what_the_toy_preset_makes(smoke_run):
+    """Every runs/toy/... path that a script's docstring or the README names exists in the smoke run (the toy
+    preset's stages with fewer steps; its folder stands for runs/toy/): a reader who ran `bash run_all.sh` can
+    paste the documented commands."""
+    run, _ = smoke_run
+    paths = sorted({(where, path) for where, path in documented_paths() if _is_toy_run_path(path)})
+    assert len(paths) >= 20, paths   # the collection itself works
+    missing = [f"{where}: {path}" for where, path in paths if not toy_path_in(run, path)]
+    assert not missing, "documented toy paths that the toy preset does not make:\n" + "\n".join(missing)
+
+
+def test_the_docs_spell_toy_folders_only_under_runs_toy():
+    """A toy example's folder is runs/toy/... (the toy preset's run folder), never a spelling of its own such as
+    data/jigsaw_toy, runs/rft_toy or runs/sft_toy. Files of the kit (presets/toy.env, docs/toy/) are no examples."""
+    wrong = sorted({f"{where}: {path}" for where, path in documented_paths()
+                    if re.search(r"(^|[/_.-])toy($|[/_.-])", path) and not _is_toy_run_path(path)
+                    and not (ROOT / path).exists()})
+    assert not wrong, "toy folders spelt outside runs/toy/:\n" + "\n".join(wrong)
 
 
 def test_disk_plan_matches_what_the_smoke_run_wrote(smoke_run):
