@@ -872,12 +872,14 @@ def main(argv=None) -> dict:
     tracked = parse_runs(args)
     device = args.device or common.default_device()
     out_dir = Path(args.output_dir)
+    # writable, and one writer: a second analyze.py on an existing folder stops here (a new one: when made)
+    runs.lock_output_dir(out_dir, "analyze.py", create=False)
 
     # ---- data ------------------------------------------------------------------------------------------------
     inputs = load_inputs(args, sources, tracked)
 
     # ---- model and samples -----------------------------------------------------------------------------------
-    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.lock_output_dir(out_dir, "analyze.py")
     model, processor, params = load_base_model(args, device, args.n_train * len(sources) + args.n_probe)
     samples = make_samples(args, model, processor, inputs, device)
     k_exact = min(args.exact_pairs, args.n_probe, len(samples["probe_batches"])) if args.exact else 0
@@ -922,8 +924,10 @@ def main(argv=None) -> dict:
     # ---- save ------------------------------------------------------------------------------------------------
     timings["total_s"] = time.time() - start
     results["timings"] = timings
-    results["figures"] = make_figures(results, out_dir)
-    runs.write_json_atomic(out_dir / "dynamics.json", results)
+    with runs.write_guard(out_dir, f"{out_dir / 'dynamics.json'} and its figures",
+                          "dynamics.json keeps its previous version, if any; free space and rerun the same command."):
+        results["figures"] = make_figures(results, out_dir)
+        runs.write_json_atomic(out_dir / "dynamics.json", results)
     print(f"[analyze] wrote {out_dir / 'dynamics.json'} and {len(results['figures'])} figures in "
           f"{timings['total_s']:.1f}s")
     return results

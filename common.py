@@ -144,6 +144,80 @@ def check_model_path(name_or_path: str, what: str = "--model") -> None:
     if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").exists():
         fail(f"{what} {name_or_path}: folder has no config.json; point at a save_pretrained folder "
              "(a training checkpoint's final/ or the base model folder).")
+    if Path(name_or_path).is_dir():
+        check_weights(Path(name_or_path), what)
+
+
+def check_weights(folder: Path, what: str = "--model") -> None:
+    """A model folder holds complete safetensors weights: model.safetensors, or every shard its index names,
+    each with a readable header whose tensors end exactly where the file does (a copy cut short, a download
+    interrupted). Reads the headers only (kilobytes, however large the model), before anything is loaded."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            fail(f"{what} {folder}: {index.name} cannot be read ({err.__class__.__name__}); copy the model folder "
+                 "again.")
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+                        or p.name.endswith(".safetensors"))
+        fail(f"{what} {folder}: no weights (no model.safetensors or model.safetensors.index.json"
+             + (f"; it holds {others[:4]}, and this kit loads safetensors only: re-save the model with "
+                "save_pretrained(..., safe_serialization=True)" if others else
+                ": a folder with the config alone, or a save that did not finish") + "). Point at a complete "
+             "save_pretrained folder, or copy the model again.")
+    for name in files:
+        check_safetensors(folder / name, what)
+
+
+def check_safetensors(path: Path, what: str = "--model") -> None:
+    """The safetensors layout (an 8-byte little-endian header length, a JSON header, then the tensors' bytes):
+    the header parses and the last tensor ends at the end of the file."""
+    if not path.exists():
+        fail(f"{what} {path.parent}: {path.name} is missing (the index names it); copy the model folder again.")
+    size = path.stat().st_size
+    problem = None
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            if length is None or length > size - 8 or length > 100 << 20:
+                problem = f"its header is cut short ({size} bytes in all)"
+            else:
+                header = json.loads(f.read(length))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                expected = 8 + length + max(ends, default=0)
+                if expected != size:
+                    problem = (f"it holds {size:,} bytes where its header says {expected:,}"
+                               + (" (truncated)" if size < expected else ""))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        problem = f"its header cannot be read ({err.__class__.__name__})"
+    if problem:
+        fail(f"{what} {path.parent}: {path.name} is not a complete safetensors file: {problem}. Copy or download "
+             "the model again (or point at another checkpoint).")
+
+
+def check_attn_implementation(name: str | None, flag: str = "--attn_implementation") -> None:
+    """An attention kernel transformers knows (eager, sdpa, flash_attention_N, flex_attention; or a hub kernel
+    org/name), and for flash attention the package installed: otherwise from_pretrained fails after the data
+    were read, with a ValueError naming a `attn_implementation=` keyword the user never typed."""
+    if not name or "/" in name:  # empty: transformers' default (sdpa); org/name: a hub kernel transformers fetches
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    valid = ["eager"] + [k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in k]
+    if name not in valid:
+        fail(f"{flag} {name} unknown; choose one of {', '.join(valid)} (or leave it empty for transformers' "
+             "default, sdpa).")
+    version = name[len("flash_attention_"):] if name.startswith("flash_attention_") else None
+    if version:
+        import transformers.utils as tu
+        available = getattr(tu, f"is_flash_attn_{version}_available", lambda: False)
+        if not available():
+            fail(f"{flag} {name} needs the flash-attn {version} package and a CUDA GPU it supports, which this "
+                 "machine lacks; install it or use sdpa.")
 
 
 def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -171,8 +245,13 @@ def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: s
     from transformers import AutoModelForImageTextToText
     kwargs = {"dtype": DTYPES[dtype], "use_safetensors": True}
     if attn_implementation:
+        check_attn_implementation(attn_implementation)
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:  # what check_model_path cannot see: a hub id offline, ...
+        fail(f"model {name_or_path} could not be loaded: {err.__class__.__name__}: {str(err)[:400]}. Check the "
+             "path or hub id (offline: a local save_pretrained folder), and that its weights are complete.")
     if device:
         model.to(device)
     return model
@@ -262,8 +341,14 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
 def check_jsonl(path) -> None:
     """Every non-empty line of a JSONL file is a JSON object; a broken one is named by its line number (before
     datasets' own reader fails with a parser traceback, or after hours, when training reaches that row)."""
-    with Path(path).open() as f:
-        for number, line in enumerate(f, start=1):
+    rows = 0
+    with Path(path).open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                fail(f"data {path} line {number}: not UTF-8 text (byte {err.start} of the line); JSONL data is UTF-8. "
+                     "Fix or remove that line.")
             if not line.strip():
                 continue
             try:
@@ -273,12 +358,15 @@ def check_jsonl(path) -> None:
                      "that line.")
             if not isinstance(record, dict):
                 fail(f"data {path} line {number}: expected a JSON object with the data set's columns.")
+            rows += 1
+    if not rows:
+        fail(f"data {path}: no rows (an empty JSONL file); write one JSON object per line.")
 
 
 def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (), verify_images: bool = False):
     """A `datasets` folder (save_to_disk; a DatasetDict needs `split`) or a JSONL file, with its columns checked
     before any model is loaded (and, with verify_images, every image decoded: see check_images)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import load_dataset
     p = Path(path)
     if not p.exists():
         fail(f"data {path}: no such file or folder. Build one with `python jigsaw.py --output_dir {path}` or point "
@@ -290,11 +378,7 @@ def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (
             check_jsonl(p)
         dataset = load_dataset("json", data_files=str(p), split="train")
     else:
-        dataset = load_from_disk(str(p))
-        if isinstance(dataset, DatasetDict):
-            if split is None or split not in dataset:
-                fail(f"data {path} holds splits {list(dataset)}; choose one with --split.")
-            dataset = dataset[split]
+        dataset = load_saved(p, split, f"data {path}")
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         fail(f"data {path}: missing column(s) {missing}; it has {dataset.column_names}. Pass the right "
@@ -302,6 +386,36 @@ def load_rows(path: str, split: str | None = None, required: tuple[str, ...] = (
     if verify_images:
         check_images(dataset, path)
     return dataset
+
+
+def load_saved(path, split: str | None, label: str, split_hint: str = "choose one with --split"):
+    """One split of a save_to_disk folder (a DatasetDict; a single Dataset folder is returned whole), opened
+    alone: datasets cannot open a folder in which any split has no rows (IndexError in concat_tables), and
+    the other splits are not needed. An empty split, or a folder datasets cannot read, is an error line naming
+    `label`."""
+    from datasets import load_from_disk
+    path = Path(path)
+    folder = path
+    if (path / "dataset_dict.json").exists():
+        try:
+            splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            fail(f"{label}: dataset_dict.json cannot be read ({err.__class__.__name__}); rebuild the data set.")
+        if split is None or split not in splits:
+            fail(f"{label} holds splits {splits}; {split_hint}.")
+        folder = path / split
+    try:
+        files = json.loads((folder / "state.json").read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if files == []:
+        fail(f"{label}{f' split {split}' if folder != path else ''} has no rows; rebuild it (e.g. jigsaw.py with "
+             "--train/--test of at least 1), or use another split.")
+    try:
+        return load_from_disk(str(folder))
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
+        fail(f"{label}: not a readable save_to_disk folder ({err.__class__.__name__}: {str(err)[:200]}). Rebuild "
+             "it, or point at a save_to_disk folder or a .jsonl file.")
 
 
 def check_images(dataset, path) -> None:
@@ -337,6 +451,26 @@ def check_images(dataset, path) -> None:
                 fail(f"data {path}: the image of row {index} (id {row_id}{', file ' + str(where) if where else ''}) "
                      f"cannot be decoded ({err.__class__.__name__}: {err}). Rebuild the data set or remove that row; "
                      "nothing was trained yet.")
+
+
+def read_json(path, fix: str = "", expect: type | None = dict):
+    """A JSON file a stage wrote, or an error line naming it and the fix (`fix`): unreadable, not UTF-8 text,
+    not JSON, or (with `expect`) not the JSON type the stage writes. Never a traceback, never a silent None."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        fail(f"{path}: no such file. {fix}")
+    except UnicodeDecodeError as err:
+        fail(f"{path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}), so not a JSON file a "
+             f"stage wrote. {fix}")
+    except json.JSONDecodeError as err:
+        fail(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). {fix}")
+    except OSError as err:
+        fail(f"{path}: cannot be read ({err.strerror or err}). {fix}")
+    if expect is not None and not isinstance(value, expect):
+        fail(f"{path}: holds a JSON {type(value).__name__}, not the {expect.__name__} a stage writes. {fix}")
+    return value
 
 
 def row_images(row: dict, base_dir: str | Path | None = None) -> list:

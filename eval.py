@@ -157,7 +157,7 @@ def model_identity(model: str, previous: dict | None = None) -> dict:
     if folder.is_dir():
         known = (previous or {}).get("files", {})
         files = {}
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != runs.OUTPUT_MARKER):
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in runs.NOT_OUTPUTS):
             stat = path.stat()
             old = known.get(path.name, {})
             same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns and old.get("sha256")
@@ -273,9 +273,16 @@ def read_previous(path: Path) -> dict:
     try:
         previous = json.loads(path.read_text())
         return previous if isinstance(previous, dict) else {}
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 text (UnicodeDecodeError): only the cache is lost
         print(f"[eval] {path} is not valid JSON; starting afresh", file=sys.stderr)
         return {}
+
+
+def kept_note(out_path: Path) -> str:
+    """What a results.json write that failed (a full disk) kept."""
+    before = "the predictions of the windows written before" if out_path.exists() else "none yet"
+    return (f"{out_path} keeps its previous complete version ({before}); free space and rerun the same command: "
+            "it reuses every cached prediction.")
 
 
 def main(argv=None) -> dict:
@@ -307,15 +314,28 @@ def main(argv=None) -> dict:
     if unused:
         print(f"[eval] note: --data gives {unused}, which --benchmarks {args.benchmarks} does not evaluate",
               file=sys.stderr)
+    common.check_attn_implementation(args.attn_implementation)
     common.check_model_path(args.model)
     output_dir = Path(args.output_dir)
     # (model, output folder, --limit): --model, then its run's snapshots (every folder checked before any work)
     jobs = [(args.model, output_dir, args.limit)]
     if args.checkpoints:
-        jobs += [(str(path), output_dir / label, args.checkpoint_limit)
-                 for _, label, path in runs.list_checkpoints(Path(args.model).parent, include_final=False)]
-    for _, folder, _ in jobs:
+        run_dir = Path(args.model).expanduser().parent
+        snapshots = runs.list_checkpoints(run_dir, include_final=False) if Path(args.model).is_dir() else []
+        if not snapshots and not (run_dir / runs.RUN_FILE).exists():
+            common.fail(f"--checkpoints: --model {args.model} is not in a training run's folder ({run_dir} has no "
+                        f"{runs.RUN_FILE} and no checkpoint-N/ snapshots; expected RUN/final beside RUN/checkpoint-N/ "
+                        "as sft.py and rft.py write them). Point --model at a run's final/ folder, or drop "
+                        "--checkpoints to evaluate this model alone.")
+        if not snapshots:
+            print(f"[eval] note: --checkpoints: the run {run_dir} saved no checkpoint-N/ snapshots; only --model "
+                  "is evaluated", file=sys.stderr)
+        jobs += [(str(path), output_dir / label, args.checkpoint_limit) for _, label, path in snapshots]
+    for model_path, folder, _ in jobs:
+        common.check_model_path(model_path)  # a snapshot cut short is found now, not after the first model's hours
         runs.check_output_dir(folder, STAGE, args.overwrite)
+    for _, folder, _ in jobs:  # one writer per folder: a second eval.py on one stops here (made: evaluate_model)
+        runs.lock_output_dir(folder, STAGE, create=False)
     device = args.device or common.default_device()
     dtype = common.resolve_dtype(args.precision, device, "--precision")
 
@@ -337,9 +357,10 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
                    datasets_: dict, device: str, dtype: str) -> dict:
     """One model on every benchmark of --benchmarks into output_dir/results.json (resuming from its cache)."""
     # ---- cache: what an earlier run into this folder wrote -------------------------------------------------
-    output_dir.mkdir(parents=True, exist_ok=True)
-    runs.mark_output_dir(output_dir, STAGE)
+    runs.lock_output_dir(output_dir, STAGE)
     out_path = output_dir / "results.json"
+    with runs.write_guard(output_dir, str(output_dir / runs.OUTPUT_MARKER), kept_note(out_path)):
+        runs.mark_output_dir(output_dir, STAGE)
     previous = {} if args.recompute else read_previous(out_path)
     identity = model_identity(model_path, previous.get("model_identity"))
     settings = {**dataclasses.asdict(args), "model": model_path, "output_dir": str(output_dir), "limit": limit,
@@ -402,7 +423,8 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
             progress.update(len(rows[start:start + window]))
             if todo:  # a crash loses at most one window: the next run reuses what is written here
                 results["benchmarks"][name] = {**entry, "samples": {**cached, **entry["samples"]}}
-                runs.write_json_atomic(out_path, results)
+                with runs.write_guard(output_dir, str(out_path), kept_note(out_path)):
+                    runs.write_json_atomic(out_path, results)
         progress.close()
         # Scores are recomputed from the stored predictions on every run, so a fixed parser applies to cached
         # runs too.
@@ -412,7 +434,8 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
         if not args.save_samples:
             entry["samples"] = {}
         results["benchmarks"][name] = entry
-        runs.write_json_atomic(out_path, results)
+        with runs.write_guard(output_dir, str(out_path), kept_note(out_path)):
+            runs.write_json_atomic(out_path, results)
         shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in entry["metrics"].items()
                  if not isinstance(v, dict)}
         print(f"[eval] {name}: {len(rows)} rows, {reused} samples cached, {generated} generated; strict {shown}; "

@@ -393,6 +393,13 @@ def build_rows(args: BuildArgs) -> dict[str, list[dict]]:
             raise ValueError(f"--source {args.source} gave {len(collected)} usable images; need more than "
                              f"--test {args.test} so that training images stay disjoint from test images.")
         images = {"test": collected[:args.test], "train": collected[args.test:]}
+    # Every source image large enough for the grid, checked before any puzzle is made (pieces of at least 2
+    # pixels a side, as for procedural images; a folder or hub image may be tiny, or thin after --max_side).
+    for image_id, image in [item for pool in images.values() for item in pool]:
+        if image.width < 2 * cols_n or image.height < 2 * rows_n:
+            raise ValueError(f"--source image {image_id}: {image.width}x{image.height} pixels is smaller than the "
+                             f"{rows_n}x{cols_n} grid needs (at least {2 * cols_n}x{2 * rows_n}: pieces of 2 pixels "
+                             "a side). Remove it, or use larger images or a smaller --grid.")
     out = {}
     for split, count in (("train", args.train), ("test", args.test)):
         pool = images[split]
@@ -445,7 +452,14 @@ def main(argv=None):
         fail(f"--grid: {err}")
     if args.source == "procedural" and args.image_size < max(rows, cols) * 2:
         fail(f"--image_size {args.image_size} is too small for a {args.grid} grid (pieces of at least 2 pixels).")
-    dataset = build_dataset(args)
+    import runs
+    runs.check_output_dir(args.output_dir, "jigsaw.py", args.overwrite)  # before any image is read
+    try:
+        with runs.write_guard(Path(args.output_dir).parent, args.output_dir,
+                              f"{args.output_dir} was not replaced (its previous version, if any, is intact)."):
+            dataset = build_dataset(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # the source's faults, each named by build_rows
+        fail(str(err.args[0]) if err.args else repr(err))
     print(f"[jigsaw] wrote {args.output_dir}: " + ", ".join(f"{k} {len(v)} puzzles" for k, v in dataset.items()))
 
 

@@ -38,21 +38,35 @@ class Args:
     """where report.md goes (empty: --run_dir; figures are linked relative to it)"""
 
 
+UNREADABLE_FIX = ("Rerun the stage that writes it (run_all.sh --only STAGE), or move the file away if that stage "
+                  "never finished; a method is shown as not run only when its file is absent.")
+
+
 def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """A file a stage wrote, or None when there is none. One that exists but cannot be read (not UTF-8, not
+    JSON, not an object) stops the report, naming it: shown as "-" it would read as a method that never ran."""
+    if not path.exists():
         return None
+    return common.read_json(path, UNREADABLE_FIX)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records. A line cut short (a run killed while writing it) is skipped; bytes that are not
+    UTF-8 text are no such line (the stages write ASCII JSON): the file is named and the report stops."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            common.fail(f"{path}: not UTF-8 text (byte {err.start}), so not the metrics a stage wrote. "
+                        + UNREADABLE_FIX)
+        for line in text.splitlines():
             try:
-                rows.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                rows.append(record)
     return rows
 
 
@@ -812,7 +826,8 @@ def main(argv=None):
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
     if timings:
         lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())]
-    runs.write_text_atomic(out, "\n".join(lines) + "\n")
+    with runs.write_guard(out.parent, str(out), f"{out} keeps its previous version, if any; free space and rerun."):
+        runs.write_text_atomic(out, "\n".join(lines) + "\n")
     print(f"[report] wrote {out}")
 
 

@@ -448,6 +448,7 @@ def resolve_precision(args: Args) -> tuple[str, str, str, str]:
 def check_args(args: Args) -> None:
     """Every numeric flag range-checked (exit 2, before any model is loaded), then the named choices."""
     common.check_ranges(args, RANGES)
+    common.check_attn_implementation(args.attn_implementation)
     if args.prompt_style not in PROMPT_COLUMNS:
         common.fail(f"--prompt_style {args.prompt_style}: choose thinking or answer_only.")
     if args.loss_type not in LOSS_TYPES:
@@ -485,7 +486,11 @@ def main(argv=None) -> dict:
         return {}
     from tqdm import tqdm
 
-    # ------------------------------------------------------------------ data (checked before any model loads)
+    # ------------------------------------------------------------------ output folder, model, data
+    # (the folder writable, ours and locked: a second rft.py on it stops here; the model's weights complete;
+    # the data checked: all before any model loads)
+    runs.claim_output_dir(args.output_dir, "rft.py", args.overwrite)
+    common.check_model_path(args.model)
     prompt_column = PROMPT_COLUMNS[args.prompt_style]
     train = common.load_rows(args.data, args.split, required=(prompt_column, "answer", "images"), verify_images=True)
     eval_rows = []
@@ -494,7 +499,6 @@ def main(argv=None) -> dict:
         eval_rows = [test[i] for i in range(min(args.eval_size, len(test)))]
     if len(train) == 0:
         common.fail(f"data {args.data} split {args.split} is empty; rebuild it with jigsaw.py.")
-    common.check_model_path(args.model)
 
     output_dir = Path(args.output_dir)
     accelerator = runs.make_accelerator(mixed_precision, args.report_to, output_dir)

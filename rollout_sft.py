@@ -356,9 +356,19 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
     """Refuse to resume a shard drawn with other sampling settings; a meta file without any finished chunk
     (a run that stopped before its first chunk) is simply replaced."""
     if meta_path.exists() and shard.exists() and shard.stat().st_size > 0:
-        old = json.loads(meta_path.read_text())
-        diff = [f"{key}: shard {old.get(key)!r} vs now {meta.get(key)!r}" for key in SHARD_KEYS
-                if old.get(key) != meta.get(key)]
+        old = common.read_json(meta_path, f"Delete {meta_path} and {shard} to start over.")
+        # --data and --model by what they hold (runs.data_fingerprint / model_fingerprint): a rebuilt data set
+        # under the same name is refused (its puzzle ids repeat, its puzzles do not), a moved one resumes
+        diff, same_content = [], set()
+        for key in ("data", "model"):
+            before, now = old.get(f"{key}_fingerprint"), meta.get(f"{key}_fingerprint")
+            if before is not None and before != now:
+                diff.append(f"--{key} {meta.get(key)!r} holds other content than when the shard was drawn "
+                            f"(fingerprint {before} -> {now}: rebuilt or replaced)")
+            elif before is not None:
+                same_content.add(key)
+        diff += [f"{key}: shard {old.get(key)!r} vs now {meta.get(key)!r}" for key in SHARD_KEYS
+                 if key not in same_content and old.get(key) != meta.get(key)]
         if diff:
             common.fail(f"{meta_path} was written by a run with other settings ({'; '.join(diff)}). Rerun with "
                         f"the same flags to resume, or delete {meta_path} and {shard} to start over.")
@@ -400,7 +410,9 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
                                   [item["completion"] for _, item in flat])
                 for (_, item), (logprob, tokens) in zip(flat, scores):
                     item["logprob"], item["tokens"] = logprob, tokens
-        runs.append_shard(shard, records)
+        with runs.write_guard(shard.parent, str(shard), f"{shard} keeps every chunk finished before (a line cut short "
+                              "is dropped when it is read); free space and rerun the same command to continue."):
+            runs.append_shard(shard, records)
         done.update({r["id"]: r for r in records})
         kept_rows = sum(len(r["kept"]) for r in done.values())
         if kept_rows == 0:
@@ -549,9 +561,13 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     rows = rows.add_column("source_checkpoint", [source_checkpoint] * len(indices), feature=Value("string"))
     rows = rows.add_column("logprob", logprobs, feature=Value("float64"))
     rows = rows.select_columns(list(OUT_COLUMNS))
-    runs.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
-                               overwrite=args.overwrite)
-    runs.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
+    kept = f"{args.output_dir} was not replaced (its previous version, if any, is intact). Free space and rerun " + (
+        f"the same command: it builds the folder from {shard_paths(args.output_dir)[0]} without sampling again."
+        if experiment.source(args.source).sampled else "the same command.")
+    with runs.write_guard(Path(args.output_dir).parent, args.output_dir, kept):
+        runs.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
+                                 overwrite=args.overwrite)
+        runs.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
 
 
 def print_stats(stats: dict) -> None:
@@ -579,8 +595,12 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
         common.fail(f"--source {args.source} samples from a checkpoint: give --model (a save_pretrained folder or "
                     "hub id).")
     common.check_ranges(args, RANGES)
-    # Before any model is loaded: never replace a folder this script did not make.
+    common.check_attn_implementation(args.attn_implementation)
+    # Before any model is loaded: never replace a folder this script did not make, and one writer at a time.
+    # The lock file lies beside the output folder, with the shards (the folder is swapped in whole at the end).
     runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
+    out = Path(args.output_dir)
+    runs.lock_output_dir(out, "rollout_sft.py", lock_path=out.with_name(out.name + ".lock"))
     if args.traces and experiment.source(args.source).keeps != "trace":
         common.fail("--traces only applies to a source of a teacher's traces (--source rea_external).")
     if args.teacher_url:
@@ -615,6 +635,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     check_processor(args.model)
     shard, meta_path = shard_paths(args.output_dir)
     meta = {key: getattr(args, key) for key in SHARD_KEYS}
+    meta.update(data_fingerprint=runs.data_fingerprint(args.data), model_fingerprint=runs.model_fingerprint(args.model))
     Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
     model = processor = None

@@ -11,10 +11,13 @@ Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval
     resume/           the ONE resume state (accelerate state: weights, optimizer, scheduler, every process's RNG,
                       + trainer_state.json with the data position), replaced at each save: about 6 bytes/param on a GPU
     final/            save_pretrained of the last step (same dtype as the snapshots)
+    .kit_stage.lock   the stage's lock, held while it runs (lock_output_dir); every stage's output folder has one
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,15 +66,47 @@ def write_json_atomic(path, obj) -> None:
 OUTPUT_MARKER = ".kit_output.json"
 
 
+# The lock file a stage holds in its output folder while it runs (lock_output_dir). Not run_all.sh's $RUN/.lock:
+# the stages run_all.sh starts inherit that one, and a second lock on the same file would refuse them.
+LOCK_FILE = ".kit_stage.lock"
+NOT_OUTPUTS = (OUTPUT_MARKER, LOCK_FILE)   # in every output folder; neither makes it "not empty"
+
+
+def _write_probe(folder: Path) -> None:
+    """Create and remove an empty file in `folder` (raises OSError when the folder takes no new file)."""
+    fd, name = tempfile.mkstemp(prefix=".kit_write_test.", dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable(path, flag: str = "--output_dir") -> None:
+    """`path` is a folder, or can be made as one, and takes a new file: a file in the way, a read-only folder
+    or disk stop here, with the flag to change, before any compute. (A disk that is merely full is found when
+    a save fails: write_guard says what was kept.)"""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {path} is a file, not a folder; choose another {flag}.")
+    folder = path
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{flag} {path}: {folder} is a file, so no folder can be made there; choose another {flag}.")
+    try:
+        _write_probe(folder)
+    except OSError as err:
+        fail(f"{flag} {path}: cannot write in {folder} ({err.strerror or err}). Choose a folder you can write "
+             f"to, or fix its permissions (a read-only disk or folder).")
+
+
 def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
     """Refuse to write into an existing, non-empty folder that this stage did not create (a run folder with
-    checkpoints, someone's data), unless --overwrite. Called before any model is loaded."""
+    checkpoints, someone's data), unless --overwrite; and a file or read-only folder in its place. Called
+    before any model is loaded."""
     path = Path(path)
+    check_writable(path)
     if not path.exists():
         return
-    if not path.is_dir():
-        fail(f"--output_dir {path} is a file, not a folder; choose another --output_dir.")
-    entries = [p for p in path.iterdir() if p.name != OUTPUT_MARKER]
+    entries = [p for p in path.iterdir() if p.name not in NOT_OUTPUTS]
     if not entries or overwrite:
         return
     marker = path / OUTPUT_MARKER
@@ -91,6 +127,103 @@ def mark_output_dir(path, stage: str) -> None:
     write_json_atomic(Path(path) / OUTPUT_MARKER, {"stage": stage})
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One writer per output folder
+# ----------------------------------------------------------------------------------------------------------
+_HELD_LOCKS: dict[tuple, object] = {}   # lock file (device, inode) -> its open file, kept open (so locked) until exit
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no launcher at all: torchrun (accelerate launch) sets RANK in every process it starts. For
+    the checks that run before the Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def lock_output_dir(path, stage: str, flag: str = "--output_dir", lock_path=None, create: bool = True) -> None:
+    """An exclusive flock on `path`/LOCK_FILE (or `lock_path`), held until this process exits (the kernel
+    releases it then, however the process ends, so a killed stage leaves no stale lock). A second process on
+    the same folder stops at once, naming the PID that holds it. Under accelerate launch only the main process
+    calls this (the ranks share one folder). Taking it again in the same process is a no-op. create=False: lock
+    only a folder that exists already (a stage's first check, which must leave nothing behind when a later
+    check fails; it locks again when it makes the folder)."""
+    import fcntl
+    path = Path(path)
+    lock_path = Path(lock_path) if lock_path else path / LOCK_FILE
+    check_writable(path, flag)
+    if not create and not lock_path.parent.is_dir():
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")
+    # Keyed by the file itself, not its path: a folder moved while this process holds it is still held. (An
+    # open file keeps its inode, so no other file can take the number meanwhile.)
+    status = os.fstat(handle.fileno())
+    key = (status.st_dev, status.st_ino)
+    if key in _HELD_LOCKS:
+        handle.close()
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            handle.close()  # a file system without locks (ENOLCK): say so and go on unguarded
+            print(f"[{stage}] warning: cannot lock {lock_path} ({err.strerror}); nothing stops a second writer",
+                  file=sys.stderr)
+            return
+        handle.seek(0)
+        holder = handle.read().strip().split(maxsplit=1)
+        handle.close()
+        if holder:
+            who = f"PID {holder[0]}" + (f" ({holder[1]})" if len(holder) > 1 else "")
+        else:  # it took the lock a moment ago and has not written its PID yet
+            who = "a process that is just starting"
+        fail(f"{flag} {path} is in use by another process: {who} holds its lock {lock_path}. Two writers would "
+             f"mix two runs in one folder. Wait for it to finish or stop it (kill {holder[0] if holder else 'it'}), "
+             f"or choose another {flag}.")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {stage} " + " ".join(sys.argv[1:])[:300] + "\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A save that fails for want of space (or of permission): what was kept, instead of a traceback
+# ----------------------------------------------------------------------------------------------------------
+# Below this many free bytes after a failed write, the disk is taken to be full: torch.save reports ENOSPC as
+# RuntimeError("... unexpected pos ...") and safetensors as SafetensorError, neither with an errno.
+FULL_DISK_BYTES = 64 << 20
+
+
+def write_failure(err: BaseException, folder) -> str | None:
+    """Why writing into `folder` failed, when the cause is the disk or the folder (full, quota, read-only,
+    permission), else None (a bug: the caller re-raises it)."""
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{err.strerror} ({err.filename or folder})"
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        text in str(err) for text in ("No space left on device", "os error 28", "Disk quota exceeded"))
+    try:
+        free = shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if full or (free is not None and free < FULL_DISK_BYTES and not isinstance(err, (KeyError, TypeError))):
+        left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        return f"no space left on the disk of {folder}{left}"
+    return None
+
+
+@contextlib.contextmanager
+def write_guard(folder, what: str, kept):
+    """Run a save; when it fails for want of space or permission (write_failure), stop with an error line that
+    says what failed and what was kept (`kept`: text, or a function giving it once the failure happened)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - write_failure decides; anything else is re-raised as it was
+        reason = write_failure(err, folder)
+        if reason is None:
+            raise
+        fail(f"writing {what} failed: {reason}. {kept() if callable(kept) else kept}")
+
+
 def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> None:
     """save_to_disk into a temporary sibling folder, then swap it in: a crash never leaves half a data set, and
     an existing folder is replaced only when this stage made it (check_output_dir)."""
@@ -99,8 +232,12 @@ def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> No
     tmp = out_path.with_name(out_path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))
-    mark_output_dir(tmp, stage)
+    try:
+        dataset.save_to_disk(str(tmp))
+        mark_output_dir(tmp, stage)
+    except BaseException:  # a full disk, Ctrl-C: give the space back; `out` is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_path.exists():
         old = out_path.with_name(out_path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -203,14 +340,18 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
             state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
-            name = str(dtype).replace("torch.", "")
-            config = json.loads((tmp / "config.json").read_text())
-            for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
-                section["dtype"] = name
-            write_json_atomic(tmp / "config.json", config)
-        processor.save_pretrained(str(tmp))
+        try:
+            accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
+                name = str(dtype).replace("torch.", "")
+                config = json.loads((tmp / "config.json").read_text())
+                for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+                    section["dtype"] = name
+                write_json_atomic(tmp / "config.json", config)
+            processor.save_pretrained(str(tmp))
+        except BaseException:  # a full disk: give the half-written copy's space back; `path` is as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     accelerator.wait_for_everyone()
@@ -267,10 +408,16 @@ def save_resume_state(accelerator, output_dir, step: int, extra: dict) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "rng_fingerprint": rng_fingerprint(),
+                                                           "environment": environment()})
+    except BaseException:  # a full disk: the previous state was not touched; give the half-written one's space back
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "rng_fingerprint": rng_fingerprint(),
-                                                       "environment": environment()})
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -349,10 +496,11 @@ def save_checkpoint(accelerator, model, processor, output_dir, step: int, dtype:
                     trainer_state: dict | None, snapshot: bool = True, keep_snapshots: int = 0) -> None:
     """After optimizer step `step`: the model-only snapshot checkpoint-{step}/ (when `snapshot`), the one resume
     state with `trainer_state` (when given), then only the newest `keep_snapshots` snapshots kept (0: all)."""
-    if snapshot:
-        save_snapshot(accelerator, model, processor, output_dir, step, dtype)
-    if trainer_state is not None:
-        save_resume_state(accelerator, output_dir, step, trainer_state)
+    with write_guard(output_dir, f"step {step}'s checkpoint into {output_dir}", lambda: kept_note(output_dir)):
+        if snapshot:
+            save_snapshot(accelerator, model, processor, output_dir, step, dtype)
+        if trainer_state is not None:
+            save_resume_state(accelerator, output_dir, step, trainer_state)
     if accelerator.is_main_process and keep_snapshots:
         for _, _, old in list_checkpoints(output_dir, include_final=False)[:-keep_snapshots]:
             shutil.rmtree(old, ignore_errors=True)
@@ -363,36 +511,161 @@ def finish_run(accelerator, model, processor, output_dir, step: int, dtype: torc
     """The end of a training run: the last step's resume state (a rerun with --resume finds the run finished),
     final/ (save_pretrained in the snapshots' dtype; it is the last step's snapshot, so no checkpoint-N/ copy of
     it) with `final_state` in its trainer_state.json, and the trackers closed."""
-    save_resume_state(accelerator, output_dir, step, trainer_state)
     final = Path(output_dir) / "final"
-    export_model(accelerator, model, processor, final, dtype)
-    if accelerator.is_main_process:
-        write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
+    with write_guard(output_dir, f"the last step's resume state and {final}", lambda: kept_note(output_dir)):
+        save_resume_state(accelerator, output_dir, step, trainer_state)
+        export_model(accelerator, model, processor, final, dtype)
+        if accelerator.is_main_process:
+            write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
     accelerator.end_training()
     return final
+
+
+def kept_note(output_dir) -> str:
+    """What a failed save left of a training run: its last complete resume state (each save writes a new one
+    beside the old and swaps them only when it is complete) and the snapshots written before."""
+    state = resume_state(output_dir)
+    snapshots = ", ".join(label for _, label, _ in list_checkpoints(output_dir)) or "none"
+    if state is None:
+        return (f"No resume state of this run was complete yet (snapshots kept: {snapshots}); free space and "
+                "rerun the same command, which starts from step 0.")
+    try:
+        step = json.loads((state / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = "?"
+    return (f"The previous complete resume state, {state} (step {step}), is intact, and so are the snapshots "
+            f"written before ({snapshots}); the half-written copy was removed. Free space on that disk, then rerun "
+            f"the same command with --resume: it continues from step {step}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What --data and --model point to: the resume rule compares these, not how the paths are spelt
+# ----------------------------------------------------------------------------------------------------------
+MODEL_SAMPLE_BLOCKS, MODEL_SAMPLE_BYTES = 16, 1 << 16
+
+
+def data_fingerprint(path) -> str | None:
+    """sha256 (16 hex digits) of a data set's content: a .jsonl/.json file's bytes, or the Arrow files that a
+    save_to_disk folder's state.json lists, split by split (not its random `_fingerprint`, nor the cache-*.arrow
+    files that reading leaves beside them). Reads the data once (check_images decodes it all anyway); None
+    when there is nothing at the path. The images a JSONL row names by path are not part of it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+
+    def add_file(file: Path) -> None:
+        digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    if path.is_file():
+        add_file(path)
+        return digest.hexdigest()[:16]
+    splits = [path]
+    if (path / "dataset_dict.json").exists():
+        try:
+            splits = [path / name for name in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for folder in splits:
+        digest.update(f"split {folder.name}\n".encode())
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            files = [folder / item["filename"] for item in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):  # not a save_to_disk folder: every file but caches
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("cache-")
+                           and p.name not in NOT_OUTPUTS)
+        for file in files:
+            if file.is_file():
+                add_file(file)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path) -> str:
+    """What a model folder holds, cheaply (a 7.5 GB model is not read): its config.json (without the
+    transformers version that saved it), and each *.safetensors file's name, size and 16 blocks of 64 KiB
+    spread over it (another training of the same architecture differs in all of them). A hub id: the id."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return f"hub:{name_or_path}"
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("transformers_version", None)
+        config.pop("_name_or_path", None)
+        digest.update(json.dumps(config, sort_keys=True).encode())
+    except (OSError, ValueError, AttributeError):
+        digest.update(b"no config")
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}\n".encode())
+        with file.open("rb") as f:
+            for k in range(MODEL_SAMPLE_BLOCKS):
+                f.seek(k * max(0, size - MODEL_SAMPLE_BYTES) // (MODEL_SAMPLE_BLOCKS - 1))
+                digest.update(f.read(MODEL_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+FINGERPRINTS = {"data": data_fingerprint, "model": model_fingerprint}   # setting -> what its path holds
+
+
+def claim_output_dir(output_dir, stage: str, overwrite: bool, main_process: bool | None = None,
+                     create: bool = False) -> None:
+    """Before anything else of a training stage: the folder can be written (not a file, not read-only), is not
+    someone else's (check_output_dir, unless it holds this stage's run.json), and no other process writes it
+    (lock_output_dir, main process only). sft.py and rft.py call it first thing, so a second writer on an
+    existing folder stops before its data is read (a folder that does not exist yet is made and locked by
+    prepare_run, create=True: nothing is written before the data passed its checks)."""
+    output_dir = Path(output_dir)
+    check_writable(output_dir)
+    if output_dir.exists() and not (output_dir / RUN_FILE).exists():
+        check_output_dir(output_dir, stage, overwrite)  # a folder someone else made: refused without --overwrite
+    if is_main_process() if main_process is None else main_process:
+        lock_output_dir(output_dir, stage, create=create)
 
 
 def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: bool, overwrite: bool,
                 operational: tuple[str, ...] = ()) -> Path | None:
     """The one fresh-run / resume rule of every training stage; returns the resume state to load, or None.
 
+    - The folder is claimed first (claim_output_dir: writable, not someone else's, locked by this process).
     - Fresh run (no --resume) into a folder that already holds a run of this stage: stop, unless --overwrite,
       which removes only what this stage writes (TRAINING_OUTPUTS and checkpoint-N/). A folder this kit did
       not make is refused (check_output_dir).
     - --resume: the recorded run.json settings must equal these, except the `operational` ones (logging,
       saving and evaluation cadence), which do not change the trajectory; a difference stops and names them.
+      Paths are compared by what they hold (FINGERPRINTS of --data and --model, recorded in run.json): a
+      rebuilt --data is refused even under the same name, and a run folder moved elsewhere (or data reached by
+      another spelling) resumes. --output_dir is the folder being resumed, wherever it now lies.
     - In every case metrics.jsonl keeps only the steps up to the resumed one (0 for a fresh start), so a run
       killed before its first checkpoint and resumed never logs a step twice (-1: nothing kept).
     """
     output_dir = Path(output_dir)
+    claim_output_dir(output_dir, stage, overwrite, accelerator.is_main_process, create=True)
     run_file = output_dir / RUN_FILE
-    ignored = set(operational) | {"resume", "overwrite"}
+    ignored = set(operational) | {"resume", "overwrite", "output_dir"}
+    fingerprints = {key: function(settings[key]) for key, function in FINGERPRINTS.items() if key in settings}
     state = None
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not run_file.exists():
-            check_output_dir(output_dir, stage, overwrite)  # a folder someone else made: refused without --overwrite
+    if output_dir.exists() and any(p.name not in NOT_OUTPUTS for p in output_dir.iterdir()):
         if resume and run_file.exists():
-            recorded = json.loads(run_file.read_text()).get("settings", {})
+            try:
+                record = json.loads(run_file.read_text())
+                recorded = record.get("settings", {})
+            except (ValueError, AttributeError):  # not UTF-8, not JSON, not an object
+                fail(f"--resume: {run_file} cannot be read (not the JSON object sft.py/rft.py write); the run's "
+                     "settings are unknown, so it cannot be resumed safely. Start a new --output_dir, or "
+                     "--overwrite it without --resume.")
+            for key, now in fingerprints.items():
+                before = (record.get("fingerprints") or {}).get(key)
+                if before is None:
+                    continue  # a run.json from before fingerprints: the spelling is compared below
+                if before != now:
+                    fail(f"--resume: --{key} {settings[key]} does not hold what {output_dir} was trained on "
+                         f"(recorded --{key} {recorded.get(key)!r}, content fingerprint {before}; now {now}): it "
+                         f"was rebuilt or replaced since. Resuming would mix two runs in one. Point --{key} at what "
+                         "the run was trained on, or start a new --output_dir (or --overwrite it without --resume).")
+                ignored.add(key)  # same content: a moved folder or another spelling of the same path
             changed = [f"--{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
                        if k not in ignored and recorded.get(k) != settings.get(k)]
             if changed:
@@ -413,12 +686,15 @@ def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: boo
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        step = json.loads((state / "trainer_state.json").read_text())["step"] if state is not None else -1
-        truncate_metrics(output_dir / "metrics.jsonl", step)
-        if not (resume and run_file.exists()):
-            write_json_atomic(run_file, {"stage": stage, "settings": settings, "environment": environment()})
-        mark_output_dir(output_dir, stage)
+        with write_guard(output_dir, f"the run's records into {output_dir}",
+                         "Nothing was trained yet; the files already there keep their previous versions."):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            step = json.loads((state / "trainer_state.json").read_text())["step"] if state is not None else -1
+            truncate_metrics(output_dir / "metrics.jsonl", step)
+            if not (resume and run_file.exists()):
+                write_json_atomic(run_file, {"stage": stage, "settings": settings, "fingerprints": fingerprints,
+                                             "environment": environment()})
+            mark_output_dir(output_dir, stage)
     accelerator.wait_for_everyone()
     return state
 
@@ -442,8 +718,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        with write_guard(self.path.parent, f"{self.path}",
+                         lambda: f"{self.path.name} keeps the lines written before. " + kept_note(self.path.parent)):
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -149,6 +149,7 @@ RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_
 
 def check_args(args: Args) -> None:
     common.check_ranges(args, RANGES)
+    common.check_attn_implementation(args.attn_implementation)
     if args.optimizer not in common.OPTIMIZERS:
         common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
     if args.max_pixels and args.min_pixels > args.max_pixels:
@@ -184,14 +185,16 @@ def main(argv=None):
         return plan
 
     # ======================================================================================================
-    # Data: checked (columns, every image decoded) before any model is loaded
+    # The output folder (writable, ours, locked: a second sft.py on it stops here) and the model folder
+    # (complete weights), then the data: checked (columns, every image decoded) before any model is loaded
     # ======================================================================================================
+    runs.claim_output_dir(args.output_dir, "sft.py", args.overwrite)
+    common.check_model_path(args.model)
     dataset = common.load_rows(args.data, args.split, required=(args.prompt_column, args.completion_column),
                                verify_images=True)
     if len(dataset) == 0:
         common.fail(f"data {args.data} (split {args.split}) has no rows.")
     base_dir = Path(args.data).parent if Path(args.data).is_file() else None
-    common.check_model_path(args.model)
 
     output_dir = Path(args.output_dir)
     accelerator = runs.make_accelerator(mixed, args.report_to, output_dir)

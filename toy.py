@@ -222,10 +222,14 @@ def think_check(results_path: str, jigsaw_data: str) -> dict:
     whether that is the piece's true colour (chance: 25%), whether the answer puts the piece in the column the
     colour says (red and yellow right; chance 50%), and whether it puts it in the colour's home cell (COLOR_CODES;
     chance 25%). Issue 13: the base's prior must be true and used, and this measures it instead of assuming it."""
-    import json
     import common
-    results = json.loads(Path(results_path).read_text())
-    samples = results.get("benchmarks", {}).get("jigsaw", {}).get("samples", {})
+    results = common.read_json(results_path, "Point --think_check at the results.json eval.py wrote (rerun eval.py if "
+                               "it was cut short).")
+    samples = (results.get("benchmarks") or {}).get("jigsaw", {}).get("samples", {})
+    if not isinstance(samples, dict) or not all(isinstance(s, dict) and "row" in s and "prediction" in s
+                                                for s in samples.values()):
+        common.fail(f"{results_path}: its jigsaw samples are not eval.py's records (each with row and prediction); "
+                    "point --think_check at the results.json eval.py wrote.")
     if not samples:
         common.fail(f"{results_path}: no jigsaw samples (run eval.py with --benchmarks jigsaw and save_samples on).")
     test = common.load_rows(jigsaw_data, "test", required=("images", "answer"))

@@ -71,7 +71,7 @@ def open_data(bench: Benchmark, source: str | None, flag: str = "--data"):
     from pathlib import Path
 
     import common
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import load_dataset
     where = f"{flag} {bench.name}={source}"
     if not source:
         if bench.hub_id is None:
@@ -81,11 +81,8 @@ def open_data(bench: Benchmark, source: str | None, flag: str = "--data"):
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            dataset = load_from_disk(str(path))
-            if isinstance(dataset, DatasetDict):
-                if bench.split not in dataset:
-                    common.fail(f"{where}: no '{bench.split}' split (it has {list(dataset)}).")
-                dataset = dataset[bench.split]
+            # its split alone (common.load_saved: an empty split is an error line, not datasets' IndexError)
+            dataset = common.load_saved(path, bench.split, where, f"the benchmark reads '{bench.split}'")
         elif path.is_dir() or path.suffix == ".parquet":
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
             if not files:

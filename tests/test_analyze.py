@@ -270,8 +270,8 @@ def test_end_to_end(toy_model_dir, jigsaw_data, prior_data, tmp_path):
     assert curve["logprob"][1] == curve["logprob"][0] and curve["logprob"][2] != curve["logprob"][0]
     for png in ("lbk.png", "cosine.png", "perplexity_vs_influence.png", "probe_logprob.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # JSON only: report.py renders the section from what analyze.py saved
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == ["dynamics.json"]
+    # JSON only: report.py renders the section from what analyze.py saved (and the lock it held while writing)
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == [".kit_stage.lock", "dynamics.json"]
     markdown = "\n".join(report.dynamics_lines(saved, "analysis"))
     assert "### Learning dynamics" in markdown and "](analysis/probe_logprob.png)" in markdown
     assert "| non_rea | 3 |" in markdown and "Gradients: projected (896 dims)." in markdown
