@@ -295,9 +295,21 @@ def count_parameters(model) -> tuple[int, int]:
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """torch AdamW, or bitsandbytes AdamW8bit / PagedAdamW8bit (2 bytes of state per parameter instead of 8)."""
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                   sharded: bool = False, quiet: bool = False):
+    """torch AdamW, or bitsandbytes AdamW8bit / PagedAdamW8bit (2 bytes of state per parameter instead of 8).
+
+    sharded (FSDP, runs.is_sharded): torch AdamW whatever `name` says, with a message (unless quiet). FSDP's
+    parameters are DTensor shards; bitsandbytes 0.50's 8-bit AdamW fails at its first step on them ("got mixed
+    torch.Tensor and DTensor"), and even a version that stepped would keep its quantised states as plain tensors,
+    which the sharded resume state (torch.distributed.checkpoint) would save as if every rank held the same ones.
+    torch AdamW's states are DTensors like the parameters: sharded, saved and restored per rank."""
     params = [p for p in params if p.requires_grad]
+    if sharded and name != "adamw":
+        if not quiet:
+            print(f"[optimizer] --optimizer {name} does not work on FSDP's sharded parameters (DTensor); using torch "
+                  "AdamW (fp32 states, 8 B/param, sharded over the processes like the weights)", flush=True)
+        name = "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name in ("adamw8bit", "paged_adamw8bit"):
@@ -592,25 +604,40 @@ def activation_plan(config, micro_batch: int, seq_len: int, completion_len: int,
 
 
 def memory_plan(model, optimizer: str, precision: str, reference_model: bool = False,
-                activations_bytes: int = 0, reference_bytes: int = 2) -> dict:
-    """Bytes of weights, gradients, optimizer states and master copy for the chosen options.
+                activations_bytes: int = 0, reference_bytes: int = 2, shards: int = 1) -> dict:
+    """Bytes of weights, gradients, optimizer states and master copy for the chosen options, per GPU.
 
     precision bf16_mixed or fp32: fp32 weights (4 B) and grads (4 B); bf16: pure bf16 weights and grads (2 B).
     AdamW states 8 B/param (fp32 m, v), 8-bit AdamW 2 B/param. The reference model (GRPO's KL) is a frozen
     copy of `reference_bytes` per parameter. A lower bound: measured peaks on an H100 were up to 1.45x the
     plan (README, bench/bench_real_arch.py), from autocast weight copies, logits and allocator slack.
+
+    shards > 1: FSDP over that many processes (configs/accelerate_fsdp2.yaml). Weights, gradients and optimizer
+    states are split evenly; the optimizer is torch AdamW whatever `optimizer` says (make_optimizer: 8-bit AdamW
+    does not take DTensor shards); the reference model stays a whole copy per GPU (rft.py loads it outside FSDP);
+    and the units FSDP gathers for compute come on top: the embedding and the final norm + lm_head (kept gathered
+    from forward to backward) and two decoder layers (the one computing and the next one prefetched), in the
+    compute dtype. Activations are per process (each rank runs its own micro-batches).
     """
     trainable, frozen = count_parameters(model)
     total = trainable + frozen
     weight_bytes = 2 if precision == "bf16" else 4
+    optimizer = "adamw" if shards > 1 else optimizer
     plan = {
         "parameters_total": total, "parameters_trainable": trainable, "parameters_frozen": frozen,
-        "weights": total * weight_bytes,
-        "gradients": trainable * weight_bytes,
-        "optimizer_states": trainable * (8 if optimizer == "adamw" else 2),
+        "weights": total * weight_bytes / shards,
+        "gradients": trainable * weight_bytes / shards,
+        "optimizer_states": trainable * (8 if optimizer == "adamw" else 2) / shards,
         "reference_model": total * reference_bytes if reference_model else 0,
         "activations_estimate": activations_bytes,
     }
+    if shards > 1:
+        compute_bytes = 4 if precision == "fp32" else 2
+        language = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        layer = max(sum(p.numel() for p in block.parameters()) for block in language.layers)
+        ends = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+        ends = sum(p.numel() for p in ends.values())   # tied embeddings (3B) count once
+        plan["gathered_parameters"] = (2 * layer + ends) * compute_bytes
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith("parameters"))
     return plan
 
@@ -619,8 +646,10 @@ def print_memory_plan(plan: dict, title: str) -> None:
     print(f"\n{title}")
     print(f"  parameters: {plan['parameters_total']:,} total, {plan['parameters_trainable']:,} trainable, "
           f"{plan['parameters_frozen']:,} frozen")
-    for key in ("weights", "gradients", "optimizer_states", "reference_model", "activations_estimate", "total"):
-        print(f"  {key:<22} {plan[key] / GiB:8.2f} GiB")
+    for key in ("weights", "gradients", "optimizer_states", "reference_model", "gathered_parameters",
+                "activations_estimate", "total"):
+        if key in plan:
+            print(f"  {key:<22} {plan[key] / GiB:8.2f} GiB")
     for gpu, size in (("24 GB (RTX 4090/A10)", 24), ("40 GB (A100-40G)", 40), ("80 GB (A100/H100-80G)", 80)):
         # Measured peaks reached 1.45x the plan (GRPO, 3B, H100): keep that much headroom.
         fits = plan["total"] * 1.45 / GiB <= size

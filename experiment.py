@@ -82,6 +82,8 @@ PRESET_VARIABLES = {   # name: (stages that depend on it, range of a number or N
     "PLAN_DEVICE": ((), None), "BUILD_TOY_BASE": (ALL, "[0, 1]"), "MODEL": (ALL, None), "PRECISION": (ALL, None),
     "OPTIMIZER": (ALL, None), "GRADIENT_CHECKPOINTING": (ALL, "[0, 1]"), "MIN_PIXELS": (ALL, ">= 0"),
     "MAX_PIXELS": (ALL, ">= 1"), "KEEP_RESUME_STATE": (ALL, "[0, 1]"), "JOBS": (("sources", "sft_sources", "eval"), ">= 1"),
+    # the command sft.py and rft.py run under: empty = $PY, or accelerate launch with configs/accelerate_fsdp2.yaml
+    "LAUNCH": (("base", "sft_non_rea", "rft", "sft_sources"), None),
     # the toy world's base model (BUILD_TOY_BASE=1 only)
     "TOY_SIZE": (("base",), None), "PRIOR_PRETRAIN": (("base",), ">= 1"), "PRIOR_TRAIN": (("base",), ">= 1"),
     "PRIOR_TEST": (("base",), ">= 1"), "TOY_FORMAT_SHARE": (("base",), "[0, 1]"),

@@ -194,15 +194,60 @@ def checkpoints(steps: int, save_steps: int, save_at: str = "") -> int:
     return len(due)
 
 
+TRAINING_STAGES = ("base", "sft_non_rea", "rft", "sft_sources")   # the stages run_all.sh runs under LAUNCH
+
+
+def launcher(settings: dict) -> dict | None:
+    """What LAUNCH (the prefix of sft.py / rft.py in run_all.sh) starts: None for plain processes, else the accelerate
+    config it names, parsed ({"config", "processes", "distributed_type", "fsdp_version", "fsdp"}). --num_processes
+    on the command line wins over the file's num_processes, as in accelerate launch. Raises ValueError naming the
+    problem (plan.py check turns it into an error before anything runs)."""
+    import shlex
+    words = shlex.split(settings.get("LAUNCH", "") or "")
+    if not words:
+        return None
+
+    def flag(name):
+        for i, word in enumerate(words):
+            if word == name and i + 1 < len(words):
+                return words[i + 1]
+            if word.startswith(name + "="):
+                return word.split("=", 1)[1]
+        return None
+    config, path = {}, flag("--config_file")
+    if path:
+        full = Path(path) if Path(path).is_absolute() else ROOT / path
+        if not full.is_file():
+            raise ValueError(f"LAUNCH names --config_file {path}, which does not exist (the kit ships "
+                             "configs/accelerate_fsdp2.yaml).")
+        import yaml
+        try:
+            config = yaml.safe_load(full.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"LAUNCH's --config_file {path} is not valid YAML ({err}).") from None
+    processes = flag("--num_processes") or config.get("num_processes", 1)
+    try:
+        processes = int(processes)
+    except (TypeError, ValueError):
+        raise ValueError(f"LAUNCH: --num_processes {processes!r} is not a number.") from None
+    kind = str(config.get("distributed_type", "FSDP" if "--use_fsdp" in words else "MULTI_GPU"))
+    fsdp = kind == "FSDP"
+    version = int((config.get("fsdp_config") or {}).get("fsdp_version", flag("--fsdp_version") or 1)) if fsdp else None
+    return {"config": path, "processes": processes, "distributed_type": kind, "fsdp_version": version, "fsdp": fsdp}
+
+
 def plan(settings: dict, stages: list[str]) -> dict:
     s = settings
+    launch = launcher(s)
+    processes = launch["processes"] if launch else 1
     gpu = s.get("PLAN_DEVICE", "gpu") == "gpu"
     config, config_source = model_config(s)
     params = count_params(config)["total"]
     ratio = params / REF_PARAMS
     half = s.get("PRECISION", "") in ("bf16_mixed", "bf16")
     snapshot_bpp = 2 if half else 4
-    resume_bpp = (2 if s.get("PRECISION") == "bf16" else 4) + (2 if "8bit" in s.get("OPTIMIZER", "") else 8)
+    eight_bit = "8bit" in s.get("OPTIMIZER", "") and not (launch and launch["fsdp"])   # FSDP: torch AdamW
+    resume_bpp = (2 if s.get("PRECISION") == "bf16" else 4) + (2 if eight_bit else 8)
     processor = PROCESSOR_BYTES_TOY if s.get("BUILD_TOY_BASE") == "1" or params < 1e8 else PROCESSOR_BYTES_REAL
     snapshot = params * snapshot_bpp + processor
     resume = params * resume_bpp
@@ -339,7 +384,13 @@ def plan(settings: dict, stages: list[str]) -> dict:
                 variable, measured_at = TOY_MEASURED_STEPS[stage]
                 seconds *= _i(s, variable, measured_at) / measured_at
             rows[stage]["seconds"] = seconds
+    if gpu and processes > 1:   # GPU-hours: every process holds a GPU for the stage's whole wall time
+        for stage in TRAINING_STAGES:
+            if stage in rows and (stage != "base" or s.get("BUILD_TOY_BASE") == "1"):   # a hub base trains nothing
+                rows[stage]["seconds"] *= processes
+                rows[stage]["note"] += f"; x {processes} GPUs"
     return {"rows": {st: rows[st] for st in stages if st in rows}, "params": params, "config_source": config_source,
+            "launch": launch,
             "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png}
 
 
@@ -379,6 +430,12 @@ def render(result: dict, settings: dict, run: Path, states: dict) -> tuple[str, 
              + ("times from the README's H100 figures (plan.py constants)" if gpu
                 else "times from this run's last stage times, else the README's toy run"),
              f"  {'stage':<12} {'state':<13} {unit:>8} {'disk':>10}  what"]
+    launch = result.get("launch")
+    if launch:
+        kind = f"FSDP{launch['fsdp_version']}" if launch["fsdp"] else launch["distributed_type"]
+        lines.insert(1, f"  sft.py and rft.py run as: {settings.get('LAUNCH')} ({kind}, {launch['processes']} "
+                        f"processes{', config ' + launch['config'] if launch['config'] else ''}; per-process batch "
+                        "sizes; GPU-hours count every GPU; FSDP's gathers are not in the time model)")
     total_s = total_disk = 0.0
     peak = 0.0
     to_run = []
@@ -476,6 +533,10 @@ def check_settings(settings: dict, preset: str, environ: dict) -> list[str]:
             continue
         if not experiment.in_range(number, spec):
             problems.append(f"{name}={value} must be {spec.replace(' ', '')}.")
+    try:
+        launcher(settings)
+    except ValueError as err:
+        problems.append(str(err))
     if not problems:
         rft_steps, early = int(float(settings["RFT_STEPS"])), int(float(settings["RFT_EARLY_STEP"]))
         if not 1 <= early < rft_steps:

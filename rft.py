@@ -20,9 +20,12 @@ Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient chec
         --max_steps 500 --batch_size 4 --num_generations 8
     python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
         --max_steps 500 --batch_size 4 --num_generations 8 --resume
-    accelerate launch rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --output_dir runs/7b/rft
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_processes 4 rft.py \\
+        --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --output_dir runs/7b/rft --batch_size 1
+    (FSDP2 over 4 GPUs, B per process; decoding steps until every rank is done, since each forward gathers)
 Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
     python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --num_generations 8
+    python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 1 --plan_processes 4   # per GPU, FSDP
 On the CPU, after `bash run_all.sh` made the toy run (runs/toy/): its RFT stage as run_all.sh runs it (the same
 command resumes it after an interruption), then a short run of your own in a folder of its own:
     python rft.py --model runs/toy/base/final --data runs/toy/data/jigsaw --output_dir runs/toy/rft --max_steps 160 \\
@@ -183,6 +186,9 @@ class Args:
     """print the memory plan for these options (meta device, no weights) and exit"""
     plan_prompt_length: int = 512
     """prompt length assumed by --dry_run's activation estimate (Jigsaw-R1's max prompt length: 512)"""
+    plan_processes: int = 1
+    """GPUs the --dry_run plan shards the policy over with FSDP (accelerate launch --config_file
+    configs/accelerate_fsdp2.yaml --num_processes N): the plan per GPU. 1: one GPU (DDP too: a whole copy each)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +406,7 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
 # ----------------------------------------------------------------------------------------------------------
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
-def dry_run(args: Args, precision: str, ref_dtype: str) -> None:
+def dry_run(args: Args, precision: str, ref_dtype: str) -> dict:
     model = common.meta_model(args.model)
     if args.freeze_vision_tower:
         common.freeze_vision(model, True, False)
@@ -409,13 +415,16 @@ def dry_run(args: Args, precision: str, ref_dtype: str) -> None:
                                   seq, args.max_completion_length, args.gradient_checkpointing,
                                   generation_sequences=args.batch_size * args.num_generations)
     plan = common.memory_plan(model, args.optimizer, precision, reference_model=args.beta != 0.0,
-                              activations_bytes=acts["peak"], reference_bytes=common.DTYPES[ref_dtype].itemsize)
+                              activations_bytes=acts["peak"], reference_bytes=common.DTYPES[ref_dtype].itemsize,
+                              shards=args.plan_processes)
+    sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
     common.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} "
                                    f"micro={args.micro_batch_size} prompt~{args.plan_prompt_length} "
                                    f"completion<={args.max_completion_length}, {args.optimizer}, precision "
-                                   f"{precision}, beta={args.beta}")
+                                   f"{precision}, beta={args.beta}{sharding}")
     print(f"  activations: training {acts['training'] / common.GiB:.2f} GiB, generation KV cache "
           f"{acts['generation'] / common.GiB:.2f} GiB (not at the same time)")
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,11 +439,11 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "save_total_limit": ">= 0", "eval_steps": ">= 0", "eval_size": ">= 0", "eval_batch_size": ">= 1",
           "max_nonfinite": ">= 1", "plan_prompt_length": ">= 1", "log_completions": ">= 0", "w_hit": ">= 0",
           "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
-          "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0"}
+          "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0", "plan_processes": ">= 1"}
 # Flags that do not change the trajectory: a --resume may change them (runs.prepare_run compares the rest).
 OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size",
                "max_nonfinite", "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles",
-               "mi_candidates", "min_answer_image_mi")
+               "mi_candidates", "min_answer_image_mi", "plan_processes")
 
 
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
@@ -521,9 +530,11 @@ def main(argv=None) -> dict:
     model.config.use_cache = False
     ref_model = None
     if args.beta != 0.0:  # no reference model at all when there is no KL term
+        # Never prepared: under FSDP too a whole frozen copy per GPU (no gathers in its forwards; the plan counts it)
         ref_model = common.load_model(args.model, ref_dtype, args.attn_implementation, str(accelerator.device))
         ref_model.eval().requires_grad_(False)
-    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay,
+                                      sharded=runs.is_sharded(accelerator), quiet=not accelerator.is_main_process)
     scheduler = common.warmup_cosine(optimizer, args.warmup_steps, max(1, args.max_steps) * args.num_iterations,
                                      args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -534,7 +545,7 @@ def main(argv=None) -> dict:
     accelerator.print(f"[rft] {args.model}: {trainable:,} trainable / {frozen:,} frozen parameters; "
                       f"{len(train)} puzzles; B={args.batch_size} G={args.num_generations} per process, {world} "
                       f"process(es); precision {mixed_precision}/{policy_dtype}; reference "
-                      f"{ref_dtype if ref_model is not None else 'none'}")
+                      f"{ref_dtype if ref_model is not None else 'none'}" + runs.sharding_note(accelerator, model))
 
     # ------------------------------------------------------------------ resume
     # accelerate's load_state restores every process's RNG (the sampler draws from torch's); runs checks it did.

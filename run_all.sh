@@ -71,6 +71,9 @@ if [ "$BUILD_TOY_BASE" = 1 ]; then MODEL=$SHARED_RUN/base/final; fi   # the toy 
 # The experiment: one function per stage, in the order they run
 # ============================================================================================================
 PIX=(--min_pixels "$MIN_PIXELS" --max_pixels "$MAX_PIXELS")
+# sft.py and rft.py run under the preset's LAUNCH (e.g. accelerate launch with FSDP over several GPUs); the other
+# stages decode with one bf16 copy of the model on one GPU and stay plain $PY processes.
+TRAIN=${LAUNCH:-$PY}
 SFT_COMMON=(--precision "$PRECISION" --optimizer "$OPTIMIZER" --batch_size "$BATCH_SIZE" "${PIX[@]}" --resume)
 [ "$GRADIENT_CHECKPOINTING" = 1 ] && SFT_COMMON+=(--gradient_checkpointing)
 # rft.py checkpoints by default (one GPU); the preset's choice holds for both stages (the toy: off, 1M parameters)
@@ -102,7 +105,7 @@ stage_base() {
   base_sft "$RUN/base_pretrain/final" train "$RUN/base" "$BASE_STEPS" "$LR_BASE"
 }
 base_sft() {  # base_sft FROM SPLIT OUT STEPS LR: one sft.py run on a split of the toy prior-knowledge data
-  $PY sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --completion_column completion \
+  $TRAIN sft.py --model "$1" --data "$RUN/toy/prior" --split "$2" --prompt_column prompt --completion_column completion \
     --output_dir "$3" --max_steps "$4" --lr "$5" --warmup_ratio 0.05 --min_lr_ratio 0.1 --save_steps "$4" \
     "${SFT_COMMON[@]}" --batch_size $(( BASE_BATCH / BASE_GRAD_ACCUM )) --grad_accum "$BASE_GRAD_ACCUM" --sort_by_length
 }
@@ -137,14 +140,14 @@ stage_eval_base() {
 
 stage_sft_non_rea() {  # SFT-Non-Rea: the ground-truth answer alone, straight from the jigsaw data
   fresh "$RUN/sft_non_rea"
-  $PY sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
+  $TRAIN sft.py --model "$MODEL" --data "$DATA/jigsaw" --prompt_column prompt_no_think --completion_column target_non_rea \
     --output_dir "$RUN/sft_non_rea" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" \
     --save_at "$SFT_SAVE_AT" "${SFT_COMMON[@]}" --seed "$SEED"
 }
 
 stage_rft() {  # RFT: GRPO with R = R_hit + R_acc + R_fmt
   fresh "$RUN/rft"
-  $PY rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
+  $TRAIN rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
     --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" \
     --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --save_at "$RFT_EARLY_STEP${RFT_SAVE_AT:+,$RFT_SAVE_AT}" \
@@ -184,7 +187,7 @@ stage_sft_sources() {  # SFT on each reasoning source (the longest rows, rea_ext
   local name
   for name in "${SFT_SOURCES[@]}"; do fresh "$RUN/sft_$name"; done
   for name in "${SFT_SOURCES[@]}"; do
-    job "sft_$name" $PY sft.py --model "$MODEL" --data "$SOURCES/$name" --prompt_column prompt --completion_column completion \
+    job "sft_$name" $TRAIN sft.py --model "$MODEL" --data "$SOURCES/$name" --prompt_column prompt --completion_column completion \
       --output_dir "$RUN/sft_$name" --max_steps "$SFT_STEPS" --lr "$LR_SFT" --save_steps "$SAVE_STEPS" \
       --save_at "$SFT_SAVE_AT" "${SFT_COMMON[@]}" --seed "$SEED"
   done

@@ -299,6 +299,13 @@ def decode(model, inputs: dict, max_new_tokens: int, eos_id: int, suppress: torc
         cache.batch_repeat_interleave(num_samples)
         logits, mask, start = (t.repeat_interleave(num_samples, dim=0) for t in (logits, mask, start))
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    # Several processes (accelerate launch): under FSDP every forward gathers parameters from all ranks, so a rank
+    # whose rows are done must keep stepping until every rank's are, or the others wait for it forever. All ranks
+    # decode up to the largest cap asked for and leave together; a rank keeps only its own cap's tokens. One process
+    # (nothing initialised): the loop below is exactly the single-process loop, not one operation more.
+    own_cap, synced = max_new_tokens, _several_processes()
+    if synced:
+        max_new_tokens = int(_all_reduce(torch.tensor(max_new_tokens, device=logits.device), "max"))
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
         logits = logits.float()
@@ -317,11 +324,32 @@ def decode(model, inputs: dict, max_new_tokens: int, eos_id: int, suppress: torc
         token = token.masked_fill(finished, eos_id)   # a finished row keeps emitting eos (trimmed by the caller)
         tokens.append(token)
         finished |= token == eos_id
-        if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and bool(finished.all())):
+        if synced and step == own_cap - 1:
+            finished[:] = True   # this rank's cap: it only keeps stepping for the others (columns cut below)
+        if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and _all_done(finished, synced)):
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = (start + step).view(1, -1, 1).expand(3, -1, 1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                     **{keyword: cache})
         cache, logits = getattr(out, keyword), out.logits[:, -1]
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+    return torch.stack(tokens[:own_cap], dim=1), torch.stack(logprobs[:own_cap], dim=1)
+
+
+def _several_processes() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
+    reduce_op = {"max": torch.distributed.ReduceOp.MAX, "sum": torch.distributed.ReduceOp.SUM}[op]
+    torch.distributed.all_reduce(value, op=reduce_op)
+    return value
+
+
+def _all_done(finished: torch.Tensor, synced: bool) -> bool:
+    """Whether the decode loop may stop: this rank's rows all finished, and with several processes every rank's
+    (one all-reduce of an int per check)."""
+    if not synced:
+        return bool(finished.all())
+    return int(_all_reduce((~finished).any().to(torch.int32), "sum")) == 0

@@ -15,10 +15,13 @@ Run commands:
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --prompt_column prompt_no_think \\
         --completion_column target_non_rea --output_dir runs/3b/sft_non_rea --max_steps 200 --optimizer adamw8bit \\
         --gradient_checkpointing --save_steps 50
-    # several GPUs: the same script under accelerate (DDP, or FSDP/DeepSpeed via `accelerate config`)
-    accelerate launch --num_processes 4 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw ...
+    # several GPUs: the same script under accelerate: DDP, or FSDP2 with the shipped config (7B on 80 GB GPUs;
+    # --batch_size is per process, and under FSDP the optimizer is torch AdamW whatever --optimizer says)
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_processes 4 sft.py \\
+        --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --batch_size 1 ...
     # memory plan before renting a GPU (no weights loaded)
     python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --optimizer adamw8bit
+    python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 1 --plan_processes 4   # per GPU, FSDP
 On the CPU, after `bash run_all.sh` made the toy run (runs/toy/):
     # the toy base's first run, as run_all.sh's base stage runs it; after an interruption the same command
     # resumes (--resume), and other settings on the same folder are refused and named
@@ -136,15 +139,19 @@ class Args:
     """print the parameter counts and memory plan for these options and exit (no weights loaded)"""
     plan_prompt_length: int = 512
     """prompt tokens (image + text) assumed by the --dry_run activation estimate (Jigsaw-R1: 512)"""
+    plan_processes: int = 1
+    """GPUs the --dry_run plan shards the model over with FSDP (accelerate launch --config_file
+    configs/accelerate_fsdp2.yaml --num_processes N): the plan per GPU. 1: one GPU (DDP too: a whole copy each)"""
 
 
 # Flags that do not change the trajectory: a --resume may change them (runs.prepare_run compares the rest).
 OPERATIONAL = ("logging_steps", "save_steps", "save_at", "save_total_limit", "report_to", "dry_run",
-               "plan_prompt_length")
+               "plan_prompt_length", "plan_processes")
 RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
           "min_lr_ratio": "[0, 1]", "warmup_ratio": "[0, 1]", "weight_decay": ">= 0", "max_grad_norm": "> 0",
           "max_completion_length": ">= 1", "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 0",
-          "min_pixels": ">= 0", "max_pixels": ">= 0", "plan_prompt_length": ">= 1"}
+          "min_pixels": ">= 0", "max_pixels": ">= 0", "plan_prompt_length": ">= 1",
+          "plan_processes": ">= 1"}
 
 
 def check_args(args: Args) -> None:
@@ -177,11 +184,13 @@ def main(argv=None):
         common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
         acts = common.activation_plan(model.config, args.batch_size, args.plan_prompt_length + args.max_completion_length,
                                       args.max_completion_length, args.gradient_checkpointing)
-        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"])
+        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"],
+                                  shards=args.plan_processes)
+        sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
         common.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
                                        f"{args.optimizer}, batch {args.batch_size} x ({args.plan_prompt_length} + "
                                        f"{args.max_completion_length}) tokens, gradient checkpointing "
-                                       f"{args.gradient_checkpointing}")
+                                       f"{args.gradient_checkpointing}{sharding}")
         return plan
 
     # ======================================================================================================
@@ -218,7 +227,8 @@ def main(argv=None):
     # A frozen vision tower needs no explicit no_grad: none of its inputs or weights require grad, so autograd
     # keeps none of its activations.
     trainable, frozen = common.count_parameters(model)
-    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+    optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay,
+                                      sharded=runs.is_sharded(accelerator), quiet=not accelerator.is_main_process)
     scheduler = common.warmup_cosine(optimizer, round(args.warmup_ratio * max_steps), max_steps, args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # transformers checkpoints a layer only while the module is in training mode, and from_pretrained returns it
@@ -235,7 +245,8 @@ def main(argv=None):
                                 accelerator=accelerator)
     snapshot_dtype = runs.snapshot_dtype(precision)
     accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
-                      f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)")
+                      f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)"
+                      + runs.sharding_note(accelerator, model))
 
     def row_length(row: dict) -> int:
         """--sort_by_length's key: text tokens (a row's image tokens are fixed by the pixel budget)."""

@@ -49,18 +49,13 @@ class Args:
     """optimizer of both runs"""
 
 
-def main(argv=None):
-    args = common.parse_args(Args, __doc__, argv)
-    if not torch.cuda.is_available():
-        common.fail("bench_real_arch needs a CUDA GPU.")
-    out = Path(args.out)
-    name = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct"}[args.config]
+def build_random_model(name: str, out: Path, image_size: int) -> int:
+    """The real architecture of `name` (configs/), the toy tokenizer's special-token ids, random bf16 weights,
+    saved with its processor to out/model, and a 3x3 procedural jigsaw set in out/data. Returns the parameter
+    count. (Also used by bench/bench_fsdp_7b.py.)"""
     from transformers import AutoConfig, AutoModelForImageTextToText
-
-    # ---- model: real architecture, toy tokenizer ids, random weights -------------------------------------------
-    t0 = time.time()
     tokenizer = toy.build_tokenizer()
-    processor = toy.build_processor(tokenizer, min_pixels=56 * 56, max_pixels=args.image_size ** 2)
+    processor = toy.build_processor(tokenizer, min_pixels=56 * 56, max_pixels=image_size ** 2)
     config = AutoConfig.from_pretrained(str(common.REAL_CONFIGS[name]))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
     config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
@@ -76,9 +71,22 @@ def main(argv=None):
     processor.save_pretrained(out / "model")
     del model
     torch.cuda.empty_cache()
-    build_s = time.time() - t0
     jigsaw.build_dataset(jigsaw.BuildArgs(source="procedural", grid="3x3", train=64, test=8, output_dir=str(out / "data"),
-                                          image_size=args.image_size))
+                                          image_size=image_size))
+    return params
+
+
+def main(argv=None):
+    args = common.parse_args(Args, __doc__, argv)
+    if not torch.cuda.is_available():
+        common.fail("bench_real_arch needs a CUDA GPU.")
+    out = Path(args.out)
+    name = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct"}[args.config]
+
+    # ---- model: real architecture, toy tokenizer ids, random weights -------------------------------------------
+    t0 = time.time()
+    params = build_random_model(name, out, args.image_size)
+    build_s = time.time() - t0
     results = {"config": args.config, "parameters": params, "build_s": build_s}
 
     # ---- sft.py and rft.py, each in its own process (each starts from an empty GPU) -------------------------
