@@ -104,6 +104,10 @@ class Args:
     """completions sampled per puzzle from the tuned model (temperature 1)"""
     kl_max_completion_length: int = 512
     """token cap of those sampled completions (the RFT rollouts' cap: Jigsaw-R1's 512)"""
+    rollout_backend: str = "hf"
+    """sampler of those completions: hf (sequences.generate, the reference) or vllm (vllm_engine.py, an optional
+    install: one engine, each checkpoint's weights loaded into it; fp32 for --precision fp64). The KL itself is
+    always the HF models' teacher-forced forward"""
     output_dir: str = "runs/analysis"
     """where dynamics.json and the PNG figures go"""
     n_train: int = 16
@@ -474,14 +478,21 @@ def probe_logprobs(model, batches: list[dict]) -> list[float]:
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def task_kl(model, base_model, processor, prompts: list[str], images: list[list], num_samples: int,
-            max_completion_length: int, batch_size: int = 8) -> dict:
+            max_completion_length: int, batch_size: int = 8, engine=None, seed: int = 0) -> dict:
     """E_{x ~ new task, y ~ pi(.|x)} KL per completion (nats), RL's Razor (arXiv 2509.04259): forgetting tracks
     the KL from the base to the tuned model measured on the task being learnt. Completions are sampled from the
-    tuned model at temperature 1 (sequences.generate, vision tokens suppressed: a log(1 - p) ~ 0 change)."""
+    tuned model at temperature 1 (sequences.generate, vision tokens suppressed: a log(1 - p) ~ 0 change; or a
+    vllm_engine engine holding the tuned model's weights, with request seeds from `seed`)."""
     values = []
     for start in range(0, len(prompts), batch_size):
-        out = sequences.generate(model, processor, prompts[start:start + batch_size], images[start:start + batch_size],
-                              max_completion_length, temperature=1.0, do_sample=True, num_samples=num_samples)
+        if engine is None:
+            out = sequences.generate(model, processor, prompts[start:start + batch_size],
+                                     images[start:start + batch_size], max_completion_length, temperature=1.0,
+                                     do_sample=True, num_samples=num_samples)
+        else:
+            out = engine.generate(prompts[start:start + batch_size], images[start:start + batch_size],
+                                  max_completion_length, temperature=1.0, num_samples=num_samples, processor=processor,
+                                  seed=seed + start * num_samples)
         rows = [i // num_samples for i in range(len(out["completion_ids"]))]
         device = next(model.parameters()).device
         for begin in range(0, len(rows), 4):  # 4 sequences at a time: [4, T, V] fp32 logits of a 152k vocabulary
@@ -603,6 +614,9 @@ def check_args(args: Args) -> None:
         common.fail("--probes is empty: give the prior-knowledge probe set (e.g. runs/toy/prior).")
     if args.precision not in ("fp32", "bf16", "fp16", "fp64"):
         common.fail(f"--precision {args.precision}: choose fp32, bf16, fp16 or fp64.")
+    if args.rollout_backend != "hf":
+        import vllm_engine
+        vllm_engine.check_backend(args.rollout_backend)
     common.check_ranges(args, RANGES)
 
 
@@ -834,6 +848,10 @@ def tracking_phase(args: Args, base_model, processor, tracked: list[dict], sampl
     from tqdm import tqdm
     base_curve = [s["token_logprobs"].sum().item() for s in base["probe_base"]]
     tracking = {}
+    if kl_rows and args.rollout_backend == "vllm":
+        import vllm_engine
+        kl_prompt_tokens = max(vllm_engine.longest_prompt(processor, kl_rows, column)
+                               for column in ("prompt", "prompt_no_think"))
     for run in tracked:
         steps, labels, logprobs, kls = [0], ["base"], [base_curve], [0.0]
         column = "prompt" if run["prompt_style"] == "thinking" else "prompt_no_think"
@@ -848,9 +866,16 @@ def tracking_phase(args: Args, base_model, processor, tracked: list[dict], sampl
                 # The completions are sampled: the same seed at every checkpoint makes the KL reproducible (a
                 # rerun gave other values before) and compares checkpoints on common random numbers.
                 torch.manual_seed(args.seed)
+                engine = None
+                if args.rollout_backend == "vllm":   # one engine: this checkpoint's weights loaded into it
+                    engine = vllm_engine.engine_for(
+                        str(folder), args.min_pixels, args.max_pixels, seed=args.seed,
+                        dtype="float32" if args.precision == "fp64" else args.precision,
+                        max_model_len=kl_prompt_tokens + args.kl_max_completion_length,
+                        gpu_memory_utilization=0.3)   # the HF base, checkpoint and gradients keep the rest
                 kls.append(task_kl(checkpoint, base_model, processor, [r[column] for r in kl_rows],
                                    [common.row_images(r) for r in kl_rows], args.kl_samples,
-                                   args.kl_max_completion_length)["kl"])
+                                   args.kl_max_completion_length, engine=engine, seed=args.seed)["kl"])
             steps.append(step)
             labels.append(label)
             del checkpoint

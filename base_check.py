@@ -77,6 +77,9 @@ class Args:
     """attention kernel (None: transformers' default)"""
     seed: int = 0
     """seed of the sampled candidate set (only beyond n! > --mi_candidates)"""
+    rollout_backend: str = "hf"
+    """greedy decoder: hf (sequences.generate, the reference) or vllm (vllm_engine.py, an optional install);
+    the teacher-forced MI scores always come from the HF model"""
 
 
 RANGES = {"eval_size": ">= 1", "batch_size": ">= 1", "max_completion_length": ">= 1", "mi_puzzles": ">= 0",
@@ -86,9 +89,18 @@ RANGES = {"eval_size": ">= 1", "batch_size": ">= 1", "max_completion_length": ">
 # ----------------------------------------------------------------------------------------------------------
 # Greedy exact / hit / format
 # ----------------------------------------------------------------------------------------------------------
+def greedy(model, processor, prompts: list[str], images: list[list], max_new_tokens: int,
+           autocast=contextlib.nullcontext, engine=None) -> dict:
+    """sequences.generate's greedy output, from the HF model or from a vllm_engine engine holding its weights."""
+    if engine is not None:
+        return engine.generate(prompts, images, max_new_tokens, do_sample=False, processor=processor)
+    with autocast():
+        return sequences.generate(model, processor, prompts, images, max_new_tokens=max_new_tokens, do_sample=False)
+
+
 @torch.no_grad()
 def greedy_scores(model, processor, rows: list[dict], prompt_style: str, max_new_tokens: int, batch_size: int,
-                  autocast=contextlib.nullcontext) -> dict:
+                  autocast=contextlib.nullcontext, engine=None) -> dict:
     """Greedy decoding of jigsaw rows: exact accuracy (R_acc), format rate (R_fmt) and mean hit (R_hit) of the
     shared reward (jigsaw.jigsaw_reward). Completions are untrusted text: one that makes the reward raise
     scores 0."""
@@ -96,10 +108,8 @@ def greedy_scores(model, processor, rows: list[dict], prompt_style: str, max_new
     totals = {"acc": 0.0, "fmt": 0.0, "hit": 0.0}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        with autocast():
-            out = sequences.generate(model, processor, [r[column] for r in chunk],
-                                     [common.row_images(r) for r in chunk], max_new_tokens=max_new_tokens,
-                                     do_sample=False)
+        out = greedy(model, processor, [r[column] for r in chunk], [common.row_images(r) for r in chunk],
+                     max_new_tokens, autocast, engine)
         for text, row in zip(out["texts"], chunk):
             try:
                 reward = jigsaw.jigsaw_reward(text, list(row["answer"]), thinking=prompt_style == "thinking")
@@ -156,7 +166,8 @@ def answer_distribution_mi(probs: torch.Tensor) -> float:
 @torch.no_grad()
 def answer_image_mutual_information(model, processor, rows: list[dict], thinking: bool = True,
                                     num_puzzles: int = 32, num_candidates: int = 24, max_new_tokens: int = 512,
-                                    batch_size: int = 16, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
+                                    batch_size: int = 16, seed: int = 0, autocast=contextlib.nullcontext,
+                                    engine=None) -> dict:
     """How much the model's jigsaw answer depends on the image, teacher-forced over candidate answers.
 
     For each of the first `num_puzzles` rows: with the thinking prompt, the model first writes its own greedy
@@ -188,10 +199,8 @@ def answer_image_mutual_information(model, processor, rows: list[dict], thinking
         if thinking:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
-                with autocast():
-                    out = sequences.generate(model, processor, [r[column] for r in chunk],
-                                             [common.row_images(r) for r in chunk], max_new_tokens=max_new_tokens,
-                                             do_sample=False)
+                out = greedy(model, processor, [r[column] for r in chunk], [common.row_images(r) for r in chunk],
+                             max_new_tokens, autocast, engine)
                 for text in out["texts"]:
                     end = text.find("</think>")
                     closed += end >= 0
@@ -237,15 +246,16 @@ def answer_image_mutual_information(model, processor, rows: list[dict], thinking
 # ----------------------------------------------------------------------------------------------------------
 def check(model, processor, rows: list[dict], prompt_style: str = "thinking", max_new_tokens: int = 512,
           batch_size: int = 16, mi_puzzles: int = 32, mi_candidates: int = 24, min_answer_image_mi: float = 0.0,
-          seed: int = 0, autocast=contextlib.nullcontext, tag: str = "base_check") -> dict:
+          seed: int = 0, autocast=contextlib.nullcontext, tag: str = "base_check", engine=None) -> dict:
     """Greedy scores and MI(answer; image) of `model` on `rows`; prints both, warns when the format rate is under
-    LOW_FORMAT_RATE, and stops (common.fail, exit 2) when the MI is under `min_answer_image_mi`."""
-    result = greedy_scores(model, processor, rows, prompt_style, max_new_tokens, batch_size, autocast)
+    LOW_FORMAT_RATE, and stops (common.fail, exit 2) when the MI is under `min_answer_image_mi`. With `engine` (a
+    vllm_engine engine holding the model's weights) the greedy texts come from it."""
+    result = greedy_scores(model, processor, rows, prompt_style, max_new_tokens, batch_size, autocast, engine)
     if mi_puzzles > 0:
         result.update(answer_image_mutual_information(
             model, processor, rows, thinking=prompt_style == "thinking", num_puzzles=mi_puzzles,
             num_candidates=mi_candidates, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-            autocast=autocast))
+            autocast=autocast, engine=engine))
     mi = result.get("answer_image_mi")
     print(f"[{tag}] exact {result['eval_accuracy']:.3f}, hit {result['eval_hit']:.3f}, format "
           f"{result['eval_format_rate']:.3f} on {result['eval_size']} test puzzles"
@@ -269,6 +279,9 @@ def main(argv=None) -> dict:
     common.check_ranges(args, RANGES)
     if args.prompt_style not in PROMPT_COLUMNS:
         common.fail(f"--prompt_style {args.prompt_style}: choose thinking or answer_only.")
+    if args.rollout_backend != "hf":
+        import vllm_engine
+        vllm_engine.check_backend(args.rollout_backend)
     column = PROMPT_COLUMNS[args.prompt_style]
     test = common.load_rows(args.data, args.split, required=(column, "answer", "images"))
     if len(test) == 0:
@@ -284,8 +297,17 @@ def main(argv=None) -> dict:
     model, processor = common.load_model_and_processor(args.model, dtype, args.attn_implementation,
                                                        args.min_pixels or None, args.max_pixels or None)
     model = model.to(accelerator.device).eval()
+    engine = None
+    if args.rollout_backend == "vllm":   # the engine beside the HF model, which scores the MI's candidates
+        import vllm_engine
+        engine = vllm_engine.engine_for(args.model, args.min_pixels or None, args.max_pixels or None,
+                                        dtype="bfloat16" if mixed_precision == "bf16" else dtype,
+                                        max_model_len=vllm_engine.longest_prompt(processor, rows, column)
+                                        + args.max_completion_length,
+                                        gpu_memory_utilization=0.5)   # half: the HF model beside it scores
     result = check(model, processor, rows, args.prompt_style, args.max_completion_length, args.batch_size,
-                   args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast)
+                   args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast,
+                   engine=engine)
     if accelerator.is_main_process:
         runs.write_json_atomic(output_dir / "base_check.json", {**result, "model": args.model,
                                                                 "settings": dataclasses.asdict(args),

@@ -19,6 +19,8 @@ CLI default --reasoning_tags removes closed <think>/<analysis> blocks before sco
 output.
 
 Decoding is greedy (do_sample=False), batched with left padding (sequences.generate), prompts sorted by length.
+--rollout_backend vllm decodes with an in-process vLLM engine instead (vllm_engine.py; no HF model is loaded),
+one engine for --model and every --checkpoints snapshot, each snapshot's weights loaded into it.
 Answers are read by rules only (regex/string parsing, never an LLM judge).
 
 Run (toy world, CPU; the eval_base stage's command, once run_all.sh's base and data stages have run):
@@ -63,6 +65,7 @@ STAGE = "eval.py"
 # eval.py's pixel budget for the jigsaw task when --min_pixels/--max_pixels are 0 (benchmarks/jigsaw_task.py).
 DEFAULT_MIN_PIXELS = benchmarks.jigsaw_task.MIN_PIXELS
 DEFAULT_MAX_PIXELS = benchmarks.jigsaw_task.MAX_PIXELS
+MAX_IMAGES_PER_PROMPT = 7   # the vllm engine's limit: MMMU's questions name up to 7 images (<image 1>..<image 7>)
 
 
 @dataclass
@@ -120,6 +123,9 @@ class Args:
     """ignore cached predictions in --output_dir and generate everything again"""
     save_samples: bool = True
     """keep per-sample prompts/predictions in results.json (needed for the cache and for reading outputs)"""
+    rollout_backend: str = "hf"
+    """greedy decoder: hf (sequences.generate, the reference) or vllm (vllm_engine.py, an optional install;
+    its predictions are cached apart from hf's)"""
 
 
 RANGES = {"limit": ">= 0", "checkpoint_limit": ">= 0", "seed": ">= 0", "batch_size": ">= 1",
@@ -208,7 +214,7 @@ def prompt_length(processor, s: dict, ctx: Context) -> int:
 
 
 def generate_records(model, processor, samples: list[dict], batch_size: int, max_new_tokens: int, ctx: Context,
-                     progress=None) -> list[dict]:
+                     progress=None, engine=None) -> list[dict]:
     """Greedy completions for `samples`, longest prompts first (similar lengths share a batch, so little
     padding; the largest batch comes first, so an out-of-memory error shows up at once).
 
@@ -219,8 +225,11 @@ def generate_records(model, processor, samples: list[dict], batch_size: int, max
     texts, truncated = [None] * len(samples), [False] * len(samples)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        out = sequences.generate(model, processor, [samples[i]["prompt"] for i in chunk],
-                              [samples[i]["images"] for i in chunk], max_new_tokens=max_new_tokens, do_sample=False)
+        prompts, images = [samples[i]["prompt"] for i in chunk], [samples[i]["images"] for i in chunk]
+        if engine is None:
+            out = sequences.generate(model, processor, prompts, images, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            out = engine.generate(prompts, images, max_new_tokens, do_sample=False, processor=processor)
         for i, text, cut in zip(chunk, out["texts"], out["truncated"]):
             texts[i], truncated[i] = text, cut
         if progress is not None:
@@ -299,6 +308,9 @@ def main(argv=None) -> dict:
                     "(column prompt_no_think), the style the model was trained with.")
     if args.precision not in ("auto", "bf16", "fp16", "fp32"):
         common.fail(f"--precision {args.precision}: choose auto, bf16, fp16 or fp32.")
+    if args.rollout_backend != "hf":
+        import vllm_engine
+        vllm_engine.check_backend(args.rollout_backend)
     for low, high in (("min_pixels", "max_pixels"), ("benchmark_min_pixels", "benchmark_max_pixels")):
         if getattr(args, low) and getattr(args, high) and getattr(args, low) > getattr(args, high):
             common.fail(f"--{low} {getattr(args, low)} is larger than --{high} {getattr(args, high)}.")
@@ -369,13 +381,14 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
                "environment": runs.environment(), "benchmarks": previous.get("benchmarks", {})}
 
     # ---- loop per benchmark: windows of rows -> samples -> keys -> generate what is missing -> score -------
-    model = processor = None
+    model = processor = engine = None
     from tqdm.auto import tqdm
     for name in names:
         bench, dataset = REGISTRY[name], datasets_[name]
         bench_settings = benchmark_settings(args, bench)
         decode = {**{k: v for k, v in bench_settings.items() if k != "prompt_style"}, "dtype": dtype,
-                  "decoding": "greedy", "attn_implementation": args.attn_implementation or "sdpa"}
+                  "decoding": "greedy", "attn_implementation": args.attn_implementation or "sdpa",
+                  **({"rollout_backend": args.rollout_backend} if args.rollout_backend != "hf" else {})}
         ctx = Context(args.prompt_style, bench_settings["min_pixels"], bench_settings["max_pixels"])
         cached = results["benchmarks"].get(name, {}).get("samples", {})
         rows = benchmarks.select_rows(dataset, bench, limit, args.seed)
@@ -403,7 +416,19 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
                         samples.append((s, None))
                         todo.append(s)
             if todo:
-                if model is None:
+                if model is None and engine is None and args.rollout_backend == "vllm":
+                    import vllm_engine
+                    t0 = time.time()
+                    processor = common.load_processor(model_path)
+                    # Every benchmark's largest images and the model's own length limit (the hf backend has no
+                    # other); each request carries its benchmark's pixel budget. vLLM's default share of the GPU:
+                    # no HF model is loaded.
+                    engine = vllm_engine.engine_for(
+                        model_path, max_pixels=max(benchmark_settings(args, REGISTRY[n])["max_pixels"] for n in names),
+                        dtype=dtype, max_model_len=None, max_images_per_prompt=MAX_IMAGES_PER_PROMPT,
+                        gpu_memory_utilization=0.9)
+                    print(f"[eval] vllm engine on {model_path} ({dtype}) in {time.time() - t0:.1f}s")
+                elif model is None and engine is None:   # the hf backend
                     t0 = time.time()
                     model, processor = common.load_model_and_processor(
                         model_path, dtype, args.attn_implementation or None, device=device)
@@ -411,7 +436,7 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
                     print(f"[eval] loaded {model_path} ({dtype}, {device}) in {time.time() - t0:.1f}s")
                 set_pixel_budget(processor, ctx.min_pixels, ctx.max_pixels)
                 fresh = iter(generate_records(model, processor, todo, args.batch_size,
-                                              bench_settings["max_new_tokens"], ctx))
+                                              bench_settings["max_new_tokens"], ctx, engine=engine))
                 samples = [(s, out if out is not None else next(fresh)) for s, out in samples]
             generated += len(todo)
             reused += len(samples) - len(todo)

@@ -111,6 +111,8 @@ PRESET_VARIABLES = {   # name: (stages that depend on it, range of a number or N
     "EVAL_LIMIT": (("eval_base", "eval", "analyze"), ">= 0"), "CHECKPOINT_EVAL_LIMIT": (("eval",), ">= 0"),
     "JIGSAW_MAX_COMPLETION_LENGTH": (("eval_base", "eval"), ">= 1"), "ANALYZE_N": (("analyze",), ">= 1"),
     "ANALYZE_PROJ_DIM": (("analyze",), ">= 0"), "KL_PUZZLES": (("analyze",), ">= 0"), "KL_SAMPLES": (("analyze",), ">= 1"),
+    # the decoder of every decoding stage: hf (the kit's own) or vllm (vllm_engine.py, an optional install)
+    "ROLLOUT_BACKEND": (("eval_base", "rft", "sources", "eval", "analyze"), None),
 }
 TOY_BASE_VARIABLES = tuple(name for name, (stages, _) in PRESET_VARIABLES.items() if stages == ("base",))
 # Set per run, not per preset (run_all.sh gives each its default): where, how many seeds, which machine.

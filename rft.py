@@ -13,6 +13,10 @@ Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpo
     the reward), with beta 0.04 (the GRPO paper, Jigsaw-R1): unbiased, never negative, cheap.
   * Sampling is our own decode loop (sequences.generate): each prompt is prefilled once and its cache copied to
     its G samples; plain multinomial sampling at --temperature, no top-k; vision tokens are never sampled.
+    --rollout_backend vllm samples the same distribution with an in-process vLLM engine instead (TRL's colocate
+    mode: weights pushed after every optimizer step, the engine asleep while the trainer runs; vllm_engine.py).
+    The sampler's log-probs against the trainer's are logged at every step (sampling_logp_difference_mean/max,
+    for either backend); --vllm_importance_sampling_correction reweights the loss by their truncated ratio.
   * Loss aggregation: grpo (per-sequence token mean, the paper's), dapo or dr_grpo with TRL's normalisers.
 
 Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing), in the 3b preset's folders:
@@ -23,6 +27,7 @@ Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient chec
     accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_processes 4 rft.py \\
         --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --output_dir runs/7b/rft --batch_size 1
     (FSDP2 over 4 GPUs, B per process; decoding steps until every rank is done, since each forward gathers)
+    python rft.py ... --rollout_backend vllm    # rollouts by vLLM (pip install: vllm_engine.py says how)
 Memory plan only (architecture on the meta device, no weights loaded, nothing downloaded):
     python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 4 --num_generations 8
     python rft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dry_run --batch_size 1 --plan_processes 4   # per GPU, FSDP
@@ -102,6 +107,17 @@ class Args:
     """sampling temperature, also applied to training log-probs (Jigsaw-R1 and TRL: 1.0)"""
     top_p: float = 1.0
     """nucleus sampling (TRL default 1.0: no truncation, so log-probs stay those of the sampled policy)"""
+    rollout_backend: str = "hf"
+    """decoder of the rollouts, the evaluations and the step-0 check: hf (sequences.generate, the reference) or
+    vllm (an in-process vLLM engine, vllm_engine.py; an optional install: requirements-vllm.txt on a CPU,
+    constraints-vllm-cuda.txt on a GPU). One process only"""
+    vllm_importance_sampling_correction: bool = False
+    """vllm backend: multiply each token's policy loss by min(pi_trainer / pi_sampler, cap), the truncated importance
+    sampling correction (TIS) of Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training", as TRL's GRPOTrainer applies it (truncated_importance_weights). TRL turns it on with vLLM; off here
+    so that both backends run the same algorithm: turn it on when sampling_logp_difference_mean grows"""
+    vllm_importance_sampling_cap: float = 2.0
+    """the cap C of that correction (TRL's vllm_importance_sampling_cap, 2.0 where it was introduced)"""
     # --- loss ---
     lr: float = 1e-6
     """learning rate (Jigsaw-R1 and TRL's GRPOConfig: 1e-6)"""
@@ -225,7 +241,8 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
               epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int = 512,
-              num_sequences: int | None = None, num_tokens: int | float | None = None):
+              num_sequences: int | None = None, num_tokens: int | float | None = None,
+              importance_weights: torch.Tensor | None = None):
     """PPO-clipped GRPO loss of one (micro-)batch, [B, T] tensors, advantages [B].
 
     per-token loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3_kl,
@@ -235,7 +252,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
       dr_grpo: sum over tokens / (num_sequences * max_completion_length)
     `num_sequences` and `num_tokens` are those of the whole step (default: this batch), so that the losses of
     the micro-batches of one step add up to the loss of the step (gradient accumulation needs no rescaling).
-    Returns (loss, stats) with stats holding detached per-token tensors (ratio, kl, clipped).
+    `importance_weights` [B, T] (detached; truncated_importance_weights) multiply the clipped policy term of each
+    token, not the KL term, as in TRL. Returns (loss, stats) with stats holding detached per-token tensors (ratio,
+    kl, clipped).
 
     Example (grpo, beta 0, one sequence of 2 tokens, A = 1): ratios [1.0, 1.5] -> token losses [-1.0, -1.2]
     (1.5 is clipped to 1.2) -> loss -1.1; the clipped token has no gradient.
@@ -248,6 +267,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     ratio = torch.exp(logprobs - old_logprobs)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights
     kl = torch.zeros_like(logprobs)
     if beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)
@@ -263,6 +284,25 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     # Where the clipped term is the smaller one and the ratio is out of range, the gradient is zero.
     clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
     return loss, {"ratio": ratio.detach(), "kl": kl.detach(), "clipped": clipped.detach()}
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance sampling (TIS, Yao et al. 2025, fengyao.notion.site/off-policy-rl): the rollouts were
+    drawn by the sampler (vLLM), whose log-probs differ slightly from the trainer's own for the same weights, so
+    each token's policy-gradient term is reweighted by pi_trainer / pi_sampler, truncated at `cap` to bound the
+    variance: w = min(exp(trainer_logprobs - sampler_logprobs), cap), detached. TRL's token-level form
+    (trl/trainer/grpo_trainer.py at 12fc85fd, "Truncated Importance Sampling to address rollout-training mismatch",
+    PR #3867: old_per_token_logps - sampling_per_token_logps, clamp(max=vllm_importance_sampling_cap)); the
+    trainer log-probs are the "old" policy's (with mu = 1 the current policy's own, detached). TRL has since
+    added sequence-level and masking variants and defaults to sequence_mask at 3.0 (grpo_config.py at f2cd577);
+    this is the token_truncate one.
+
+    Example, one sequence of 3 tokens, cap 2: trainer [-1.0, -0.5, -2.0], sampler [-1.0, -1.0, -0.1] ->
+    exp([0.0, 0.5, -1.9]) = [1.0, 1.6487, 0.1496]; nothing above the cap. With sampler [-1.0, -2.0, -2.0] the
+    second token's exp(1.5) = 4.48 is truncated to 2.0. Padding positions (both 0) get weight 1 and are masked
+    by the loss anyway."""
+    return torch.exp(trainer_logprobs.detach() - sampler_logprobs).clamp(max=cap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,21 +330,28 @@ def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, t
 # ----------------------------------------------------------------------------------------------------------
 # Rollout and policy update
 # ----------------------------------------------------------------------------------------------------------
-def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext) -> dict:
+def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext, engine=None,
+            seed: int | None = None) -> dict:
     """Sample G completions for each of the B puzzles in ONE batched decode (sequences.generate prefills each
-    puzzle and its images once and copies the cache G times), score them, and compute advantages. The
-    completions come group by group: puzzle 1's G samples, then puzzle 2's, ..."""
+    puzzle and its images once and copies the cache G times; or the vLLM engine, with its request seed), score
+    them, and compute advantages. The completions come group by group: puzzle 1's G samples, then puzzle 2's, ..."""
     prompt_column = PROMPT_COLUMNS[args.prompt_style]
     answers = [row["answer"] for row in rows for _ in range(args.num_generations)]
-    with autocast():
-        out = sequences.generate(model, processor, [row[prompt_column] for row in rows],
-                              [common.row_images(row) for row in rows], max_new_tokens=args.max_completion_length,
-                              temperature=args.temperature, top_p=args.top_p, do_sample=True,
-                              num_samples=args.num_generations)
+    prompts, images = [row[prompt_column] for row in rows], [common.row_images(row) for row in rows]
+    if engine is None:
+        with autocast():
+            out = sequences.generate(model, processor, prompts, images, max_new_tokens=args.max_completion_length,
+                                     temperature=args.temperature, top_p=args.top_p, do_sample=True,
+                                     num_samples=args.num_generations)
+    else:  # vLLM's kernels in the engine's own dtype: no autocast
+        out = engine.generate(prompts, images, max_new_tokens=args.max_completion_length,
+                              temperature=args.temperature, top_p=args.top_p, num_samples=args.num_generations,
+                              processor=processor, seed=seed)
     scores = score(out["texts"], answers, args)
     advantages = group_advantages(scores["reward"], args.num_generations, scale=args.scale_rewards)
     return {"prompt_batch": out["batch"], "completion_ids": out["completion_ids"], "texts": out["texts"],
-            "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages}
+            "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages,
+            "sampler_logprobs": out["logprobs"]}
 
 
 def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
@@ -327,6 +374,10 @@ def micro_batches(processor, batch: dict, args: Args) -> list[dict]:
             loss_mask = loss_mask * (~batch["truncated"][start:end]).long().unsqueeze(1)
         mb["loss_mask"] = loss_mask
         mb["advantages"] = batch["advantages"][start:end]
+        sampler = torch.zeros(mb["completion_ids"].shape, dtype=torch.float32)   # padded like completion_ids
+        for row, values in enumerate(batch["sampler_logprobs"][start:end]):
+            sampler[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        mb["sampler_logprobs"] = sampler
         chunks.append(mb)
     return chunks
 
@@ -356,7 +407,9 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                 mb["ref_logprobs"] = sequences.shared_prefix_logprobs(ref_model, *prefix).float().cpu()
 
     passes, skipped = [], 0
-    for _ in range(args.num_iterations):
+    # sampler-vs-trainer mismatch on the rollout's tokens, before any update (TRL's sampling_logp_difference)
+    mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0}
+    for iteration in range(args.num_iterations):
         stats = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0,
                  "ratio_min": math.inf, "ratio_max": -math.inf}
         finite = True
@@ -369,9 +422,20 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                     # first pass (or one after a skipped first pass: the weights have not moved either way)
                     mb["old_logprobs"] = logprobs.detach().cpu()
                 old = mb["old_logprobs"].to(device) if args.num_iterations > 1 else logprobs.detach()
+                if iteration == 0:
+                    difference = (logprobs.detach() - inputs["sampler_logprobs"]).abs()
+                    difference = difference[inputs["completion_mask"].bool()]
+                    mismatch["sum"] += float(difference.sum())
+                    mismatch["max"] = max(mismatch["max"], float(difference.max()) if difference.numel() else 0.0)
+                    mismatch["tokens"] += difference.numel()
+                weights = None
+                if args.vllm_importance_sampling_correction:
+                    weights = truncated_importance_weights(old, inputs["sampler_logprobs"],
+                                                           args.vllm_importance_sampling_cap)
                 loss, s = grpo_loss(logprobs, old, inputs["advantages"].float(), inputs["loss_mask"],
                                     inputs.get("ref_logprobs"), args.beta, args.epsilon, args.epsilon_high,
-                                    args.loss_type, args.max_completion_length, num_sequences, num_tokens)
+                                    args.loss_type, args.max_completion_length, num_sequences, num_tokens,
+                                    importance_weights=weights)
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -400,7 +464,12 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
                        "clip_fraction": stats["clipped_sum"] / tokens, "ratio_mean": stats["ratio_sum"] / tokens,
                        "ratio_min": stats["ratio_min"], "ratio_max": stats["ratio_max"], "grad_norm": grad_norm,
                        "finite": finite})
-    return {"passes": passes, "skipped": skipped}
+    # over all processes: the mean over every token of the step, the largest difference anywhere
+    totals = accelerator.reduce(torch.tensor([mismatch["sum"], float(mismatch["tokens"])], device=device), "sum")
+    largest = accelerator.gather(torch.tensor([mismatch["max"]], device=device)).max()
+    return {"passes": passes, "skipped": skipped,
+            "sampling_logp_difference_mean": float(totals[0] / totals[1].clamp(min=1)),
+            "sampling_logp_difference_max": float(largest)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,7 +508,8 @@ RANGES = {"max_steps": ">= 0", "batch_size": ">= 1", "num_generations": ">= 2", 
           "save_total_limit": ">= 0", "eval_steps": ">= 0", "eval_size": ">= 0", "eval_batch_size": ">= 1",
           "max_nonfinite": ">= 1", "plan_prompt_length": ">= 1", "log_completions": ">= 0", "w_hit": ">= 0",
           "w_acc": ">= 0", "w_fmt": ">= 0", "min_pixels": ">= 0", "max_pixels": ">= 0", "mi_puzzles": ">= 0",
-          "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0", "plan_processes": ">= 1"}
+          "mi_candidates": ">= 2", "min_answer_image_mi": ">= 0", "plan_processes": ">= 1",
+          "vllm_importance_sampling_cap": "> 0"}
 # Flags that do not change the trajectory: a --resume may change them (runs.prepare_run compares the rest).
 OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_size", "eval_batch_size",
                "max_nonfinite", "report_to", "log_completions", "dry_run", "plan_prompt_length", "mi_puzzles",
@@ -466,6 +536,12 @@ def check_args(args: Args) -> None:
         common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
+    if args.rollout_backend != "hf":
+        import vllm_engine
+        vllm_engine.check_backend(args.rollout_backend)
+    elif args.vllm_importance_sampling_correction:
+        common.fail("--vllm_importance_sampling_correction corrects the vLLM sampler's mismatch with the trainer; it "
+                    "needs --rollout_backend vllm (the hf backend samples with the trainer's own model).")
 
 
 def completion_records(step: int, rows: list[dict], batch: dict, args: Args) -> list[dict]:
@@ -517,6 +593,9 @@ def main(argv=None) -> dict:
     # positions): N GPUs must not generate N copies of the same rollouts.
     world, rank = accelerator.num_processes, accelerator.process_index
     common.seed_everything(args.seed + rank)
+    if args.rollout_backend == "vllm" and world > 1:
+        common.fail(f"--rollout_backend vllm runs one in-process engine: {world} processes would need vLLM's "
+                    "external launcher, which this kit has not tested. Run one process, or use --rollout_backend hf.")
 
     # ------------------------------------------------------------------ model
     model, processor = common.load_model_and_processor(args.model, policy_dtype, args.attn_implementation,
@@ -562,14 +641,33 @@ def main(argv=None) -> dict:
         output_dir / ("completions.jsonl" if rank == 0 else f"completions.rank{rank}.jsonl"),
         enabled=args.log_completions > 0)
     snapshot_dtype = runs.snapshot_dtype(precision)
+    policy = accelerator.unwrap_model(model)
+
+    # ------------------------------------------------------------------ the vllm engine (--rollout_backend vllm)
+    # One in-process engine on --model (TRL's colocate mode), in the dtype the hf backend samples in, sized for
+    # the longest prompt of the data + --max_completion_length; on a resume it gets the restored weights.
+    engine = None
+    if args.rollout_backend == "vllm":
+        import vllm_engine
+        longest = max(vllm_engine.longest_prompt(processor, train, prompt_column),
+                      vllm_engine.longest_prompt(processor, eval_rows, prompt_column))
+        engine = vllm_engine.engine_for(
+            args.model, args.min_pixels or None, args.max_pixels or None, seed=args.seed + rank,
+            dtype="bfloat16" if mixed_precision == "bf16" else policy_dtype,
+            max_model_len=longest + args.max_completion_length,
+            gpu_memory_utilization=0.3)   # TRL's colocate default (grpo_config.py at f2cd577); the rest: the trainer
+        if step > 0:
+            engine.push_weights(policy)
+        accelerator.print(f"[rft] vllm engine ready in {engine.start_seconds:.1f} s (max_model_len "
+                          f"{engine.max_model_len})")
 
     # ------------------------------------------------------------------ step 0: the base check as a guard
     # (base_check.py: greedy exact/hit/format and MI(answer; image); stops below --min_answer_image_mi)
-    policy = accelerator.unwrap_model(model)
     if step == 0 and eval_rows:
         last = {"step": 0, **base_check.check(
             policy, processor, eval_rows, args.prompt_style, args.max_completion_length, args.eval_batch_size,
-            args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast, "rft")}
+            args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast, "rft",
+            engine=engine)}
         logger.log(last)
     if args.max_steps == 0:
         return last
@@ -584,13 +682,19 @@ def main(argv=None) -> dict:
         indices = common.data_indices(len(train), args.seed, position + rank * args.batch_size, args.batch_size)
         position += args.batch_size * world
         rows = [train[i] for i in indices]
-        batch = rollout(policy, processor, rows, args, accelerator.autocast)
+        # vllm: a seed per (seed, rank, step), so a resumed run draws the rollouts the uninterrupted one drew
+        batch = rollout(policy, processor, rows, args, accelerator.autocast, engine,
+                        None if engine is None else vllm_engine.derived_seed(args.seed, rank, step))
+        if engine is not None:
+            engine.sleep()            # GPU: the engine's weights to host memory, its KV cache freed (CPU: nothing)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the KV cache of generate is garbage now; give its memory to training
         t1 = time.perf_counter()
         # loss: num_iterations clipped passes with gradient accumulation over micro-batches
         chunks = micro_batches(processor, batch, args)
         update = policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks, args)
+        if engine is not None:
+            update["time_weight_push"] = engine.push_weights(policy)   # once per step, after the last pass
         t2 = time.perf_counter()
 
         scores, lengths = batch["scores"], torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float)
@@ -611,6 +715,9 @@ def main(argv=None) -> dict:
                                                                            for p in update["passes"]) / len(update["passes"]),
             "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
             "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,
+            "sampling_logp_difference_mean": update["sampling_logp_difference_mean"],
+            "sampling_logp_difference_max": update["sampling_logp_difference_max"],
+            **({"time_weight_push": update["time_weight_push"]} if engine is not None else {}),
             "tokens_per_second": float(lengths.sum()) / max(t2 - t0, 1e-9),
             "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None,
         }
@@ -638,7 +745,8 @@ def main(argv=None) -> dict:
         # ------------------------------------------------------------------ eval and save
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
             result = base_check.greedy_scores(policy, processor, eval_rows, args.prompt_style,
-                                              args.max_completion_length, args.eval_batch_size, accelerator.autocast)
+                                              args.max_completion_length, args.eval_batch_size, accelerator.autocast,
+                                              engine=engine)
             logger.log({"step": step, **result})
             record.update(result)
         # A skipped update left the weights and optimizer as they were (known-good), so the snapshot is taken

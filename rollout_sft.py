@@ -84,7 +84,8 @@ OUT_COLUMNS = ("id", "images", "prompt", "completion", "answer", "rows", "cols",
 # Fields of the shard's meta file that change what is sampled: a resume with other values would mix two
 # different samplers in one data set, so it is refused. (--batch_size and --limit may change on resume.)
 SHARD_KEYS = ("source", "data", "split", "model", "num_generations", "temperature", "top_p", "max_completion_length",
-              "max_per_puzzle", "seed", "precision")
+              "max_per_puzzle", "seed", "precision", "rollout_backend")
+SHARD_DEFAULTS = {"rollout_backend": "hf"}   # what a shard written before the field existed was sampled with
 
 
 @dataclass
@@ -166,6 +167,9 @@ class Args:
     """processor max_pixels (0: as saved with the processor)"""
     max_checkpoint_accuracy: float = 0.05
     """rea_self_generated: warn when the checkpoint's task accuracy is above this (the paper: < 5%)"""
+    rollout_backend: str = "hf"
+    """sampler: hf (sequences.generate, the reference) or vllm (vllm_engine.py, an optional install); the kept
+    rows' log-probs always come from the HF model"""
 
 
 RANGES = {"num_generations": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_completion_length": ">= 1",
@@ -329,17 +333,22 @@ def load_sampler(args: Args):
     return model, processor
 
 
-def sample_completions(model, processor, rows: list[dict], args: Args) -> list[list[str]]:
+def sample_completions(model, processor, rows: list[dict], args: Args, engine=None) -> list[list[str]]:
     """K sampled texts per row, max(1, --batch_size // K) puzzles per sequences.generate call: each puzzle is
-    prefilled once and its cache copied K times (num_samples), left padding, images in row order."""
+    prefilled once and its cache copied K times (num_samples), left padding, images in row order. With a vLLM
+    engine, the same calls seeded with the chunk's seed (a redrawn chunk draws the same samples)."""
     per_call = max(1, args.batch_size // args.num_generations)
     texts = []
     for start in range(0, len(rows), per_call):
         chunk = rows[start:start + per_call]
-        out = sequences.generate(model, processor, [row["prompt"] for row in chunk],
-                              [common.row_images(row) for row in chunk], args.max_completion_length,
-                              temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
-                              do_sample=args.temperature > 0, num_samples=args.num_generations)
+        prompts, images = [row["prompt"] for row in chunk], [common.row_images(row) for row in chunk]
+        sampling = dict(temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                        do_sample=args.temperature > 0, num_samples=args.num_generations)
+        if engine is None:
+            out = sequences.generate(model, processor, prompts, images, args.max_completion_length, **sampling)
+        else:
+            out = engine.generate(prompts, images, args.max_completion_length, processor=processor,
+                                  seed=chunk_seed(args.seed, rows[0]["id"]) + start * args.num_generations, **sampling)
         texts += out["texts"]
     return [texts[i * args.num_generations:(i + 1) * args.num_generations] for i in range(len(rows))]
 
@@ -359,6 +368,7 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
         old = common.read_json(meta_path, f"Delete {meta_path} and {shard} to start over.")
         # --data and --model by what they hold (runs.data_fingerprint / model_fingerprint): a rebuilt data set
         # under the same name is refused (its puzzle ids repeat, its puzzles do not), a moved one resumes
+        old.update({key: old.get(key, SHARD_DEFAULTS.get(key)) for key in SHARD_KEYS})  # keys added since
         diff, same_content = [], set()
         for key in ("data", "model"):
             before, now = old.get(f"{key}_fingerprint"), meta.get(f"{key}_fingerprint")
@@ -596,6 +606,9 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
                     "hub id).")
     common.check_ranges(args, RANGES)
     common.check_attn_implementation(args.attn_implementation)
+    if args.rollout_backend != "hf" and args.source in NEEDS_MODEL:
+        import vllm_engine
+        vllm_engine.check_backend(args.rollout_backend)
     # Before any model is loaded: never replace a folder this script did not make, and one writer at a time.
     # The lock file lies beside the output folder, with the shards (the folder is swapped in whole at the end).
     runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
@@ -638,10 +651,17 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     meta.update(data_fingerprint=runs.data_fingerprint(args.data), model_fingerprint=runs.model_fingerprint(args.model))
     Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
-    model = processor = None
+    model = processor = engine = None
     if not all(i in runs.read_shard(shard) for i in ids):
         model, processor = load_sampler(args)
-    sampler = sample_fn or sample_completions
+        if args.rollout_backend == "vllm":   # beside the HF model, which scores the kept rows
+            import vllm_engine
+            engine = vllm_engine.engine_for(
+                args.model, args.min_pixels or None, args.max_pixels or None, seed=args.seed,
+                dtype=common.resolve_dtype(args.precision, common.default_device(), "--precision"),
+                max_model_len=vllm_engine.longest_prompt(processor, dataset) + args.max_completion_length,
+                gpu_memory_utilization=0.5)   # half: the HF model beside it scores the kept rows
+    sampler = sample_fn or (lambda model, processor, rows, a: sample_completions(model, processor, rows, a, engine))
 
     # ---------------- rollout: chunks appended to the shard ----------------
     records = generate_to_shard(

@@ -120,7 +120,7 @@ eval_model() {  # eval_model NAME FOLDER PROMPT_STYLE [EXTRA EVAL.PY FLAGS]. The
   # settings (benchmarks/<name>.py)
   $PY eval.py --model "$2" --benchmarks "jigsaw,$BENCHMARKS" --prompt_style "$3" --batch_size "$EVAL_BATCH_SIZE" \
     --limit "$EVAL_LIMIT" --data "$(eval_data)" "${PIX[@]}" --max_completion_length "$JIGSAW_MAX_COMPLETION_LENGTH" \
-    --output_dir "$RUN/eval/$1" "${@:4}"
+    --rollout_backend "$ROLLOUT_BACKEND" --output_dir "$RUN/eval/$1" "${@:4}"
 }
 think_check() {  # think_check NAME: the toy world only. Is NAME's think text true of the pieces, does its answer
   # follow it (toy.py --think_check, from the completions eval.py saved; writes $RUN/eval/NAME/think_check.json).
@@ -135,7 +135,7 @@ stage_eval_base() {
   # below MIN_ANSWER_IMAGE_MI, the same check rft.py runs at its step 0).
   $PY base_check.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/base_check" \
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --batch_size "$EVAL_BATCH_SIZE" \
-    --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --precision "$PRECISION" "${PIX[@]}"
+    --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --precision "$PRECISION" "${PIX[@]}" --rollout_backend "$ROLLOUT_BACKEND"
 }
 
 stage_sft_non_rea() {  # SFT-Non-Rea: the ground-truth answer alone, straight from the jigsaw data
@@ -152,13 +152,14 @@ stage_rft() {  # RFT: GRPO with R = R_hit + R_acc + R_fmt
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" \
     --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --save_at "$RFT_EARLY_STEP${RFT_SAVE_AT:+,$RFT_SAVE_AT}" \
     --micro_batch_size "$RFT_MICRO_BATCH" "${RFT_GC[@]}" --save_total_limit 0 --precision "$PRECISION" \
-    --optimizer "$OPTIMIZER" "${PIX[@]}" --resume --seed "$SEED"
+    --optimizer "$OPTIMIZER" "${PIX[@]}" --rollout_backend "$ROLLOUT_BACKEND" --resume --seed "$SEED"
 }
 
 sampled_source() {  # sampled_source NAME CHECKPOINT: a source made of the checkpoint's own samples
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$ROLLOUT_K" \
       --temperature "$TEMPERATURE" --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --max_rows "$ROLLOUT_TARGET_ROWS" \
-      --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" --output_dir "$SOURCES/$1" --seed "$SEED"; then
+      --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" --rollout_backend "$ROLLOUT_BACKEND" \
+      --output_dir "$SOURCES/$1" --seed "$SEED"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
@@ -225,7 +226,8 @@ stage_analyze() {  # learning dynamics of every source; probe log-probs and the 
   $PY analyze.py --model "$MODEL" --output_dir "$RUN/analysis" --n_train "$ANALYZE_N" --n_probe "$ANALYZE_N" "${PIX[@]}" \
     --proj_dim "$ANALYZE_PROJ_DIM" --probe_answer "$probe_answer" --sources "$(IFS=,; echo "${sources[*]}")" \
     "${probes[@]}" --kl_data "$DATA/jigsaw" --kl_puzzles "$KL_PUZZLES" --kl_samples "$KL_SAMPLES" \
-    --kl_max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --runs "$(IFS=,; echo "${tracked[*]}")"
+    --kl_max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --rollout_backend "$ROLLOUT_BACKEND" \
+    --runs "$(IFS=,; echo "${tracked[*]}")"
 }
 
 stage_report() {  # report.py reads what the stages wrote (tables, figures, the seeds' spread)

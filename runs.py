@@ -519,7 +519,11 @@ def finish_run(accelerator, model, processor, output_dir, step: int, dtype: torc
         export_model(accelerator, model, processor, final, dtype)
         if accelerator.is_main_process:
             write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
-    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        accelerator.end_training()
+    else:  # the trackers only: a process group in a one-process run is a vLLM engine's (vllm_engine.py), which
+        for tracker in accelerator.trackers:   # would fail to shut down at exit if accelerate destroyed it here
+            tracker.finish()
     return final
 
 

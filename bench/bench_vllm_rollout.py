@@ -1,6 +1,9 @@
 """GRPO rollouts with the vllm backend (vllm_engine.py) against the hf backend (sequences.generate), in one run:
-tokens/s of each (median over rounds) and their ratio, the weight-push time, GPU memory with the engine awake
-and asleep, greedy agreement, and the sampler-vs-trainer log-prob mismatch that GRPO's importance ratio sees.
+tokens/s of each (median over rounds) and their ratio, the engine's start time, the weight-push time (fp32 master
+weights into the engine, after an optimizer step), GPU memory with the engine awake and asleep, the device's peak
+during one rft.py training step with the engine awake and asleep (what sleep mode gives the trainer), greedy
+agreement, and the sampler-vs-trainer log-prob mismatch that GRPO's importance ratio sees. These are the figures
+that replace plan.py's estimated vLLM constants.
 
 The shape is the 3b preset's rollout (presets/3b.env): B=4 puzzles x G=8 completions, up to 512 new tokens,
 448x448 3x3 puzzles. The model is the REAL Qwen2.5-VL-3B architecture with random weights and the toy tokenizer
@@ -16,6 +19,7 @@ constraints-vllm-cuda.txt on a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -218,27 +222,58 @@ def main(argv=None):
     print(f"[bench] greedy equal {results['greedy_equal']}; sampler-vs-trainer log-prob difference mean "
           f"{difference.mean():.1e}, max {difference.max():.1e} over {difference.numel()} tokens")
 
-    # a trained model is pushed after every optimizer step: time it with changed weights
-    # rft.py's cycle: rollouts, sleep while training, push the updated weights, wake for the next rollouts
-    pushes = []
-    for step in range(args.rounds):
-        engine.sleep()
-        results["gib_in_use_engine_asleep"] = gib_in_use()
-        with torch.no_grad():                       # stands in for an optimizer step
-            for param in model.parameters():
-                param.mul_(1 + 1e-3 * (step + 1) / args.rounds)
-        pushes.append(engine.push_weights(model))
+    # rft.py's cycle on the 3b preset's settings: rollouts, the engine asleep while the trainer takes a step (fp32
+    # master weights, bf16 autocast, gradient checkpointing, 8-bit AdamW; one micro-batch of RFT_MICRO_BATCH 2
+    # rollout sequences), the updated weights pushed, the engine woken. The first step runs with the engine awake:
+    # the difference of the two peaks is what sleep mode gives the trainer.
+    model.float()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    optimizer = common.make_optimizer(model.parameters(), "adamw8bit" if cuda else "adamw", 1e-6)
+    micro = sequences.to_device(sequences.build_batch(
+        processor, [prompts[0]] * 2, [images[0]] * 2, completion_ids=sampled["completion_ids"][:2]), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    pushes, peaks = [], {}
+    for step in range(args.rounds + 1):
+        asleep = step > 0
+        if asleep:
+            engine.sleep()
+            results["gib_in_use_engine_asleep"] = gib_in_use()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            in_use, reserved = gib_in_use(), torch.cuda.memory_reserved() / common.GiB
+        with autocast:
+            logprobs = sequences.completion_logprobs(model, micro).float()
+        loss = -(logprobs * micro["completion_mask"]).sum() / micro["completion_mask"].sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:   # the device's peak: what was in use before the step + what torch's allocator grew by during it
+            torch.cuda.synchronize()
+            peaks["asleep" if asleep else "awake"] = round(
+                in_use + torch.cuda.max_memory_reserved() / common.GiB - reserved, 2)
+        seconds = engine.push_weights(model)
+        if asleep:
+            pushes.append(seconds)
         engine.wake_up()
     results["push_weights_s"] = round(statistics.median(pushes), 3)
     results["gib_in_use_engine_woken"] = gib_in_use()
+    results["peak_gib_training_step_engine_awake"] = peaks.get("awake")
+    results["peak_gib_training_step_engine_asleep"] = peaks.get("asleep")
+    model.eval()
+    with autocast:
+        expected = sequences.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
     after = engine.generate(prompts, images, max_new_tokens, do_sample=False, processor=processor)
-    expected = sequences.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
     results["greedy_equal_after_push"] = f"{sum(a == b for a, b in zip(after['completion_ids'], expected['completion_ids']))}" \
                                          f"/{len(prompts)}"
-    print(f"[bench] push_weights {results['push_weights_s']:.3f} s (median of {args.rounds}); greedy equal after "
-          f"push {results['greedy_equal_after_push']}; GPU GiB in use: hf model {results['gib_in_use_hf_model']}, "
-          f"+engine awake {results['gib_in_use_engine_awake']}, asleep {results['gib_in_use_engine_asleep']}, "
-          f"woken {results['gib_in_use_engine_woken']}; hf rollout peak {results['hf']['peak_gib']}")
+    print(f"[bench] push_weights {results['push_weights_s']:.3f} s (median of {args.rounds}, {dtype} engine from "
+          f"fp32 weights); greedy equal after push {results['greedy_equal_after_push']}; GPU GiB in use: hf model "
+          f"{results['gib_in_use_hf_model']}, +engine awake {results['gib_in_use_engine_awake']}, asleep "
+          f"{results['gib_in_use_engine_asleep']}, woken {results['gib_in_use_engine_woken']}; hf rollout peak "
+          f"{results['hf']['peak_gib']}; training step peak with the engine awake "
+          f"{results['peak_gib_training_step_engine_awake']}, asleep {results['peak_gib_training_step_engine_asleep']}")
     runs.write_json_atomic(out / "bench_vllm_rollout.json", results)
     print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     return results

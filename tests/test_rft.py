@@ -91,6 +91,35 @@ def test_clipped_tokens_get_no_gradient():
     assert grad[1, 2].item() == 0.0  # padding
 
 
+def test_truncated_importance_weights_by_hand():
+    """TIS (Yao et al. 2025; TRL's token-level form): w = min(exp(trainer - sampler), cap), detached, multiplying the
+    clipped policy term of each token and not the KL term (the docstring's worked example)."""
+    trainer = torch.tensor([[-1.0, -0.5, -2.0]], requires_grad=True)
+    weights = rft.truncated_importance_weights(trainer, torch.tensor([[-1.0, -1.0, -0.1]]), cap=2.0)
+    assert weights == pytest.approx(torch.tensor([[1.0, math.exp(0.5), math.exp(-1.9)]]), abs=1e-6)
+    assert not weights.requires_grad
+    capped = rft.truncated_importance_weights(trainer, torch.tensor([[-1.0, -2.0, -2.0]]), cap=2.0)
+    assert capped == pytest.approx(torch.tensor([[1.0, 2.0, 1.0]]), abs=1e-6)   # exp(1.5) = 4.48 -> 2
+    # In the loss (dapo, beta 0.5, A = 1, ratio 1 on every token, ref = policy except token 0 with k3 = 1 - ln 2):
+    # token terms -1 * w + 0.5 * k3 = [-1 + 0.5 (1 - ln 2), -2, -1] over 3 tokens.
+    logprobs, mask = torch.tensor([[-1.0, -0.5, -2.0]]), torch.ones(1, 3)
+    ref = logprobs.clone()
+    ref[0, 0] += math.log(2.0)
+    loss, _ = rft.grpo_loss(logprobs, logprobs, torch.tensor([1.0]), mask, ref_logprobs=ref, beta=0.5,
+                            loss_type="dapo", importance_weights=capped)
+    assert loss.item() == pytest.approx((-1 + 0.5 * (1 - math.log(2.0)) - 2 - 1) / 3, abs=1e-6)
+    plain, _ = rft.grpo_loss(logprobs, logprobs, torch.tensor([1.0]), mask, ref_logprobs=ref, beta=0.5,
+                             loss_type="dapo")
+    assert plain.item() == pytest.approx((-1 + 0.5 * (1 - math.log(2.0)) - 1 - 1) / 3, abs=1e-6)
+
+
+def test_importance_sampling_correction_needs_the_vllm_backend(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rft.main(["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none"), "--output_dir",
+                  str(tmp_path / "out"), "--vllm_importance_sampling_correction"])
+    assert exit_info.value.code == 2 and "--rollout_backend vllm" in capsys.readouterr().err
+
+
 def test_data_order_is_a_function_of_position():
     first = common.data_indices(5, seed=3, start=0, count=12)
     assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))
@@ -194,7 +223,18 @@ def test_kl_zero_at_step0_and_clipping_with_two_iterations(tiny):
     accelerator = Accelerator(cpu=True)
     optimizer = common.make_optimizer(model.parameters(), "adamw", args.lr)
     scheduler = common.warmup_cosine(optimizer, 0, 2, 1.0)
+    # the sampler-vs-trainer mismatch, before any update: the sampler's log-probs moved by a known amount on the
+    # completion tokens (the sampler drew with the vision tokens masked: -log(1 - p_vision) >= 0 per token)
+    with torch.no_grad():
+        trainer = [sequences.completion_logprobs(model, mb).float() for mb in chunks]
+    shift = [torch.full_like(mb["sampler_logprobs"], 0.25) * mb["completion_mask"] for mb in chunks]
+    shift[0][0, 0] = -0.75
+    for mb, lp, delta in zip(chunks, trainer, shift):
+        mb["sampler_logprobs"] = lp + delta
+    tokens = sum(int(mb["completion_mask"].sum()) for mb in chunks)
     result = rft.policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks, args)
+    assert result["sampling_logp_difference_max"] == pytest.approx(0.75, abs=1e-5)
+    assert result["sampling_logp_difference_mean"] == pytest.approx((0.75 + 0.25 * (tokens - 1)) / tokens, abs=1e-5)
     first, second = result["passes"]
     assert first["kl"] == 0.0 and first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0
     assert first["clip_fraction"] == 0.0
