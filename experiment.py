@@ -75,15 +75,17 @@ TRAINING_ORDER = [s.method for s in SOURCES if s.own_stage] + ["rft"] + [s.metho
 # Preset variables: every one a preset must set (presets/<name>.env), the stages that read it, and its range.
 # run_all.sh records each stage's variables in <run>/settings/<stage>.json; plan.py checks them before a run.
 # ----------------------------------------------------------------------------------------------------------
-STAGES = ("base", "data", "eval_base", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "analyze", "report")
+STAGES = ("base", "data", "eval_base", "pilot", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "analyze",
+          "report")
 ALL = STAGES
+RFT = ("pilot", "rft")
 PRESET_VARIABLES = {   # name: (stages that depend on it, range of a number or None)
     # the model and how every stage runs it
     "PLAN_DEVICE": ((), None), "BUILD_TOY_BASE": (ALL, "[0, 1]"), "MODEL": (ALL, None), "PRECISION": (ALL, None),
     "OPTIMIZER": (ALL, None), "GRADIENT_CHECKPOINTING": (ALL, "[0, 1]"), "MIN_PIXELS": (ALL, ">= 0"),
     "MAX_PIXELS": (ALL, ">= 1"), "KEEP_RESUME_STATE": (ALL, "[0, 1]"), "JOBS": (("sources", "sft_sources", "eval"), ">= 1"),
     # the command sft.py and rft.py run under: empty = $PY, or accelerate launch with configs/accelerate_fsdp2.yaml
-    "LAUNCH": (("base", "sft_non_rea", "rft", "sft_sources"), None),
+    "LAUNCH": (("base", "sft_non_rea") + RFT + ("sft_sources",), None),
     # the toy world's base model (BUILD_TOY_BASE=1 only)
     "TOY_SIZE": (("base",), None), "PRIOR_PRETRAIN": (("base",), ">= 1"), "PRIOR_TRAIN": (("base",), ">= 1"),
     "PRIOR_TEST": (("base",), ">= 1"), "TOY_FORMAT_SHARE": (("base",), "[0, 1]"),
@@ -97,28 +99,33 @@ PRESET_VARIABLES = {   # name: (stages that depend on it, range of a number or N
     "SAVE_STEPS": (("sft_non_rea", "sft_sources"), ">= 0"), "SFT_SAVE_AT": (("sft_non_rea", "sft_sources"), None),
     "LR_SFT": (("sft_non_rea", "sft_sources"), "> 0"),
     # RFT (GRPO)
-    "RFT_STEPS": (("rft",), ">= 2"), "RFT_BATCH": (("rft",), ">= 1"), "GROUP_SIZE": (("rft",), ">= 2"),
-    "LR_RFT": (("rft",), "> 0"), "BETA": (("rft",), ">= 0"), "TEMPERATURE": (("rft", "sources"), "> 0"),
-    "RFT_MAX_COMPLETION_LENGTH": (("eval_base", "rft", "sources", "analyze"), ">= 1"),
-    "RFT_SAVE_STEPS": (("rft",), ">= 0"), "RFT_SAVE_AT": (("rft",), None), "RFT_EARLY_STEP": (("rft", "sources"), ">= 1"),
-    "RFT_MICRO_BATCH": (("rft",), ">= 1"), "MIN_ANSWER_IMAGE_MI": (("eval_base", "rft"), ">= 0"),
+    # (the pilot runs the first PILOT_STEPS steps of the same RFT run, so it reads every RFT variable)
+    "RFT_STEPS": (RFT, ">= 2"), "RFT_BATCH": (RFT, ">= 1"), "GROUP_SIZE": (RFT, ">= 2"),
+    "LR_RFT": (RFT, "> 0"), "BETA": (RFT, ">= 0"), "TEMPERATURE": (RFT + ("sources",), "> 0"),
+    "RFT_MAX_COMPLETION_LENGTH": (("eval_base",) + RFT + ("sources", "analyze"), ">= 1"),
+    "RFT_SAVE_STEPS": (RFT, ">= 0"), "RFT_SAVE_AT": (RFT, None), "RFT_EARLY_STEP": (RFT + ("sources",), ">= 1"),
+    "RFT_MICRO_BATCH": (RFT, ">= 1"), "MIN_ANSWER_IMAGE_MI": (("eval_base",) + RFT, ">= 0"),
+    "RFT_EVAL_STEPS": (RFT, ">= 0"), "RFT_EVAL_SIZE": (RFT, ">= 0"),
+    # the pilot: the first PILOT_STEPS RFT steps, evaluated every PILOT_EVAL_STEPS, gate the rest (pilot.py)
+    "PILOT_STEPS": (RFT, ">= 0"), "PILOT_EVAL_STEPS": (("pilot",), ">= 1"), "PILOT_MIN_GAIN": (("pilot",), ">= 0"),
     # the SFT data sources
     "ROLLOUT_K": (("sources",), ">= 1"), "ROLLOUT_LIMIT": (("sources",), ">= 0"),
     "ROLLOUT_BATCH_SIZE": (("sources",), ">= 1"), "ROLLOUT_TARGET_ROWS": (("sources",), ">= 0"),
-    "PLACEHOLDER_SOURCES": (("sources",), "[0, 1]"),
+    "PLACEHOLDER_SOURCES": (("sources",), "[0, 1]"), "MIN_SOURCE_ROWS": (("sources",), ">= 0"),
+    "TEACHER_URL": (("sources",), None), "TEACHER_MODEL": (("sources",), None),
     # evaluation and analysis
     "BENCHMARKS": (("eval_base", "eval", "analyze"), None), "EVAL_BATCH_SIZE": (("eval_base", "eval"), ">= 1"),
     "EVAL_LIMIT": (("eval_base", "eval", "analyze"), ">= 0"), "CHECKPOINT_EVAL_LIMIT": (("eval",), ">= 0"),
     "JIGSAW_MAX_COMPLETION_LENGTH": (("eval_base", "eval"), ">= 1"), "ANALYZE_N": (("analyze",), ">= 1"),
     "ANALYZE_PROJ_DIM": (("analyze",), ">= 0"), "KL_PUZZLES": (("analyze",), ">= 0"), "KL_SAMPLES": (("analyze",), ">= 1"),
     # the decoder of every decoding stage: hf (the kit's own) or vllm (vllm_engine.py, an optional install)
-    "ROLLOUT_BACKEND": (("eval_base", "rft", "sources", "eval", "analyze"), None),
+    "ROLLOUT_BACKEND": (("eval_base",) + RFT + ("sources", "eval", "analyze"), None),
 }
 TOY_BASE_VARIABLES = tuple(name for name, (stages, _) in PRESET_VARIABLES.items() if stages == ("base",))
 # Set per run, not per preset (run_all.sh gives each its default): where, how many seeds, which machine.
 RUN_VARIABLES = {"PRESET": None, "RUN": None, "SEEDS": ">= 1", "SEED": ">= 0", "SHARED_RUN": None, "BENCH_DIR": None,
-                 "FAKE_MIRROR": "[0, 1]", "IGNORE_DISK_PLAN": "[0, 1]", "CPU_THREADS": ">= 1", "PROBES": None,
-                 "PY": None}
+                 "FAKE_MIRROR": "[0, 1]", "IGNORE_DISK_PLAN": "[0, 1]", "IGNORE_PILOT": "[0, 1]", "CPU_THREADS": ">= 1",
+                 "PROBES": None, "PY": None}
 
 
 JOB_STAGES = ("sources", "sft_sources", "eval")   # stages that run their independent runs JOBS at a time
@@ -167,6 +174,7 @@ def shell() -> str:
         f"SOURCE_NAMES=({' '.join(SOURCE_NAMES)})",
         f"UNSAMPLED_SOURCES=({' '.join(s.name for s in SOURCES if not s.sampled)})",
         f"SAMPLED_SOURCES=({' '.join(s.name for s in SOURCES if s.sampled)})",
+        f"TEACHER_SOURCES=({' '.join(s.name for s in SOURCES if s.made_from == 'teacher')})",
         "declare -A SAMPLED_FROM=(" + " ".join(f"[{s.name}]={s.made_from}" for s in SOURCES if s.sampled) + ")",
         f"SFT_SOURCES=({' '.join(s.name for s in sft_sources)})",
         f"SFT_SOURCE_RUNS=({' '.join(s.method for s in sft_sources)})",

@@ -49,6 +49,21 @@ GRPO_PROMPT_TOKENS = 256 + 150      # the bench's prompts: a 448x448 puzzle (256
 DECODE_STEP_S = sum(GRPO_GEN_S) / 2 / GRPO_GEN_TOKENS
 # A forward pass (prefill) per token: SFT's step is forward + backward (~2 forwards) + recompute (1 forward).
 PREFILL_TOKEN_S = SFT_STEP_S / (SFT_STEP_ROWS * SFT_STEP_TOKENS) / 4
+# The decoding backend of the rollouts (ROLLOUT_BACKEND: rft.py's GRPO samples and rollout_sft.py's sources).
+# hf: the decode loop above (sequences.generate), measured. vllm: ESTIMATES, not measured with this kit (no GPU
+# with vLLM has run it yet); the pilot replaces them with the run's own seconds per step. Public figures they rest
+# on: EasyR1's baselines (hiyouga/EasyR1 assets/baselines.md at 55b40c8; examples/config.yaml: 512 prompts x 5
+# samples, responses <= 2,048 tokens) ran Qwen2.5-VL-3B GRPO with vLLM rollouts on 8 H100 at 1,800 tokens/s per
+# GPU over the whole step (rollout + training + reference), 120 s per step; vLLM 0.10.2's offline throughput on one
+# A800 (nano-vllm-triton issue #1, github.com/cosmoliu2002/nano-vllm-triton/issues/1) was 17.7k tokens/s for
+# Qwen2.5-0.5B and 12.6k for Llama-3.2-1B. Decoding is memory-bound: a 3B model reads ~3x the 1B's weights per
+# token step on an H100 with ~1.6x the A800's bandwidth (~7k tokens/s), and the generation phase of EasyR1's step
+# must run faster than its whole-step 1.8k. The plan takes 4,000 tokens/s, between the two.
+VLLM_DECODE_TOKENS_S = 4000.0       # (est.) generated tokens per second, 3B, one H100, colocated with training
+VLLM_SYNC_S = 2.0                   # (est.) per GRPO step: the policy's new weights pushed into the engine
+# (7.5 GB of bf16 weights copied on the GPU; TRL's colocate mode does the same per step)
+BACKENDS = ("hf", "vllm")
+MIN_EVAL_PUZZLES = 200              # jigsaw puzzles per evaluation in a GPU preset (plan.py check)
 JIGSAW_BUILD_S = 0.05               # jigsaw.py per puzzle from a hub stream or folder (decode, resize, PNG):
 # an assumption (not measured with COCO here); the toy builds 576 procedural puzzles in ~10 s.
 SECONDS_OTHER_STAGE = 120           # report, the base stage of a hub model: a few minutes of wall time
@@ -86,8 +101,8 @@ TOY_SECONDS = {"base": 245, "data": 10, "eval_base": 22, "sft_non_rea": 39, "rft
 # The steps TOY_SECONDS' training stages were measured at (presets/toy.env): a toy run with other step counts
 # scales those stages by steps (their time is per step; the fixed start-up is a few seconds).
 TOY_MEASURED_STEPS = {"sft_non_rea": ("SFT_STEPS", 120), "sft_sources": ("SFT_STEPS", 120), "rft": ("RFT_STEPS", 160)}
-SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "sft_non_rea": 20, "rft": 25, "sources": 70,
-                     "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
+SMALL_CPU_SECONDS = {"base": 50, "data": 12, "eval_base": 20, "pilot": 20, "sft_non_rea": 20, "rft": 25,
+                     "sources": 70, "sft_sources": 100, "eval": 150, "analyze": 50, "report": 25}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,16 +180,65 @@ def puzzle_png_bytes(settings: dict) -> tuple[float, str]:
     if images:
         sizes = [_png_bytes(jigsaw.make_puzzle(im, rows, cols, seed=i).images[0]) for i, im in enumerate(images)]
         return sum(sizes) / len(sizes), f"PNG measured on {len(sizes)} of the run's images"
-    return PHOTO_PNG_BYTES_PER_PIXEL * side * side, f"PNG assumed {PHOTO_PNG_BYTES_PER_PIXEL} B/pixel (photos)"
+    width, height, _ = puzzle_size(settings)
+    return PHOTO_PNG_BYTES_PER_PIXEL * width * height, \
+        f"{width}x{height} PNG assumed {PHOTO_PNG_BYTES_PER_PIXEL} B/pixel (photos)"
 
 
-def prompt_tokens(settings: dict) -> int:
-    """Tokens of a jigsaw prompt: merged vision tokens of the puzzle image + the prompt text + the template."""
+PHOTO_ASPECT = (4, 3)                # COCO's usual 640x480 landscape: 448 wide -> 448x336, 16x12 = 192 merged tokens
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """(height, width) the Qwen2-VL processor feeds the model: sides rounded to multiples of `factor`, the pixel
+    count clamped to [min_pixels, max_pixels], the aspect kept (the rule of transformers' qwen2_vl
+    image_processing_qwen2_vl.smart_resize, written here because importing transformers costs --list seconds)."""
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def puzzle_size(settings: dict) -> tuple[int, int, str]:
+    """(width, height, where from) of a puzzle image as jigsaw.py writes it: procedural images are square; photos
+    are resized to JIGSAW_IMAGE_SIZE on their longer side (measured on the run's own images when they are local,
+    else COCO's 4:3) and cropped to a multiple of the grid."""
     import jigsaw
     rows, cols = jigsaw.parse_grid(settings.get("GRID", "3x3"))
     side = int(settings.get("JIGSAW_IMAGE_SIZE", 448))
-    pixels = min(side * side, int(settings.get("MAX_PIXELS") or side * side))
-    vision = max(1, pixels // (28 * 28))
+    source = settings.get("SOURCE", "")
+    if source == "procedural":
+        width, height, where = side, side, "square procedural images"
+    else:
+        width, height = side, round(side * PHOTO_ASPECT[1] / PHOTO_ASPECT[0])
+        where = f"photos assumed {PHOTO_ASPECT[0]}:{PHOTO_ASPECT[1]} (COCO)"
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in jigsaw.IMAGE_SUFFIXES)[:4] \
+            if source and Path(source).is_dir() else []
+        if files:
+            from PIL import Image
+            sizes = []
+            for path in files:
+                with Image.open(path) as im:
+                    sizes.append(jigsaw._resize(im, side).size)
+            width, height = (round(sum(v) / len(v)) for v in zip(*sizes))
+            where = f"measured on {len(files)} of the run's images"
+    return width - width % cols, height - height % rows, where
+
+
+def prompt_tokens(settings: dict) -> int:
+    """Tokens of a jigsaw prompt: merged vision tokens of the puzzle image (after the processor's resize) + the
+    prompt text + the template. A 448x336 COCO puzzle: 16 x 12 = 192 vision tokens."""
+    import jigsaw
+    rows, cols = jigsaw.parse_grid(settings.get("GRID", "3x3"))
+    width, height, _ = puzzle_size(settings)
+    max_pixels = int(settings.get("MAX_PIXELS") or width * height)
+    min_pixels = int(settings.get("MIN_PIXELS") or 3136)
+    h, w = smart_resize(height, width, min_pixels, max_pixels)
+    vision = max(1, (h // 28) * (w // 28))
     return vision + len(jigsaw.build_prompt(rows, cols, True)) // TEXT_BYTES_PER_TOKEN + CHAT_TEMPLATE_TOKENS
 
 
@@ -194,7 +258,7 @@ def checkpoints(steps: int, save_steps: int, save_at: str = "") -> int:
     return len(due)
 
 
-TRAINING_STAGES = ("base", "sft_non_rea", "rft", "sft_sources")   # the stages run_all.sh runs under LAUNCH
+TRAINING_STAGES = ("base", "sft_non_rea", "pilot", "rft", "sft_sources")   # the stages run_all.sh runs under LAUNCH
 
 
 def launcher(settings: dict) -> dict | None:
@@ -236,10 +300,29 @@ def launcher(settings: dict) -> dict | None:
     return {"config": path, "processes": processes, "distributed_type": kind, "fsdp_version": version, "fsdp": fsdp}
 
 
-def plan(settings: dict, stages: list[str]) -> dict:
+def rft_step_seconds(settings: dict, measured: dict | None = None) -> dict:
+    """Planned seconds of one GRPO step of the run's settings and of one evaluation along training:
+    {"generation", "training", "eval"} (the pilot compares what it measured with these to rescale the plan)."""
+    return plan(settings, ["rft"], measured)["rft_step"]
+
+
+def eval_points(start: int, stop: int, every: int) -> int:
+    """In-training evaluations rft.py runs at steps in (start, stop]: every `every` steps and at the last step."""
+    if stop <= start:
+        return 0
+    due = {n for n in range(every * (start // every + 1), stop + 1, every)} if every > 0 else set()
+    return len(due | {stop})
+
+
+def plan(settings: dict, stages: list[str], measured: dict | None = None) -> dict:
+    """The plan of a preset; `measured` rescales it by what the pilot measured: {"rollout": x, "train": y,
+    "eval": z}, each the ratio of measured to planned seconds (rollout decoding, GRPO training, greedy
+    evaluation), applied wherever the same kind of work comes again."""
     s = settings
     launch = launcher(s)
     processes = launch["processes"] if launch else 1
+    scale = {"rollout": 1.0, "train": 1.0, "eval": 1.0, **(measured or {})}
+    backend = s.get("ROLLOUT_BACKEND") or "hf"
     gpu = s.get("PLAN_DEVICE", "gpu") == "gpu"
     config, config_source = model_config(s)
     params = count_params(config)["total"]
@@ -286,10 +369,16 @@ def plan(settings: dict, stages: list[str]) -> dict:
         tokens = batch * (prompt + target_tokens)
         return steps * SFT_STEP_S * ratio * tokens / (SFT_STEP_ROWS * SFT_STEP_TOKENS)
 
-    def decode_seconds(sequences, call_size, tokens, prompt_len):
+    def decode_seconds(sequences, call_size, tokens, prompt_len, engine="hf", samples_per_prompt=1):
+        """hf: calls of `call_size` sequences, each decoding to the cap at the measured step time (constant up to
+        32 sequences, linear above). vllm: continuous batching, so the generated tokens at the estimated rate.
+        Both prefill a prompt once for its samples (sequences.generate copies the cache; vLLM's prefix cache)."""
+        prefill = sequences / samples_per_prompt * prompt_len * PREFILL_TOKEN_S * ratio
+        if engine == "vllm":
+            return (sequences * tokens / VLLM_DECODE_TOKENS_S * ratio + prefill) * scale["rollout"]
         calls = math.ceil(sequences / max(1, call_size))
         per_step = DECODE_STEP_S * ratio * max(1.0, min(call_size, sequences) / GRPO_GEN_SEQS)
-        return calls * tokens * per_step + sequences * prompt_len * PREFILL_TOKEN_S * ratio
+        return (calls * tokens * per_step + prefill) * (scale["rollout"] if engine == "rollout_hf" else scale["eval"])
 
     def eval_seconds(limit, with_prior=True):
         rows = min(limit or n_test, n_test)
@@ -342,20 +431,48 @@ def plan(settings: dict, stages: list[str]) -> dict:
     kept, peak, note = train_disk(sft_steps, save, sft_at)
     row("sft_non_rea", sft_seconds(sft_steps, non_rea_tokens), kept, peak, f"{sft_steps} steps x batch {batch}; {note}",
         "SAVE_STEPS (fewer checkpoints)" + resume_knob)
-    rft_gen = decode_seconds(rft_batch * group, rft_batch * group, rollout_cap, prompt) * rft_steps
+    # RFT: a step is a rollout (the backend's decoding, plus the weight push of vllm) and an update (training at
+    # the measured tokens/s, every completion counted at the cap); the greedy evaluations of --eval_size puzzles
+    # along the way decode with transformers. The pilot is the run's first PILOT_STEPS steps.
+    rollout_engine = "vllm" if backend == "vllm" else "rollout_hf"
+    step_gen = decode_seconds(rft_batch * group, rft_batch * group, rollout_cap, prompt, rollout_engine, group) \
+        + (VLLM_SYNC_S * scale["rollout"] if backend == "vllm" else 0.0)
     train_tokens = rft_batch * group * (prompt + rollout_cap)
-    rft_train = rft_steps * sum(GRPO_TRAIN_S) / 2 * GRPO_TRAIN_CHECKPOINTING * ratio * \
-        train_tokens / (GRPO_GEN_SEQS * (GRPO_PROMPT_TOKENS + GRPO_GEN_TOKENS))
+    step_train = sum(GRPO_TRAIN_S) / 2 * GRPO_TRAIN_CHECKPOINTING * ratio * \
+        train_tokens / (GRPO_GEN_SEQS * (GRPO_PROMPT_TOKENS + GRPO_GEN_TOKENS)) * scale["train"]
+    rft_eval_size = min(_i(s, "RFT_EVAL_SIZE"), n_test)
+    one_eval = decode_seconds(rft_eval_size, eval_batch, rollout_cap, prompt) if rft_eval_size else 0.0
+    pilot_steps = min(_i(s, "PILOT_STEPS"), rft_steps)
+    pilot_evals = 1 + eval_points(0, pilot_steps, _i(s, "PILOT_EVAL_STEPS", 1)) if pilot_steps else 0
+    rft_evals = eval_points(pilot_steps, rft_steps, _i(s, "RFT_EVAL_STEPS")) + (0 if pilot_steps else 1)
+    load = SECONDS_OTHER_STAGE    # loading the policy and the reference, the step-0 MI check
+    prompts = rft_steps * rft_batch
+    rft_total = f"RFT {rft_steps} steps x {rft_batch} puzzles = {prompts:,} prompts x {group} completions"
+    est = " (est.)" if backend == "vllm" and not measured else ""
     kept, peak, note = train_disk(rft_steps, rft_save, rft_at)
-    row("rft", rft_gen + rft_train, kept + rft_steps * 2e4, peak,
-        f"{rft_steps} steps x {rft_batch}x{group} completions <= {rollout_cap} tokens; {note}",
+    pilot_disk = 0.0
+    if pilot_steps:
+        pilot_kept = (checkpoints(pilot_steps, rft_save, rft_at) + 1) * snapshot + resume   # its resume/ is kept
+        pilot_disk = min(pilot_kept, kept + resume)
+        replaced = resume if rft_save and pilot_steps > rft_save else 0.0   # a resume state replaced in the pilot
+        row("pilot", pilot_steps * (step_gen + step_train) + pilot_evals * one_eval + load, pilot_disk, replaced,
+            f"RFT's first {pilot_steps} steps ({backend} rollouts{est}) + {pilot_evals} evaluations of "
+            f"{rft_eval_size} test puzzles; then the gate: projected gain >= {s.get('PILOT_MIN_GAIN', '?')} points",
+            "PILOT_STEPS")
+    with_pilot = f" ({pilot_steps} in the pilot)" if pilot_steps else ""
+    row("rft", (rft_steps - pilot_steps) * (step_gen + step_train) + rft_evals * one_eval + load,
+        max(0.0, kept + rft_steps * 2e4 - pilot_disk), peak,
+        f"{rft_total}{with_pilot}, {backend} rollouts{est} <= {rollout_cap} tokens; {rft_evals} evaluations "
+        f"of {rft_eval_size} puzzles; {note}",
         "RFT_SAVE_STEPS (fewer checkpoints)" + resume_knob)
-    sampled = sampled_sources * decode_seconds(rollout_puzzles * k, rollout_batch, rollout_cap, prompt)
+    sampled = sampled_sources * decode_seconds(rollout_puzzles * k, rollout_batch, rollout_cap, prompt, rollout_engine,
+                                               k)
     source_rows = (len(experiment.SOURCES) - sampled_sources) * n_train + sampled_sources * rollout_puzzles
     perplexity = source_rows * (prompt + THINK_TARGET_TOKENS) * PREFILL_TOKEN_S * ratio
     row("sources", sampled + perplexity + 60, source_rows * (puzzle_row + 2e3), 0,
-        f"{sampled_sources} x {rollout_puzzles} puzzles x k {k} sampled in calls of {rollout_batch}; "
-        f"{len(experiment.SOURCES)} sources <= {source_rows} rows", "ROLLOUT_LIMIT")
+        f"{sampled_sources} x {rollout_puzzles} puzzles x k {k} sampled ({backend}{est}"
+        f"{'' if backend == 'vllm' else f' calls of {rollout_batch}'}); {len(experiment.SOURCES)} sources <= "
+        f"{source_rows} rows", "ROLLOUT_LIMIT")
     kept, peak, note = train_disk(sft_steps, save, sft_at)
     row("sft_sources", len(sft_runs) * sft_seconds(sft_steps, THINK_TARGET_TOKENS), len(sft_runs) * kept, peak,
         f"{len(sft_runs)} runs x {sft_steps} steps; {note} each", "SAVE_STEPS (fewer checkpoints)" + resume_knob)
@@ -376,9 +493,13 @@ def plan(settings: dict, stages: list[str]) -> dict:
         "ANALYZE_N")
     row("report", 30, REPORT_BYTES, 0, "tables and figures", "")
 
+    if not pilot_steps:
+        row("pilot", 0, 0, 0, "no pilot (PILOT_STEPS=0)", "")
     if not gpu:   # CPU presets: the run's own last stage times, else the README's toy run (smaller presets: less)
         toy = s.get("PRESET") == "toy"
         for stage in rows:
+            if stage == "pilot" and not pilot_steps:
+                continue
             seconds = (TOY_SECONDS if toy else SMALL_CPU_SECONDS).get(stage, 60)
             if toy and stage in TOY_MEASURED_STEPS:
                 variable, measured_at = TOY_MEASURED_STEPS[stage]
@@ -390,8 +511,14 @@ def plan(settings: dict, stages: list[str]) -> dict:
                 rows[stage]["seconds"] *= processes
                 rows[stage]["note"] += f"; x {processes} GPUs"
     return {"rows": {st: rows[st] for st in stages if st in rows}, "params": params, "config_source": config_source,
-            "launch": launch,
-            "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png}
+            "launch": launch, "gpu": gpu, "snapshot_bytes": snapshot, "resume_bytes": resume, "puzzle_bytes": png,
+            "prompt_tokens": prompt, "backend": backend, "rft_prompts": prompts,
+            "rft_step": {"generation": step_gen, "training": step_train, "eval": one_eval}, "measured": measured}
+
+
+def experiment_stages() -> tuple[str, ...]:
+    import experiment
+    return experiment.STAGES
 
 
 def _grid_cells(settings: dict) -> int:
@@ -436,6 +563,8 @@ def render(result: dict, settings: dict, run: Path, states: dict) -> tuple[str, 
         lines.insert(1, f"  sft.py and rft.py run as: {settings.get('LAUNCH')} ({kind}, {launch['processes']} "
                         f"processes{', config ' + launch['config'] if launch['config'] else ''}; per-process batch "
                         "sizes; GPU-hours count every GPU; FSDP's gathers are not in the time model)")
+    if gpu:
+        lines.insert(1, "  " + constants_line(result))
     total_s = total_disk = 0.0
     peak = 0.0
     to_run = []
@@ -456,6 +585,22 @@ def render(result: dict, settings: dict, run: Path, states: dict) -> tuple[str, 
                  f"+ up to {gb(peak)} while a resume state is replaced")
     summary = {"seconds": total_s, "disk": total_disk, "peak": peak, "to_run": to_run}
     return "\n".join(lines), summary
+
+
+def constants_line(result: dict) -> str:
+    """Which time constants the plan's GPU-hours rest on, measured or estimated (the `(est.)` in a row)."""
+    measured = result.get("measured")
+    if measured:
+        return ("constants: measured by this run's pilot (rollout x{rollout:.2f}, training x{train:.2f}, evaluation "
+                "x{eval:.2f} of the plan's own figures for the same work); SFT and the other stages as below"
+                ).format(**{"rollout": 1.0, "train": 1.0, "eval": 1.0, **measured})
+    text = ("constants: measured on one H100 (3B architecture, random weights): transformers decoding "
+            f"({DECODE_STEP_S:.3f} s per token step of up to {GRPO_GEN_SEQS} sequences), GRPO training, SFT steps; "
+            "estimated: the PNG size of a photo puzzle, the puzzle build time")
+    if result.get("backend") == "vllm":
+        text += (f", and every (est.) row's vLLM rollouts ({VLLM_DECODE_TOKENS_S:,.0f} tokens/s, {VLLM_SYNC_S:.0f} s "
+                 "weight push per GRPO step: public figures, not measured with this kit; the pilot measures them)")
+    return text
 
 
 def disk_verdict(summary: dict, run: Path, free: int) -> str | None:
@@ -542,6 +687,34 @@ def check_settings(settings: dict, preset: str, environ: dict) -> list[str]:
         if not 1 <= early < rft_steps:
             problems.append(f"RFT_EARLY_STEP={early} must be between 1 and RFT_STEPS - 1 = {rft_steps - 1} "
                             "(rea_self_generated samples checkpoint-RFT_EARLY_STEP).")
+        if settings["ROLLOUT_BACKEND"] not in BACKENDS:
+            problems.append(f"ROLLOUT_BACKEND={settings['ROLLOUT_BACKEND']} must be one of {', '.join(BACKENDS)} "
+                            "(the decoding of GRPO's rollouts and of the sampled sources).")
+        launch = launcher(settings)
+        if settings["ROLLOUT_BACKEND"] == "vllm" and launch and launch["processes"] > 1:
+            problems.append(f"ROLLOUT_BACKEND=vllm with LAUNCH's {launch['processes']} processes: the vLLM backend runs "
+                            "one in-process engine (vllm_engine.py); set ROLLOUT_BACKEND=hf under several processes.")
+        pilot = int(float(settings["PILOT_STEPS"]))
+        if pilot >= rft_steps:
+            problems.append(f"PILOT_STEPS={pilot} must be below RFT_STEPS={rft_steps} (the pilot is the run's first "
+                            "steps; 0 for no pilot).")
+        if bool(settings["TEACHER_URL"]) != bool(settings["TEACHER_MODEL"]):
+            problems.append("TEACHER_URL and TEACHER_MODEL go together (the server and the model it serves, e.g. "
+                            "https://api.openai.com/v1 and gpt-4o; the key comes from $OPENAI_API_KEY); set both "
+                            "or neither.")
+        if settings.get("PLAN_DEVICE", "gpu") == "gpu":
+            # A real preset's accuracies must resolve the equal-skill comparison: at 200 puzzles one puzzle is 0.5
+            # points and the standard error at 10% accuracy is 2.1 points (report.py's gate).
+            n_test = int(float(settings["N_TEST"]))
+            checked = {"N_TEST": n_test,
+                       "CHECKPOINT_EVAL_LIMIT": min(int(float(settings["CHECKPOINT_EVAL_LIMIT"])) or n_test, n_test)}
+            if pilot:
+                checked["RFT_EVAL_SIZE"] = min(int(float(settings["RFT_EVAL_SIZE"])), n_test)
+            for name, puzzles in checked.items():
+                if puzzles < MIN_EVAL_PUZZLES:
+                    problems.append(f"{name}={settings[name]} gives {puzzles} jigsaw puzzles per evaluation; a GPU "
+                                    f"preset needs at least {MIN_EVAL_PUZZLES} (one puzzle = "
+                                    f"{100 / max(1, puzzles):.1f} points) to tell a learning run from noise.")
         if toy_base and int(settings["BASE_BATCH"]) % int(settings["BASE_GRAD_ACCUM"]):
             problems.append(f"BASE_BATCH={settings['BASE_BATCH']} must be a multiple of BASE_GRAD_ACCUM="
                             f"{settings['BASE_GRAD_ACCUM']}.")
@@ -609,7 +782,7 @@ def main(argv=None) -> int:
     if args.command == "record":
         record_stage(Path(args.run), args.stage, args.seconds, settings)
         return 0
-    stages = args.stages.split() or list(TOY_SECONDS)
+    stages = args.stages.split() or list(experiment_stages())
     states = dict(item.split("=", 1) for item in args.states.split(";") if "=" in item)
     run = Path(args.run)
     result = plan(settings, stages)

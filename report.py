@@ -124,12 +124,25 @@ def training_curves(run: Path, out_png: Path) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------------
+def paper_names(run: Path) -> dict[str, str]:
+    """The paper's name of every method; SFT-Rea-External is the paper's SFT-Rea-4o arm only when a real teacher
+    wrote its traces (run_all.sh's TEACHER_URL / TEACHER_MODEL: stats.json's source_checkpoint teacher:<model>)."""
+    names = dict(METHODS)
+    for src in experiment.SOURCES:
+        made_by = str((read_json(run / "data" / "sources" / src.name / "stats.json") or {}).get("source_checkpoint", ""))
+        if src.made_from == "teacher" and made_by.startswith("teacher:"):
+            names[src.method] = f"SFT-Rea-4o arm, traces by {made_by.split(':', 1)[1]}"
+    return names
+
+
 def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
+    settings = read_json(run / "settings.json") or {}
+    names = paper_names(run)
     lines = ["## 1. The new task: jigsaw accuracy", "",
              "| method | paper name | training steps | exact accuracy (%) | hit rate (%) | format rate (%) | samples |",
              "|---|---|---|---|---|---|---|"]
     accuracy = {}
-    for method, paper_name in METHODS:
+    for method, paper_name in names.items():
         metrics = (results.get(method) or {}).get("benchmarks", {}).get("jigsaw", {}).get("metrics", {})
         accuracy[method] = metrics.get("accuracy")
         lines.append(f"| {method} | {paper_name} | {fmt(training_steps(run, method), 0)} | "
@@ -154,8 +167,20 @@ def jigsaw_section(run: Path, results: dict) -> tuple[list[str], dict]:
         lines += ["", "Chance: a claim is true 25% of the time, an answer in the claimed colour's column 50%, in its "
                   "home cell 25%. A base whose think text is true and whose answer follows it is the partly right "
                   "behaviour GRPO can reinforce."]
+    grid = str(settings.get("GRID", ""))
     lines += ["", "Paper (Qwen2.5-VL, 3x3): base 0%; RFT 66% (3B) / 75% (7B) after 27,360 steps; SFT-Non-Rea 53% / 80% "
-              "after 200 / 400 steps; SFT-Rea-4o 70% / 78%; SFT-Rea-GRPO-Rollout 70% / 81%.", ""]
+              "after 200 / 400 steps; SFT-Rea-4o 70% / 78%; SFT-Rea-GRPO-Rollout 70% / 81%."
+              + (f" This run's puzzles are {grid}, so the paper's 3x3 figures are not its targets." if grid
+                 and grid != "3x3" else ""), ""]
+    pilot = read_json(run / "pilot" / "pilot.json")
+    if pilot and pilot.get("decision", {}).get("base") is not None:
+        d = pilot["decision"]
+        state = "passed" if pilot.get("passed") else ("not passed, run on with IGNORE_PILOT=1" if pilot.get("ignored")
+                                                      else "not passed")
+        lines += [f"Pilot (pilot.py, the first {pilot['measured']['steps']} RFT steps): greedy exact accuracy "
+                  + ", ".join(f"{acc:.1f}% at step {step}" for step, acc in pilot["measured"]["points"])
+                  + f"; the straight line through them reaches {d['projected']:.1f}% by step {d['rft_steps']} against "
+                  f"the {d['target']:.1f}% it needed (base + {d['min_gain']:g}): {state}.", ""]
     return lines, accuracy
 
 
@@ -449,23 +474,81 @@ def dynamics_section(run: Path, out_dir: Path) -> tuple[list[str], dict]:
     return lines + dynamics_lines(dynamics, os.path.relpath(path.parent, out_dir)) + [""], dynamics
 
 
-def verdict(holds: bool, tie: bool) -> str:
+def verdict(holds: bool, tie: bool, comparable: bool = True) -> str:
+    if not comparable:
+        return "no verdict, since the methods were not compared at equal skill (above)"
     return "no difference, so this run cannot tell" if tie else ("agrees" if holds else "does not agree")
 
 
+MIN_LEVEL_GAIN = 10.0   # jigsaw points above the base the top common level must reach before anything is concluded
+
+
+def comparison_resolved(matched: dict) -> tuple[bool, str]:
+    """Whether the top accuracy level every method reached supports a comparison at equal skill, and why: at
+    least MIN_LEVEL_GAIN points above the base's jigsaw accuracy, and more than two standard errors of the
+    difference at the puzzles scored (binomial: 100 * sqrt(p (1 - p) / n) per accuracy). A level a point above
+    the base is where every curve still starts, read through noise: nothing can be concluded there.
+
+    Example: base 2%, top 32% on 200 puzzles: 30 points against 2 x sqrt(3.3^2 + 1.0^2) = 6.9: resolved."""
+    levels = (matched or {}).get("levels") or []
+    if not levels:
+        return False, "not every method rose above the base's jigsaw accuracy (section 3)"
+    top, base, n = levels[-1], matched.get("base_accuracy", 0.0), matched.get("jigsaw_rows")
+    gain = top - base
+    if gain < MIN_LEVEL_GAIN:
+        return False, (f"the highest jigsaw accuracy every method reached, {top:.1f}%, is {gain:.1f} points above the "
+                       f"base's {base:.1f}% (a comparison needs at least {MIN_LEVEL_GAIN:.0f})")
+    if not n:
+        return False, "the number of jigsaw puzzles the points were scored on is unknown"
+
+    def se(accuracy):
+        p = min(1.0, max(0.0, accuracy / 100))
+        return 100 * math.sqrt(p * (1 - p) / n)
+    noise = 2 * math.sqrt(se(top) ** 2 + se(base) ** 2)
+    if gain <= noise:
+        return False, (f"the top common level, {top:.1f}% against the base's {base:.1f}%, is within two standard "
+                       f"errors ({noise:.1f} points) of the {n} puzzles scored")
+    return True, (f"{top:.1f}% against the base's {base:.1f}%: {gain:.1f} points, two standard errors at {n} "
+                  f"puzzles {noise:.1f}")
+
+
+def source_repeats(run: Path) -> dict[str, tuple[int, int]]:
+    """{method: (distinct rows of its source, rows its SFT read)} of the SFT arms (data/sources/*/stats.json and
+    the run's run.json: max_steps x batch_size x grad_accum)."""
+    out = {}
+    for src in experiment.SOURCES:
+        stats = read_json(run / "data" / "sources" / src.name / "stats.json") or {}
+        settings = (read_json(run / src.method / "run.json") or {}).get("settings") or {}
+        rows = stats.get("rows_kept")
+        if not rows or "placeholder" in stats or not settings.get("max_steps"):
+            continue
+        reads = int(settings["max_steps"]) * int(settings.get("batch_size", 1)) * int(settings.get("grad_accum") or 1)
+        out[src.method] = (int(rows), reads)
+    return out
+
+
+MAX_PASSES = 4   # reads per distinct row above which an arm is flagged (Muennighoff et al. 2023, arXiv 2305.16264:
+# up to ~4 epochs of repeated data cost little against fresh data; beyond, repeated rows are worth less and less)
+
+
 def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, matched: dict | None = None,
-                seeds: int = 1) -> list[str]:
+                seeds: int = 1, repeats: dict | None = None, grid: str = "") -> list[str]:
     """The paragraph stating what this run shows, computed from the numbers above (differences under 0.5
     points are called ties: a toy test split has a few hundred questions). `matched`: {"levels": [...],
-    "table": {method: {level: forgetting}}} from the frontier section, the comparison at equal skill."""
+    "table": {method: {level: forgetting}}, "base_accuracy", "jigsaw_rows", "best"} from the frontier section,
+    the comparison at equal skill; nothing is read as agreeing or disagreeing with the paper unless that
+    comparison is resolved (comparison_resolved). `repeats`: source_repeats, to flag arms trained on few rows."""
     out = ["## 6. What this run shows", ""]
-    if matched and matched.get("levels"):
+    if grid and grid != "3x3":
+        out.append(f"- This run's puzzles are {grid}; the paper's figures are for 3x3.")
+    comparable, why = comparison_resolved(matched) if matched is not None else (False, "")
+    if comparable:
         level = matched["levels"][-1]
         row = {m: v.get(level) for m, v in matched["table"].items() if v.get(level) is not None}
         if row:
             order = ", ".join(f"{m} {v:.1f}" for m, v in sorted(row.items(), key=lambda kv: kv[1]))
             out.append(f"- **At equal skill** (every method read where it first reached {level:.1f}% jigsaw "
-                       f"accuracy, section 3), forgetting in points, least first: {order}.")
+                       f"accuracy, section 3; {why}), forgetting in points, least first: {order}.")
             if "rft" in row and "sft_non_rea" in row:
                 rft_less = row["rft"] < row["sft_non_rea"]
                 tie = abs(row["rft"] - row["sft_non_rea"]) < 0.5
@@ -477,8 +560,11 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
                                "its value there is a straight line between checkpoints far apart, so this comparison is "
                                "not a measurement. Save checkpoints more often early to make it one.")
     elif matched is not None:
-        out.append("- **No comparison at equal skill**: not every method rose above the base's jigsaw accuracy "
-                   "(section 3). The final-model comparisons below are of runs at different skill.")
+        best = ", ".join(f"{m} {v:.1f}%" for m, v in (matched.get("best") or {}).items())
+        out.append(f"- **No comparison at equal skill**: {why}."
+                   + (f" Each method's best jigsaw accuracy along its checkpoints: {best}." if best else "")
+                   + " The final-model numbers below are of runs at different skill, so none of them is read as "
+                   "agreeing or disagreeing with the paper.")
     acc = {k: v for k, v in accuracy.items() if v is not None}
     d = {k: v for k, v in mean_delta.items() if v is not None}
     if "rft" in acc and "sft_non_rea" in acc and "rft" in d and "sft_non_rea" in d:
@@ -489,8 +575,8 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
             f"{acc['sft_non_rea']:.1f}% jigsaw accuracy and changed prior knowledge by {d['sft_non_rea']:+.1f} points on "
             f"average; RFT reached {acc['rft']:.1f}% with {d['rft']:+.1f}. "
             + ("Both changed it alike: this run cannot tell." if tie else
-               f"SFT-Non-Rea forgot {'more' if forgets_more else 'less'} than RFT: {verdict(forgets_more, tie)} with "
-               "the paper."))
+               f"SFT-Non-Rea forgot {'more' if forgets_more else 'less'} than RFT: "
+               f"{verdict(forgets_more, tie, comparable)}" + (" with the paper." if comparable else ".")))
         if acc["rft"] <= acc.get("base", 0.0):
             out.append(f"  RFT did not learn the task here (jigsaw {acc['rft']:.1f}% vs base {acc.get('base', 0.0):.1f}%), "
                        "so this is not the paper's comparison of two runs that both learned it; its forgetting "
@@ -505,7 +591,8 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
             f"{d['sft_rea_grpo_rollout']:+.1f} (jigsaw {fmt(acc.get('sft_rea_grpo_rollout'))}%) against "
             f"{d['sft_non_rea']:+.1f} for SFT-Non-Rea{ext_text}. "
             + ("Both changed it alike: this run cannot tell." if tie else
-               f"Rollout data forgot {'less' if better else 'more'}: {verdict(better, tie)} with the paper."))
+               f"Rollout data forgot {'less' if better else 'more'}: {verdict(better, tie, comparable)}"
+               + (" with the paper." if comparable else ".")))
     sources = dynamics.get("sources", {}) if isinstance(dynamics, dict) else {}
     lbk = {k: v.get("lbk", {}).get("mean") for k, v in sources.items() if v.get("lbk", {}).get("mean") is not None}
     if "non_rea" in lbk and "rea_grpo_rollout" in lbk:
@@ -520,6 +607,12 @@ def conclusions(accuracy: dict, mean_delta: dict, dynamics: dict, preset: str, m
         out.append(f"- **Direction proxy.** Base-model perplexity of rollouts {ppl['rea_grpo_rollout']:.3g} vs external "
                    f"reasoning {ppl['rea_external']:.3g}: {'agrees' if low else 'does not agree'} with the paper "
                    "(rollouts lowest).")
+    for method, (rows, reads) in sorted((repeats or {}).items()):
+        if reads > MAX_PASSES * rows:
+            out.append(f"- **Few distinct rows**: {method} trained on {rows} distinct rows read {reads} times in all "
+                       f"(~{reads / rows:.0f} times each): it measures fitting those {rows} texts more than the "
+                       f"paper's arm (more than {MAX_PASSES} passes; sample more puzzles: ROLLOUT_LIMIT, or a "
+                       "checkpoint that solves more).")
     if len(out) == 2:
         out.append("- Not enough finished stages to compare the methods.")
     if seeds <= 1:
@@ -606,24 +699,74 @@ def matched_forgetting(curves: dict[str, list], levels: list[float]) -> dict[str
     return out
 
 
-def method_curves(run: Path, base_results: dict | None) -> dict[str, list[tuple[int, float, float, str]]]:
+def common_rows(results: list[dict]) -> dict[str, set[str]] | None:
+    """Per benchmark, the sample ids every one of `results` scored (eval.py keeps each sample in results.json);
+    None when a results file kept no samples (--no-save_samples, or a hand-made file): then the points cannot be
+    aligned and keep their own metrics."""
+    names = set.intersection(*[set((r.get("benchmarks") or {})) for r in results]) if results else set()
+    common = {}
+    for name in names:
+        ids = [set(r["benchmarks"][name].get("samples") or {}) for r in results]
+        if not all(ids):
+            return None
+        common[name] = set.intersection(*ids)
+    return common
+
+
+def on_rows(results: dict, rows: dict[str, set[str]] | None) -> dict:
+    """`results` with every benchmark's metrics recomputed on the given sample ids only (the benchmark's own
+    aggregate over the stored scores), so that points scored on a larger subset (the base and the final models at
+    EVAL_LIMIT) are read on the rows of the smaller one (the checkpoints at CHECKPOINT_EVAL_LIMIT)."""
+    if rows is None:
+        return results
+    import benchmarks
+    out = {**results, "benchmarks": {}}
+    for name, entry in (results.get("benchmarks") or {}).items():
+        bench = benchmarks.get(name)
+        samples = entry.get("samples") or {}
+        chosen = [samples[i] for i in sorted(rows.get(name, ())) if "score" in samples[i]]
+        if bench is None or name not in rows or not chosen:
+            continue
+        metrics = bench.aggregate(chosen)
+        metrics["num_samples"] = len(chosen)
+        out["benchmarks"][name] = {**entry, "metrics": metrics}
+    return out
+
+
+def method_curves(run: Path, base_results: dict | None, info: dict | None = None
+                  ) -> dict[str, list[tuple[int, float, float, str]]]:
     """Per training method, [(step, jigsaw accuracy, prior score, label)] along its evaluated checkpoints
-    (eval/<method>/checkpoint-N/results.json, then eval/<method>/results.json for final/), the base first."""
-    base = (0, jigsaw_accuracy(base_results), prior_score(base_results), "base")
-    curves = {}
+    (eval/<method>/checkpoint-N/results.json, then eval/<method>/results.json for final/), the base first. Every
+    point of every curve, the base included, is scored on the same rows: the sample ids all of them have (see
+    common_rows); `info` gets {"aligned": bool, "rows": {benchmark: count}}."""
+    found = {}
     for method, _ in METHODS[1:]:
         points = []
         for path in (run / "eval" / method).glob("checkpoint-*/results.json"):
             match = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
             results = read_json(path)
             if match and results:
-                points.append((int(match.group(1)), jigsaw_accuracy(results), prior_score(results), path.parent.name))
+                points.append((int(match.group(1)), path.parent.name, results))
         final = read_json(run / "eval" / method / "results.json")
         if final:
-            points.append((training_steps(run, method) or 0, jigsaw_accuracy(final), prior_score(final), "final"))
-        points = sorted(p for p in points if p[1] is not None and p[2] is not None)
-        if points and base[1] is not None and base[2] is not None:
-            curves[method] = [base] + points
+            points.append((training_steps(run, method) or 0, "final", final))
+        if points:
+            found[method] = points
+    everything = [r for points in found.values() for _, _, r in points] + ([base_results] if base_results else [])
+    rows = common_rows(everything)
+    if info is not None:
+        info.update(aligned=rows is not None, rows={k: len(v) for k, v in (rows or {}).items()})
+    base = on_rows(base_results or {}, rows)
+    base = (0, jigsaw_accuracy(base), prior_score(base), "base")
+    curves = {}
+    for method, points in found.items():
+        scored = []
+        for step, label, results in points:
+            results = on_rows(results, rows)
+            scored.append((step, jigsaw_accuracy(results), prior_score(results), label))
+        scored = sorted(p for p in scored if p[1] is not None and p[2] is not None)
+        if scored and base[1] is not None and base[2] is not None:
+            curves[method] = [base] + scored
     return curves
 
 
@@ -634,7 +777,8 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
     """RL's Razor's main plot (arXiv 2509.04259) for this run: prior knowledge against jigsaw accuracy along each
     method's checkpoints, the forgetting of every method at accuracies all of them reached, and the KL on the
     new task next to it. What makes a short RFT run comparable with a long SFT run."""
-    curves = method_curves(run, results.get("base"))
+    rows_info = {}
+    curves = method_curves(run, results.get("base"), rows_info)
     lines = ["## 3. Forgetting at equal skill", ""]
     if not curves:
         return lines + ["(no checkpoint evaluations under eval/<method>/checkpoint-N/: run the eval stage)", ""]
@@ -644,13 +788,25 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
     simple = {m: [(step, acc, prior) for step, acc, prior, _ in c] for m, c in curves.items()}
     levels = common_levels(simple)
     table = matched_forgetting(simple, levels)
+    jigsaw_rows = rows_info.get("rows", {}).get("jigsaw") or \
+        ((results.get("base") or {}).get("benchmarks", {}).get("jigsaw", {}).get("num_samples"))
     if matched is not None:
         matched.update(levels=levels, table=table,
-                       wide={m: {lv: bracket_span(simple[m], lv) > WIDE_GAP for lv in levels} for m in simple})
+                       wide={m: {lv: bracket_span(simple[m], lv) > WIDE_GAP for lv in levels} for m in simple},
+                       base_accuracy=max(c[0][1] for c in simple.values()), jigsaw_rows=jigsaw_rows,
+                       best={m: max(a for _, a, _ in c) for m, c in simple.items()})
     base_prior = next(iter(curves.values()))[0][2]
     lines += [f"Prior knowledge = mean strict score over the prior-knowledge benchmarks in % (base {base_prior:.1f}). "
               "Each method is read where it first reaches each jigsaw accuracy level, interpolated linearly between "
               "its two checkpoints around it; levels run up to the best accuracy every method reached.", ""]
+    if rows_info.get("aligned"):
+        lines += ["Every point, the base and the final models included, is scored on the same rows (the samples all "
+                  "of them were evaluated on): " + ", ".join(f"{k} {v}" for k, v in sorted(rows_info["rows"].items()))
+                  + ".", ""]
+    else:
+        lines += ["Warning: the results files keep no per-sample records, so each point is read on the rows it was "
+                  "evaluated on (the base and final models on EVAL_LIMIT rows, checkpoints on CHECKPOINT_EVAL_LIMIT "
+                  "rows): differences between subsets read as forgetting.", ""]
     if levels:
         lines += ["| method | " + " | ".join(f"forgetting at {lv:.1f}% jigsaw" for lv in levels)
                   + " | final jigsaw (%) | final forgetting | KL on the new task (final) |",
@@ -820,7 +976,8 @@ def main(argv=None):
     lines += sources_section(run)
     dyn_lines, dynamics = dynamics_section(run, out.parent)
     lines += dyn_lines
-    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched, seeds)
+    lines += conclusions(accuracy, mean_delta, dynamics, args.preset, matched, seeds, source_repeats(run),
+                         str(settings.get("GRID", "")))
     lines += ["## 7. Settings", "", "| variable | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(settings.items())]
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}

@@ -24,6 +24,8 @@ Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient chec
         --max_steps 500 --batch_size 4 --num_generations 8
     python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
         --max_steps 500 --batch_size 4 --num_generations 8 --resume
+A finished run goes on with a larger --max_steps and --resume when the lr is constant (the default
+--min_lr_ratio 1): run_all.sh's pilot is the first steps of the RFT run, and its rft stage continues it.
     accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_processes 4 rft.py \\
         --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/7b/data/jigsaw --output_dir runs/7b/rft --batch_size 1
     (FSDP2 over 4 GPUs, B per process; decoding steps until every rank is done, since each forward gathers)
@@ -53,7 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,6 +520,32 @@ OPERATIONAL = ("save_steps", "save_at", "save_total_limit", "eval_steps", "eval_
                "mi_candidates", "min_answer_image_mi", "plan_processes")
 
 
+def operational_flags(args: Args) -> tuple[str, ...]:
+    """OPERATIONAL, plus --max_steps when the lr is constant (--min_lr_ratio 1: the schedule never reads the
+    total), so a run continues past the steps it was started with: run_all.sh's pilot is the first steps of
+    the RFT run, and its RFT stage resumes it with the full --max_steps (the same trajectory as one run; a test
+    checks the weights bit for bit). With a decaying lr the total shapes every step, so it must match."""
+    return OPERATIONAL + (("max_steps",) if args.min_lr_ratio == 1.0 else ())
+
+
+def keep_final_as_snapshot(output_dir: Path, step: int, max_steps: int, save_steps: int, save_at: list[int]) -> None:
+    """A run continued past the --max_steps it finished at (run_all.sh's pilot) left that step's weights in final/,
+    which the longer run would have saved as checkpoint-{step}/ (runs.snapshot_due): copy it there, so the run
+    has the snapshots of one uninterrupted run. final/ holds exactly those weights only when it was written at
+    this step (its trainer_state.json says so)."""
+    final, target = output_dir / "final", output_dir / f"checkpoint-{step}"
+    state = final / "trainer_state.json"
+    if not runs.snapshot_due(step, max_steps, save_steps, save_at)[0] or target.exists() or not state.exists():
+        return
+    if json.loads(state.read_text()).get("step") != step:
+        return
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    runs.write_json_atomic(tmp / "trainer_state.json", {"step": step})
+    tmp.rename(target)
+
+
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
     """(precision name, accelerate mixed_precision, policy dtype, reference dtype); a --dry_run plans for a GPU."""
     cuda = torch.cuda.is_available() or args.dry_run
@@ -588,7 +618,17 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     accelerator = runs.make_accelerator(mixed_precision, args.report_to, output_dir)
     resume_from = runs.prepare_run(accelerator, output_dir, "rft.py", dataclasses.asdict(args), args.resume,
-                                     args.overwrite, OPERATIONAL)
+                                     args.overwrite, operational_flags(args))
+    if resume_from is not None:   # before any model is loaded: a finished run, or one asked to go back
+        resumed_at = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        if resumed_at > args.max_steps:
+            common.fail(f"--resume: {output_dir} is at step {resumed_at}, past --max_steps {args.max_steps}; a run "
+                        "cannot go back. Give --max_steps >= its step, or start a new --output_dir.")
+        if resumed_at == args.max_steps and (output_dir / "final" / "config.json").exists():
+            accelerator.print(f"[rft] {output_dir} already finished --max_steps {args.max_steps}: nothing to do")
+            return {"step": resumed_at}
+        if accelerator.is_main_process:
+            keep_final_as_snapshot(output_dir, resumed_at, args.max_steps, args.save_steps, save_at)
     # Each process samples with its own seed and draws its own puzzles (common.data_indices at its rank's
     # positions): N GPUs must not generate N copies of the same rollouts.
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -744,9 +784,11 @@ def main(argv=None) -> dict:
                         "--precision bf16_mixed, or raise --max_nonfinite, then --resume.")
         # ------------------------------------------------------------------ eval and save
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
+            t3 = time.perf_counter()
             result = base_check.greedy_scores(policy, processor, eval_rows, args.prompt_style,
                                               args.max_completion_length, args.eval_batch_size, accelerator.autocast,
                                               engine=engine)
+            result["time_eval"] = time.perf_counter() - t3   # the pilot rescales the plan's evaluations by it
             logger.log({"step": step, **result})
             record.update(result)
         # A skipped update left the weights and optimizer as they were (known-good), so the snapshot is taken

@@ -33,6 +33,8 @@ an uninterrupted run. The data set folder is built from the shard at the end (at
     python rollout_sft.py --source rea_grpo_rollout --data runs/3b/data/jigsaw --model runs/3b/rft/final \\
         --num_generations 4 --max_completion_length 512 --max_rows 880 \\
         --output_dir runs/3b/data/sources/rea_grpo_rollout
+    #   run_all.sh adds a prediction from RFT's own rollouts, checked before any decoding (too few rows: stop):
+    #   --sampler_metrics runs/3b/rft/metrics.jsonl --sampler_step 500 --min_rows 200
     python rollout_sft.py --source rea_self_generated --data runs/3b/data/jigsaw --model runs/3b/rft/checkpoint-100 \\
         --num_generations 4 --max_rows 880 --output_dir runs/3b/data/sources/rea_self_generated
     # rea_external from reasoning written elsewhere
@@ -55,12 +57,14 @@ an uninterrupted run. The data set folder is built from the shard at the end (at
         --max_pixels 12544 --output_dir runs/toy/data/sources/rea_self_generated
 
 Without a usable source (a checkpoint that gets nothing right, traces that match no puzzle) the script stops
-with counts; it never hands sft.py an empty data set.
+with counts; it never hands sft.py an empty data set. A sparse source samples its whole --limit (its first chunks
+may keep nothing); whether that budget can keep --min_rows is predicted before any decoding (--sampler_metrics).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -170,11 +174,23 @@ class Args:
     rollout_backend: str = "hf"
     """sampler: hf (sequences.generate, the reference) or vllm (vllm_engine.py, an optional install); the kept
     rows' log-probs always come from the HF model"""
+    sampler_metrics: str = ""
+    """the metrics.jsonl of the training run --model comes from (rft.py's): its rollout accuracy (format rate for
+    rea_self_generated) over the --sampler_window steps up to --sampler_step predicts the rows this source keeps,
+    before any decoding; with --min_rows, too few stops here (empty: no prediction)"""
+    sampler_step: int = 0
+    """the training step of --model (rft.py's step of that checkpoint; run_all.sh: RFT_STEPS or RFT_EARLY_STEP)"""
+    sampler_window: int = 20
+    """training steps averaged for the prediction (20 x B x G rollouts: the accuracy of one step is noisy)"""
+    min_rows: int = 0
+    """stop before decoding when the predicted rows are fewer (0: never). run_all.sh: MIN_SOURCE_ROWS, a quarter of
+    what SFT reads, so no row is read more than ~4 times"""
 
 
 RANGES = {"num_generations": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_completion_length": ">= 1",
           "max_per_puzzle": ">= 1", "batch_size": ">= 1", "limit": ">= 0", "max_rows": ">= 0",
-          "min_pixels": ">= 0", "max_pixels": ">= 0", "max_checkpoint_accuracy": "[0, 1]"}
+          "min_pixels": ">= 0", "max_pixels": ">= 0", "max_checkpoint_accuracy": "[0, 1]", "sampler_step": ">= 0",
+          "sampler_window": ">= 1", "min_rows": ">= 0"}
 
 
 def log(message: str) -> None:
@@ -425,18 +441,69 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
             runs.append_shard(shard, records)
         done.update({r["id"]: r for r in records})
         kept_rows = sum(len(r["kept"]) for r in done.values())
-        if kept_rows == 0:
-            # A source that yields nothing from its first chunk almost surely yields nothing at all: stop now,
-            # with the counts, not after hours of sampling (the shard keeps what was drawn).
-            stats = summarize(done, [i for i in ids if i in done])
-            common.fail(f"source {args.source}: 0 usable rows from the first {len(done)} puzzle(s) of {args.data} "
-                        f"({json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))})}). "
-                        + EMPTY_HINTS.get(experiment.source(args.source).keeps, ""))
+        # A sparse source samples its whole budget: at ~1% per sample the first chunk often keeps nothing while the
+        # budget keeps enough. Whether it can is decided before any decoding (expected_rows); an empty source
+        # stops at save_source, with the counts.
         if args.max_rows and kept_rows >= args.max_rows:
             log(f"{kept_rows} rows kept (>= --max_rows {args.max_rows}) after {len(done)} of {len(ids)} puzzles: "
                 "stopping early")
             break
     return done
+
+
+def kept_per_puzzle(p: float, k: int, max_per_puzzle: int) -> float:
+    """Expected rows one puzzle keeps when each of its k samples is usable with probability p, independently:
+    E[min(max_per_puzzle, Binomial(k, p))]. Independence is the optimistic case (a trained policy's right answers
+    cluster on its easy puzzles), so the prediction is an upper bound. p 0.005, k 4, one row per puzzle: 0.0199."""
+    return sum(min(max_per_puzzle, j) * math.comb(k, j) * p ** j * (1 - p) ** (k - j) for j in range(k + 1))
+
+
+def expected_rows(args: Args, puzzles: int) -> dict:
+    """The rows this source should keep, predicted from the sampling checkpoint's own training rollouts (same
+    temperature and token cap): rft.py logs each step's share of right answers ("accuracy") and of well-formed
+    ones ("format_rate"); rea_grpo_rollout keeps right samples, rea_self_generated samples with a think block."""
+    path = Path(args.sampler_metrics)
+    if not path.is_file():
+        common.fail(f"--sampler_metrics {path}: no such file (the metrics.jsonl of the training run --model comes "
+                    "from); drop the flag to sample without a prediction.")
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "reward" in record and args.sampler_step - args.sampler_window < record.get("step", -1) <= args.sampler_step:
+            steps.append(record)
+    if not steps:
+        common.fail(f"--sampler_metrics {path}: no training step in ({args.sampler_step - args.sampler_window}, "
+                    f"{args.sampler_step}]; give the step of --model as --sampler_step.")
+    keeps = experiment.source(args.source).keeps
+    key = "accuracy" if keeps == "correct_sample" else "format_rate"
+    rate = sum(float(r.get(key, 0.0)) for r in steps) / len(steps)
+    per_puzzle = kept_per_puzzle(rate, args.num_generations, args.max_per_puzzle)
+    return {"key": key, "rate": rate, "first_step": steps[0]["step"], "last_step": steps[-1]["step"],
+            "per_puzzle": per_puzzle, "puzzles": puzzles, "expected_rows": puzzles * per_puzzle}
+
+
+def check_expected_rows(args: Args, puzzles: int, available: int) -> dict:
+    """Stop before any decoding, naming the numbers, when the prediction is below --min_rows."""
+    e = expected_rows(args, puzzles)
+    what = "right" if e["key"] == "accuracy" else "well-formed"
+    log(f"predicted: {e['expected_rows']:.0f} rows from {puzzles} puzzles (training rollouts {what} "
+        f"{100 * e['rate']:.2f}% of the time at steps {e['first_step']}-{e['last_step']} of {args.sampler_metrics})")
+    if args.min_rows and e["expected_rows"] < args.min_rows:
+        need = math.ceil(args.min_rows / e["per_puzzle"]) if e["per_puzzle"] > 0 else None
+        common.fail(
+            f"source {args.source}: too few rows expected, stopped before any decoding. The sampling checkpoint's "
+            f"training rollouts (steps {e['first_step']}-{e['last_step']} of {args.sampler_metrics}, the same "
+            f"temperature and token cap) were {what} {100 * e['rate']:.2f}% of the time; with --num_generations "
+            f"{args.num_generations} a puzzle keeps a row with probability {100 * e['per_puzzle']:.2f}%, so "
+            f"{puzzles} puzzles give about {e['expected_rows']:.0f} rows, below --min_rows {args.min_rows} (SFT "
+            f"would read each row {args.min_rows / max(1.0, e['expected_rows']):.0f}x as often as planned). "
+            + (f"At this rate {need:,} puzzles would be needed (the split has {available:,}: ROLLOUT_LIMIT / "
+               "--limit); " if need else "At this rate no number of puzzles is enough; ")
+            + "or train RFT further (a later checkpoint: the pilot's trend says how far), or lower --min_rows.")
+    return e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -622,7 +689,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     reward_fn = reward_fn or default_reward
 
     # ---------------- data ----------------
-    dataset = common.load_rows(args.data, args.split, required=JIGSAW_COLUMNS)
+    dataset = full_split = common.load_rows(args.data, args.split, required=JIGSAW_COLUMNS)
     if args.limit:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     if len(dataset) == 0:
@@ -642,6 +709,9 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
         print_stats(stats)
         log(f"wrote {args.output_dir} ({stats['rows_kept']} rows)")
         return stats
+
+    # ---------------- will it keep enough rows? (before any model is loaded) ----------------
+    prediction = check_expected_rows(args, len(ids), len(full_split)) if args.sampler_metrics else None
 
     # ---------------- model ----------------
     common.check_model_path(args.model)
@@ -675,6 +745,8 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     sampled = [i for i in ids if i in records]
     stats = {"source": args.source, "source_checkpoint": args.model, "num_generations": args.num_generations,
              "temperature": args.temperature, "puzzles_available": len(ids), **summarize(records, sampled)}
+    if prediction:
+        stats["predicted_rows"] = prediction["expected_rows"]
     if experiment.source(args.source).made_from == "rft_early" and stats["sampler_accuracy"] >= args.max_checkpoint_accuracy:
         log(f"warning: the checkpoint's task accuracy is {stats['sampler_accuracy']:.1%} (the paper's early "
             f"checkpoint: < {args.max_checkpoint_accuracy:.0%}); pick an earlier checkpoint for this source.")

@@ -58,6 +58,7 @@ fi
 : "${SHARED_RUN:=$RUN}"               # a seed run shares the base model, the data and the benchmarks of $SHARED_RUN
 : "${BENCH_DIR:=}"                    # offline mirror (mirror.py): when set, every data set and the model come from it
 : "${IGNORE_DISK_PLAN:=0}"            # 1: run even when the plan says the run folder's disk is too small
+: "${IGNORE_PILOT:=0}"                # 1: go on after a pilot whose accuracy trend does not reach PILOT_MIN_GAIN
 : "${CPU_THREADS:=$(nproc 2>/dev/null || echo 1)}"   # threads shared by a stage's JOBS
 
 # The preset, then the experiment's table (experiment.py): the methods, their sources, the variables.
@@ -91,6 +92,10 @@ sampled_checkpoint() {  # sampled_checkpoint FROM: the model a sampled source co
     base) echo "$MODEL" ;;
     *) echo "run_all.sh: experiment.py names an unknown checkpoint '$1'" >&2; return 2 ;;
   esac
+}
+
+sampled_step() {  # sampled_step FROM: the RFT step whose rollouts predict that checkpoint's samples (none: base)
+  case "$1" in rft_final) echo "$RFT_STEPS" ;; rft_early) echo "$RFT_EARLY_STEP" ;; *) echo "" ;; esac
 }
 
 stage_base() {
@@ -145,21 +150,41 @@ stage_sft_non_rea() {  # SFT-Non-Rea: the ground-truth answer alone, straight fr
     --save_at "$SFT_SAVE_AT" "${SFT_COMMON[@]}" --seed "$SEED"
 }
 
-stage_rft() {  # RFT: GRPO with R = R_hit + R_acc + R_fmt
-  fresh "$RUN/rft"
-  $TRAIN rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$RFT_STEPS" \
+rft_run() {  # rft_run MAX_STEPS EVAL_STEPS: the one RFT run, GRPO with R = R_hit + R_acc + R_fmt. The pilot starts
+  # it, the rft stage continues it (--resume with the full --max_steps: with a constant lr the same trajectory)
+  $TRAIN rft.py --model "$MODEL" --data "$DATA/jigsaw" --output_dir "$RUN/rft" --max_steps "$1" \
     --batch_size "$RFT_BATCH" --num_generations "$GROUP_SIZE" --lr "$LR_RFT" --beta "$BETA" --temperature "$TEMPERATURE" \
     --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --save_steps "$RFT_SAVE_STEPS" \
     --min_answer_image_mi "$MIN_ANSWER_IMAGE_MI" --save_at "$RFT_EARLY_STEP${RFT_SAVE_AT:+,$RFT_SAVE_AT}" \
+    --eval_steps "$2" --eval_size "$RFT_EVAL_SIZE" --eval_batch_size "$EVAL_BATCH_SIZE" \
     --micro_batch_size "$RFT_MICRO_BATCH" "${RFT_GC[@]}" --save_total_limit 0 --precision "$PRECISION" \
     --optimizer "$OPTIMIZER" "${PIX[@]}" --rollout_backend "$ROLLOUT_BACKEND" --resume --seed "$SEED"
 }
+stage_pilot() {  # Can RFT learn the task in this budget? Its first PILOT_STEPS steps, evaluated every PILOT_EVAL_STEPS
+  # on RFT_EVAL_SIZE test puzzles, then pilot.py: seconds per step, the accuracy trend, the plan recomputed with
+  # them; it stops the run (before SFT and the sources spend anything) when the trend does not reach PILOT_MIN_GAIN
+  # points over the base by RFT_STEPS, and says what would. IGNORE_PILOT=1 goes on anyway.
+  (( PILOT_STEPS > 0 )) || { echo "no pilot (PILOT_STEPS=0)"; return 0; }
+  fresh "$RUN/rft"
+  rft_run "$PILOT_STEPS" "$PILOT_EVAL_STEPS"
+  settings_lines | $PY pilot.py --run "$RUN" --stages "${STAGES[*]}" --summary "$RUN/logs/pilot.summary" \
+    $([ "$IGNORE_PILOT" = 1 ] && echo --ignore)
+}
 
-sampled_source() {  # sampled_source NAME CHECKPOINT: a source made of the checkpoint's own samples
+stage_rft() {  # RFT: the pilot's run continued to RFT_STEPS. Asked for alone (--from rft, --only rft) it starts over
+  # from step 0, the pilot's steps included, without the gate.
+  { (( PILOT_STEPS > 0 )) && selected pilot; } || fresh "$RUN/rft"
+  rft_run "$RFT_STEPS" "$RFT_EVAL_STEPS"
+}
+
+sampled_source() {  # sampled_source NAME CHECKPOINT STEP: a source made of the checkpoint's own samples. Before any
+  # decoding, RFT's own rollout accuracy at STEP (its metrics.jsonl) predicts the rows kept: too few stops here.
+  local guard=()
+  [ -z "$3" ] || guard=(--sampler_metrics "$RUN/rft/metrics.jsonl" --sampler_step "$3" --min_rows "$MIN_SOURCE_ROWS")
   if $PY rollout_sft.py --source "$1" --data "$DATA/jigsaw" --model "$2" --num_generations "$ROLLOUT_K" \
       --temperature "$TEMPERATURE" --max_completion_length "$RFT_MAX_COMPLETION_LENGTH" --max_rows "$ROLLOUT_TARGET_ROWS" \
       --batch_size "$ROLLOUT_BATCH_SIZE" --limit "$ROLLOUT_LIMIT" "${PIX[@]}" --rollout_backend "$ROLLOUT_BACKEND" \
-      --output_dir "$SOURCES/$1" --seed "$SEED"; then
+      --output_dir "$SOURCES/$1" --seed "$SEED" "${guard[@]}"; then
     return 0
   fi
   # The smoke preset's models are trained for a few steps and never solve a puzzle, so these sources would
@@ -174,12 +199,19 @@ sampled_source() {  # sampled_source NAME CHECKPOINT: a source made of the check
 stage_sources() {  # every SFT data source of experiment.py: first those made without a model, then the sampled
   fresh "$SOURCES"
   local name
+  local teacher=()   # the paper's SFT-Rea-4o: a real teacher's traces (key from $OPENAI_API_KEY, never recorded)
+  [ -z "$TEACHER_URL" ] || teacher=(--teacher_url "$TEACHER_URL" --teacher_model "$TEACHER_MODEL")
   for name in "${UNSAMPLED_SOURCES[@]}"; do
-    job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name"
+    if [[ " ${TEACHER_SOURCES[*]} " == *" $name "* ]]; then
+      job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name" "${teacher[@]}"
+    else
+      job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name"
+    fi
   done
   jobs_done
   for name in "${SAMPLED_SOURCES[@]}"; do
-    job "$name" sampled_source "$name" "$(sampled_checkpoint "${SAMPLED_FROM[$name]}")"
+    job "$name" sampled_source "$name" "$(sampled_checkpoint "${SAMPLED_FROM[$name]}")" \
+      "$(sampled_step "${SAMPLED_FROM[$name]}")"
   done
   jobs_done
 }
@@ -237,7 +269,7 @@ stage_report() {  # report.py reads what the stages wrote (tables, figures, the 
 # ============================================================================================================
 # Plumbing: the mirror, the checks and the plan, the lock, the stage runner, jobs, the loop
 # ============================================================================================================
-STAGES=(base data eval_base sft_non_rea rft sources sft_sources eval analyze report)
+STAGES=(base data eval_base pilot sft_non_rea rft sources sft_sources eval analyze report)
 # Folders a training stage writes (their resume/ is deleted when the stage is done and KEEP_RESUME_STATE=0).
 declare -A STAGE_RUN_DIRS=([base]="base_pretrain base" [sft_non_rea]="sft_non_rea" [rft]="rft"
   [sft_sources]="${SFT_SOURCE_RUNS[*]}")
@@ -337,7 +369,7 @@ run_stage() {  # run_stage NAME: skip when done, log to $RUN/logs/NAME.log, time
   local name=$1
   selected "$name" || return 0
   if [ -f "$RUN/.done/$name" ] && [ -z "$ONLY" ] && [ -z "$FROM" ]; then echo "[run_all] $name: done, skipped"; return 0; fi
-  rm -f "$RUN/.done/$name" "$RUN/settings/$name.json"
+  rm -f "$RUN/.done/$name" "$RUN/settings/$name.json" "$RUN/logs/$name.summary"
   echo "[run_all] $name: running (log: $RUN/logs/$name.log)"
   local start=$SECONDS rc
   # The stage runs as a background job of a job-control shell (set -m), hence in its own process group, which
@@ -354,10 +386,16 @@ run_stage() {  # run_stage NAME: skip when done, log to $RUN/logs/NAME.log, time
   set -e
   STAGE_PID=""
   if [ $rc -ne 0 ]; then
-    echo "[run_all] $name FAILED; last lines of $RUN/logs/$name.log:" >&2
-    tail -n 25 "$RUN/logs/$name.log" >&2
+    if [ -f "$RUN/logs/$name.summary" ]; then   # a stage that explains its own stop (the pilot's gate)
+      echo "[run_all] $name FAILED ($RUN/logs/$name.log):" >&2
+      cat "$RUN/logs/$name.summary" >&2
+    else
+      echo "[run_all] $name FAILED; last lines of $RUN/logs/$name.log:" >&2
+      tail -n 25 "$RUN/logs/$name.log" >&2
+    fi
     exit 1
   fi
+  [ ! -f "$RUN/logs/$name.summary" ] || cat "$RUN/logs/$name.summary"
   if [ "$KEEP_RESUME_STATE" != 1 ]; then
     for d in ${STAGE_RUN_DIRS[$name]:-}; do rm -rf "$RUN/$d/resume"; done
   fi

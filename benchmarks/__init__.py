@@ -112,7 +112,10 @@ def open_data(bench: Benchmark, source: str | None, flag: str = "--data"):
 
 def select_rows(dataset, bench: Benchmark, limit: int, seed: int) -> list[int]:
     """All row indices, or a fixed seeded subset of `limit` rows (whole groups for MME: both questions of an
-    image). Seeded by (seed, benchmark), independent of the model, so every model sees the same rows."""
+    image). Seeded by (seed, benchmark), independent of the model, so every model sees the same rows. Nested: the
+    first `limit` rows of one seeded order, so a smaller limit's rows are among a larger one's (the checkpoints'
+    --checkpoint_limit rows are rows the final models and the base were scored on too; report.py scores every point
+    of a curve on those common rows). random.sample is not nested across sizes: it switches algorithms with k."""
     n = len(dataset)
     if limit <= 0 or limit >= n:
         return list(range(n))
@@ -128,7 +131,9 @@ def select_rows(dataset, bench: Benchmark, limit: int, seed: int) -> list[int]:
                 break
             rows.extend(groups[key])
         return sorted(rows)
-    return sorted(rng.sample(range(n), limit))
+    order = list(range(n))
+    rng.shuffle(order)
+    return sorted(order[:limit])
 
 
 def probe_rows(names: list[str], data: dict[str, str], limit: int, seed: int, per_benchmark: int = 0,

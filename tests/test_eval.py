@@ -573,3 +573,17 @@ def test_checkpoints_of_a_run_are_evaluated_in_one_process(varied_model_dir, pri
         saved = json.loads((out / label / "results.json").read_text())
         assert saved["model"] == str(run / label) and saved["settings"]["limit"] == 3
         assert saved["benchmarks"]["jigsaw"]["num_rows"] == 3 and saved["benchmarks"]["toy_prior"]["num_rows"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(R))
+def test_a_smaller_limit_selects_rows_among_a_larger_ones(name):
+    """The checkpoints' CHECKPOINT_EVAL_LIMIT rows are rows the base and the final models were scored on at
+    EVAL_LIMIT, for every benchmark (MMStar's 1,500 rows included: random.sample picks unrelated rows at 100 and
+    500), so report.py can read every point of a curve on the same rows."""
+    from datasets import Dataset
+    bench = R[name]
+    column = bench.group_column or "x"
+    ds = Dataset.from_dict({column: [f"{i // 2}.png" for i in range(1500)]})
+    for small, large in ((100, 500), (200, 500), (200, 1000)):
+        few, many = (benchmarks.select_rows(ds, bench, n, seed=0) for n in (small, large))
+        assert set(few) <= set(many) and len(few) >= small and len(many) >= large

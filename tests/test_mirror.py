@@ -110,3 +110,17 @@ def test_rehearsal_of_the_3b_preset_end_to_end(tmp_path):
     data = json.loads((run / "settings" / "data.json").read_text())["settings"]
     assert data["SOURCE"] == str(run / "mirror" / "coco") and data["GRID"] == "3x3"
     assert (run / "report.md").is_file()
+    # The pilot gate ran on RFT's first step (a random model: a flat trend at 0%) and passed its minimum of 0
+    # points; the same pilot against a minimum of 10 stops the run, naming the numbers and what would help.
+    pilot = json.loads((run / "pilot" / "pilot.json").read_text())
+    assert pilot["passed"] and pilot["measured"]["points"] == [[0, 0.0], [1, 0.0]], pilot
+    assert "[pilot] PASSED" in result.stdout and "projected at RFT_STEPS=2: 0.0%" in result.stdout
+    settings = {**json.loads((run / "settings.json").read_text()), "PLAN_DEVICE": "cpu", "PILOT_MIN_GAIN": "10"}
+    (tmp_path / "strict.json").write_text(json.dumps(settings))
+    gate = [sys.executable, "pilot.py", "--run", str(run), "--settings", str(tmp_path / "strict.json"),
+            "--stages", "base data eval_base pilot sft_non_rea rft"]
+    stopped = subprocess.run(gate, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 2 and "RFT does not learn enough in this budget" in stopped.stderr, stopped.stderr
+    assert "short of 10.0%" in stopped.stderr and "GRID=2x2" in stopped.stderr    # 3x3: the 2x2 grid is advised
+    forced = subprocess.run(gate + ["--ignore"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0 and "going on because IGNORE_PILOT=1" in forced.stdout

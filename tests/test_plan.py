@@ -54,7 +54,8 @@ def test_the_plan_follows_the_preset_numbers():
     assert base["snapshot_bytes"] == pytest.approx(2 * 3_754_622_976 + plan.PROCESSOR_BYTES_REAL)
     assert base["resume_bytes"] == 6 * 3_754_622_976                  # fp32 weights + 8-bit AdamW
     longer = plan.plan(_settings(RFT_STEPS="1000"), stages)
-    assert longer["rows"]["rft"]["seconds"] == pytest.approx(2 * base["rows"]["rft"]["seconds"])
+    step = base["rft_step"]["generation"] + base["rft_step"]["training"]
+    assert longer["rows"]["rft"]["seconds"] - base["rows"]["rft"]["seconds"] == pytest.approx(500 * step)
     fewer = plan.plan(_settings(RFT_SAVE_STEPS="250"), stages)       # 2 checkpoints instead of 5
     assert base["rows"]["rft"]["disk"] - fewer["rows"]["rft"]["disk"] == pytest.approx(3 * base["snapshot_bytes"])
     early = plan.plan(_settings(SFT_SAVE_AT="5,10,50"), stages)      # 50 is a SAVE_STEPS checkpoint already
@@ -89,3 +90,47 @@ def test_the_verdict_names_the_stage_the_shortfall_and_the_variable(tmp_path):
     assert "stage rft" in message and "RFT_SAVE_STEPS" in message and "IGNORE_DISK_PLAN=1" in message
     short = needed_before_rft + result["rows"]["rft"]["disk"] + result["rows"]["rft"]["peak"] - free
     assert plan.gb(short) in message
+
+
+def test_the_plan_counts_the_pilot_the_evaluations_in_training_and_real_puzzle_sizes():
+    stages = ["pilot", "rft", "sources"]
+    settings = _settings(RFT_EVAL_SIZE="200", RFT_EVAL_STEPS="100", PILOT_STEPS="50", PILOT_EVAL_STEPS="10",
+                         PILOT_MIN_GAIN="10", ROLLOUT_BACKEND="hf")
+    result = plan.plan(settings, stages)
+    # a 640x480 COCO photo at JIGSAW_IMAGE_SIZE 448 is a 448x336 puzzle: 16 x 12 = 192 merged vision tokens
+    assert plan.puzzle_size(settings)[:2] == (447, 336) and plan.smart_resize(336, 447, 3136, 200704) == (336, 448)
+    assert result["prompt_tokens"] == 192 + len(__import__("jigsaw").build_prompt(3, 3, True)) // 4 + 20
+    step, one_eval = result["rft_step"], result["rft_step"]["eval"]
+    assert one_eval > 0
+    # the pilot: 50 steps, evaluated at 0, 10, ..., 50 (6 evaluations); RFT the other 450, evaluated at 100..500
+    assert result["rows"]["pilot"]["seconds"] == pytest.approx(
+        50 * (step["generation"] + step["training"]) + 6 * one_eval + plan.SECONDS_OTHER_STAGE)
+    assert result["rows"]["rft"]["seconds"] == pytest.approx(
+        450 * (step["generation"] + step["training"]) + 5 * one_eval + plan.SECONDS_OTHER_STAGE)
+    assert plan.eval_points(50, 500, 100) == 5 and plan.eval_points(0, 48, 12) == 4 and plan.eval_points(0, 50, 12) == 5
+    # vLLM rollouts: the estimated constants, marked; the pilot's measured ratios rescale the same work
+    vllm = plan.plan({**settings, "ROLLOUT_BACKEND": "vllm"}, stages)
+    assert vllm["rft_step"]["generation"] < step["generation"] and vllm["rft_step"]["training"] == step["training"]
+    assert "(est.)" in vllm["rows"]["rft"]["note"] and "(est.)" not in result["rows"]["rft"]["note"]
+    assert "vLLM rollouts (4,000 tokens/s" in plan.constants_line(vllm)
+    measured = plan.plan({**settings, "ROLLOUT_BACKEND": "vllm"}, stages, {"rollout": 2.0, "train": 0.5, "eval": 1.0})
+    assert measured["rft_step"]["generation"] == pytest.approx(2 * vllm["rft_step"]["generation"])
+    assert measured["rft_step"]["training"] == pytest.approx(0.5 * vllm["rft_step"]["training"])
+    assert "(est.)" not in measured["rows"]["rft"]["note"] and "measured by this run's pilot" in plan.constants_line(measured)
+
+
+def test_the_settings_check_names_the_new_rules():
+    import experiment
+    settings = {name: "1" for name in experiment.PRESET_VARIABLES}
+    settings.update(_settings(), RFT_EARLY_STEP="100", ROLLOUT_BACKEND="vllm", PILOT_STEPS="48", RFT_EVAL_SIZE="200",
+                    CHECKPOINT_EVAL_LIMIT="200", TEACHER_URL="", TEACHER_MODEL="", SFT_SAVE_AT="", RFT_SAVE_AT="",
+                    BENCHMARKS="mme", TOY_SIZE="tiny", SOURCE="x", GRID="3x3", BUILD_TOY_BASE="0")
+    assert plan.check_settings(settings, "3b", {}) == []
+    problems = " ".join(plan.check_settings({**settings, "ROLLOUT_BACKEND": "sglang", "PILOT_STEPS": "500",
+                                             "TEACHER_URL": "http://localhost:8000/v1", "RFT_EVAL_SIZE": "64",
+                                             "CHECKPOINT_EVAL_LIMIT": "100"}, "3b", {}))
+    for text in ("ROLLOUT_BACKEND=sglang must be one of hf, vllm", "PILOT_STEPS=500 must be below RFT_STEPS=500",
+                 "TEACHER_URL and TEACHER_MODEL go together", "RFT_EVAL_SIZE=64 gives 64 jigsaw puzzles",
+                 "CHECKPOINT_EVAL_LIMIT=100 gives 100 jigsaw puzzles"):
+        assert text in problems, (text, problems)
+    assert plan.check_settings({**settings, "PLAN_DEVICE": "cpu", "RFT_EVAL_SIZE": "4"}, "3b", {}) == []

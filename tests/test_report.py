@@ -159,3 +159,106 @@ def test_fmt_cells():
     assert report.fmt(2.345) == "2.3" and report.fmt(12, 0) == "12" and report.fmt(-0.26, signed=True) == "-0.3"
     assert report.fmt(1.5, signed=True) == "+1.5" and report.fmt(0.25, spec=".0%") == "25%"
     assert report.fmt(0.000123456, spec=".3g") == "0.000123"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Concluding only from a resolved comparison, on the same rows
+# ----------------------------------------------------------------------------------------------------------
+def _write(path, obj):
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _gated_run(tmp_path, top_gain):
+    """Hand-made curves on 200 puzzles: the base at 2% jigsaw, RFT's best at 2 + top_gain (the top common level),
+    SFT-Non-Rea far above; RFT forgets 1 point, SFT-Non-Rea 30 at RFT's best accuracy."""
+    run = tmp_path / f"run{top_gain}"
+
+    def results(acc, prior):
+        out = _results(acc, prior)
+        out["benchmarks"]["jigsaw"]["num_samples"] = 200
+        return out
+    _write(run / "eval" / "base" / "results.json", results(2.0, 90.0))
+    _write(run / "eval" / "rft" / "checkpoint-10" / "results.json", results(2.0 + top_gain / 2, 89.5))
+    _write(run / "eval" / "rft" / "results.json", results(2.0 + top_gain, 89.0))
+    _write(run / "eval" / "sft_non_rea" / "checkpoint-1" / "results.json", results(2.0 + top_gain, 60.0))
+    _write(run / "eval" / "sft_non_rea" / "results.json", results(90.0, 40.0))
+    return run
+
+
+@pytest.mark.parametrize("top_gain,concluded", [(1.0, False), (30.0, True)])
+def test_conclusions_need_a_resolved_top_level(tmp_path, top_gain, concluded):
+    import json
+    run = _gated_run(tmp_path, top_gain)
+    results = {"base": json.loads((run / "eval" / "base" / "results.json").read_text())}
+    matched = {}
+    report.frontier_section(run, results, run, matched)
+    assert matched["levels"][-1] == pytest.approx(2.0 + top_gain) and matched["jigsaw_rows"] == 200
+    accuracy = {"base": 2.0, "rft": 2.0 + top_gain, "sft_non_rea": 90.0}
+    text = "\n".join(report.conclusions(accuracy, {"rft": -1.0, "sft_non_rea": -50.0}, {}, "3b", matched))
+    if concluded:
+        assert "**At equal skill**" in text and "agrees with the paper's finding 1" in text, text
+        assert "No comparison" not in text and "30.0 points" in text
+    else:
+        assert "**No comparison at equal skill**" in text and "1.0 points above the base's 2.0%" in text, text
+        assert "rft 3.0%" in text and "sft_non_rea 90.0%" in text          # each method's best accuracy
+        assert "agrees" not in text and "no verdict" in text                # finding 1 gets numbers, no verdict
+    if concluded:   # enough points, too few puzzles to resolve them: on 8 puzzles 30 points are within the noise
+        resolved, why = report.comparison_resolved({**matched, "jigsaw_rows": 8})
+        assert not resolved and "within two standard errors" in why
+
+
+def _records(name, correct, ids):
+    if name == "jigsaw":
+        return {i: {"id": i, "score": {"acc": float(c), "hit": float(c), "fmt": 1.0, "parsed": True}}
+                for i, c in zip(ids, correct)}
+    meta = {"mmstar": lambda i: {"category": "coarse perception", "l2_category": "x"},
+            "mme": lambda i: {"category": "color", "question_id": f"img{i}"}}[name]
+    return {i: {"id": i, "score": {"correct": bool(c), "parsed": True}, "meta": meta(i)} for i, c in zip(ids, correct)}
+
+
+def test_every_point_of_the_frontier_is_scored_on_the_same_rows(tmp_path):
+    """The base and the final model were scored on 6 rows of each benchmark (EVAL_LIMIT), the checkpoint on 3 of
+    them (CHECKPOINT_EVAL_LIMIT, a nested subset): every point is read on those 3 rows, MMStar and MME included."""
+    import benchmarks
+    run = tmp_path / "run"
+    every, few = [str(i) for i in range(6)], ["0", "2", "4"]
+
+    def results(correct, ids):
+        out = {"benchmarks": {}}
+        for name in ("jigsaw", "mmstar", "mme"):
+            bench = benchmarks.get(name)
+            samples = _records(name, correct, ids)
+            out["benchmarks"][name] = {"headline": bench.headline, "unit": bench.unit, "samples": samples,
+                                       "metrics": bench.aggregate(list(samples.values())), "num_samples": len(ids)}
+        return out
+    base = results([1, 1, 1, 0, 0, 0], every)     # 50% on 6 rows, 66.7% on rows 0, 2, 4
+    _write(run / "eval" / "base" / "results.json", base)
+    _write(run / "eval" / "rft" / "checkpoint-5" / "results.json", results([1, 0, 1], few))
+    _write(run / "eval" / "rft" / "results.json", results([0, 1, 1, 1, 1, 1], every))
+    info = {}
+    curves = report.method_curves(run, base, info)
+    assert info == {"aligned": True, "rows": {"jigsaw": 3, "mmstar": 3, "mme": 3}}
+    assert [round(acc, 1) for _, acc, _, _ in curves["rft"]] == [66.7, 66.7, 66.7]   # base, checkpoint-5, final
+    assert [round(prior, 1) for _, _, prior, _ in curves["rft"]] == [66.7, 66.7, 66.7]   # MMStar on the same rows
+    assert report.jigsaw_accuracy(base) == 50.0            # the recorded 6-row figure is not what the curve reads
+    # without per-sample records the points cannot be aligned, and the section says so
+    assert report.common_rows([base, {"benchmarks": {"jigsaw": {"metrics": {}}}}]) is None
+
+
+def test_the_teacher_arm_and_arms_trained_on_few_rows_are_named(tmp_path):
+    run = tmp_path / "run"
+    assert "stand-in" in report.paper_names(run)["sft_rea_external"]
+    _write(run / "data" / "sources" / "rea_external" / "stats.json", {"source_checkpoint": "teacher:gpt-4o",
+                                                                        "rows_kept": 4000})
+    assert report.paper_names(run)["sft_rea_external"] == "SFT-Rea-4o arm, traces by gpt-4o"
+    # SFT-Rea-GRPO-Rollout read 800 rows of a 40-row source (20 passes); the teacher's 4,000 rows once
+    _write(run / "data" / "sources" / "rea_grpo_rollout" / "stats.json", {"rows_kept": 40})
+    for method in ("sft_rea_grpo_rollout", "sft_rea_external"):
+        _write(run / method / "run.json", {"settings": {"max_steps": 200, "batch_size": 4, "grad_accum": 1}})
+    repeats = report.source_repeats(run)
+    assert repeats == {"sft_rea_grpo_rollout": (40, 800), "sft_rea_external": (4000, 800)}
+    text = "\n".join(report.conclusions({}, {}, {}, "3b", None, 1, repeats, "2x2"))
+    assert "sft_rea_grpo_rollout trained on 40 distinct rows read 800 times in all (~20 times each)" in text
+    assert "sft_rea_external trained on" not in text and "This run's puzzles are 2x2" in text

@@ -304,6 +304,39 @@ def test_reward_rises_and_resume_is_exact(toy_model_dir, jigsaw_data, tmp_path, 
     assert rewards == [m["reward"] for m in metrics]
 
 
+def test_a_pilot_continued_to_more_steps_is_one_uninterrupted_run(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
+    """run_all.sh's pilot: the RFT run stopped at --max_steps 4 (evaluated more often), then resumed with
+    --max_steps 8, gives bit for bit the weights, the rewards and the snapshots of one 8-step run (constant lr)."""
+    monkeypatch.setattr(jigsaw, "jigsaw_reward", digit_reward)
+    from safetensors.torch import load_file
+    args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--lr", "3e-2", "--beta", "0.04",
+            "--no-gradient_checkpointing", "--save_steps", "4", "--save_at", "2"] + TINY + ["--max_completion_length", "6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rft.main(args + ["--output_dir", str(one), "--max_steps", "8", "--eval_steps", "8"])
+    rft.main(args + ["--output_dir", str(two), "--max_steps", "4", "--eval_steps", "1"])           # the pilot
+    assert rft.main(args + ["--output_dir", str(two), "--max_steps", "4", "--eval_steps", "1", "--resume"]) == \
+        {"step": 4}                                                     # a finished pilot is not redone
+    rft.main(args + ["--output_dir", str(two), "--max_steps", "8", "--eval_steps", "8", "--resume"])  # the rest
+    assert [label for _, label, _ in runs.list_checkpoints(one)] == [label for _, label, _ in runs.list_checkpoints(two)] \
+        == ["checkpoint-2", "checkpoint-4", "final"]
+    for folder in ("final", "checkpoint-4", "checkpoint-2"):
+        a, b = (load_file(str(run / folder / "model.safetensors")) for run in (one, two))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    rewards = [[m["reward"] for m in read_metrics(run / "metrics.jsonl") if "reward" in m] for run in (one, two)]
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 8
+    evals = [m["step"] for m in read_metrics(two / "metrics.jsonl") if "eval_accuracy" in m]
+    assert evals == [0, 1, 2, 3, 4, 8] and "time_eval" in read_metrics(two / "metrics.jsonl")[-1]
+    # A decaying lr reads --max_steps at every step: there a larger --max_steps is another run, refused.
+    three = tmp_path / "three"
+    rft.main(args + ["--output_dir", str(three), "--max_steps", "2", "--eval_steps", "0", "--min_lr_ratio", "0.1"])
+    with pytest.raises(SystemExit):
+        rft.main(args + ["--output_dir", str(three), "--max_steps", "4", "--eval_steps", "0", "--min_lr_ratio", "0.1",
+                         "--resume"])
+    # and a run cannot go back to fewer steps than it has made
+    with pytest.raises(SystemExit):
+        rft.main(args + ["--output_dir", str(two), "--max_steps", "6", "--eval_steps", "8", "--resume"])
+
+
 def test_nonfinite_losses_stop_the_run_and_keep_good_checkpoints(toy_model_dir, jigsaw_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     args = ["--model", str(toy_model_dir), "--data", str(jigsaw_data), "--output_dir", str(out), "--beta", "0",

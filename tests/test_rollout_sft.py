@@ -271,9 +271,59 @@ def test_bad_inputs_fail_clearly(toy_model_dir, jigsaw_data, tmp_path, capsys):
         rollout_sft.main(["--source", "rea_grpo_rollout", "--data", data, "--model", str(toy_model_dir), *FAST,
                           "--output_dir", str(tmp_path / "z")])
     err = capsys.readouterr().err
-    # fails after the first chunk (2 puzzles x 2 samples), not after every puzzle was sampled
-    assert "0 usable rows from the first 2 puzzle(s)" in err and '"samples": 4' in err
+    # a sparse source samples its whole budget (4 puzzles x 2 samples), then stops with the counts
+    assert "gave 0 rows from 4 puzzles" in err and '"samples": 8' in err
     assert not (tmp_path / "z").exists()
+
+
+def test_a_sparse_source_samples_its_whole_budget(toy_model_dir, jigsaw_data, tmp_path):
+    """Only the last puzzle has a right sample: the first chunks keep nothing, and sampling goes on."""
+    seen = []
+
+    def last_one_right(model_, processor, rows, args):
+        seen.extend(r["id"] for r in rows)
+        return [["right" if r["id"] == last else "wrong"] * args.num_generations for r in rows]
+    data = common.load_rows(str(jigsaw_data), "train", required=("id",))
+    last = data[7]["id"]
+    stats = rollout_sft.main(["--source", "rea_grpo_rollout", "--data", str(jigsaw_data), "--model",
+                              str(toy_model_dir), *FAST[:-2], "--limit", "8", "--output_dir", str(tmp_path / "s")],
+                             reward_fn=stub_reward({"right"}), sample_fn=last_one_right)
+    assert len(seen) == 8 and stats["rows_kept"] == 1 and stats["puzzles"] == 8
+
+
+def write_rft_metrics(path, accuracy, steps=30, format_rate=1.0):
+    path.write_text("".join(json.dumps({"step": 0, "eval_accuracy": 0.0}) + "\n" if i == 0 else
+                            json.dumps({"step": i, "reward": 1.0, "accuracy": accuracy, "format_rate": format_rate})
+                            + "\n" for i in range(steps + 1)))
+
+
+def test_the_sources_guard_stops_before_any_decoding_naming_the_numbers(toy_model_dir, jigsaw_data, tmp_path,
+                                                                        capsys, monkeypatch):
+    """RFT's rollouts were right 0.5% of the time: 4 samples keep a row from ~2% of the puzzles, so 16 puzzles give
+    ~0 rows: the run stops before any model is loaded or anything decoded, with those numbers."""
+    metrics = tmp_path / "metrics.jsonl"
+    write_rft_metrics(metrics, 0.005)
+    calls = []
+    real_load = rollout_sft.load_sampler
+    monkeypatch.setattr(rollout_sft, "load_sampler", lambda args: calls.append("load") or real_load(args))
+    guard = ["--sampler_metrics", str(metrics), "--sampler_step", "30", "--min_rows", "10"]
+    args = ["--source", "rea_grpo_rollout", "--data", str(jigsaw_data), "--model", str(toy_model_dir),
+            "--num_generations", "4", "--max_completion_length", "8", "--batch_size", "8"]
+    with pytest.raises(SystemExit) as err:
+        rollout_sft.main(args + guard + ["--output_dir", str(tmp_path / "x")],
+                         sample_fn=lambda *a: calls.append("decode"))
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and calls == [] and not (tmp_path / "x").exists()
+    for number in ("steps 11-30", "0.50% of the time", "probability 1.99%", "16 puzzles give about 0 rows",
+                   "--min_rows 10", "504 puzzles would be needed (the split has 16"):
+        assert number in message, (number, message)
+    assert rollout_sft.kept_per_puzzle(0.005, 4, 1) == pytest.approx(1 - 0.995 ** 4)
+    # rea_self_generated keeps samples with a think block: its prediction reads the format rate
+    write_rft_metrics(metrics, 0.0, format_rate=0.9)
+    stats = rollout_sft.main(["--source", "rea_self_generated"] + args[2:] + guard
+                             + ["--output_dir", str(tmp_path / "y")],
+                             sample_fn=lambda m, p, rows, a: [["<think>t</think><answer>1</answer>"] * 4 for _ in rows])
+    assert calls == ["load"] and stats["predicted_rows"] == pytest.approx(16 * (1 - 0.1 ** 4))
 
 
 def test_max_rows_stops_sampling_early(toy_model_dir, jigsaw_data, tmp_path):

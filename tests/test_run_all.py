@@ -61,7 +61,7 @@ def test_smoke_preset_writes_full_report(smoke_run):
     # Rerun: every stage is skipped, nothing recomputed.
     again = run_all(timeout=300, PRESET="smoke", RUN=run)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 10, again.stdout
+    assert len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 11, again.stdout
 
 
 def test_settings_recorded_per_stage(smoke_run):
@@ -156,14 +156,72 @@ def _total(stdout: str) -> tuple[float, float]:
 
 
 def test_3b_plan_fits_one_gpu_day_and_300_gb():
+    """The 3b preset: a pilot, then RFT on 8x the first version's 2,000 prompts, within 24 GPU-hours by its plan,
+    which says which constants are measured and which (the vLLM rollouts) estimated; with transformers rollouts
+    the same run is planned too, and longer."""
     result = run_all(["--list"], PRESET="3b", RUN="/tmp/unused_" + uuid.uuid4().hex)
     assert result.returncode == 0, result.stderr
     hours, disk = _total(result.stdout)
     assert 0 < hours <= 24 and 0 < disk <= 300, result.stdout
-    for stage in ("data", "eval_base", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "analyze"):
+    for stage in ("data", "eval_base", "pilot", "sft_non_rea", "rft", "sources", "sft_sources", "eval", "analyze"):
         assert re.search(rf"^\s+{stage}\s+to run\s+[\d.]+\s+[\d.]+ [MG]B", result.stdout, re.M), stage
+    prompts = int(re.search(r"= ([\d,]+) prompts", result.stdout).group(1).replace(",", ""))
+    assert prompts >= 8 * 2000 and "vllm rollouts (est.)" in result.stdout and "then the gate" in result.stdout
+    assert re.search(r"constants: measured on one H100 .* estimated: .*vLLM rollouts", result.stdout)
+    hf = run_all(["--list"], PRESET="3b", ROLLOUT_BACKEND="hf", RUN="/tmp/unused_" + uuid.uuid4().hex)
+    assert hf.returncode == 0 and "(est.)" not in hf.stdout and _total(hf.stdout)[0] > hours, hf.stdout
+    two = run_all(["--list"], PRESET="3b_2x2", RUN="/tmp/unused_" + uuid.uuid4().hex)
+    assert two.returncode == 0 and 0 < _total(two.stdout)[0] <= 24, two.stdout
     seven = run_all(["--list"], PRESET="7b", RUN="/tmp/unused_" + uuid.uuid4().hex)
     assert seven.returncode == 0 and _total(seven.stdout)[0] > hours, seven.stdout
+
+
+def fake_pilot_python(tmp_path, accuracies):
+    """A PY whose rft.py writes the metrics.jsonl of a pilot (greedy accuracy `accuracies` at steps 0, 12, 24, ...)
+    and records every other stage command; the machinery's helpers (plan.py, pilot.py, ...) run for real."""
+    calls, rft = tmp_path / "calls", tmp_path / "fake_rft.py"
+    rft.write_text(
+        "import json, sys, pathlib\n"
+        "a = sys.argv[1:]; out = pathlib.Path(a[a.index('--output_dir') + 1]); steps = int(a[a.index('--max_steps') + 1])\n"
+        "out.mkdir(parents=True, exist_ok=True); path = out / 'metrics.jsonl'\n"
+        "if path.exists(): sys.exit(0)\n"
+        f"acc = {list(accuracies)}\n"
+        "lines = [{'step': 0, 'eval_accuracy': acc[0], 'eval_size': 200}]\n"
+        "for s in range(1, steps + 1):\n"
+        "    lines.append({'step': s, 'reward': 1.0, 'accuracy': 0.01, 'time_generation': 10.0, 'time_training': 40.0,\n"
+        "                  'completion_length': 300.0, 'truncated_share': 0.0})\n"
+        "    if s % 12 == 0: lines.append({'step': s, 'eval_accuracy': acc[s // 12], 'eval_size': 200, 'time_eval': 300.0})\n"
+        "path.write_text(''.join(json.dumps(l) + '\\n' for l in lines))\n")
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\ncase "$1" in\n'
+                    f'  plan.py|mirror.py|experiment.py|pilot.py|-c) exec {PYTHON} "$@" ;;\n'
+                    f'  rft.py) shift; exec {PYTHON} {rft} "$@" ;;\n  *) exit 0 ;;\nesac\n')
+    fake.chmod(0o755)
+    return fake, calls
+
+
+def test_a_pilot_that_does_not_reach_its_minimum_stops_the_run_before_sft(tmp_path):
+    """The 3b preset's pilot (48 steps, evaluated every 12) climbs from 1.0% to 1.5%: its line reaches ~7% by step
+    500, short of the base + 10 points. The run stops before SFT and the sources, showing the measured seconds,
+    the trend, the recomputed plan and what would help; IGNORE_PILOT=1 goes on, and RFT continues the pilot's run."""
+    fake, calls = fake_pilot_python(tmp_path, [0.010, 0.010, 0.010, 0.015, 0.015])
+    run = tmp_path / "run"
+    stopped = run_all(PRESET="3b", RUN=run, PY=fake, IGNORE_DISK_PLAN=1)
+    assert stopped.returncode != 0 and "pilot FAILED" in stopped.stderr, stopped.stdout + stopped.stderr
+    for text in ("RFT does not learn enough in this budget", "update                       40.0 s (plan:",
+                 "1.0, 12: 1.0, 24: 1.0, 36: 1.5, 48: 1.5", "+1.25 points per 100 steps", "projected at RFT_STEPS=500",
+                 "short of 11.0%", "RFT_STEPS=808", "GRID=2x2", "IGNORE_PILOT=1", "recomputed with the measured"):
+        assert text in stopped.stderr, (text, stopped.stderr)
+    assert not any(line.startswith(("sft.py", "rollout_sft.py")) for line in calls.read_text().splitlines())
+    assert json.loads((run / "pilot" / "pilot.json").read_text())["passed"] is False
+    going_on = run_all(PRESET="3b", RUN=run, PY=fake, IGNORE_DISK_PLAN=1, IGNORE_PILOT=1)
+    assert going_on.returncode == 0, going_on.stdout + going_on.stderr
+    assert "going on because IGNORE_PILOT=1" in going_on.stdout
+    lines = calls.read_text().splitlines()
+    rft_calls = [line for line in lines if line.startswith("rft.py")]
+    assert re.search(r"--max_steps 48 .*--eval_steps 12 ", rft_calls[0]), rft_calls
+    assert re.search(r"--max_steps 500 .*--eval_steps 250 ", rft_calls[-1]), rft_calls
+    assert all("--resume" in line for line in rft_calls) and any(line.startswith("sft.py") for line in lines)
 
 
 def test_a_plan_that_does_not_fit_stops_before_any_stage(tmp_path):
@@ -245,7 +303,7 @@ def test_a_later_invocation_does_not_rewrite_a_skipped_stage_s_settings(tmp_path
     first = run_all(PRESET="smoke", RUN=run, PY=fake)
     assert first.returncode == 0, first.stdout + first.stderr
     again = run_all(PRESET="smoke", RUN=run, PY=fake, SFT_STEPS=7)
-    assert again.returncode == 0 and len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 10
+    assert again.returncode == 0 and len(re.findall(r"^\[run_all\] \w+: done, skipped", again.stdout, re.M)) == 11
     steps = lambda stage: json.loads((run / "settings" / f"{stage}.json").read_text())["settings"]["SFT_STEPS"]  # noqa
     assert steps("sft_non_rea") == "2" and steps("sft_sources") == "2"
     only = run_all(["--only", "sft_sources"], PRESET="smoke", RUN=run, PY=fake, SFT_STEPS=7)
@@ -266,7 +324,7 @@ def test_download_and_mirror_flags_reach_mirror_py(tmp_path):
     assert result.returncode == 0, result.stderr
     assert log.read_text().split() == ["mirror.py", "--download", str(mirror_dir), "--model", "Qwen/Qwen2.5-VL-3B-Instruct",
                                        "--benchmarks", "refcoco,docvqa,mme,mmstar,pope,mmmu", "--source",
-                                       "detection-datasets/coco", "--coco_images", "3000", "--preset", "3b"]
+                                       "detection-datasets/coco", "--coco_images", "4500", "--preset", "3b"]
     assert not (tmp_path / "run").exists()
     nowhere = run_all(["--download"], PRESET="3b", PY=fake, BENCH_DIR="")
     assert nowhere.returncode == 2 and "BENCH_DIR" in nowhere.stderr
@@ -388,3 +446,25 @@ def test_a_preset_that_misses_a_variable_or_misspells_one_is_named(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"BETA is not set: presets/{broken.name}" in result.stderr, result.stderr
     assert f"KL_SAMPELS (presets/{broken.name}) is not a variable of this kit; did you mean KL_SAMPLES?" in result.stderr
+
+
+def test_the_sources_stage_asks_the_teacher_and_predicts_the_sampled_sources(tmp_path):
+    """TEACHER_URL / TEACHER_MODEL make rea_external the paper's SFT-Rea-4o arm (rollout_sft.py's teacher client;
+    the key stays in the environment and in no record); each sampled source is predicted from RFT's own rollouts
+    at the step of its checkpoint before it decodes anything."""
+    calls = tmp_path / "calls"
+    fake = fake_python(tmp_path, f'  *) echo "$@" >> {calls}; exit 0 ;;')
+    run = tmp_path / "run"
+    result = run_all(["--only", "sources"], PRESET="smoke", RUN=run, PY=fake, TEACHER_URL="http://127.0.0.1:9/v1",
+                     TEACHER_MODEL="gpt-4o", OPENAI_API_KEY="sk-secret-" + uuid.uuid4().hex)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[2]: line for line in calls.read_text().splitlines() if line.startswith("rollout_sft.py")}
+    assert "--teacher_url http://127.0.0.1:9/v1 --teacher_model gpt-4o" in lines["rea_external"]
+    assert "--teacher_url" not in lines["non_rea"] + lines["rea_grpo_rollout"]
+    metrics = f"--sampler_metrics {run}/rft/metrics.jsonl"
+    assert f"{metrics} --sampler_step 4 --min_rows 32" in lines["rea_grpo_rollout"]          # RFT_STEPS
+    assert f"{metrics} --sampler_step 2 --min_rows 32" in lines["rea_self_generated"]        # RFT_EARLY_STEP
+    recorded = (run / "settings" / "sources.json").read_text()
+    assert "gpt-4o" in recorded and "sk-secret" not in recorded
+    plain = run_all(["--only", "sources"], PRESET="smoke", RUN=tmp_path / "run2", PY=fake)
+    assert plain.returncode == 0 and "--teacher_url" not in calls.read_text().split("run2")[-1]
