@@ -281,8 +281,9 @@ def main(argv=None) -> dict:
     mixed_precision, dtype = common.PRECISIONS[precision]
     accelerator = runs.make_accelerator(mixed_precision, "none", output_dir)
     model, processor = common.load_model_and_processor(args.model, dtype, args.attn_implementation,
-                                                       args.min_pixels or None, args.max_pixels or None)
-    model = model.to(accelerator.device).eval()
+                                                       args.min_pixels or None, args.max_pixels or None,
+                                                       str(accelerator.device))
+    model = model.eval()
     result = check(model, processor, rows, args.prompt_style, args.max_completion_length, args.batch_size,
                    args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast)
     if accelerator.is_main_process:
