@@ -105,3 +105,14 @@ def test_the_notebook_runs_top_to_bottom_in_a_jupyter_kernel(smoke_run, tmp_path
     for name in ("report.md", ".done/report", "settings/report.json", "logs/report.log"):
         assert (drive / "smoke" / name).exists(), name
     assert os.environ["COLAB_KIT_LOCAL"] == str(local)
+
+
+def test_the_readme_badge_opens_the_notebook_of_the_repository_it_clones():
+    """The README's Colab badge and the notebook's KIT_REPO name the same repository (one place to change when
+    the kit is published elsewhere), and the badge is on the README's first screen."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    badge = re.search(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/\w+/colab\.ipynb", readme)
+    assert badge and readme.index(badge.group(0)) < 600
+    notebook = (ROOT / "colab.ipynb").read_text()
+    assert f"https://github.com/{badge.group(1)}" in notebook
