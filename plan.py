@@ -111,7 +111,7 @@ def count_params(config: dict) -> dict:
     ctx = vh * merge ** 2
     merger = vh + (ctx * ctx + ctx) + (ctx * out + out)
     vision = patch + depth * block + merger
-    return {"total": text + vision, "vision": vision, "merger": merger}
+    return {"total": text + vision, "vision": vision}
 
 
 def model_config(settings: dict) -> tuple[dict, str]:
@@ -604,9 +604,7 @@ def memory_peaks(settings: dict) -> dict:
     config, _ = model_config(s)
     text = config.get("text_config") or config
     counts = count_params(config)
-    tower = counts["vision"] - counts["merger"]
-    frozen = tower if s.get("FREEZE_VISION_TOWER") == "1" else 0
-    trainable = counts["total"] - frozen
+    trainable, frozen = counts["total"], 0   # run_all.sh trains every parameter (no preset freezes the tower)
     cfg = types.SimpleNamespace(**{k: text.get(k) for k in ("num_hidden_layers", "hidden_size", "vocab_size",
                                                              "num_attention_heads", "num_key_value_heads", "head_dim")})
     cfg.vocab_size = cfg.vocab_size or config.get("vocab_size")
@@ -649,8 +647,10 @@ def preset_settings(preset: str, overrides: dict | None = None) -> dict:
                          capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise SystemExit(f"plan.py: presets/{preset}.env could not be read: {out.stderr.strip()}")
+    import experiment
+    known = set(experiment.PRESET_VARIABLES) | set(experiment.RUN_VARIABLES)
     values = dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
-    return {"PRESET": preset, **{k: v for k, v in values.items() if k not in env or k in (overrides or {})}}
+    return {**{k: v for k, v in values.items() if k in known}, "PRESET": preset}
 
 
 def find_gpu(environ: dict, probe_torch: bool = True) -> dict:

@@ -157,18 +157,17 @@ def test_a_faked_card_gets_the_right_preset_advice_before_anything_loads(tmp_pat
         assert not log.exists() and not run.exists()
 
 
-def test_the_default_preset_follows_the_card(tmp_path):
+def test_the_default_preset_follows_the_card(tmp_path, monkeypatch):
     failing = tmp_path / "bin" / "nvidia-smi"   # an nvidia-smi that finds no GPU, whatever the machine has
     failing.parent.mkdir()
     failing.write_text("#!/bin/bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     failing.chmod(0o755)
     path = f"{failing.parent}{os.pathsep}{os.environ['PATH']}"
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setattr(plan, "_torch_cuda", lambda: False)   # what torch says on a machine without a GPU
 
     def choose(**env):
-        out = subprocess.run([sys.executable, "plan.py", "gpu", "--choose"], cwd=ROOT, capture_output=True,
-                             text=True, env={**os.environ, "PATH": path, **env})
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip(), out.stderr
+        return plan.choose_preset({**os.environ, **env})
     assert choose()[0] == "toy"
     assert choose(GPU_MEMORY_GB="80", GPU_NAME="NVIDIA H100 80GB HBM3")[0] == "3b"
     assert choose(GPU_MEMORY_GB="40", GPU_NAME="NVIDIA A100-SXM4-40GB")[0] == "3b_40gb"
