@@ -273,7 +273,10 @@ selected() {
   local stage=$1
   # a seed run (SEEDS > 1) repeats only the stages that depend on the seed
   if [ -n "${SEED_STAGES:-}" ] && [[ " $SEED_STAGES " != *" $stage "* ]]; then return 1; fi
-  if [ -n "$UNTIL" ] && [[ " ${STAGES[*]} " == *" $UNTIL "*" $stage "* ]]; then return 1; fi   # after --until
+  if [ -n "$UNTIL" ]; then   # nothing after --until's stage
+    local past=0 s; for s in "${STAGES[@]}"; do [ "$s" = "$stage" ] && break; [ "$s" = "$UNTIL" ] && past=1; done
+    [ $past = 0 ] || return 1
+  fi
   if [ -n "$ONLY" ]; then [ "$stage" = "$ONLY" ]; return; fi
   if [ -n "$FROM" ]; then
     local on=0; for s in "${STAGES[@]}"; do [ "$s" = "$FROM" ] && on=1; [ "$s" = "$stage" ] && { [ $on = 1 ]; return; }; done

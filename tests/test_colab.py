@@ -116,3 +116,30 @@ def test_the_readme_badge_opens_the_notebook_of_the_repository_it_clones():
     assert badge and readme.index(badge.group(0)) < 600
     notebook = (ROOT / "colab.ipynb").read_text()
     assert f"https://github.com/{badge.group(1)}" in notebook
+
+
+def test_until_runs_the_stages_up_to_one_and_resumes_after_it(tmp_path):
+    """run_all.sh --until STAGE (the notebook's pieces): the stages up to STAGE, the finished ones skipped and
+    never restarted from scratch (unlike --only/--from, which redo their stage)."""
+    import re
+    import subprocess
+    import sys
+    fake = tmp_path / "py"   # the stage scripts succeed at once; the plumbing runs for real
+    fake.write_text(f'#!/bin/bash\ncase "$1" in\n  plan.py|mirror.py|experiment.py|-c) exec {sys.executable} "$@" ;;\n'
+                    '  *) exit 0 ;;\nesac\n')
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+
+    def until(stage):
+        out = subprocess.run(["bash", "run_all.sh", "--until", stage], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PY": str(fake), "PRESET": "smoke", "RUN": str(run)})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+    first = until("data")
+    assert colab.done_stages(run) == {"base", "data"} and f"stages up to data done: {run}" in first
+    (run / "rft").mkdir()
+    (run / "rft" / "half-done").write_text("an interrupted stage's state")
+    second = until("rft")
+    assert len(re.findall(r"^\[run_all\] (base|data): done, skipped", second, re.M)) == 2
+    assert colab.done_stages(run) == {"base", "data", "eval_base", "sft_non_rea", "rft"}
+    assert (run / "rft" / "half-done").exists()   # resumed, not wiped
