@@ -295,8 +295,9 @@ def main(argv=None) -> dict:
     mixed_precision, dtype = common.PRECISIONS[precision]
     accelerator = runs.make_accelerator(mixed_precision, "none", output_dir)
     model, processor = common.load_model_and_processor(args.model, dtype, args.attn_implementation,
-                                                       args.min_pixels or None, args.max_pixels or None)
-    model = model.to(accelerator.device).eval()
+                                                       args.min_pixels or None, args.max_pixels or None,
+                                                       str(accelerator.device))
+    model = model.eval()
     engine = None
     if args.rollout_backend == "vllm":   # the engine beside the HF model, which scores the MI's candidates
         import vllm_engine

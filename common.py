@@ -241,20 +241,23 @@ def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels:
 
 def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
                device: str | None = None):
-    """AutoModelForImageTextToText by hub id or local path; safetensors only, no remote code."""
+    """AutoModelForImageTextToText by hub id or local path; safetensors only, no remote code.
+
+    With a device, the weights stream from the safetensors files straight onto it (device_map={"": device}):
+    loading to the CPU first and then moving would hold the whole model in host RAM, 15 GB for 3B in fp32 and
+    33 GB for 7B, more than a Colab VM (12.7 GB) or many rented boxes have."""
     from transformers import AutoModelForImageTextToText
     kwargs = {"dtype": DTYPES[dtype], "use_safetensors": True}
     if attn_implementation:
         check_attn_implementation(attn_implementation)
         kwargs["attn_implementation"] = attn_implementation
+    if device:
+        kwargs["device_map"] = {"": str(device)}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        return AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as err:  # what check_model_path cannot see: a hub id offline, ...
         fail(f"model {name_or_path} could not be loaded: {err.__class__.__name__}: {str(err)[:400]}. Check the "
              "path or hub id (offline: a local save_pretrained folder), and that its weights are complete.")
-    if device:
-        model.to(device)
-    return model
 
 
 def load_model_and_processor(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
@@ -292,12 +295,23 @@ def count_parameters(model) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # Optimizers and schedules
 # ----------------------------------------------------------------------------------------------------------
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adamw8bit_sr")
+# Bytes of optimizer state per trainable parameter (the memory plan): fp32 m and v, or 8-bit m and v (block-wise
+# scales add ~1%).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "adamw8bit_sr": 2}
+TORCHAO_HINT = "pip install -r requirements-torchao.txt"
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                    sharded: bool = False, quiet: bool = False):
-    """torch AdamW, or bitsandbytes AdamW8bit / PagedAdamW8bit (2 bytes of state per parameter instead of 8).
+    """torch AdamW, bitsandbytes AdamW8bit / PagedAdamW8bit (2 bytes of state per parameter instead of 8), or
+    adamw8bit_sr: torchao's AdamW8bit with bf16 stochastic rounding, for pure bf16 weights (--precision bf16).
+
+    Why stochastic rounding: a bf16 weight near 0.02 has a spacing of 2^-13 ~ 1.2e-4 between representable
+    values, so an AdamW update of ~lr = 1e-6 rounds back to the same weight every step and training does
+    nothing. torchao computes the update in fp32 and writes it back rounded up or down at random with
+    probabilities that make the expected written value equal the fp32 result, so many small updates add up in
+    expectation (tests/test_common.py measures it over 1,000 steps). bitsandbytes rounds to nearest.
 
     sharded (FSDP, runs.is_sharded): torch AdamW whatever `name` says, with a message (unless quiet). FSDP's
     parameters are DTensor shards; bitsandbytes 0.50's 8-bit AdamW fails at its first step on them ("got mixed
@@ -312,6 +326,16 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, beta
         name = "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    if name == "adamw8bit_sr":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            fail(f"--optimizer adamw8bit_sr needs torchao ({TORCHAO_HINT}), or use --optimizer adamw8bit with "
+                 "--precision bf16_mixed (fp32 master weights).")
+        if any(p.dtype != torch.bfloat16 for p in params):
+            fail("--optimizer adamw8bit_sr rounds stochastically to bf16 and needs bf16 weights (--precision bf16); "
+                 "with fp32 weights use adamw8bit.")
+        return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, bf16_stochastic_round=True)
     if name in ("adamw8bit", "paged_adamw8bit"):
         try:
             import bitsandbytes as bnb
@@ -320,6 +344,22 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, beta
         klass = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
         return klass(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     fail(f"--optimizer {name} unknown; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def check_optimizer(name: str, precision: str) -> None:
+    """Before any model is loaded: the optimizer exists, its package is installed, and it suits the precision."""
+    import importlib.util
+    if name not in OPTIMIZERS:
+        fail(f"--optimizer {name} unknown; choose one of {', '.join(OPTIMIZERS)}.")
+    if name == "adamw8bit_sr":
+        if importlib.util.find_spec("torchao") is None:
+            fail(f"--optimizer adamw8bit_sr needs torchao, which is not installed: {TORCHAO_HINT} (optional, "
+                 "for the pure-bf16 presets), or use --optimizer adamw8bit with --precision bf16_mixed.")
+        if precision != "bf16":
+            fail(f"--optimizer adamw8bit_sr is for pure bf16 weights: use it with --precision bf16 (got {precision}).")
+    elif precision == "bf16":
+        print(f"note: --precision bf16 with --optimizer {name}: updates smaller than bf16's spacing (lr ~1e-6) round "
+              "to nothing; --optimizer adamw8bit_sr rounds stochastically (requirements-torchao.txt).", file=sys.stderr)
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
@@ -619,7 +659,23 @@ def memory_plan(model, optimizer: str, precision: str, reference_model: bool = F
     from forward to backward) and two decoder layers (the one computing and the next one prefetched), in the
     compute dtype. Activations are per process (each rank runs its own micro-batches).
     """
-    trainable, frozen = count_parameters(model)
+    gathered = 0
+    if shards > 1:
+        compute_bytes = 4 if precision == "fp32" else 2
+        language = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        layer = max(sum(p.numel() for p in block.parameters()) for block in language.layers)
+        ends = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+        ends = sum(p.numel() for p in ends.values())   # tied embeddings (3B) count once
+        gathered = (2 * layer + ends) * compute_bytes
+    return memory_plan_of_counts(*count_parameters(model), optimizer, precision, reference_model,
+                                 activations_bytes, reference_bytes, shards, gathered)
+
+
+def memory_plan_of_counts(trainable: int, frozen: int, optimizer: str, precision: str, reference_model: bool = False,
+                          activations_bytes: int = 0, reference_bytes: int = 2, shards: int = 1,
+                          gathered_bytes: int = 0) -> dict:
+    """memory_plan from parameter counts (plan.py plans a preset from its config.json without building a model);
+    under FSDP (shards > 1) `gathered_bytes` are the units gathered for compute."""
     total = trainable + frozen
     weight_bytes = 2 if precision == "bf16" else 4
     optimizer = "adamw" if shards > 1 else optimizer
@@ -627,17 +683,12 @@ def memory_plan(model, optimizer: str, precision: str, reference_model: bool = F
         "parameters_total": total, "parameters_trainable": trainable, "parameters_frozen": frozen,
         "weights": total * weight_bytes / shards,
         "gradients": trainable * weight_bytes / shards,
-        "optimizer_states": trainable * (8 if optimizer == "adamw" else 2) / shards,
+        "optimizer_states": trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8) / shards,
         "reference_model": total * reference_bytes if reference_model else 0,
         "activations_estimate": activations_bytes,
     }
     if shards > 1:
-        compute_bytes = 4 if precision == "fp32" else 2
-        language = model.model.language_model if hasattr(model.model, "language_model") else model.model
-        layer = max(sum(p.numel() for p in block.parameters()) for block in language.layers)
-        ends = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
-        ends = sum(p.numel() for p in ends.values())   # tied embeddings (3B) count once
-        plan["gathered_parameters"] = (2 * layer + ends) * compute_bytes
+        plan["gathered_parameters"] = gathered_bytes
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith("parameters"))
     return plan
 
@@ -650,7 +701,20 @@ def print_memory_plan(plan: dict, title: str) -> None:
                 "activations_estimate", "total"):
         if key in plan:
             print(f"  {key:<22} {plan[key] / GiB:8.2f} GiB")
-    for gpu, size in (("24 GB (RTX 4090/A10)", 24), ("40 GB (A100-40G)", 40), ("80 GB (A100/H100-80G)", 80)):
-        # Measured peaks reached 1.45x the plan (GRPO, 3B, H100): keep that much headroom.
-        fits = plan["total"] * 1.45 / GiB <= size
-        print(f"  fits on {gpu} (with 1.45x headroom): {'yes' if fits else 'no'}")
+    for label, gib, cards in GPU_CARDS:
+        fits = plan["total"] * MEMORY_HEADROOM / GiB <= gib
+        print(f"  fits on {label} ({cards}; {gib:g} GiB usable) with {MEMORY_HEADROOM}x headroom: "
+              f"{'yes' if fits else 'no'}")
+
+
+# Measured peaks reached 1.45x the plan (GRPO, 3B, H100, fp32 master weights + autocast: README memory table):
+# every "fits" keeps that much headroom. Not measured for pure bf16 (no autocast weight copies), where it is
+# likely smaller: the plan errs towards "does not fit".
+MEMORY_HEADROOM = 1.45
+# The cards a user may have, by memory class: (label, GiB the smallest card of the class reports, examples).
+# GiB = memory.total of nvidia-smi / 1024, public figures of each card: T4 15,360 MiB; L4 23,034; A10 23,028;
+# A100-40GB 40,960; L40S 46,068; RTX A6000 49,140; H100 80GB HBM3 81,559; A100-80GB 81,920; RTX PRO 6000
+# Blackwell 97,887; H200 143,771.
+GPU_CARDS = (("16 GB", 15.0, "T4, V100-16GB"), ("24 GB", 22.49, "L4, A10, RTX 4090"), ("40 GB", 40.0, "A100-40GB"),
+             ("48 GB", 44.99, "L40S, RTX A6000"), ("80 GB", 79.65, "H100, A100-80GB"),
+             ("96 GB", 95.59, "RTX PRO 6000 (Colab G4)"), ("141 GB", 140.4, "H200"))

@@ -125,7 +125,7 @@ TOY_BASE_VARIABLES = tuple(name for name, (stages, _) in PRESET_VARIABLES.items(
 # Set per run, not per preset (run_all.sh gives each its default): where, how many seeds, which machine.
 RUN_VARIABLES = {"PRESET": None, "RUN": None, "SEEDS": ">= 1", "SEED": ">= 0", "SHARED_RUN": None, "BENCH_DIR": None,
                  "FAKE_MIRROR": "[0, 1]", "IGNORE_DISK_PLAN": "[0, 1]", "IGNORE_PILOT": "[0, 1]", "CPU_THREADS": ">= 1",
-                 "PROBES": None, "PY": None}
+                 "PROBES": None, "PY": None, "GPU_MEMORY_GB": "> 0", "GPU_NAME": None, "IGNORE_GPU_PLAN": "[0, 1]"}
 
 
 JOB_STAGES = ("sources", "sft_sources", "eval")   # stages that run their independent runs JOBS at a time

@@ -873,11 +873,28 @@ def environment_block(run: Path, results: dict) -> list[str]:
     commit = env.get("git_commit") or "unknown"
     dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
     capability = f" ({env['cpu_capability']} kernels)" if env.get("cpu_capability") and not env.get("cuda") else ""
-    return [f"Environment: {env.get('device')}{capability}; CUDA {env.get('cuda') or '-'}, cuDNN {env.get('cudnn') or '-'}; "
+    driver = f" (driver {env['nvidia_driver']}, CUDA {env.get('driver_cuda') or '?'} at most)" if env.get("nvidia_driver") else ""
+    return [f"Environment: {env.get('device')}{capability}; CUDA {env.get('cuda') or '-'}{driver}, cuDNN {env.get('cudnn') or '-'}; "
             f"{env.get('torch_threads')} torch threads; Python {env.get('python')}; {packages}; kit commit "
             f"`{str(commit)[:12]}`{dirty}. Compare runs made on one machine with one thread count: another CPU, "
             f"GPU or thread count rounds every float differently, and over hundreds of training steps those "
             f"differences grow into different models (README, the toy run).", ""]
+
+
+def within_preset_note(settings: dict, preset: str) -> list[str]:
+    """A preset that departs from the experiment as defined to fit a smaller GPU (presets/3b_40gb.env: pure bf16
+    weights, RFT without a KL term) measures forgetting of other training runs: say so before any number."""
+    departures = []
+    if str(settings.get("PRECISION")) == "bf16":
+        departures.append(f"every arm trained pure bf16 weights (optimizer `{settings.get('OPTIMIZER')}`) instead of "
+                          "fp32 master weights")
+    if str(settings.get("BETA", "")).strip() in ("0", "0.0", "0.") and settings.get("BUILD_TOY_BASE") != "1":
+        departures.append("RFT ran without a KL term (BETA=0, no reference model)")
+    if not departures:
+        return []
+    return [f"**Compare within this preset only.** Preset `{preset}`: {'; '.join(departures)}, to fit a smaller GPU. "
+            "Its forgetting figures compare its own methods with each other; they are not comparable with the `3b` "
+            "preset's or the paper's numbers.", ""]
 
 
 def completions_section(run: Path, count: int = 2) -> list[str]:
@@ -961,6 +978,7 @@ def main(argv=None):
              f"(arXiv 2506.23508). Base model: `{settings.get('MODEL', (results.get('base') or {}).get('model', '?'))}`.",
              ""]
     lines += environment_block(run, results)
+    lines += within_preset_note(settings, args.preset)
     jig_lines, accuracy = jigsaw_section(run, results)
     prior_lines, mean_delta = prior_section(run, results, out.parent)
     lines += jig_lines + prior_lines

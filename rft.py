@@ -154,10 +154,12 @@ class Args:
     """cosine floor as a share of --lr; 1.0 = constant lr (nano-aha-moment and Jigsaw-R1 use a constant lr)"""
     # --- one GPU ---
     optimizer: str = "adamw8bit"
-    """adamw, adamw8bit or paged_adamw8bit (bitsandbytes 8-bit states: 2 B/param instead of 8)"""
+    """adamw, adamw8bit or paged_adamw8bit (bitsandbytes 8-bit states: 2 B/param instead of 8), adamw8bit_sr
+    (torchao 8-bit states with bf16 stochastic rounding, for --precision bf16; requirements-torchao.txt)"""
     precision: str = "auto"
     """bf16_mixed (fp32 master weights + bf16 autocast; the default on GPU), bf16 (pure bf16 weights: lr 1e-6
-    updates mostly round to zero, not recommended), fp32 (the default on CPU), auto"""
+    updates mostly round to zero unless --optimizer adamw8bit_sr rounds stochastically), fp32 (the default on
+    CPU), auto"""
     ref_precision: str = "auto"
     """reference model precision: auto = bf16 on GPU (frozen, so no rounding trap), fp32 on CPU; bf16, fp16, fp32"""
     gradient_checkpointing: bool = True
@@ -562,8 +564,7 @@ def check_args(args: Args) -> None:
         common.fail(f"--prompt_style {args.prompt_style}: choose thinking or answer_only.")
     if args.loss_type not in LOSS_TYPES:
         common.fail(f"--loss_type {args.loss_type} unknown; choose grpo, dapo or dr_grpo.")
-    if args.optimizer not in common.OPTIMIZERS:
-        common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
+    common.check_optimizer(args.optimizer, args.precision)
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
     if args.rollout_backend != "hf":
@@ -639,7 +640,8 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------ model
     model, processor = common.load_model_and_processor(args.model, policy_dtype, args.attn_implementation,
-                                                       args.min_pixels or None, args.max_pixels or None)
+                                                       args.min_pixels or None, args.max_pixels or None,
+                                                       str(accelerator.device))
     if args.freeze_vision_tower:
         # The frozen tower's parameters need no grad and its input (pixels) none either, so autograd records
         # nothing inside it: it runs as if under no_grad.

@@ -10,6 +10,7 @@
 #   bash run_all.sh --list             # the plan: per stage, GPU-hours (CPU minutes) and disk; nothing runs
 #   bash run_all.sh --from rft         # redo a stage and all later ones from scratch
 #   bash run_all.sh --only report      # one stage
+#   bash run_all.sh --until rft        # the stages up to rft (finished ones skipped, an interrupted one resumed)
 #   SEEDS=3 bash run_all.sh            # the training stages with three seeds; the report shows the spread
 #   PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh --download   # login node: fetch what the preset reads
 #   PRESET=3b BENCH_DIR=/data/mirror bash run_all.sh              # compute node: read only from the mirror
@@ -27,15 +28,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-FROM="" ; ONLY="" ; LIST=0 ; DOWNLOAD=0
+FROM="" ; ONLY="" ; UNTIL="" ; LIST=0 ; DOWNLOAD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) FROM="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --until) UNTIL="$2"; shift 2 ;;
     --list) LIST=1; shift ;;
     --download) DOWNLOAD=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --list, --download)" >&2; exit 2 ;;
+    *) echo "run_all.sh: unknown argument $1 (use --from STAGE, --only STAGE, --until STAGE, --list, --download)" >&2; exit 2 ;;
   esac
 done
 
@@ -43,11 +45,8 @@ done
 PY=${PY:-python}
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 if [ -z "${PRESET:-}" ]; then
-  if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    PRESET=3b; echo "[run_all] CUDA GPU found: preset 3b (Qwen2.5-VL-3B-Instruct). PRESET=toy for the offline toy world."
-  else
-    PRESET=toy; echo "[run_all] no CUDA GPU: preset toy (tiny Qwen2.5-VL built locally, offline, on the CPU)."
-  fi
+  # 3b where its memory plan fits the GPU, 3b_40gb on a 40 GB card, else toy (plan.py gpu --choose says why)
+  PRESET=$($PY plan.py gpu --choose) || exit 2
 fi
 if [ ! -f "presets/$PRESET.env" ]; then
   echo "run_all.sh: PRESET=$PRESET unknown: no presets/$PRESET.env (presets: $(cd presets && ls *.env | sed 's/\.env$//' | tr '\n' ' '))" >&2
@@ -302,18 +301,26 @@ settings_lines() {  # settings_lines: NAME<TAB>VALUE of every variable that is s
 }
 # Every preset variable set, in range and spelled right (environment too), before anything else happens.
 settings_lines | $PY plan.py check --preset "$PRESET"
+# The GPU check: the GPU torch will use (nvidia-smi listing a GPU torch cannot see is an error naming the torch
+# build to install), and the preset's memory plan against it, before anything is loaded; a preset that does not
+# fit stops here naming presets that do. GPU_MEMORY_GB=N plans for N GiB; IGNORE_GPU_PLAN=1 runs anyway.
+settings_lines | $PY plan.py gpu --preset "$PRESET" $([ "$LIST" = 1 ] && echo --warn_only) || exit 2
 
 selected() {
   local stage=$1
   # a seed run (SEEDS > 1) repeats only the stages that depend on the seed
   if [ -n "${SEED_STAGES:-}" ] && [[ " $SEED_STAGES " != *" $stage "* ]]; then return 1; fi
+  if [ -n "$UNTIL" ]; then   # nothing after --until's stage
+    local past=0 s; for s in "${STAGES[@]}"; do [ "$s" = "$stage" ] && break; [ "$s" = "$UNTIL" ] && past=1; done
+    [ $past = 0 ] || return 1
+  fi
   if [ -n "$ONLY" ]; then [ "$stage" = "$ONLY" ]; return; fi
   if [ -n "$FROM" ]; then
     local on=0; for s in "${STAGES[@]}"; do [ "$s" = "$FROM" ] && on=1; [ "$s" = "$stage" ] && { [ $on = 1 ]; return; }; done
   fi
   return 0
 }
-for s in $ONLY $FROM; do
+for s in $ONLY $FROM $UNTIL; do
   [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "run_all.sh: no stage '$s'; stages: ${STAGES[*]}" >&2; exit 2; }
 done
 stage_state() {
@@ -463,7 +470,8 @@ if (( SEEDS > 1 )) && [ "$SEED" = 0 ]; then
   done
   $PY report.py --run_dir "$RUN" --preset "$PRESET" > "$RUN/logs/report_seeds.log" 2>&1 || { cat "$RUN/logs/report_seeds.log" >&2; exit 1; }
 fi
-if [ "$SEED" = 0 ]; then echo "[run_all] finished: $RUN/report.md"
+if [ -n "$UNTIL" ]; then echo "[run_all] stages up to $UNTIL done: $RUN"
+elif [ "$SEED" = 0 ]; then echo "[run_all] finished: $RUN/report.md"
 else echo "[run_all] seed $SEED finished: $RUN (its numbers are in the seed-0 folder's report.md)"; fi
 exit 0
 }

@@ -307,6 +307,8 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     cuda = torch.cuda.is_available()
+    from plan import nvidia_smi
+    gpus = nvidia_smi()
     root = Path(__file__).resolve().parent
     commit, dirty = None, None
     try:
@@ -324,6 +326,11 @@ def environment() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.version.cuda if cuda else None,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
+            # what the machine has, whatever torch can use: a torch build for a newer CUDA than the driver runs
+            # sees no GPU (plan.py's GPU check says which build fits)
+            "torch_cuda_build": torch.version.cuda,
+            "nvidia_driver": gpus[0]["driver"] if gpus else None,
+            "driver_cuda": gpus[0]["cuda"] if gpus else None,
             "torch_threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty,
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else None}
 

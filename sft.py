@@ -63,7 +63,8 @@ class Args:
     """hub id or local save_pretrained folder of the model to fine-tune (the paper: Qwen2.5-VL-3B/7B-Instruct)"""
     precision: str = "auto"
     """auto (bf16_mixed on CUDA, fp32 on CPU) | bf16_mixed (fp32 master weights + bf16 autocast) | bf16 (pure
-    bf16 weights: half the memory, but updates of lr~1e-5..1e-6 mostly round to zero) | fp32"""
+    bf16 weights: half the memory; updates of lr~1e-5..1e-6 mostly round to zero unless --optimizer
+    adamw8bit_sr) | fp32"""
     attn_implementation: str = ""
     """attention kernel passed to from_pretrained (e.g. sdpa, flash_attention_2); empty = transformers' default"""
     min_pixels: int = 0
@@ -113,7 +114,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping (HF Trainer default)"""
     optimizer: str = "adamw"
-    """adamw (fp32 states, 8 B/param) | adamw8bit | paged_adamw8bit (bitsandbytes, 2 B/param)"""
+    """adamw (fp32 states, 8 B/param) | adamw8bit | paged_adamw8bit (bitsandbytes, 2 B/param) | adamw8bit_sr
+    (torchao, 2 B/param, stochastic rounding for --precision bf16; requirements-torchao.txt)"""
     seed: int = 0
     """seed of data order, dropout and init of anything new"""
     # --- logging / saving ---
@@ -157,8 +159,7 @@ RANGES = {"max_steps": ">= 0", "num_epochs": "> 0", "batch_size": ">= 1", "grad_
 def check_args(args: Args) -> None:
     common.check_ranges(args, RANGES)
     common.check_attn_implementation(args.attn_implementation)
-    if args.optimizer not in common.OPTIMIZERS:
-        common.fail(f"--optimizer {args.optimizer} unknown; choose one of {', '.join(common.OPTIMIZERS)}.")
+    common.check_optimizer(args.optimizer, args.precision)
     if args.max_pixels and args.min_pixels > args.max_pixels:
         common.fail(f"--min_pixels {args.min_pixels} is larger than --max_pixels {args.max_pixels}.")
     if args.sort_by_length and args.grad_accum == 1:
@@ -219,7 +220,8 @@ def main(argv=None):
     # Model, optimizer, schedule
     # ======================================================================================================
     model, processor = common.load_model_and_processor(args.model, load_dtype, args.attn_implementation or None,
-                                                       args.min_pixels or None, args.max_pixels or None)
+                                                       args.min_pixels or None, args.max_pixels or None,
+                                                       str(accelerator.device))
     common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

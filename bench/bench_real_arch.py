@@ -7,6 +7,7 @@ tokenizer (its special-token ids are written into the config). Nothing is downlo
 garbage up to --max_new_tokens, which is the worst case for rollout length.
 
     python bench/bench_real_arch.py --config 3b --out /tmp/real_arch       # needs a CUDA GPU (~10 GB of disk)
+    python bench/bench_real_arch.py --config 3b --precision bf16 --optimizer adamw8bit_sr --beta 0   # 3b_40gb
 """
 from __future__ import annotations
 
@@ -46,7 +47,11 @@ class Args:
     image_size: int = 448
     """jigsaw image side (448x448 = 256 vision tokens)"""
     optimizer: str = "adamw8bit"
-    """optimizer of both runs"""
+    """optimizer of both runs (adamw8bit_sr with --precision bf16: the 3b_40gb preset; needs torchao)"""
+    precision: str = "bf16_mixed"
+    """--precision of both runs (bf16_mixed: fp32 master weights + autocast; bf16: pure bf16 weights)"""
+    beta: float = 0.04
+    """rft.py's KL coefficient (0: no reference model, as in the 3b_40gb preset)"""
 
 
 def build_random_model(name: str, out: Path, image_size: int) -> int:
@@ -92,7 +97,8 @@ def main(argv=None):
     # ---- sft.py and rft.py, each in its own process (each starts from an empty GPU) -------------------------
     pix = ["--min_pixels", str(56 * 56), "--max_pixels", str(args.image_size ** 2)]
     root = Path(__file__).resolve().parents[1]
-    plan = sft.main(["--model", name, "--dry_run", "--optimizer", args.optimizer, "--batch_size", str(args.batch_size),
+    plan = sft.main(["--model", name, "--dry_run", "--optimizer", args.optimizer, "--precision", args.precision,
+                     "--batch_size", str(args.batch_size),
                      "--gradient_checkpointing", "--plan_prompt_length", "512"])
     stages = {
         # fp32 master weights + bf16 autocast, gradient checkpointing
@@ -101,12 +107,13 @@ def main(argv=None):
         # B x G rollouts, bf16 reference model, k3 KL, rft.py's defaults otherwise
         "rft": ["rft.py", "--max_steps", str(args.rft_steps), "--batch_size", str(args.batch_size), "--num_generations",
                 str(args.group_size), "--max_completion_length", str(args.max_new_tokens), "--eval_steps", "0",
-                "--save_steps", "0"],
+                "--save_steps", "0", "--beta", str(args.beta)],
     }
     for stage, cmd in stages.items():
         t0 = time.time()
         subprocess.run([sys.executable, *cmd, "--model", str(out / "model"), "--data", str(out / "data"),
-                        "--output_dir", str(out / stage), "--optimizer", args.optimizer, *pix], cwd=root, check=True)
+                        "--output_dir", str(out / stage), "--optimizer", args.optimizer, "--precision", args.precision,
+                        *pix], cwd=root, check=True)
         metrics = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         metrics = [m for m in metrics if "loss" in m]
         results[stage] = {"wall_s": time.time() - t0, "peak_memory_gib": max(m["peak_memory_gib"] for m in metrics),

@@ -31,6 +31,18 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`PRESET=smoke bash run_all.sh` once per session (a few minutes): tests/test_run_all.py reads it, and the
+    notebook test (tests/test_colab.py) continues a copy of it."""
+    import subprocess
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    result = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PY": sys.executable, "PRESET": "smoke", "RUN": str(run)})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return run, result
+
+
+@pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL + processor saved with save_pretrained (loads like a hub id)."""
     import toy

@@ -39,14 +39,6 @@ def du_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("smoke") / "run"
-    result = run_all(timeout=900, PRESET="smoke", RUN=run)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return run, result
-
-
 def test_smoke_preset_writes_full_report(smoke_run):
     run, _ = smoke_run
     report = (run / "report.md").read_text()
