@@ -126,7 +126,7 @@ def count_params(config: dict) -> dict:
     ctx = vh * merge ** 2
     merger = vh + (ctx * ctx + ctx) + (ctx * out + out)
     vision = patch + depth * block + merger
-    return {"total": text + vision, "vision": vision}
+    return {"total": text + vision, "vision": vision, "layer": layer, "ends": vocab * h * (1 if tied else 2) + h}
 
 
 def model_config(settings: dict) -> tuple[dict, str]:
@@ -859,10 +859,37 @@ def memory_peaks(settings: dict) -> dict:
         image_tokens = BENCHMARKS.get(name, (0, 600))[1]
         calls.append((_i(s, "EVAL_BATCH_SIZE", 16), image_tokens + 60 + BENCH_DECODE_TOKENS.get(name, 128)))
     kv = max(common.activation_plan(cfg, 1, length, 1, True, generation_sequences=n)["generation"] for n, length in calls)
-    return {"sft": common.memory_plan_of_counts(trainable, frozen, optimizer, precision, activations_bytes=sft_acts["peak"]),
+    # sft.py and rft.py under LAUNCH with FSDP: per GPU, the states split over the processes plus the units gathered
+    # for compute (two decoder layers and the embeddings), as `--dry_run --plan_processes N` plans them
+    launch = launcher(s)
+    shards = launch["processes"] if launch and launch["fsdp"] else 1
+    gathered = (2 * counts["layer"] + counts["ends"]) * (4 if precision == "fp32" else 2) if shards > 1 else 0
+    return {"sft": common.memory_plan_of_counts(trainable, frozen, optimizer, precision, activations_bytes=sft_acts["peak"],
+                                                shards=shards, gathered_bytes=gathered),
             "rft": common.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference_model=beta != 0.0,
-                                                activations_bytes=rft_acts["peak"]),
-            "decode": common.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv)}
+                                                activations_bytes=rft_acts["peak"], shards=shards,
+                                                gathered_bytes=gathered),
+            "decode": common.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv),
+            **({"rollout": vllm_rollout_peak(trainable, frozen, optimizer, precision, beta != 0.0, shards, gathered)}
+               if s.get("ROLLOUT_BACKEND") == "vllm" else {})}
+
+
+# The share of the GPU the colocated vLLM engine takes while awake (rft.py's gpu_memory_utilization=0.3, TRL's
+# colocate default); it sleeps (weights offloaded, KV cache freed) while the trainer runs.
+VLLM_GPU_SHARE = 0.3
+
+
+def vllm_rollout_peak(trainable: int, frozen: int, optimizer: str, precision: str, reference: bool, shards: int,
+                      gathered: int) -> dict:
+    """GRPO's rollout phase with ROLLOUT_BACKEND=vllm: the trainer's weights, optimizer states and reference model
+    stay on the GPU (gradients are freed by zero_grad, no activations) while the engine holds VLLM_GPU_SHARE of
+    the card, so the card must be at least states / (1 - share): the plan is expressed as that card size."""
+    import common
+    plan = common.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference, 0, 2, shards, gathered)
+    states = plan["total"] - plan["gradients"]
+    plan["gradients"], plan["activations_estimate"] = 0, states * VLLM_GPU_SHARE / (1 - VLLM_GPU_SHARE)
+    plan["total"] = states / (1 - VLLM_GPU_SHARE)
+    return plan
 
 
 def needed_gib(peaks: dict) -> tuple[float, str]:
@@ -1039,7 +1066,7 @@ def cards_table(presets: list[str]) -> str:
         if settings.get("PLAN_DEVICE") != "gpu":
             continue
         need, phase = needed_gib(memory_peaks(settings))
-        hours = sum(r["seconds"] for r in plan(settings, list(TOY_SECONDS))["rows"].values()) / 3600
+        hours = sum(r["seconds"] for r in plan(settings, list(experiment_stages()))["rows"].values()) / 3600
         cells = []
         for card, gib, bf16, factor in COLAB_GPUS:
             if not bf16:
@@ -1048,7 +1075,9 @@ def cards_table(presets: list[str]) -> str:
                 cells.append("no (memory)")
             else:
                 cells.append(f"yes, ~{hours * factor:.0f} h")
-        lines.append(f"| {name} | {need:.1f} ({phase}) | {hours:.1f} | " + " | ".join(cells) + " |")
+        launch = launcher(settings)
+        label = f"{name} ({launch['processes']} GPUs; per GPU, hours of all)" if launch and launch["processes"] > 1 else name
+        lines.append(f"| {label} | {need:.1f} ({phase}) | {hours:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Every parser of model outputs runs in time linear in its input (issue 16): each one, and each benchmark's
+"""Every parser of model outputs runs in time linear in its input: each one, and each benchmark's
 scorer in both readings (strict and lenient), is timed on 100 KB adversarial inputs against a linear scan of the
 same input measured here, with a generous bound (200x the scan + 50 ms). Before the fix
 parse_choice_letter('The answer' + ' ' * 400 + 'is the cat') alone took 37 s."""

@@ -1,5 +1,5 @@
 """The toy world's prior-knowledge data: what each split holds is what run_all.sh's two base stages rely on, and
-the prior the base gets on the jigsaw task (issue 13) is true of the pieces and only half the skill."""
+the prior the base gets on the jigsaw task is true of the pieces and only half the skill."""
 import random
 
 from datasets import load_from_disk
