@@ -57,6 +57,8 @@ from pathlib import Path
 import torch
 
 import common
+import memory
+import files
 import runs
 import sequences
 
@@ -511,7 +513,7 @@ def task_kl(model, base_model, processor, prompts: list[str], images: list[list]
 # Figures (report.py shows them, with the tables it renders from dynamics.json)
 # ----------------------------------------------------------------------------------------------------------
 def save_figure(fig, path: Path) -> None:
-    with runs.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
@@ -598,8 +600,8 @@ def check_gradient_memory(model, args: Args, n_samples: int) -> None:
     named = dict(model.named_parameters())
     numel = sum(named[n].numel() for n in match_names(list(named), args.params))
     grad_bytes = numel * n_samples * 4
-    if grad_bytes > args.max_grad_gib * common.GiB:
-        common.fail(f"full per-sample gradients would take {grad_bytes / common.GiB:.1f} GiB ({n_samples} samples x "
+    if grad_bytes > args.max_grad_gib * memory.GiB:
+        common.fail(f"full per-sample gradients would take {grad_bytes / memory.GiB:.1f} GiB ({n_samples} samples x "
                     f"{numel:,} parameters) > --max_grad_gib {args.max_grad_gib}; use --proj_dim 8 (LoGra-style "
                     "projection), narrower --params, or --no_first_order.")
 
@@ -663,8 +665,8 @@ def load_inputs(args: Args, sources: list[dict], tracked: list[dict]) -> dict:
 def load_base_model(args: Args, device: str, n_samples: int):
     """The model whose dynamics are measured, in eval mode (no dropout: the exact step and the re-scoring must see
     the same function), with only --params trainable."""
-    if args.first_order and args.proj_dim == 0 and (args.model in common.REAL_CONFIGS or Path(args.model).is_dir()):
-        check_gradient_memory(common.meta_model(args.model), args, n_samples)  # before minutes of loading
+    if args.first_order and args.proj_dim == 0 and (args.model in memory.REAL_CONFIGS or Path(args.model).is_dir()):
+        check_gradient_memory(memory.meta_model(args.model), args, n_samples)  # before minutes of loading
     model, processor = common.load_model_and_processor(
         args.model, "fp32" if args.precision == "fp64" else args.precision, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, device=device)
@@ -898,13 +900,13 @@ def main(argv=None) -> dict:
     device = args.device or common.default_device()
     out_dir = Path(args.output_dir)
     # writable, and one writer: a second analyze.py on an existing folder stops here (a new one: when made)
-    runs.lock_output_dir(out_dir, "analyze.py", create=False)
+    files.lock_output_dir(out_dir, "analyze.py", create=False)
 
     # ---- data ------------------------------------------------------------------------------------------------
     inputs = load_inputs(args, sources, tracked)
 
     # ---- model and samples -----------------------------------------------------------------------------------
-    runs.lock_output_dir(out_dir, "analyze.py")
+    files.lock_output_dir(out_dir, "analyze.py")
     model, processor, params = load_base_model(args, device, args.n_train * len(sources) + args.n_probe)
     samples = make_samples(args, model, processor, inputs, device)
     k_exact = min(args.exact_pairs, args.n_probe, len(samples["probe_batches"])) if args.exact else 0
@@ -949,10 +951,10 @@ def main(argv=None) -> dict:
     # ---- save ------------------------------------------------------------------------------------------------
     timings["total_s"] = time.time() - start
     results["timings"] = timings
-    with runs.write_guard(out_dir, f"{out_dir / 'dynamics.json'} and its figures",
+    with files.write_guard(out_dir, f"{out_dir / 'dynamics.json'} and its figures",
                           "dynamics.json keeps its previous version, if any; free space and rerun the same command."):
         results["figures"] = make_figures(results, out_dir)
-        runs.write_json_atomic(out_dir / "dynamics.json", results)
+        files.write_json_atomic(out_dir / "dynamics.json", results)
     print(f"[analyze] wrote {out_dir / 'dynamics.json'} and {len(results['figures'])} figures in "
           f"{timings['total_s']:.1f}s")
     return results

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import common
+import files
 import jigsaw
 import runs
 import sequences
@@ -310,7 +311,7 @@ def main(argv=None) -> dict:
                    args.mi_puzzles, args.mi_candidates, args.min_answer_image_mi, args.seed, accelerator.autocast,
                    engine=engine)
     if accelerator.is_main_process:
-        runs.write_json_atomic(output_dir / "base_check.json", {**result, "model": args.model,
+        files.write_json_atomic(output_dir / "base_check.json", {**result, "model": args.model,
                                                                 "settings": dataclasses.asdict(args),
                                                                 "environment": runs.environment()})
         runs.mark_output_dir(output_dir, "base_check.py")

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import benchmarks
 import common
+import files
 import runs
 import sequences
 from benchmarks import parsers
@@ -347,7 +348,7 @@ def main(argv=None) -> dict:
         common.check_model_path(model_path)  # a snapshot cut short is found now, not after the first model's hours
         runs.check_output_dir(folder, STAGE, args.overwrite)
     for _, folder, _ in jobs:  # one writer per folder: a second eval.py on one stops here (made: evaluate_model)
-        runs.lock_output_dir(folder, STAGE, create=False)
+        files.lock_output_dir(folder, STAGE, create=False)
     device = args.device or common.default_device()
     dtype = common.resolve_dtype(args.precision, device, "--precision")
 
@@ -369,9 +370,9 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
                    datasets_: dict, device: str, dtype: str) -> dict:
     """One model on every benchmark of --benchmarks into output_dir/results.json (resuming from its cache)."""
     # ---- cache: what an earlier run into this folder wrote -------------------------------------------------
-    runs.lock_output_dir(output_dir, STAGE)
+    files.lock_output_dir(output_dir, STAGE)
     out_path = output_dir / "results.json"
-    with runs.write_guard(output_dir, str(output_dir / runs.OUTPUT_MARKER), kept_note(out_path)):
+    with files.write_guard(output_dir, str(output_dir / runs.OUTPUT_MARKER), kept_note(out_path)):
         runs.mark_output_dir(output_dir, STAGE)
     previous = {} if args.recompute else read_previous(out_path)
     identity = model_identity(model_path, previous.get("model_identity"))
@@ -448,8 +449,8 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
             progress.update(len(rows[start:start + window]))
             if todo:  # a crash loses at most one window: the next run reuses what is written here
                 results["benchmarks"][name] = {**entry, "samples": {**cached, **entry["samples"]}}
-                with runs.write_guard(output_dir, str(out_path), kept_note(out_path)):
-                    runs.write_json_atomic(out_path, results)
+                with files.write_guard(output_dir, str(out_path), kept_note(out_path)):
+                    files.write_json_atomic(out_path, results)
         progress.close()
         # Scores are recomputed from the stored predictions on every run, so a fixed parser applies to cached
         # runs too.
@@ -459,8 +460,8 @@ def evaluate_model(args: Args, model_path: str, output_dir: Path, limit: int, na
         if not args.save_samples:
             entry["samples"] = {}
         results["benchmarks"][name] = entry
-        with runs.write_guard(output_dir, str(out_path), kept_note(out_path)):
-            runs.write_json_atomic(out_path, results)
+        with files.write_guard(output_dir, str(out_path), kept_note(out_path)):
+            files.write_json_atomic(out_path, results)
         shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in entry["metrics"].items()
                  if not isinstance(v, dict)}
         print(f"[eval] {name}: {len(rows)} rows, {reused} samples cached, {generated} generated; strict {shown}; "

@@ -452,10 +452,11 @@ def main(argv=None):
         fail(f"--grid: {err}")
     if args.source == "procedural" and args.image_size < max(rows, cols) * 2:
         fail(f"--image_size {args.image_size} is too small for a {args.grid} grid (pieces of at least 2 pixels).")
+    import files
     import runs
     runs.check_output_dir(args.output_dir, "jigsaw.py", args.overwrite)  # before any image is read
     try:
-        with runs.write_guard(Path(args.output_dir).parent, args.output_dir,
+        with files.write_guard(Path(args.output_dir).parent, args.output_dir,
                               f"{args.output_dir} was not replaced (its previous version, if any, is intact)."):
             dataset = build_dataset(args)
     except (ValueError, FileNotFoundError, KeyError) as err:  # the source's faults, each named by build_rows

@@ -47,8 +47,8 @@ def read_manifest(root: Path) -> dict:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    import runs
-    runs.write_text_atomic(root / MIRROR_FILE, json.dumps(manifest, indent=2) + "\n")
+    import files
+    files.write_text_atomic(root / MIRROR_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def save_split(dataset, split: str, out: Path) -> None:

@@ -28,8 +28,8 @@ import math
 import sys
 from pathlib import Path
 
+import files
 import plan
-import runs
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
     go_on, text, record = report(settings, run, args.stages.split() or list(plan.experiment_stages()), args.ignore)
     print(text, file=sys.stdout if go_on else sys.stderr)
     if args.summary:
-        runs.write_text_atomic(Path(args.summary), text + "\n")
-    runs.write_json_atomic(run / "pilot" / "pilot.json", record)
+        files.write_text_atomic(Path(args.summary), text + "\n")
+    files.write_json_atomic(run / "pilot" / "pilot.json", record)
     return 0 if go_on else 2
 
 

@@ -728,7 +728,7 @@ def record_stage(run: Path, stage: str, seconds: int, settings: dict) -> None:
     import subprocess
     import time
     import experiment
-    import runs
+    import files
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -736,7 +736,7 @@ def record_stage(run: Path, stage: str, seconds: int, settings: dict) -> None:
     except OSError:
         commit, dirty = "", False
     names = experiment.stage_variables(stage)
-    runs.write_json_atomic(run / "settings" / f"{stage}.json", {
+    files.write_json_atomic(run / "settings" / f"{stage}.json", {
         "stage": stage, "preset": settings.get("PRESET"), "seconds": seconds,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit, "git_dirty": dirty,
         "settings": {name: settings.get(name, "") for name in names}})
@@ -748,7 +748,7 @@ def record_stage(run: Path, stage: str, seconds: int, settings: dict) -> None:
                 merged.setdefault(key, {}).setdefault(value, []).append(name)
     flat = {k: next(iter(v)) if len(v) == 1 else " / ".join(f"{val} ({', '.join(st)})" for val, st in v.items())
             for k, v in merged.items()}
-    runs.write_json_atomic(run / "settings.json", flat)
+    files.write_json_atomic(run / "settings.json", flat)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -761,7 +761,7 @@ SFT_MAX_COMPLETION_LENGTH = 512     # sft.py --max_completion_length's default (
 # its pure-bf16 variant for 40 GB cards. 7b is never chosen for the user (presets/7b.env says what it needs).
 CHOOSABLE_PRESETS = ("3b", "3b_40gb")
 ADVISED_PRESETS = ("3b", "3b_40gb", "7b")
-# Colab's GPUs (and the H200): GiB as nvidia-smi reports it (common.GPU_CARDS), bf16 tensor cores (compute
+# Colab's GPUs (and the H200): GiB as nvidia-smi reports it (memory.GPU_CARDS), bf16 tensor cores (compute
 # capability >= 8.0), and the time relative to the H100 the plan's constants come from. The time factor is an
 # ESTIMATE from public specifications, not a measurement: 2/3 of the plan is decoding (memory-bound: H100 SXM
 # 3.35 TB/s over the card's bandwidth) and 1/3 training (compute-bound: 989 dense bf16 TFLOPS over the card's).
@@ -828,12 +828,12 @@ def card_of(name: str, gib: float) -> tuple | None:
 
 
 def memory_peaks(settings: dict) -> dict:
-    """GPU bytes of the preset's phases, by the formula of every --dry_run (common.memory_plan_of_counts +
-    common.activation_plan): SFT (the sft_non_rea, sft_sources and toy base stages), GRPO (rft), and decoding
+    """GPU bytes of the preset's phases, by the formula of every --dry_run (memory.memory_plan_of_counts +
+    memory.activation_plan): SFT (the sft_non_rea, sft_sources and toy base stages), GRPO (rft), and decoding
     (eval, sources and the KL sampling of analyze; bf16 weights + the KV cache of one decode call). Each value is
     a memory_plan dict; analyze's per-sample gradients are not modelled (ANALYZE_PROJ_DIM keeps them small)."""
     import types
-    import common
+    import memory
     s = settings
     config, _ = model_config(s)
     text = config.get("text_config") or config
@@ -846,11 +846,11 @@ def memory_peaks(settings: dict) -> dict:
     precision = "bf16_mixed" if precision == "auto" else precision
     checkpointing = s.get("GRADIENT_CHECKPOINTING", "1") == "1"
     prompt = prompt_tokens(s)
-    sft_acts = common.activation_plan(cfg, _i(s, "BATCH_SIZE", 4), prompt + SFT_MAX_COMPLETION_LENGTH,
+    sft_acts = memory.activation_plan(cfg, _i(s, "BATCH_SIZE", 4), prompt + SFT_MAX_COMPLETION_LENGTH,
                                       SFT_MAX_COMPLETION_LENGTH, checkpointing)
     group = _i(s, "RFT_BATCH", 4) * _i(s, "GROUP_SIZE", 8)
     cap = _i(s, "RFT_MAX_COMPLETION_LENGTH", 512)
-    rft_acts = common.activation_plan(cfg, min(_i(s, "RFT_MICRO_BATCH", 2), group), prompt + cap, cap, checkpointing,
+    rft_acts = memory.activation_plan(cfg, min(_i(s, "RFT_MICRO_BATCH", 2), group), prompt + cap, cap, checkpointing,
                                       generation_sequences=group)
     beta = float(s.get("BETA") or 0.04)
     # decoding: the largest call of eval.py (a benchmark's image tokens + its cap), rollout_sft.py and analyze.py
@@ -858,18 +858,18 @@ def memory_peaks(settings: dict) -> dict:
     for name in [b for b in s.get("BENCHMARKS", "").split(",") if b]:
         image_tokens = BENCHMARKS.get(name, (0, 600))[1]
         calls.append((_i(s, "EVAL_BATCH_SIZE", 16), image_tokens + 60 + BENCH_DECODE_TOKENS.get(name, 128)))
-    kv = max(common.activation_plan(cfg, 1, length, 1, True, generation_sequences=n)["generation"] for n, length in calls)
+    kv = max(memory.activation_plan(cfg, 1, length, 1, True, generation_sequences=n)["generation"] for n, length in calls)
     # sft.py and rft.py under LAUNCH with FSDP: per GPU, the states split over the processes plus the units gathered
     # for compute (two decoder layers and the embeddings), as `--dry_run --plan_processes N` plans them
     launch = launcher(s)
     shards = launch["processes"] if launch and launch["fsdp"] else 1
     gathered = (2 * counts["layer"] + counts["ends"]) * (4 if precision == "fp32" else 2) if shards > 1 else 0
-    return {"sft": common.memory_plan_of_counts(trainable, frozen, optimizer, precision, activations_bytes=sft_acts["peak"],
+    return {"sft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, activations_bytes=sft_acts["peak"],
                                                 shards=shards, gathered_bytes=gathered),
-            "rft": common.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference_model=beta != 0.0,
+            "rft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference_model=beta != 0.0,
                                                 activations_bytes=rft_acts["peak"], shards=shards,
                                                 gathered_bytes=gathered),
-            "decode": common.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv),
+            "decode": memory.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv),
             **({"rollout": vllm_rollout_peak(trainable, frozen, optimizer, precision, beta != 0.0, shards, gathered)}
                if s.get("ROLLOUT_BACKEND") == "vllm" else {})}
 
@@ -884,8 +884,8 @@ def vllm_rollout_peak(trainable: int, frozen: int, optimizer: str, precision: st
     """GRPO's rollout phase with ROLLOUT_BACKEND=vllm: the trainer's weights, optimizer states and reference model
     stay on the GPU (gradients are freed by zero_grad, no activations) while the engine holds VLLM_GPU_SHARE of
     the card, so the card must be at least states / (1 - share): the plan is expressed as that card size."""
-    import common
-    plan = common.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference, 0, 2, shards, gathered)
+    import memory
+    plan = memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference, 0, 2, shards, gathered)
     states = plan["total"] - plan["gradients"]
     plan["gradients"], plan["activations_estimate"] = 0, states * VLLM_GPU_SHARE / (1 - VLLM_GPU_SHARE)
     plan["total"] = states / (1 - VLLM_GPU_SHARE)
@@ -894,9 +894,9 @@ def vllm_rollout_peak(trainable: int, frozen: int, optimizer: str, precision: st
 
 def needed_gib(peaks: dict) -> tuple[float, str]:
     """(GiB the preset needs with the plan's headroom, the phase that sets it)."""
-    import common
+    import memory
     phase = max(peaks, key=lambda k: peaks[k]["total"])
-    return peaks[phase]["total"] * common.MEMORY_HEADROOM / common.GiB, phase
+    return peaks[phase]["total"] * memory.MEMORY_HEADROOM / memory.GiB, phase
 
 
 def preset_settings(preset: str, overrides: dict | None = None) -> dict:
@@ -1013,17 +1013,17 @@ def gpu_check(settings: dict, preset: str, environ: dict, warn_only: bool = Fals
                  f"{gpu.get('cuda_torch')})" if gpu.get("driver") else ""
         print(f"[run_all] GPU: {gpu['name']}, {gpu['gib']:.1f} GiB ({gpu['source']}), compute capability {cc}{driver}")
         if gpu_preset:
-            import common
+            import memory
             peaks = memory_peaks(settings)
             need, phase = needed_gib(peaks)
             print(f"[run_all] memory plan of preset {preset}: " + ", ".join(
-                f"{k} {v['total'] / common.GiB:.1f} GiB" for k, v in peaks.items())
-                + f"; x{common.MEMORY_HEADROOM} headroom -> {need:.1f} GiB needed ({phase}), {gpu['gib']:.1f} GiB here")
+                f"{k} {v['total'] / memory.GiB:.1f} GiB" for k, v in peaks.items())
+                + f"; x{memory.MEMORY_HEADROOM} headroom -> {need:.1f} GiB needed ({phase}), {gpu['gib']:.1f} GiB here")
             if not bf16 and settings.get("PRECISION") in ("bf16", "bf16_mixed") and params() > 1e8:
                 problems.append(f"{gpu['name']} " + NO_BF16_WHY.format(cc=cc))
             elif need > gpu["gib"]:
                 problems.append(f"preset {preset} needs {need:.1f} GiB of GPU memory ({phase}, with "
-                                f"{common.MEMORY_HEADROOM}x headroom) and {gpu['name']} has {gpu['gib']:.1f} GiB: it "
+                                f"{memory.MEMORY_HEADROOM}x headroom) and {gpu['name']} has {gpu['gib']:.1f} GiB: it "
                                 f"would run out of memory. " + advice(gpu["gib"], exclude=preset))
     elif gpu_preset and not listed and params() > 1e9:
         print(f"[run_all] note: no CUDA GPU found; preset {preset} trains a {params() / 1e9:.1f}B-parameter model, "

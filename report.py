@@ -22,7 +22,7 @@ from pathlib import Path
 
 import common
 import experiment
-import runs
+import files
 
 # (folder / results name, the paper's name for it), in the report's order: experiment.py's table
 METHODS = [(m.name, m.paper_name) for m in experiment.METHODS]
@@ -115,7 +115,7 @@ def training_curves(run: Path, out_png: Path) -> bool:
     axes[1].set_yscale("log")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    with runs.atomic_path(out_png) as tmp:
+    with files.atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return True
@@ -264,7 +264,7 @@ def compare_plot(rows: list[dict], methods: list[str], path: Path) -> bool:
         ax.axis("off")
     fig.suptitle("change from the base model (strict)")
     fig.tight_layout()
-    with runs.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return True
@@ -301,7 +301,7 @@ def prior_section(run: Path, results: dict, out_dir: Path) -> tuple[list[str], d
     plot = run / "report" / "compare.png"
     if compare_plot(rows, [m for m in methods if results.get(m)], plot):
         lines += ["", f"![change from base]({os.path.relpath(plot, out_dir)})"]
-    runs.write_json_atomic(run / "report" / "compare.json",
+    files.write_json_atomic(run / "report" / "compare.json",
                              {"base": "base", "rows": rows, "mean_delta_percent": mean_delta,
                               "mean_delta_percent_lenient": mean_lenient, "tables_use": "strict"})
     lines += ["", "Paper (7B, Δ from base): RFT -0.6 RefCOCO, 0.0 DocVQA, -8 MME, +1.7 MMStar, -0.2 POPE; SFT-Non-Rea "
@@ -850,7 +850,7 @@ def frontier_section(run: Path, results: dict, out_dir: Path, matched: dict | No
         ax.set_ylabel("prior knowledge (mean %, strict)")
         ax.set_title("Prior knowledge against new-task skill, along training")
         ax.legend(fontsize=7)
-        with runs.atomic_path(png) as tmp:
+        with files.atomic_path(png) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         lines += [f"![frontier]({os.path.relpath(png, out_dir)})", ""]
@@ -1001,8 +1001,8 @@ def main(argv=None):
     timings = {p.name[:-len('.seconds')]: p.read_text().strip() for p in sorted((run / ".done").glob("*.seconds"))}
     if timings:
         lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())]
-    with runs.write_guard(out.parent, str(out), f"{out} keeps its previous version, if any; free space and rerun."):
-        runs.write_text_atomic(out, "\n".join(lines) + "\n")
+    with files.write_guard(out.parent, str(out), f"{out} keeps its previous version, if any; free space and rerun."):
+        files.write_text_atomic(out, "\n".join(lines) + "\n")
     print(f"[report] wrote {out}")
 
 

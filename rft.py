@@ -66,6 +66,9 @@ import torch
 
 import base_check
 import common
+import memory
+import files
+import fsdp
 import jigsaw
 import runs
 import sequences
@@ -482,23 +485,23 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
 def dry_run(args: Args, precision: str, ref_dtype: str) -> dict:
-    model = common.meta_model(args.model)
+    model = memory.meta_model(args.model)
     if args.freeze_vision_tower:
         common.freeze_vision(model, True, False)
     seq = args.plan_prompt_length + args.max_completion_length
-    acts = common.activation_plan(model.config, min(args.micro_batch_size, args.batch_size * args.num_generations),
+    acts = memory.activation_plan(model.config, min(args.micro_batch_size, args.batch_size * args.num_generations),
                                   seq, args.max_completion_length, args.gradient_checkpointing,
                                   generation_sequences=args.batch_size * args.num_generations)
-    plan = common.memory_plan(model, args.optimizer, precision, reference_model=args.beta != 0.0,
+    plan = memory.memory_plan(model, args.optimizer, precision, reference_model=args.beta != 0.0,
                               activations_bytes=acts["peak"], reference_bytes=common.DTYPES[ref_dtype].itemsize,
                               shards=args.plan_processes)
     sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
-    common.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} "
+    memory.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} "
                                    f"micro={args.micro_batch_size} prompt~{args.plan_prompt_length} "
                                    f"completion<={args.max_completion_length}, {args.optimizer}, precision "
                                    f"{precision}, beta={args.beta}{sharding}")
-    print(f"  activations: training {acts['training'] / common.GiB:.2f} GiB, generation KV cache "
-          f"{acts['generation'] / common.GiB:.2f} GiB (not at the same time)")
+    print(f"  activations: training {acts['training'] / memory.GiB:.2f} GiB, generation KV cache "
+          f"{acts['generation'] / memory.GiB:.2f} GiB (not at the same time)")
     return plan
 
 
@@ -544,7 +547,7 @@ def keep_final_as_snapshot(output_dir: Path, step: int, max_steps: int, save_ste
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp)
-    runs.write_json_atomic(tmp / "trainer_state.json", {"step": step})
+    files.write_json_atomic(tmp / "trainer_state.json", {"step": step})
     tmp.rename(target)
 
 
@@ -655,7 +658,7 @@ def main(argv=None) -> dict:
         ref_model = common.load_model(args.model, ref_dtype, args.attn_implementation, str(accelerator.device))
         ref_model.eval().requires_grad_(False)
     optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay,
-                                      sharded=runs.is_sharded(accelerator), quiet=not accelerator.is_main_process)
+                                      sharded=fsdp.is_sharded(accelerator), quiet=not accelerator.is_main_process)
     scheduler = common.warmup_cosine(optimizer, args.warmup_steps, max(1, args.max_steps) * args.num_iterations,
                                      args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -666,7 +669,7 @@ def main(argv=None) -> dict:
     accelerator.print(f"[rft] {args.model}: {trainable:,} trainable / {frozen:,} frozen parameters; "
                       f"{len(train)} puzzles; B={args.batch_size} G={args.num_generations} per process, {world} "
                       f"process(es); precision {mixed_precision}/{policy_dtype}; reference "
-                      f"{ref_dtype if ref_model is not None else 'none'}" + runs.sharding_note(accelerator, model))
+                      f"{ref_dtype if ref_model is not None else 'none'}" + fsdp.sharding_note(accelerator, model))
 
     # ------------------------------------------------------------------ resume
     # accelerate's load_state restores every process's RNG (the sampler draws from torch's); runs checks it did.
@@ -761,7 +764,7 @@ def main(argv=None) -> dict:
             "sampling_logp_difference_max": update["sampling_logp_difference_max"],
             **({"time_weight_push": update["time_weight_push"]} if engine is not None else {}),
             "tokens_per_second": float(lengths.sum()) / max(t2 - t0, 1e-9),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / memory.GiB if torch.cuda.is_available() else None,
         }
         # ------------------------------------------------------------------ faults
         if update["skipped"]:

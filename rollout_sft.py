@@ -76,9 +76,10 @@ from tqdm import tqdm
 
 import common
 import experiment
+import files
+import jigsaw
 import runs
 import sequences
-import jigsaw
 
 SOURCES = experiment.SOURCE_NAMES        # the sources and what each keeps: experiment.py's table
 NEEDS_MODEL = tuple(s.name for s in experiment.SOURCES if s.sampled)
@@ -399,7 +400,7 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
             common.fail(f"{meta_path} was written by a run with other settings ({'; '.join(diff)}). Rerun with "
                         f"the same flags to resume, or delete {meta_path} and {shard} to start over.")
     else:
-        runs.write_json_atomic(meta_path, meta)
+        files.write_json_atomic(meta_path, meta)
 
 
 def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, reward_fn: Callable,
@@ -410,7 +411,7 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
     id, so a resumed run draws exactly what the uninterrupted run would have drawn. A chunk with any puzzle
     missing is redrawn whole (same seed, same batch) and only the missing puzzles are written.
     """
-    done = runs.read_shard(shard)
+    done = files.read_shard(shard)
     per_chunk = max(1, args.batch_size // max(1, args.num_generations))
     ids = dataset["id"]
     chunks = [list(range(start, min(start + per_chunk, len(ids)))) for start in range(0, len(ids), per_chunk)]
@@ -436,9 +437,9 @@ def generate_to_shard(dataset, args: Args, shard: Path, sample_fn: Callable, rew
                                   [item["completion"] for _, item in flat])
                 for (_, item), (logprob, tokens) in zip(flat, scores):
                     item["logprob"], item["tokens"] = logprob, tokens
-        with runs.write_guard(shard.parent, str(shard), f"{shard} keeps every chunk finished before (a line cut short "
+        with files.write_guard(shard.parent, str(shard), f"{shard} keeps every chunk finished before (a line cut short "
                               "is dropped when it is read); free space and rerun the same command to continue."):
-            runs.append_shard(shard, records)
+            files.append_shard(shard, records)
         done.update({r["id"]: r for r in records})
         kept_rows = sum(len(r["kept"]) for r in done.values())
         # A sparse source samples its whole budget: at ~1% per sample the first chunk often keeps nothing while the
@@ -641,10 +642,10 @@ def save_source(dataset, records: dict[str, dict], args: Args, source_checkpoint
     kept = f"{args.output_dir} was not replaced (its previous version, if any, is intact). Free space and rerun " + (
         f"the same command: it builds the folder from {shard_paths(args.output_dir)[0]} without sampling again."
         if experiment.source(args.source).sampled else "the same command.")
-    with runs.write_guard(Path(args.output_dir).parent, args.output_dir, kept):
+    with files.write_guard(Path(args.output_dir).parent, args.output_dir, kept):
         runs.save_dataset_atomic(DatasetDict({args.split: rows}), args.output_dir, stage="rollout_sft.py",
                                  overwrite=args.overwrite)
-        runs.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
+        files.write_json_atomic(Path(args.output_dir) / "stats.json", stats)
 
 
 def print_stats(stats: dict) -> None:
@@ -680,7 +681,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     # The lock file lies beside the output folder, with the shards (the folder is swapped in whole at the end).
     runs.check_output_dir(args.output_dir, "rollout_sft.py", args.overwrite)
     out = Path(args.output_dir)
-    runs.lock_output_dir(out, "rollout_sft.py", lock_path=out.with_name(out.name + ".lock"))
+    files.lock_output_dir(out, "rollout_sft.py", lock_path=out.with_name(out.name + ".lock"))
     if args.traces and experiment.source(args.source).keeps != "trace":
         common.fail("--traces only applies to a source of a teacher's traces (--source rea_external).")
     if args.teacher_url:
@@ -722,7 +723,7 @@ def main(argv=None, reward_fn: Callable | None = None, sample_fn: Callable | Non
     Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
     check_shard_meta(meta_path, shard, meta)
     model = processor = engine = None
-    if not all(i in runs.read_shard(shard) for i in ids):
+    if not all(i in files.read_shard(shard) for i in ids):
         model, processor = load_sampler(args)
         if args.rollout_backend == "vllm":   # beside the HF model, which scores the kept rows
             import vllm_engine

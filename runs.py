@@ -1,5 +1,5 @@
-"""The run folder's life cycle, the same for every stage: atomic writes, the output marker (no stage deletes
-what it did not make), append-only shards, the record of what ran, model snapshots, the one resume state, the
+"""The run folder's life cycle, the same for every stage: the output marker (no stage deletes what it did not
+make), the record of what ran, model snapshots, the one resume state, the
 fresh-run/resume rule, metrics, the accelerator, and the save/resume/final steps that sft.py and rft.py share.
 
 Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval.py and analyze.py read it):
@@ -11,12 +11,10 @@ Layout of a training run's --output_dir (sft.py and rft.py; rollout_sft.py, eval
     resume/           the ONE resume state (accelerate state: weights, optimizer, scheduler, every process's RNG,
                       + trainer_state.json with the data position), replaced at each save: about 6 bytes/param on a GPU
     final/            save_pretrained of the last step (same dtype as the snapshots)
-    .kit_stage.lock   the stage's lock, held while it runs (lock_output_dir); every stage's output folder has one
+    .kit_stage.lock   the stage's lock, held while it runs (files.lock_output_dir); every stage's output folder has one
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -25,77 +23,22 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import files
+import fsdp
 from common import fail
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints, logging, atomic files
+# The output marker: no stage deletes what it did not make
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path next to `path` (`path` + ".tmp") for the caller to write, then rename it over `path`:
-    a crash never leaves half a file behind. A writer that picks its format from the suffix (matplotlib's
-    savefig) must be given the format. On an error the temp file is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json_atomic(path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-
-
 # Every folder a stage writes carries this marker (its stage name), so that a later run may replace the folder
 # only when the same stage made it: no stage deletes what it did not create.
 OUTPUT_MARKER = ".kit_output.json"
-
-
-# The lock file a stage holds in its output folder while it runs (lock_output_dir). Not run_all.sh's $RUN/.lock:
-# the stages run_all.sh starts inherit that one, and a second lock on the same file would refuse them.
-LOCK_FILE = ".kit_stage.lock"
-NOT_OUTPUTS = (OUTPUT_MARKER, LOCK_FILE)   # in every output folder; neither makes it "not empty"
-
-
-def _write_probe(folder: Path) -> None:
-    """Create and remove an empty file in `folder` (raises OSError when the folder takes no new file)."""
-    fd, name = tempfile.mkstemp(prefix=".kit_write_test.", dir=folder)
-    os.close(fd)
-    os.unlink(name)
-
-
-def check_writable(path, flag: str = "--output_dir") -> None:
-    """`path` is a folder, or can be made as one, and takes a new file: a file in the way, a read-only folder
-    or disk stop here, with the flag to change, before any compute. (A disk that is merely full is found when
-    a save fails: write_guard says what was kept.)"""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        fail(f"{flag} {path} is a file, not a folder; choose another {flag}.")
-    folder = path
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    if not folder.is_dir():
-        fail(f"{flag} {path}: {folder} is a file, so no folder can be made there; choose another {flag}.")
-    try:
-        _write_probe(folder)
-    except OSError as err:
-        fail(f"{flag} {path}: cannot write in {folder} ({err.strerror or err}). Choose a folder you can write "
-             f"to, or fix its permissions (a read-only disk or folder).")
+NOT_OUTPUTS = (OUTPUT_MARKER, files.LOCK_FILE)   # in every output folder; neither makes it "not empty"
 
 
 def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
@@ -103,7 +46,7 @@ def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
     checkpoints, someone's data), unless --overwrite; and a file or read-only folder in its place. Called
     before any model is loaded."""
     path = Path(path)
-    check_writable(path)
+    files.check_writable(path)
     if not path.exists():
         return
     entries = [p for p in path.iterdir() if p.name not in NOT_OUTPUTS]
@@ -124,104 +67,7 @@ def check_output_dir(path, stage: str, overwrite: bool = False) -> None:
 
 
 def mark_output_dir(path, stage: str) -> None:
-    write_json_atomic(Path(path) / OUTPUT_MARKER, {"stage": stage})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One writer per output folder
-# ----------------------------------------------------------------------------------------------------------
-_HELD_LOCKS: dict[tuple, object] = {}   # lock file (device, inode) -> its open file, kept open (so locked) until exit
-
-
-def is_main_process() -> bool:
-    """Rank 0, or no launcher at all: torchrun (accelerate launch) sets RANK in every process it starts. For
-    the checks that run before the Accelerator exists."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def lock_output_dir(path, stage: str, flag: str = "--output_dir", lock_path=None, create: bool = True) -> None:
-    """An exclusive flock on `path`/LOCK_FILE (or `lock_path`), held until this process exits (the kernel
-    releases it then, however the process ends, so a killed stage leaves no stale lock). A second process on
-    the same folder stops at once, naming the PID that holds it. Under accelerate launch only the main process
-    calls this (the ranks share one folder). Taking it again in the same process is a no-op. create=False: lock
-    only a folder that exists already (a stage's first check, which must leave nothing behind when a later
-    check fails; it locks again when it makes the folder)."""
-    import fcntl
-    path = Path(path)
-    lock_path = Path(lock_path) if lock_path else path / LOCK_FILE
-    check_writable(path, flag)
-    if not create and not lock_path.parent.is_dir():
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
-    # Keyed by the file itself, not its path: a folder moved while this process holds it is still held. (An
-    # open file keeps its inode, so no other file can take the number meanwhile.)
-    status = os.fstat(handle.fileno())
-    key = (status.st_dev, status.st_ino)
-    if key in _HELD_LOCKS:
-        handle.close()
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            handle.close()  # a file system without locks (ENOLCK): say so and go on unguarded
-            print(f"[{stage}] warning: cannot lock {lock_path} ({err.strerror}); nothing stops a second writer",
-                  file=sys.stderr)
-            return
-        handle.seek(0)
-        holder = handle.read().strip().split(maxsplit=1)
-        handle.close()
-        if holder:
-            who = f"PID {holder[0]}" + (f" ({holder[1]})" if len(holder) > 1 else "")
-        else:  # it took the lock a moment ago and has not written its PID yet
-            who = "a process that is just starting"
-        fail(f"{flag} {path} is in use by another process: {who} holds its lock {lock_path}. Two writers would "
-             f"mix two runs in one folder. Wait for it to finish or stop it (kill {holder[0] if holder else 'it'}), "
-             f"or choose another {flag}.")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {stage} " + " ".join(sys.argv[1:])[:300] + "\n")
-    handle.flush()
-    _HELD_LOCKS[key] = handle
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A save that fails for want of space (or of permission): what was kept, instead of a traceback
-# ----------------------------------------------------------------------------------------------------------
-# Below this many free bytes after a failed write, the disk is taken to be full: torch.save reports ENOSPC as
-# RuntimeError("... unexpected pos ...") and safetensors as SafetensorError, neither with an errno.
-FULL_DISK_BYTES = 64 << 20
-
-
-def write_failure(err: BaseException, folder) -> str | None:
-    """Why writing into `folder` failed, when the cause is the disk or the folder (full, quota, read-only,
-    permission), else None (a bug: the caller re-raises it)."""
-    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{err.strerror} ({err.filename or folder})"
-    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-        text in str(err) for text in ("No space left on device", "os error 28", "Disk quota exceeded"))
-    try:
-        free = shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free
-    except (OSError, StopIteration):
-        free = None
-    if full or (free is not None and free < FULL_DISK_BYTES and not isinstance(err, (KeyError, TypeError))):
-        left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
-        return f"no space left on the disk of {folder}{left}"
-    return None
-
-
-@contextlib.contextmanager
-def write_guard(folder, what: str, kept):
-    """Run a save; when it fails for want of space or permission (write_failure), stop with an error line that
-    says what failed and what was kept (`kept`: text, or a function giving it once the failure happened)."""
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - write_failure decides; anything else is re-raised as it was
-        reason = write_failure(err, folder)
-        if reason is None:
-            raise
-        fail(f"writing {what} failed: {reason}. {kept() if callable(kept) else kept}")
+    files.write_json_atomic(Path(path) / OUTPUT_MARKER, {"stage": stage})
 
 
 def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> None:
@@ -246,37 +92,6 @@ def save_dataset_atomic(dataset, out, stage: str, overwrite: bool = False) -> No
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out_path)
-
-
-def read_shard(path) -> dict[str, dict]:
-    """Records by id of an append-only JSONL shard (the resume state of rollout_sft.py's sampling and of the
-    teacher). A torn or unreadable line (a crash during a write) is dropped and the file rewritten without it,
-    so the next append starts on a clean line; those records are made again."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    records, good_lines, bad = {}, [], 0
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("torn line")
-            record = json.loads(line)
-            records[str(record["id"])] = record
-            good_lines.append(line)
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        print(f"[shard] {path}: dropped {bad} unreadable line(s) (a write cut short); those are made again", flush=True)
-        write_text_atomic(path, "".join(good_lines))
-    return records
-
-
-def append_shard(path, records: list[dict]) -> None:
-    """One write, flushed and fsynced: once this returns the records survive a crash."""
-    with Path(path).open("a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,7 +171,7 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
                 config = json.loads((tmp / "config.json").read_text())
                 for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
                     section["dtype"] = name
-                write_json_atomic(tmp / "config.json", config)
+                files.write_json_atomic(tmp / "config.json", config)
             processor.save_pretrained(str(tmp))
         except BaseException:  # a full disk: give the half-written copy's space back; `path` is as it was
             shutil.rmtree(tmp, ignore_errors=True)
@@ -402,7 +217,7 @@ def save_snapshot(accelerator, model, processor, output_dir, step: int, dtype: t
     path = Path(output_dir) / f"checkpoint-{step}"
     export_model(accelerator, model, processor, path, dtype)
     if accelerator.is_main_process:
-        write_json_atomic(path / "trainer_state.json", {"step": step})
+        files.write_json_atomic(path / "trainer_state.json", {"step": step})
     accelerator.wait_for_everyone()
     return path
 
@@ -420,7 +235,7 @@ def save_resume_state(accelerator, output_dir, step: int, extra: dict) -> Path:
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
-            write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "rng_fingerprint": rng_fingerprint(),
+            files.write_json_atomic(tmp / "trainer_state.json", {"step": step, **extra, "rng_fingerprint": rng_fingerprint(),
                                                            "environment": environment()})
     except BaseException:  # a full disk: the previous state was not touched; give the half-written one's space back
         if accelerator.is_main_process:
@@ -505,7 +320,7 @@ def save_checkpoint(accelerator, model, processor, output_dir, step: int, dtype:
                     trainer_state: dict | None, snapshot: bool = True, keep_snapshots: int = 0) -> None:
     """After optimizer step `step`: the model-only snapshot checkpoint-{step}/ (when `snapshot`), the one resume
     state with `trainer_state` (when given), then only the newest `keep_snapshots` snapshots kept (0: all)."""
-    with write_guard(output_dir, f"step {step}'s checkpoint into {output_dir}", lambda: kept_note(output_dir)):
+    with files.write_guard(output_dir, f"step {step}'s checkpoint into {output_dir}", lambda: kept_note(output_dir)):
         if snapshot:
             save_snapshot(accelerator, model, processor, output_dir, step, dtype)
         if trainer_state is not None:
@@ -521,11 +336,11 @@ def finish_run(accelerator, model, processor, output_dir, step: int, dtype: torc
     final/ (save_pretrained in the snapshots' dtype; it is the last step's snapshot, so no checkpoint-N/ copy of
     it) with `final_state` in its trainer_state.json, and the trackers closed."""
     final = Path(output_dir) / "final"
-    with write_guard(output_dir, f"the last step's resume state and {final}", lambda: kept_note(output_dir)):
+    with files.write_guard(output_dir, f"the last step's resume state and {final}", lambda: kept_note(output_dir)):
         save_resume_state(accelerator, output_dir, step, trainer_state)
         export_model(accelerator, model, processor, final, dtype)
         if accelerator.is_main_process:
-            write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
+            files.write_json_atomic(final / "trainer_state.json", {"step": step, **final_state})
     if accelerator.num_processes > 1:
         accelerator.end_training()
     else:  # the trackers only: a process group in a one-process run is a vLLM engine's (vllm_engine.py), which
@@ -627,15 +442,15 @@ def claim_output_dir(output_dir, stage: str, overwrite: bool, main_process: bool
                      create: bool = False) -> None:
     """Before anything else of a training stage: the folder can be written (not a file, not read-only), is not
     someone else's (check_output_dir, unless it holds this stage's run.json), and no other process writes it
-    (lock_output_dir, main process only). sft.py and rft.py call it first thing, so a second writer on an
+    (files.lock_output_dir, main process only). sft.py and rft.py call it first thing, so a second writer on an
     existing folder stops before its data is read (a folder that does not exist yet is made and locked by
     prepare_run, create=True: nothing is written before the data passed its checks)."""
     output_dir = Path(output_dir)
-    check_writable(output_dir)
+    files.check_writable(output_dir)
     if output_dir.exists() and not (output_dir / RUN_FILE).exists():
         check_output_dir(output_dir, stage, overwrite)  # a folder someone else made: refused without --overwrite
-    if is_main_process() if main_process is None else main_process:
-        lock_output_dir(output_dir, stage, create=create)
+    if files.is_main_process() if main_process is None else main_process:
+        files.lock_output_dir(output_dir, stage, create=create)
 
 
 def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: bool, overwrite: bool,
@@ -699,13 +514,13 @@ def prepare_run(accelerator, output_dir, stage: str, settings: dict, resume: boo
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with write_guard(output_dir, f"the run's records into {output_dir}",
+        with files.write_guard(output_dir, f"the run's records into {output_dir}",
                          "Nothing was trained yet; the files already there keep their previous versions."):
             output_dir.mkdir(parents=True, exist_ok=True)
             step = json.loads((state / "trainer_state.json").read_text())["step"] if state is not None else -1
             truncate_metrics(output_dir / "metrics.jsonl", step)
             if not (resume and run_file.exists()):
-                write_json_atomic(run_file, {"stage": stage, "settings": settings, "fingerprints": fingerprints,
+                files.write_json_atomic(run_file, {"stage": stage, "settings": settings, "fingerprints": fingerprints,
                                              "environment": environment()})
             mark_output_dir(output_dir, stage)
     accelerator.wait_for_everyone()
@@ -731,7 +546,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with write_guard(self.path.parent, f"{self.path}",
+        with files.write_guard(self.path.parent, f"{self.path}",
                          lambda: f"{self.path.name} keeps the lines written before. " + kept_note(self.path.parent)):
             with self.path.open("a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
@@ -769,38 +584,8 @@ def make_accelerator(mixed_precision: str, report_to: str, output_dir, **kwargs)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with,
                               project_dir=str(Path(output_dir) / "tracking") if log_with else None, **kwargs)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        _fsdp_on_cpu(accelerator, mixed_precision)
+        fsdp.enable_on_cpu(accelerator, mixed_precision)
     return accelerator
-
-
-def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
-    """`accelerate launch` with FSDP (--use_fsdp, or configs/accelerate_fsdp2.yaml) but no GPU: accelerate 1.16 turns
-    FSDP on only for accelerator devices (AcceleratorState checks MULTI_GPU, MULTI_XPU, ...), so on CPUs it sets up
-    MULTI_CPU and wraps the model in DDP without a word: a CPU "FSDP" run would be DDP. torch's fully_shard itself
-    works on CPU with gloo, so the kit hands accelerate the FSDP state it would have set up on GPUs (its own
-    plugin, read from the same environment) and every FSDP path of accelerate runs: prepare (fully_shard per
-    layer), clip_grad_norm_, get_state_dict, save_state/load_state. This is how the CPU tests run sft.py and
-    rft.py sharded. Any other case where FSDP was asked for and is not on stops (a silent DDP run would need a
-    full copy of the optimizer states per GPU, and fail for 7B hours later)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        plugin = FullyShardedDataParallelPlugin()   # from the FSDP_* variables accelerate launch set
-        if mixed_precision != "no":
-            plugin.set_mixed_precision(mixed_precision)
-        state.fsdp_plugin = plugin
-        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if state.distributed_type != DistributedType.FSDP and state.num_processes > 1:
-        fail(f"accelerate launch asked for FSDP, but accelerate set up {state.distributed_type} on {state.device}; "
-             "check the launch config (configs/accelerate_fsdp2.yaml) and that every process sees its GPU.")
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether the prepared model's parameters are FSDP shards (DTensors): what decides the optimizer
-    (common.make_optimizer) and the memory plan."""
-    from accelerate.utils import DistributedType
-    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def truncate_metrics(path, after_step: int) -> None:
@@ -817,20 +602,6 @@ def truncate_metrics(path, after_step: int) -> None:
             continue
         if record.get("step", 0) <= after_step:
             kept.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def sharding_note(accelerator, model) -> str:
-    """'' unless sharded; else what this process holds, for the stage's start line, e.g. '; FSDP over 2 processes:
-    7 units, 56/56 parameters sharded, this process holds 50.0% of the 207,072 parameter elements' (the tiny model)."""
-    if not is_sharded(accelerator):
-        return ""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-    params = list(model.parameters())
-    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-    total = sum(p.numel() for p in params)
-    units = sum(isinstance(m, FSDPModule) for m in model.modules())
-    return (f"; FSDP over {accelerator.num_processes} processes: {units} units, "
-            f"{sum(isinstance(p, DTensor) for p in params)}/{len(params)} parameters sharded, this process holds "
-            f"{local / max(1, total):.1%} of the {total:,} parameter elements")

@@ -52,6 +52,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
+import memory
+import fsdp
 import runs
 import sequences
 
@@ -181,14 +183,14 @@ def main(argv=None):
     mixed, load_dtype = common.PRECISIONS[precision]
 
     if args.dry_run:
-        model = common.meta_model(args.model)
+        model = memory.meta_model(args.model)
         common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
-        acts = common.activation_plan(model.config, args.batch_size, args.plan_prompt_length + args.max_completion_length,
+        acts = memory.activation_plan(model.config, args.batch_size, args.plan_prompt_length + args.max_completion_length,
                                       args.max_completion_length, args.gradient_checkpointing)
-        plan = common.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"],
+        plan = memory.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"],
                                   shards=args.plan_processes)
         sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
-        common.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
+        memory.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
                                        f"{args.optimizer}, batch {args.batch_size} x ({args.plan_prompt_length} + "
                                        f"{args.max_completion_length}) tokens, gradient checkpointing "
                                        f"{args.gradient_checkpointing}{sharding}")
@@ -230,7 +232,7 @@ def main(argv=None):
     # keeps none of its activations.
     trainable, frozen = common.count_parameters(model)
     optimizer = common.make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay,
-                                      sharded=runs.is_sharded(accelerator), quiet=not accelerator.is_main_process)
+                                      sharded=fsdp.is_sharded(accelerator), quiet=not accelerator.is_main_process)
     scheduler = common.warmup_cosine(optimizer, round(args.warmup_ratio * max_steps), max_steps, args.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # transformers checkpoints a layer only while the module is in training mode, and from_pretrained returns it
@@ -248,7 +250,7 @@ def main(argv=None):
     snapshot_dtype = runs.snapshot_dtype(precision)
     accelerator.print(f"[sft] {len(dataset)} rows, {trainable:,} trainable / {frozen:,} frozen parameters, "
                       f"{max_steps} steps of {rows_per_step} rows, precision {precision}, {world} process(es)"
-                      + runs.sharding_note(accelerator, model))
+                      + fsdp.sharding_note(accelerator, model))
 
     def row_length(row: dict) -> int:
         """--sort_by_length's key: text tokens (a row's image tokens are fixed by the pixel budget)."""
@@ -298,7 +300,7 @@ def main(argv=None):
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens": step_tokens_all, "tokens_per_s": step_tokens_all / seconds,
                   "epoch": position / len(dataset),
-                  "peak_memory_gib": torch.cuda.max_memory_allocated() / common.GiB if torch.cuda.is_available() else None}
+                  "peak_memory_gib": torch.cuda.max_memory_allocated() / memory.GiB if torch.cuda.is_available() else None}
         if step % args.logging_steps == 0 or step == max_steps:
             logger.log(record)
         progress.update(1)

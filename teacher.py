@@ -79,7 +79,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
-import runs
+import files
 import jigsaw
 
 # ----------------------------------------------------------------------------------------------------------
@@ -800,7 +800,7 @@ def check_shard_meta(meta_path: Path, shard: Path, meta: dict) -> None:
             common.fail(f"{meta_path} was written with other teacher settings ({'; '.join(diff)}). Rerun with the "
                         f"same flags to resume, or delete {meta_path} and {shard} to start over.")
     else:
-        runs.write_json_atomic(meta_path, meta)
+        files.write_json_atomic(meta_path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -849,7 +849,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
     ids = [str(i) for i in dataset["id"]]
     answers = dict(zip(ids, (list(answer) for answer in dataset["answer"])))
     done, stale = {}, []
-    for puzzle_id, record in runs.read_shard(shard).items():
+    for puzzle_id, record in files.read_shard(shard).items():
         rebuilt = rebuild(record, answers[puzzle_id]) if puzzle_id in answers else record
         if rebuilt is None:
             stale.append(record)
@@ -879,7 +879,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
             return result, None
         record = make_record(puzzle_id, result, answer, client.clean)
         with shard_lock:
-            runs.append_shard(shard, [record])
+            files.append_shard(shard, [record])
         return result, record
 
     progress = tqdm(total=len(todo), desc="teacher", unit="puzzle", file=sys.stdout, disable=not todo)
@@ -921,7 +921,7 @@ def collect_traces(dataset, config: TeacherConfig, out: str, data: str = "", spl
         executor.shutdown(wait=True, cancel_futures=True)  # quick: every socket in flight is shut
         progress.close()
         log(f"stopped: {in_flight} request(s) in flight cancelled (a paid API may bill a reply it was writing); "
-            f"every reply that arrived is in {shard} ({len(runs.read_shard(shard))} puzzles); rerun the same "
+            f"every reply that arrived is in {shard} ({len(files.read_shard(shard))} puzzles); rerun the same "
             "command to resume")
         raise
     executor.shutdown(wait=True)

@@ -454,13 +454,14 @@ class Args:
 
 def main(argv=None):
     import common
+    import files
     import runs
     args = common.parse_args(Args, __doc__, argv)
     if args.think_check:
         if not args.jigsaw_data:
             common.fail("--think_check needs --jigsaw_data, the jigsaw folder eval.py scored.")
         check = think_check(args.think_check, args.jigsaw_data)
-        runs.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
+        files.write_json_atomic(Path(args.think_check).with_name("think_check.json"), check)
         said = (f"; of those {check['think_true_pct']}% true (chance 25%), the answer follows the column in "
                 f"{check['answer_follows_column_pct']}% (chance 50%) and the home in "
                 f"{check['answer_follows_home_pct']}% (chance 25%)") if check["claimed_pct"] else ""

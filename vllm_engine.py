@@ -62,6 +62,7 @@ import time
 import torch
 
 import common
+import memory
 import sequences
 
 REQUIREMENTS_CPU = "requirements-vllm.txt"
@@ -148,7 +149,7 @@ class VLLMGenerator:
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
-            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * common.GiB), compilation_config={"mode": 0})
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * memory.GiB), compilation_config={"mode": 0})
         set_num_threads = torch.set_num_threads
         start = time.perf_counter()
         try:

@@ -34,13 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
+import memory  # noqa: E402
+import files  # noqa: E402
 import rft  # noqa: E402
 import runs  # noqa: E402
 import sft  # noqa: E402
 from bench_real_arch import build_random_model  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-HEADROOM = 1.45   # common.print_memory_plan's rule: measured peaks reached 1.45x the plan (3B, H100)
+HEADROOM = 1.45   # memory.print_memory_plan's rule: measured peaks reached 1.45x the plan (3B, H100)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def main(argv=None):
         common.fail("bench_fsdp_7b needs CUDA GPUs.")
     gpus = args.gpus or torch.cuda.device_count()
     out = Path(args.out)
-    device_gib = torch.cuda.get_device_properties(0).total_memory / common.GiB
+    device_gib = torch.cuda.get_device_properties(0).total_memory / memory.GiB
     t0 = time.time()
     if not (out / "model" / "config.json").exists():
         build_random_model(MODEL, out, args.image_size)
@@ -137,13 +139,13 @@ def main(argv=None):
         seconds = [r["tokens"] / r["tokens_per_s"] for r in records] if stage == "sft" else \
             [r["time_generation"] + r["time_training"] for r in records]
         results[stage] = {"status": status, "wall_s": time.time() - t0, "steps": records,
-                          "peak_memory_gib": peak, "s_per_step": seconds, "plan_gib": plan["total"] / common.GiB,
-                          "plan_x_headroom_gib": plan["total"] * HEADROOM / common.GiB,
-                          "peak_over_plan": peak / (plan["total"] / common.GiB) if peak else None}
+                          "peak_memory_gib": peak, "s_per_step": seconds, "plan_gib": plan["total"] / memory.GiB,
+                          "plan_x_headroom_gib": plan["total"] * HEADROOM / memory.GiB,
+                          "peak_over_plan": peak / (plan["total"] / memory.GiB) if peak else None}
         if stage == "rft":
             results[stage]["s_generation"] = [r["time_generation"] for r in records]
             results[stage]["s_training"] = [r["time_training"] for r in records]
-    runs.write_json_atomic(out / "bench_fsdp_7b.json", results)
+    files.write_json_atomic(out / "bench_fsdp_7b.json", results)
     print(f"\n{variant}; {results['device']} x {gpus} ({device_gib:.1f} GiB each)")
     for stage in stages:
         r = results[stage]

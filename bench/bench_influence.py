@@ -31,9 +31,10 @@ import torch  # noqa: E402
 
 import analyze  # noqa: E402
 import common  # noqa: E402
-import runs  # noqa: E402
-import sequences  # noqa: E402
+import memory  # noqa: E402
+import files  # noqa: E402
 import jigsaw  # noqa: E402
+import sequences  # noqa: E402
 import toy  # noqa: E402
 
 
@@ -85,15 +86,15 @@ def synchronize(device: str) -> None:
 def real_config_memory(ranks: list[int], n_samples: int) -> dict:
     """Projected dims and bytes for Qwen2.5-VL-3B/7B (meta device: no weights, no download)."""
     out = {}
-    for name in common.REAL_CONFIGS:
-        model = common.meta_model(name)
+    for name in memory.REAL_CONFIGS:
+        model = memory.meta_model(name)
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         adapted = analyze.match_names(linear, analyze.Args.proj_modules)
         shapes = [(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in adapted]
         named = dict(model.named_parameters())
         lm_params = sum(named[n].numel() for n in analyze.match_names(list(named), analyze.Args.params))
         out[name] = {"adapted_layers": len(adapted), "language_model_params": lm_params,
-                     "full_gradient_store_gib": n_samples * lm_params * 4 / common.GiB,
+                     "full_gradient_store_gib": n_samples * lm_params * 4 / memory.GiB,
                      "ranks": {r: {"dims": len(adapted) * r * r,
                                    "store_mib": n_samples * len(adapted) * r * r * 4 / 2 ** 20,
                                    "projection_buffers_mib": sum((i + o) * r for i, o in shapes) * 4 / 2 ** 20}
@@ -218,7 +219,7 @@ def main(argv=None) -> dict:
                              for r, v in info["ranks"].items())
         print(f"{name}: {info['adapted_layers']} adapted layers; {n_real} samples: full LM gradients "
               f"{info['full_gradient_store_gib']:.0f} GiB vs projected {per_rank}")
-    runs.write_json_atomic(args.out, results)
+    files.write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
     return results
 

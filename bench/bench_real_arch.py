@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import runs  # noqa: E402
+import memory  # noqa: E402
+import files  # noqa: E402
 import jigsaw  # noqa: E402
 import sft  # noqa: E402
 import toy  # noqa: E402
@@ -61,7 +62,7 @@ def build_random_model(name: str, out: Path, image_size: int) -> int:
     from transformers import AutoConfig, AutoModelForImageTextToText
     tokenizer = toy.build_tokenizer()
     processor = toy.build_processor(tokenizer, min_pixels=56 * 56, max_pixels=image_size ** 2)
-    config = AutoConfig.from_pretrained(str(common.REAL_CONFIGS[name]))
+    config = AutoConfig.from_pretrained(str(memory.REAL_CONFIGS[name]))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
     config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
@@ -118,7 +119,7 @@ def main(argv=None):
         metrics = [m for m in metrics if "loss" in m]
         results[stage] = {"wall_s": time.time() - t0, "peak_memory_gib": max(m["peak_memory_gib"] for m in metrics),
                           "steps": metrics}
-    results["sft"]["dry_run_plan_gib"] = plan["total"] / common.GiB
+    results["sft"]["dry_run_plan_gib"] = plan["total"] / memory.GiB
     summary = {"parameters": params, **{f"{s}_peak_memory_gib": results[s]["peak_memory_gib"] for s in stages},
                "sft_dry_run_plan_gib": results["sft"]["dry_run_plan_gib"],
                "sft_s_per_step": [m["tokens"] / m["tokens_per_s"] for m in results["sft"]["steps"]],
@@ -126,7 +127,7 @@ def main(argv=None):
                "rft_s_training": [m["time_training"] for m in results["rft"]["steps"]],
                "rft_tokens_per_second": [m["tokens_per_second"] for m in results["rft"]["steps"]]}
     print(json.dumps(summary, indent=2))
-    runs.write_json_atomic(out / "bench_real_arch.json", results)
+    files.write_json_atomic(out / "bench_real_arch.json", results)
 
 
 if __name__ == "__main__":

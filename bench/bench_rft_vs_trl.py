@@ -268,7 +268,7 @@ def main(argv=None):
         results["memory_ratio_rft_over_trl"] = memory
         print(f"throughput rft/trl: {ratio:.2f}x (target >= 1.5x); peak memory rft/trl: {memory:.2f}x")
     if args.out:
-        runs.write_json_atomic(args.out, {"device": device, "args": vars(args), **results})
+        files.write_json_atomic(args.out, {"device": device, "args": vars(args), **results})
     return results
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import runs  # noqa: E402
+import files  # noqa: E402
 
 
 @dataclass
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     print(f"[bench] wall time vllm / hf: {results['vllm']['seconds'] / results['hf']['seconds']:.2f}; mismatch mean "
           f"(hf {results['hf']['sampling_logp_difference_mean']:.1e}, vllm "
           f"{results['vllm']['sampling_logp_difference_mean']:.1e})")
-    runs.write_json_atomic(out / "bench_vllm_grpo_toy.json", results)
+    files.write_json_atomic(out / "bench_vllm_grpo_toy.json", results)
     return results
 
 

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import runs  # noqa: E402
-import sequences  # noqa: E402
+import memory  # noqa: E402
+import files  # noqa: E402
 import jigsaw  # noqa: E402
+import sequences  # noqa: E402
 import toy  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def gib_in_use() -> float | None:
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info()
-    return round((total - free) / common.GiB, 2)
+    return round((total - free) / memory.GiB, 2)
 
 
 def main(argv=None):
@@ -129,7 +130,7 @@ def main(argv=None):
         tokenizer = toy.build_tokenizer()
         min_pixels, max_pixels = 56 * 56, image_size ** 2
         processor = toy.build_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
-        config = AutoConfig.from_pretrained(str(common.REAL_CONFIGS[name]))
+        config = AutoConfig.from_pretrained(str(memory.REAL_CONFIGS[name]))
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
         config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
         config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
@@ -183,7 +184,7 @@ def main(argv=None):
         model, processor, prompts, images, max_new_tokens, temperature=args.temperature,
         num_samples=args.group_size))
     results["hf"] = {"tokens_per_s": round(hf_speed, 1), "seconds_per_rollout": round(hf_seconds, 2),
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / common.GiB, 2) if cuda else None}
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / memory.GiB, 2) if cuda else None}
     hf_greedy = sequences.generate(model, processor, prompts, images, max_new_tokens, do_sample=False)
     print(f"[bench] hf:   {hf_speed:8.1f} tokens/s ({hf_seconds:.2f} s per rollout)")
 
@@ -243,7 +244,7 @@ def main(argv=None):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            in_use, reserved = gib_in_use(), torch.cuda.memory_reserved() / common.GiB
+            in_use, reserved = gib_in_use(), torch.cuda.memory_reserved() / memory.GiB
         with autocast:
             logprobs = sequences.completion_logprobs(model, micro).float()
         loss = -(logprobs * micro["completion_mask"]).sum() / micro["completion_mask"].sum()
@@ -253,7 +254,7 @@ def main(argv=None):
         if cuda:   # the device's peak: what was in use before the step + what torch's allocator grew by during it
             torch.cuda.synchronize()
             peaks["asleep" if asleep else "awake"] = round(
-                in_use + torch.cuda.max_memory_reserved() / common.GiB - reserved, 2)
+                in_use + torch.cuda.max_memory_reserved() / memory.GiB - reserved, 2)
         seconds = engine.push_weights(model)
         if asleep:
             pushes.append(seconds)
@@ -274,7 +275,7 @@ def main(argv=None):
           f"{results['gib_in_use_engine_asleep']}, woken {results['gib_in_use_engine_woken']}; hf rollout peak "
           f"{results['hf']['peak_gib']}; training step peak with the engine awake "
           f"{results['peak_gib_training_step_engine_awake']}, asleep {results['peak_gib_training_step_engine_asleep']}")
-    runs.write_json_atomic(out / "bench_vllm_rollout.json", results)
+    files.write_json_atomic(out / "bench_vllm_rollout.json", results)
     print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     return results
 

@@ -27,6 +27,7 @@ def probe(task: dict) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     import common
+    import files
     import runs
     import sequences
     out = Path(task["out"])
@@ -38,13 +39,13 @@ def probe(task: dict) -> None:
                      "local": p.to_local().numel() if isinstance(p, DTensor) else p.numel()}
               for name, p in model.named_parameters()}
     units = sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
-    runs.write_json_atomic(out / f"shards.rank{rank}.json", {
+    files.write_json_atomic(out / f"shards.rank{rank}.json", {
         "distributed_type": str(accelerator.distributed_type), "params": params, "units": units})
     rows = common.load_rows(task["data"], "test")
     mine = [rows[i] for i in (2 * rank, 2 * rank + 1)]
     result = sequences.generate(model, processor, [r["prompt"] for r in mine], [common.row_images(r) for r in mine],
                                 max_new_tokens=task["caps"][rank], do_sample=False)
-    runs.write_json_atomic(out / f"decode.rank{rank}.json", {
+    files.write_json_atomic(out / f"decode.rank{rank}.json", {
         "rows": [2 * rank, 2 * rank + 1], "cap": task["caps"][rank], "completion_ids": result["completion_ids"],
         "logprobs": result["logprobs"], "truncated": result["truncated"]})
     accelerator.wait_for_everyone()   # every rank got past its decode loop

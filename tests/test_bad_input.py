@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import analyze
 import common
 import eval as ev
+import files
 import jigsaw
 import report
 import rft
@@ -94,7 +95,7 @@ def no_model_loads(monkeypatch):
 @pytest.fixture
 def read_only(monkeypatch):
     """make(folder): a folder nothing can be written in. Modes alone do not stop root, so as root the write
-    probe of runs.check_writable is made to get the EACCES a read-only folder gives."""
+    probe of files.check_writable is made to get the EACCES a read-only folder gives."""
     made = []
 
     def make(folder: Path) -> Path:
@@ -103,13 +104,13 @@ def read_only(monkeypatch):
         made.append(folder)
         return folder
     if IS_ROOT:
-        probe = runs._write_probe
+        probe = files._write_probe
 
         def refusing_probe(folder):
             if any(Path(folder).resolve() == m.resolve() for m in made):
                 raise PermissionError(errno.EACCES, "Permission denied", str(folder))
             return probe(folder)
-        monkeypatch.setattr(runs, "_write_probe", refusing_probe)
+        monkeypatch.setattr(files, "_write_probe", refusing_probe)
     yield make
     for folder in made:
         folder.chmod(0o755)
@@ -333,14 +334,14 @@ HOLDER = """
 import fcntl, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import runs
+import files
 run = Path(sys.argv[2])
 outer = open(run / ".lock", "a+")                 # what run_all.sh holds on $RUN/.lock
 fcntl.flock(outer.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 for name in ("sft", "rft", "eval", "analysis"):
-    runs.lock_output_dir(run / name, "holder.py")
+    files.lock_output_dir(run / name, "holder.py")
 source = run / "sources" / "non_rea"
-runs.lock_output_dir(source, "holder.py", lock_path=source.with_name(source.name + ".lock"))
+files.lock_output_dir(source, "holder.py", lock_path=source.with_name(source.name + ".lock"))
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -353,8 +354,8 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(bad, tmp_pa
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert runs.LOCK_FILE != ".lock"   # run_all.sh's lock is another file: the stages it starts are not refused
-        runs.lock_output_dir(run, "test")  # (even a stage writing into $RUN itself)
+        assert files.LOCK_FILE != ".lock"   # run_all.sh's lock is another file: the stages it starts are not refused
+        files.lock_output_dir(run, "test")  # (even a stage writing into $RUN itself)
         data = str(bad.data)
         commands = {
             "sft": (sft.main, ["--model", str(bad.model), "--data", data, "--output_dir", str(run / "sft"), *SFT]),
@@ -376,7 +377,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(bad, tmp_pa
     # the holder is gone: the kernel released its locks, whatever way it ended
     rollout_sft.main(["--source", "non_rea", "--data", str(bad.data), "--output_dir", str(run / "sources" / "non_rea")])
     assert (run / "sources" / "non_rea" / "stats.json").exists()
-    runs.lock_output_dir(run / "sft", "test")
+    files.lock_output_dir(run / "sft", "test")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,13 +421,13 @@ def test_full_disk_mid_save_keeps_the_previous_resume_state_and_says_so(bad, tmp
 
 
 def _write_fails_half_way(monkeypatch, module, name):
-    """runs.write_text_atomic writes half the text of file `name` into its temp file, then the disk is full."""
+    """files.write_text_atomic writes half the text of file `name` into its temp file, then the disk is full."""
     original = module.write_text_atomic
 
     def half(path, text):
         if Path(path).name != name:
             return original(path, text)
-        with runs.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             tmp.write_text(text[:len(text) // 2])
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     monkeypatch.setattr(module, "write_text_atomic", half)
@@ -437,13 +438,13 @@ def test_full_disk_keeps_eval_results_and_report(bad, tmp_path, capsys, monkeypa
     argv = ["--model", str(bad.model), "--data", f"jigsaw={bad.data}", "--output_dir", str(out), *EVAL]
     ev.main(argv)
     before = (out / "results.json").read_bytes()
-    _write_fails_half_way(monkeypatch, runs, "results.json")
+    _write_fails_half_way(monkeypatch, files, "results.json")
     expect_error(capsys, ev.main, argv, f"writing {out / 'results.json'} failed", "no space left",
                  "keeps its previous complete version", "reuses every cached prediction")
     assert (out / "results.json").read_bytes() == before and not list(out.glob("*.tmp"))
     run = _run_folder(tmp_path)
     (run / "report.md").write_text("the previous report\n")
-    _write_fails_half_way(monkeypatch, runs, "report.md")
+    _write_fails_half_way(monkeypatch, files, "report.md")
     expect_error(capsys, report.main, ["--run_dir", str(run)], "report.md failed", "keeps its previous version")
     assert (run / "report.md").read_text() == "the previous report\n"
 
@@ -468,12 +469,12 @@ def test_write_failure_reads_full_disks_that_carry_no_errno(tmp_path, monkeypatc
     """torch.save reports a full disk as RuntimeError('... unexpected pos ...') and safetensors as its own error
     type (both seen on a full tmpfs): read by the free space left; the same error with space free is a bug."""
     torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-    assert runs.write_failure(torch_full, tmp_path) is None
-    assert "no space left" in runs.write_failure(Exception("I/O error: No space left on device (os error 28)"),
+    assert files.write_failure(torch_full, tmp_path) is None
+    assert "no space left" in files.write_failure(Exception("I/O error: No space left on device (os error 28)"),
                                                  tmp_path)
-    assert "Read-only file system" in runs.write_failure(OSError(errno.EROFS, "Read-only file system"), tmp_path)
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
-    assert "no space left" in runs.write_failure(torch_full, tmp_path)
+    assert "Read-only file system" in files.write_failure(OSError(errno.EROFS, "Read-only file system"), tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    assert "no space left" in files.write_failure(torch_full, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 import common
+import files
+import jigsaw
 import runs
 import sequences
-import jigsaw
 from conftest import perturbed_copy
 
 
@@ -462,8 +463,8 @@ def test_checkpoint_round_trip_and_crash(toy, accelerator, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 def test_write_json_atomic(tmp_path):
     target = tmp_path / "deep" / "er" / "results.json"
-    runs.write_json_atomic(target, {"accuracy": 0.5, "path": tmp_path})
-    runs.write_json_atomic(target, {"accuracy": 0.75, "rows": [1, 2]})
+    files.write_json_atomic(target, {"accuracy": 0.5, "path": tmp_path})
+    files.write_json_atomic(target, {"accuracy": 0.75, "rows": [1, 2]})
     assert json.loads(target.read_text()) == {"accuracy": 0.75, "rows": [1, 2]}
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
 
@@ -472,11 +473,11 @@ def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "figure.png"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with runs.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("the writer failed")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
-    with runs.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 

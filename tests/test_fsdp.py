@@ -3,7 +3,7 @@ CPU processes (gloo) and the tiny model.
 
 Which path these tests exercise, and why: accelerate's own FSDP2 path, through the kit's scripts. accelerate 1.16
 turns FSDP on only for accelerator devices; on CPUs it would set up MULTI_CPU and wrap the model in DDP silently.
-runs.make_accelerator hands accelerate the FSDP state it would have set up on GPUs (runs._fsdp_on_cpu), so the same
+runs.make_accelerator hands accelerate the FSDP state it would have set up on GPUs (fsdp.enable_on_cpu), so the same
 calls run here as on GPUs: accelerator.prepare (fully_shard per decoder layer and vision block, the shipped
 config's auto-wrap), clip_grad_norm_, get_state_dict (export_model), save_state/load_state (sharded resume state).
 Not raw fully_shard: that would test a path the scripts never take. What differs from a GPU: gloo instead of NCCL,
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import memory
 import rft
 import sequences
 import sft
@@ -255,7 +256,7 @@ def _preset(name: str) -> dict:
     return dict(line.split("=", 1) for line in shown.splitlines())
 
 
-@pytest.mark.parametrize("preset,gib", [("7b", 141e9 / common.GiB), ("7b_fsdp", 80)])
+@pytest.mark.parametrize("preset,gib", [("7b", 141e9 / memory.GiB), ("7b_fsdp", 80)])
 def test_the_7b_presets_pass_the_kits_headroom_rule(preset, gib, capsys):
     """Each 7B preset's SFT and GRPO plans (--dry_run with the preset's values, per GPU over the processes its
     LAUNCH starts), times the 1.45 headroom of print_memory_plan, fit its GPUs: one H200 (141 GB = 131.3 GiB),
@@ -271,23 +272,23 @@ def test_the_7b_presets_pass_the_kits_headroom_rule(preset, gib, capsys):
     sft_plan = sft.main(["--model", s["MODEL"], "--dry_run", "--optimizer", s["OPTIMIZER"], "--batch_size",
                          s["BATCH_SIZE"], "--gradient_checkpointing", "--plan_processes", str(n)])
     for total in (sft_plan["total"], rft.dry_run(grpo, "bf16_mixed", "bfloat16")["total"]):
-        assert total * 1.45 / common.GiB <= gib, (preset, total / common.GiB)
+        assert total * 1.45 / memory.GiB <= gib, (preset, total / memory.GiB)
     if preset == "7b":
         with_kl = rft.dry_run(rft.Args(**{**grpo.__dict__, "beta": 0.04}), "bf16_mixed", "bfloat16")
-        assert with_kl["total"] * 1.45 / common.GiB > gib
+        assert with_kl["total"] * 1.45 / memory.GiB > gib
     capsys.readouterr()
 
 
 def test_the_sharded_memory_plan_by_hand():
     """--plan_processes 4 on the 7B architecture: weights and fp32 gradients / 4, torch AdamW's 8 B/param / 4 even
     when 8-bit was asked for, the bf16 reference whole, and two decoder layers + embedding + lm_head gathered in bf16."""
-    model = common.meta_model("Qwen/Qwen2.5-VL-7B-Instruct")
+    model = memory.meta_model("Qwen/Qwen2.5-VL-7B-Instruct")
     n = 8_292_166_656
-    plan = common.memory_plan(model, "adamw8bit", "bf16_mixed", reference_model=True, shards=4)
+    plan = memory.memory_plan(model, "adamw8bit", "bf16_mixed", reference_model=True, shards=4)
     assert plan["weights"] == plan["gradients"] == n * 4 / 4 and plan["optimizer_states"] == n * 8 / 4
     assert plan["reference_model"] == n * 2
     h, kv, inter, vocab = 3584, 4 * 128, 18944, 152064
     layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
     assert plan["gathered_parameters"] == (2 * layer + 2 * vocab * h) * 2
-    single = common.memory_plan(model, "adamw8bit", "bf16_mixed", reference_model=True)
+    single = memory.memory_plan(model, "adamw8bit", "bf16_mixed", reference_model=True)
     assert "gathered_parameters" not in single and single["optimizer_states"] == n * 2

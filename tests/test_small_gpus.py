@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import memory
 import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,13 +124,13 @@ def test_training_and_check_stages_load_onto_their_device(script, jigsaw_data, t
 # The memory plan knows every card, and run_all.sh refuses a preset that does not fit before anything loads
 # ----------------------------------------------------------------------------------------------------------
 def test_fits_on_lines_name_every_card_class(capsys):
-    tiny = common.memory_plan_of_counts(10 ** 9, 0, "adamw8bit", "bf16")   # 6 GB: fits every class
-    common.print_memory_plan(tiny, "plan")
+    tiny = memory.memory_plan_of_counts(10 ** 9, 0, "adamw8bit", "bf16")   # 6 GB: fits every class
+    memory.print_memory_plan(tiny, "plan")
     printed = capsys.readouterr().out
     for size in ("16 GB", "24 GB", "40 GB", "48 GB", "80 GB", "96 GB", "141 GB"):
         assert re.search(rf"fits on {size} \(.*\) with .*: yes", printed), size
-    large = common.memory_plan_of_counts(20 * 10 ** 9, 0, "adamw", "fp32")
-    common.print_memory_plan(large, "plan")
+    large = memory.memory_plan_of_counts(20 * 10 ** 9, 0, "adamw", "fp32")
+    memory.print_memory_plan(large, "plan")
     assert printed.count(": yes") == 7 and capsys.readouterr().out.count(": no") == 7
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 import common
-import runs
+import files
 import jigsaw
 import rollout_sft
 import teacher
@@ -657,12 +657,12 @@ def test_real_server_unknown_model_stops_the_run_early(real_server, jigsaw_data,
 
 def test_read_shard_drops_a_line_cut_mid_record(tmp_path):
     shard = tmp_path / "x.teacher.jsonl"
-    runs.append_shard(shard, [{"id": "a", "status": "ok"}])
-    runs.append_shard(shard, [{"id": "b", "status": "ok"}])
+    files.append_shard(shard, [{"id": "a", "status": "ok"}])
+    files.append_shard(shard, [{"id": "b", "status": "ok"}])
     shard.write_text(shard.read_text()[:-9])  # the write of "b" cut short
-    assert list(runs.read_shard(shard)) == ["a"]
-    runs.append_shard(shard, [{"id": "c", "status": "ok"}])
-    assert list(runs.read_shard(shard)) == ["a", "c"]
+    assert list(files.read_shard(shard)) == ["a"]
+    files.append_shard(shard, [{"id": "c", "status": "ok"}])
+    assert list(files.read_shard(shard)) == ["a", "c"]
 
 
 # ---------------------------------------------------------------------------------------------------------
