@@ -134,6 +134,11 @@ def test_fits_on_lines_name_every_card_class(capsys):
     assert printed.count(": yes") == 7 and capsys.readouterr().out.count(": no") == 7
 
 
+def needs(preset: str) -> float:
+    """GiB the preset's plan needs with headroom (plan.py's figure, which run_all.sh's messages must name)."""
+    return plan.needed_gib(plan.memory_peaks(plan.preset_settings(preset)))[0]
+
+
 @pytest.mark.parametrize("gib, advice", [
     (24, "No preset of the 3B/7B experiment fits 24.0 GiB"),
     (40, "PRESET=3b_40gb bash run_all.sh"),
@@ -147,14 +152,16 @@ def test_a_faked_card_gets_the_right_preset_advice_before_anything_loads(tmp_pat
     fake.chmod(0o755)
     args = ["--list"] if advice is None else []
     result = run_all(args, PRESET="3b", RUN=run, PY=fake, GPU_MEMORY_GB=gib)
-    assert f"{float(gib):.1f} GiB here" in result.stdout and "63.9 GiB needed (rft)" in result.stdout
+    need = needs("3b")   # between the 40 GB and the 80 GB card
+    assert 40 < need < 80
+    assert f"{float(gib):.1f} GiB here" in result.stdout and f"{need:.1f} GiB needed (rft)" in result.stdout
     if advice is None:
         assert result.returncode == 0 and "error" not in result.stderr and "warning" not in result.stderr
     else:
         assert result.returncode == 2, result.stdout + result.stderr
-        assert f"error: preset 3b needs 63.9 GiB" in result.stderr and advice in result.stderr
+        assert f"error: preset 3b needs {need:.1f} GiB" in result.stderr and advice in result.stderr
         if gib == 24:
-            assert "PRESET=toy" in result.stderr and "3b_40gb, needs 36.5 GiB" in result.stderr
+            assert "PRESET=toy" in result.stderr and f"3b_40gb, needs {needs('3b_40gb'):.1f} GiB" in result.stderr
         assert not log.exists() and not run.exists()
 
 
@@ -173,7 +180,7 @@ def test_the_default_preset_follows_the_card(tmp_path, monkeypatch):
     assert choose(GPU_MEMORY_GB="80", GPU_NAME="NVIDIA H100 80GB HBM3")[0] == "3b"
     assert choose(GPU_MEMORY_GB="40", GPU_NAME="NVIDIA A100-SXM4-40GB")[0] == "3b_40gb"
     name, why = choose(GPU_MEMORY_GB="22.5", GPU_NAME="NVIDIA L4")
-    assert name == "toy" and "3b_40gb needs 36.5 GiB" in why
+    assert name == "toy" and f"3b_40gb needs {needs('3b_40gb'):.1f} GiB" in why
     name, why = choose(GPU_MEMORY_GB="15", GPU_NAME="Tesla T4")
     assert name == "toy" and "no bf16 tensor cores" in why and "overflow" in why
     listed = run_all(["--list"], GPU_MEMORY_GB=40, GPU_NAME="NVIDIA A100-SXM4-40GB", RUN=tmp_path / "run", PATH=path)
@@ -244,7 +251,7 @@ def test_stochastic_rounding_keeps_lr_1e6_updates_that_plain_bf16_loses():
     weight at all; torchao's AdamW8bit with bf16 stochastic rounding moves them by the reference's amount in
     expectation: the mean over 16,384 weights is within 5% of it (its standard error is ~1.5%: each weight ends
     on a bf16 value, ~2e-3 from its expectation)."""
-    from torchao.optim import AdamW8bit
+    from torchao.optim import AdamW8bit  # noqa: F401 (fails here, clearly, when torchao is missing)
     import bitsandbytes as bnb
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
