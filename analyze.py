@@ -57,8 +57,8 @@ from pathlib import Path
 import torch
 
 import common
-import memory
 import files
+import memory
 import runs
 import sequences
 

@@ -725,10 +725,10 @@ def record_stage(run: Path, stage: str, seconds: int, settings: dict) -> None:
     """<run>/settings/<stage>.json (the variables the stage ran with, the commit, the time), then
     <run>/settings.json, the flat merge: one value per variable, or `2 (sft_non_rea) / 7 (sft_sources)` where the
     stages that ran differ."""
-    import subprocess
-    import time
     import experiment
     import files
+    import subprocess
+    import time
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -832,8 +832,8 @@ def memory_peaks(settings: dict) -> dict:
     memory.activation_plan): SFT (the sft_non_rea, sft_sources and toy base stages), GRPO (rft), and decoding
     (eval, sources and the KL sampling of analyze; bf16 weights + the KV cache of one decode call). Each value is
     a memory_plan dict; analyze's per-sample gradients are not modelled (ANALYZE_PROJ_DIM keeps them small)."""
-    import types
     import memory
+    import types
     s = settings
     config, _ = model_config(s)
     text = config.get("text_config") or config

@@ -66,10 +66,10 @@ import torch
 
 import base_check
 import common
-import memory
 import files
 import fsdp
 import jigsaw
+import memory
 import runs
 import sequences
 

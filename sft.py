@@ -52,8 +52,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-import memory
 import fsdp
+import memory
 import runs
 import sequences
 

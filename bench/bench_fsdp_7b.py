@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
-import memory  # noqa: E402
 import files  # noqa: E402
+import memory  # noqa: E402
 import rft  # noqa: E402
 import runs  # noqa: E402
 import sft  # noqa: E402

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 
 import analyze  # noqa: E402
 import common  # noqa: E402
-import memory  # noqa: E402
 import files  # noqa: E402
 import jigsaw  # noqa: E402
+import memory  # noqa: E402
 import sequences  # noqa: E402
 import toy  # noqa: E402
 

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import memory  # noqa: E402
 import files  # noqa: E402
 import jigsaw  # noqa: E402
+import memory  # noqa: E402
 import sft  # noqa: E402
 import toy  # noqa: E402
 

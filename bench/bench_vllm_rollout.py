@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import memory  # noqa: E402
 import files  # noqa: E402
 import jigsaw  # noqa: E402
+import memory  # noqa: E402
 import sequences  # noqa: E402
 import toy  # noqa: E402
 
