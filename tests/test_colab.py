@@ -109,13 +109,21 @@ def test_the_notebook_runs_top_to_bottom_in_a_jupyter_kernel(smoke_run, tmp_path
     assert os.environ["COLAB_KIT_LOCAL"] == str(local)
 
 
-def test_the_notebook_asks_for_its_repository_instead_of_cloning_a_placeholder(tmp_path, monkeypatch):
-    """The README's first screen points to colab.ipynb; opened outside the kit with KIT_REPO left at its
-    placeholder, the notebook's clone cell stops with what to set instead of running git on a URL that does not
-    exist (the kit's public address is not known here)."""
-    import json
+def test_the_readme_badge_opens_the_notebook_of_the_repository_it_clones():
+    """The README's Colab badge and the notebook's KIT_REPO name the same repository (one place to change when
+    the kit is published), and the badge is on the README's first screen."""
+    import re
     readme = (ROOT / "README.md").read_text()
-    assert 0 <= readme.find("[colab.ipynb](colab.ipynb)") < 2000
+    badge = re.search(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/\w+/colab\.ipynb", readme)
+    assert badge and readme.index(badge.group(0)) < 600
+    notebook = (ROOT / "colab.ipynb").read_text()
+    assert f"https://github.com/{badge.group(1)}" in notebook
+
+
+def test_the_notebook_asks_for_its_repository_instead_of_cloning_a_placeholder(tmp_path, monkeypatch):
+    """Opened outside the kit with KIT_REPO left at its placeholder, the notebook's clone cell stops with what to
+    set instead of running git on a URL that does not exist (the kit's public address is not known here)."""
+    import json
     cells = ["".join(c["source"]) for c in json.loads((ROOT / "colab.ipynb").read_text())["cells"]
              if c["cell_type"] == "code"]
     monkeypatch.chdir(tmp_path)
