@@ -21,9 +21,9 @@ Where this departs from textbook GRPO (DeepSeekMath, arXiv 2402.03300), on purpo
 
 Run it (one GPU; fp32 master weights + bf16 autocast, 8-bit AdamW, gradient checkpointing), in the 3b preset's folders:
     python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
-        --max_steps 500 --batch_size 4 --num_generations 8
+        --max_steps 500 --batch_size 32 --num_generations 4 --lr 2e-6
     python rft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data runs/3b/data/jigsaw --output_dir runs/3b/rft \\
-        --max_steps 500 --batch_size 4 --num_generations 8 --resume
+        --max_steps 500 --batch_size 32 --num_generations 4 --lr 2e-6 --resume
 A finished run goes on with a larger --max_steps and --resume when the lr is constant (the default
 --min_lr_ratio 1): run_all.sh's pilot is the first steps of the RFT run, and its rft stage continues it.
     accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_processes 4 rft.py \\
