@@ -79,7 +79,7 @@ def install(torchao: bool, folder: Path = Path("/tmp/kit-install")) -> int:
 def gpu_line() -> str:
     """Name, memory, driver of the GPU (nvidia-smi, else torch), or that this is a CPU runtime."""
     import torch
-    from plan import nvidia_smi
+    from gpus import nvidia_smi
     listed = nvidia_smi()
     if listed:
         g = listed[0]
@@ -114,25 +114,27 @@ def preset_overrides(env: dict) -> dict:
 
 def check_gpu(preset: str, env: dict) -> int:
     """run_all.sh's GPU check for `preset` (plan.py gpu): 0, or 2 after printing why and which preset fits."""
+    import gpus
     import plan
-    return plan.gpu_check(plan.preset_settings(preset, preset_overrides(env)), preset, env)
+    return gpus.gpu_check(plan.preset_settings(preset, preset_overrides(env)), preset, env)
 
 
 def stage_hours(preset: str, env: dict) -> tuple[dict, str]:
     """({stage: estimated hours on this machine}, what the estimate rests on): the plan's GPU-hours times the
-    card's time factor (plan.COLAB_GPUS), or the CPU minutes of a CPU preset."""
+    card's time factor (gpus.COLAB_GPUS), or the CPU minutes of a CPU preset."""
+    import gpus
     import plan
     settings = plan.preset_settings(preset, preset_overrides(env))
-    rows = plan.plan(settings, list(plan.TOY_SECONDS))["rows"]
+    rows = plan.plan(settings, list(plan.experiment_stages()))["rows"]
     hours = {stage: row["seconds"] / 3600 for stage, row in rows.items()}
     if settings.get("PLAN_DEVICE") != "gpu":
         return hours, "CPU minutes of the README's toy run (plan.py)"
-    gpu = plan.find_gpu(env)["gpu"]
-    card = plan.card_of(gpu["name"], gpu["gib"]) if gpu else None
+    gpu = gpus.find_gpu(env)["gpu"]
+    card = gpus.card_of(gpu["name"], gpu["gib"]) if gpu else None
     if card and card[3]:
         return {s: h * card[3] for s, h in hours.items()}, f"the plan's H100 hours x {card[3]} for {card[0]} " \
-            "(plan.COLAB_GPUS: an estimate from public specifications)"
-    return hours, "the plan's H100 hours (this GPU has no time factor in plan.COLAB_GPUS)"
+            "(gpus.COLAB_GPUS: an estimate from public specifications)"
+    return hours, "the plan's H100 hours (this GPU has no time factor in gpus.COLAB_GPUS)"
 
 
 def pieces(hours: dict, session_hours: float) -> list[list[str]]:

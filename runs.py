@@ -122,7 +122,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     cuda = torch.cuda.is_available()
-    from plan import nvidia_smi
+    from gpus import nvidia_smi
     gpus = nvidia_smi()
     root = Path(__file__).resolve().parent
     commit, dirty = None, None

@@ -97,7 +97,7 @@ def test_the_notebook_runs_top_to_bottom_in_a_jupyter_kernel(smoke_run, tmp_path
     assert "not installing (COLAB_KIT_INSTALL=0); would keep: torch==" in text
     assert "plan for preset smoke" in text                                # run_all.sh --list
     assert "restored" in text and "(models too)" in text
-    assert "piece 1: base data eval_base sft_non_rea rft sources sft_sources eval analyze report" in text
+    assert "piece 1: base data eval_base pilot sft_non_rea rft sources sft_sources eval analyze report" in text
     assert "[run_all] base: done, skipped" in text and "[run_all] report: running" in text
     assert "[run_all] report: done in" in text and "synced" in text and "All stages are done" in text
     shown = [output for output in notebook.cells[-1].outputs if output.output_type == "display_data"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import gpus
 import memory
 import plan
 
@@ -136,7 +137,7 @@ def test_fits_on_lines_name_every_card_class(capsys):
 
 def needs(preset: str) -> float:
     """GiB the preset's plan needs with headroom (plan.py's figure, which run_all.sh's messages must name)."""
-    return plan.needed_gib(plan.memory_peaks(plan.preset_settings(preset)))[0]
+    return gpus.needed_gib(gpus.memory_peaks(plan.preset_settings(preset)))[0]
 
 
 @pytest.mark.parametrize("gib, advice", [
@@ -172,10 +173,10 @@ def test_the_default_preset_follows_the_card(tmp_path, monkeypatch):
     failing.chmod(0o755)
     path = f"{failing.parent}{os.pathsep}{os.environ['PATH']}"
     monkeypatch.setenv("PATH", path)
-    monkeypatch.setattr(plan, "_torch_cuda", lambda: False)   # what torch says on a machine without a GPU
+    monkeypatch.setattr(gpus, "_torch_cuda", lambda: False)   # what torch says on a machine without a GPU
 
     def choose(**env):
-        return plan.choose_preset({**os.environ, **env})
+        return gpus.choose_preset({**os.environ, **env})
     assert choose()[0] == "toy"
     assert choose(GPU_MEMORY_GB="80", GPU_NAME="NVIDIA H100 80GB HBM3")[0] == "3b"
     assert choose(GPU_MEMORY_GB="40", GPU_NAME="NVIDIA A100-SXM4-40GB")[0] == "3b_40gb"
@@ -199,12 +200,12 @@ def test_a_t4_is_told_what_works_and_why_training_does_not(tmp_path):
 def test_the_40gb_preset_fits_40_not_24_and_departs_only_where_its_plan_needs(tmp_path):
     settings = plan.preset_settings("3b_40gb")
     three = plan.preset_settings("3b")
-    need, _ = plan.needed_gib(plan.memory_peaks(settings))
-    assert 24 < need <= 40 and plan.needed_gib(plan.memory_peaks(three))[0] > 40
+    need, _ = gpus.needed_gib(gpus.memory_peaks(settings))
+    assert 24 < need <= 40 and gpus.needed_gib(gpus.memory_peaks(three))[0] > 40
     changed = {k for k in settings if settings[k] != three.get(k)} - {"PRESET"}
     assert changed == {"PRECISION", "OPTIMIZER", "BETA", "RFT_SAVE_STEPS"}, changed
     # with the reference model (BETA as in 3b) it would not fit: the one departure the plan needs beyond bf16
-    assert plan.needed_gib(plan.memory_peaks({**settings, "BETA": "0.04"}))[0] > 40
+    assert gpus.needed_gib(gpus.memory_peaks({**settings, "BETA": "0.04"}))[0] > 40
     listed = run_all(["--list"], PRESET="3b_40gb", RUN=tmp_path / "run")   # plan.py check passes its variables
     assert listed.returncode == 0, listed.stderr
 
@@ -212,17 +213,17 @@ def test_the_40gb_preset_fits_40_not_24_and_departs_only_where_its_plan_needs(tm
 def test_the_plan_is_the_dry_run_formula(tmp_path):
     """memory_peaks' SFT phase equals sft.py --dry_run for the same shapes (one formula, not two)."""
     import sft
-    assert plan.SFT_MAX_COMPLETION_LENGTH == sft.Args.max_completion_length
+    assert gpus.SFT_MAX_COMPLETION_LENGTH == sft.Args.max_completion_length
     settings = {**plan.preset_settings("3b_40gb")}
     prompt = plan.prompt_tokens(settings)
     dry = sft.main(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--data", "unused", "--output_dir", str(tmp_path),
                     "--dry_run", "--precision", "bf16", "--optimizer", "adamw8bit_sr", "--batch_size", "4",
                     "--gradient_checkpointing", "--plan_prompt_length", str(prompt)])
-    assert plan.memory_peaks(settings)["sft"]["total"] == dry["total"]
+    assert gpus.memory_peaks(settings)["sft"]["total"] == dry["total"]
 
 
 def test_cards_table_gives_every_preset_against_every_colab_gpu():
-    table = plan.cards_table(["3b", "3b_40gb", "7b", "toy"])
+    table = gpus.cards_table(["3b", "3b_40gb", "7b", "toy"])
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert set(rows) == {"3b", "3b_40gb", "7b"}   # CPU presets have no GPU row
     cells = lambda name: [c.strip() for c in rows[name].split("|")[4:-1]]  # noqa: E731
