@@ -191,7 +191,8 @@ def has_bf16(gpu: dict) -> tuple[bool, str]:
     if cc:
         return float(cc) >= 8.0, cc if float(cc) >= 8.0 else f"{cc} < 8.0"
     name = gpu.get("name", "").upper()
-    return not any(n.upper() in name for n in NO_BF16_NAMES), "below 8.0 by its name"
+    bf16 = not any(n.upper() in name for n in NO_BF16_NAMES)
+    return bf16, "8.0 or above by its name" if bf16 else "below 8.0 by its name"
 
 
 # The CUDA builds of torch on its wheel index (download.pytorch.org/whl/cuXYZ), newest first: a driver runs
