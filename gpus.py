@@ -110,7 +110,8 @@ def memory_peaks(settings: dict) -> dict:
                                       generation_sequences=group)
     beta = float(s.get("BETA") or 0.04)
     # decoding: the largest call of eval.py (a benchmark's image tokens + its cap), rollout_sft.py and analyze.py
-    calls = [(plan._i(s, "ROLLOUT_BATCH_SIZE", 64), prompt + cap), (plan._i(s, "EVAL_BATCH_SIZE", 16), prompt + plan._i(s, "JIGSAW_MAX_COMPLETION_LENGTH", 512))]
+    calls = [(plan._i(s, "ROLLOUT_BATCH_SIZE", 64), prompt + cap),
+             (plan._i(s, "EVAL_BATCH_SIZE", 16), prompt + plan._i(s, "JIGSAW_MAX_COMPLETION_LENGTH", 512))]
     for name in [b for b in s.get("BENCHMARKS", "").split(",") if b]:
         image_tokens = plan.BENCHMARKS.get(name, (0, 600))[1]
         calls.append((plan._i(s, "EVAL_BATCH_SIZE", 16), image_tokens + 60 + plan.BENCH_DECODE_TOKENS.get(name, 128)))
@@ -119,15 +120,15 @@ def memory_peaks(settings: dict) -> dict:
     # for compute (two decoder layers and the embeddings), as `--dry_run --plan_processes N` plans them
     launch = plan.launcher(s)
     shards = launch["processes"] if launch and launch["fsdp"] else 1
-    gathered = (2 * counts["layer"] + counts["ends"]) * (4 if precision == "fp32" else 2) if shards > 1 else 0
-    return {"sft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, activations_bytes=sft_acts["peak"],
-                                                shards=shards, gathered_bytes=gathered),
-            "rft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference_model=beta != 0.0,
-                                                activations_bytes=rft_acts["peak"], shards=shards,
-                                                gathered_bytes=gathered),
-            "decode": memory.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv),
-            **({"rollout": vllm_rollout_peak(trainable, frozen, optimizer, precision, beta != 0.0, shards, gathered)}
-               if s.get("ROLLOUT_BACKEND") == "vllm" else {})}
+    fsdp = {"shards": shards, "layer_params": counts["layer"], "end_params": counts["ends"]}
+    peaks = {"sft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision,
+                                                 activations_bytes=sft_acts["peak"], **fsdp),
+             "rft": memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference_model=beta != 0.0,
+                                                 activations_bytes=rft_acts["peak"], **fsdp),
+             "decode": memory.memory_plan_of_counts(0, counts["total"], optimizer, "bf16", activations_bytes=kv)}
+    if s.get("ROLLOUT_BACKEND") == "vllm":
+        peaks["rollout"] = vllm_rollout_peak(peaks["rft"])
+    return peaks
 
 
 # The share of the GPU the colocated vLLM engine takes while awake (rft.py's gpu_memory_utilization=0.3, TRL's
@@ -135,17 +136,13 @@ def memory_peaks(settings: dict) -> dict:
 VLLM_GPU_SHARE = 0.3
 
 
-def vllm_rollout_peak(trainable: int, frozen: int, optimizer: str, precision: str, reference: bool, shards: int,
-                      gathered: int) -> dict:
-    """GRPO's rollout phase with ROLLOUT_BACKEND=vllm: the trainer's weights, optimizer states and reference model
-    stay on the GPU (gradients are freed by zero_grad, no activations) while the engine holds VLLM_GPU_SHARE of
-    the card, so the card must be at least states / (1 - share): the plan is expressed as that card size."""
-    import memory
-    plan = memory.memory_plan_of_counts(trainable, frozen, optimizer, precision, reference, 0, 2, shards, gathered)
-    states = plan["total"] - plan["gradients"]
-    plan["gradients"], plan["activations_estimate"] = 0, states * VLLM_GPU_SHARE / (1 - VLLM_GPU_SHARE)
-    plan["total"] = states / (1 - VLLM_GPU_SHARE)
-    return plan
+def vllm_rollout_peak(grpo: dict) -> dict:
+    """GRPO's rollout phase with ROLLOUT_BACKEND=vllm, from GRPO's plan: the trainer's weights, optimizer states and
+    reference model stay on the GPU (gradients are freed by zero_grad, no activations) while the engine holds
+    VLLM_GPU_SHARE of the card, so the card must be at least states / (1 - share): the plan is that card size."""
+    states = grpo["total"] - grpo["gradients"] - grpo["activations_estimate"]
+    return {**grpo, "gradients": 0, "activations_estimate": states * VLLM_GPU_SHARE / (1 - VLLM_GPU_SHARE),
+            "total": states / (1 - VLLM_GPU_SHARE)}
 
 
 def needed_gib(peaks: dict) -> tuple[float, str]:

@@ -78,23 +78,22 @@ def memory_plan(model, optimizer: str, precision: str, reference_model: bool = F
     from forward to backward) and two decoder layers (the one computing and the next one prefetched), in the
     compute dtype. Activations are per process (each rank runs its own micro-batches).
     """
-    gathered = 0
+    layer = ends = 0
     if shards > 1:
-        compute_bytes = 4 if precision == "fp32" else 2
         language = model.model.language_model if hasattr(model.model, "language_model") else model.model
         layer = max(sum(p.numel() for p in block.parameters()) for block in language.layers)
         ends = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
         ends = sum(p.numel() for p in ends.values())   # tied embeddings (3B) count once
-        gathered = (2 * layer + ends) * compute_bytes
     return memory_plan_of_counts(*count_parameters(model), optimizer, precision, reference_model,
-                                 activations_bytes, reference_bytes, shards, gathered)
+                                 activations_bytes, reference_bytes, shards, layer, ends)
 
 
 def memory_plan_of_counts(trainable: int, frozen: int, optimizer: str, precision: str, reference_model: bool = False,
                           activations_bytes: int = 0, reference_bytes: int = 2, shards: int = 1,
-                          gathered_bytes: int = 0) -> dict:
-    """memory_plan from parameter counts (plan.py plans a preset from its config.json without building a model);
-    under FSDP (shards > 1) `gathered_bytes` are the units gathered for compute."""
+                          layer_params: int = 0, end_params: int = 0) -> dict:
+    """memory_plan from parameter counts (the GPU check plans a preset from its config.json without building a
+    model). Under FSDP (shards > 1) `layer_params` (the largest decoder layer) and `end_params` (embeddings and
+    lm_head, once when tied) size the units gathered for compute: two layers and both ends."""
     total = trainable + frozen
     weight_bytes = 2 if precision == "bf16" else 4
     optimizer = "adamw" if shards > 1 else optimizer
@@ -107,7 +106,7 @@ def memory_plan_of_counts(trainable: int, frozen: int, optimizer: str, precision
         "activations_estimate": activations_bytes,
     }
     if shards > 1:
-        plan["gathered_parameters"] = gathered_bytes
+        plan["gathered_parameters"] = (2 * layer_params + end_params) * (4 if precision == "fp32" else 2)
     plan["total"] = sum(v for k, v in plan.items() if not k.startswith("parameters"))
     return plan
 
