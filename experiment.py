@@ -169,6 +169,7 @@ def shell() -> str:
     """The table as bash assignments (run_all.sh evals them): the one place run_all.sh learns the methods."""
     sft_sources = [s for s in SOURCES if not s.own_stage]
     lines = [
+        f"STAGES=({' '.join(STAGES)})",
         f"METHOD_NAMES=({' '.join(m.name for m in METHODS)})",
         "declare -A METHOD_STYLE=(" + " ".join(f"[{m.name}]={m.prompt_style}" for m in METHODS) + ")",
         f"SOURCE_NAMES=({' '.join(SOURCE_NAMES)})",

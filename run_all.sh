@@ -201,11 +201,9 @@ stage_sources() {  # every SFT data source of experiment.py: first those made wi
   local teacher=()   # the paper's SFT-Rea-4o: a real teacher's traces (key from $OPENAI_API_KEY, never recorded)
   [ -z "$TEACHER_URL" ] || teacher=(--teacher_url "$TEACHER_URL" --teacher_model "$TEACHER_MODEL")
   for name in "${UNSAMPLED_SOURCES[@]}"; do
-    if [[ " ${TEACHER_SOURCES[*]} " == *" $name "* ]]; then
-      job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name" "${teacher[@]}"
-    else
-      job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name"
-    fi
+    local extra=()
+    [[ " ${TEACHER_SOURCES[*]} " != *" $name "* ]] || extra=("${teacher[@]}")
+    job "$name" $PY rollout_sft.py --source "$name" --data "$DATA/jigsaw" --output_dir "$SOURCES/$name" "${extra[@]}"
   done
   jobs_done
   for name in "${SAMPLED_SOURCES[@]}"; do
@@ -268,7 +266,7 @@ stage_report() {  # report.py reads what the stages wrote (tables, figures, the 
 # ============================================================================================================
 # Plumbing: the mirror, the checks and the plan, the lock, the stage runner, jobs, the loop
 # ============================================================================================================
-STAGES=(base data eval_base pilot sft_non_rea rft sources sft_sources eval analyze report)
+# STAGES, in their order, come from experiment.py with the methods (eval above).
 # Folders a training stage writes (their resume/ is deleted when the stage is done and KEEP_RESUME_STATE=0).
 declare -A STAGE_RUN_DIRS=([base]="base_pretrain base" [sft_non_rea]="sft_non_rea" [rft]="rft"
   [sft_sources]="${SFT_SOURCE_RUNS[*]}")
