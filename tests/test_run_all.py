@@ -220,13 +220,15 @@ def test_a_plan_that_does_not_fit_stops_before_any_stage(tmp_path):
     log = tmp_path / "calls"
     fake = fake_python(tmp_path, f'  *) echo "$@" >> {log}; exit 0 ;;')
     run = tmp_path / "run"
-    result = run_all(PRESET="3b", RUN=run, PY=fake, SFT_STEPS=100000, SAVE_STEPS=1)
+    # The toy preset: the stages before sft_non_rea need ~60 MB, so sft_non_rea is the stage named on any machine
+    # (with 3b the pilot's 45 GB already fails on a CI disk with less than that free, and names the pilot).
+    huge = dict(SFT_STEPS=1_000_000, SAVE_STEPS=1)   # 1e6 checkpoints of 4.7 MB: 4.7 TB
+    result = run_all(PRESET="toy", RUN=run, PY=fake, **huge)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "not enough disk" in result.stderr and "stage sft_non_rea" in result.stderr and "SAVE_STEPS" in result.stderr
     assert "short by" in result.stderr and "IGNORE_DISK_PLAN=1" in result.stderr
     assert not log.exists() and not (run / "logs" / "base.log").exists()
-    forced = run_all(["--only", "data"], PRESET="3b", RUN=run, PY=fake, SFT_STEPS=100000, SAVE_STEPS=1,
-                     IGNORE_DISK_PLAN=1)
+    forced = run_all(["--only", "data"], PRESET="toy", RUN=run, PY=fake, IGNORE_DISK_PLAN=1, **huge)
     assert forced.returncode == 0 and "jigsaw.py" in log.read_text(), forced.stdout + forced.stderr
 
 
