@@ -111,13 +111,10 @@ def greedy_scores(model, processor, rows: list[dict], prompt_style: str, max_new
         chunk = rows[start:start + batch_size]
         out = greedy(model, processor, [r[column] for r in chunk], [common.row_images(r) for r in chunk],
                      max_new_tokens, autocast, engine)
-        for text, row in zip(out["texts"], chunk):
-            try:
-                reward = jigsaw.jigsaw_reward(text, list(row["answer"]), thinking=prompt_style == "thinking")
-            except Exception:  # never let one odd completion crash a long run
-                continue
-            for key in totals:
-                totals[key] += float(reward[key])
+        scores = jigsaw.score_completions(out["texts"], [row["answer"] for row in chunk], prompt_style == "thinking")
+        for key in totals:
+            for value in scores[key]:
+                totals[key] += value
     n = max(1, len(rows))
     return {"eval_accuracy": totals["acc"] / n, "eval_format_rate": totals["fmt"] / n,
             "eval_hit": totals["hit"] / n, "eval_size": len(rows)}

@@ -239,6 +239,23 @@ def jigsaw_reward(completion: str, answer: list[int], thinking: bool = True, w_h
             "parsed": parsed is not None}
 
 
+def score_completions(texts: list[str], answers: list[list[int]], thinking: bool = True, **weights) -> dict:
+    """jigsaw_reward of every completion, as lists per component (reward, hit, acc, fmt, parsed) plus `errors`.
+    Completions are untrusted text: jigsaw_reward only uses regexes, and anything that still raises scores 0
+    (counted in `errors`), so one odd completion never crashes a long run."""
+    parts = {"reward": [], "hit": [], "acc": [], "fmt": [], "parsed": []}
+    errors = 0
+    for text, answer in zip(texts, answers):
+        try:
+            r = jigsaw_reward(text, list(answer), thinking=thinking, **weights)
+        except Exception:
+            errors += 1
+            r = {"reward": 0.0, "hit": 0.0, "acc": 0.0, "fmt": 0.0, "parsed": False}
+        for key in parts:
+            parts[key].append(float(r[key]))
+    return {**parts, "errors": errors}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Image sources for the data builder
 # ----------------------------------------------------------------------------------------------------------
@@ -246,9 +263,9 @@ def procedural_image(seed: int, size: int = 112) -> Image.Image:
     """An image whose pieces a small model can place: a colour gradient (red grows left->right, green
     top->bottom, blue fades from the top-left corner, so every piece's colour tells where it came from: the
     top-left quarter is bluish, top-right reddish, bottom-left greenish, bottom-right yellowish) with a per-image
-    shift of the blue channel and a few random shapes over it. (Issue 13: with a uniformly random blue channel
-    the top-left and top-right pieces of a bright-blue image were both purple-blue, and the toy GRPO run
-    plateaued at 20% exact with those two confused.)"""
+    shift of the blue channel and a few random shapes over it. (With a uniformly random blue channel the
+    top-left and top-right pieces of a bright-blue image were both purple-blue, and the toy GRPO run plateaued
+    at 20% exact with those two confused: docs/LOG.md.)"""
     rng = random.Random(seed)
     image = Image.new("RGB", (size, size))
     pixels = image.load()

@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +64,6 @@ import torch
 
 import base_check
 import common
-import files
 import fsdp
 import jigsaw
 import memory
@@ -315,28 +312,6 @@ def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprob
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards
-# ----------------------------------------------------------------------------------------------------------
-def score(texts: list[str], answers: list[list[int]], args: Args) -> dict[str, torch.Tensor]:
-    """The shared jigsaw reward of each completion, every component separately. Completions are untrusted
-    text: jigsaw_reward only uses regexes; anything that still raises scores 0 (counted in `reward_errors`)."""
-    parts = {"reward": [], "hit": [], "acc": [], "fmt": [], "parsed": []}
-    errors = 0
-    for text, answer in zip(texts, answers):
-        try:
-            r = jigsaw.jigsaw_reward(text, list(answer), thinking=args.prompt_style == "thinking", w_hit=args.w_hit,
-                                     w_acc=args.w_acc, w_fmt=args.w_fmt)
-        except Exception:  # never let one odd completion crash a long run
-            errors += 1
-            r = {"reward": 0.0, "hit": 0.0, "acc": 0.0, "fmt": 0.0, "parsed": False}
-        for key in parts:
-            parts[key].append(float(r[key]))
-    out = {k: torch.tensor(v) for k, v in parts.items()}
-    out["errors"] = errors
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Rollout and policy update
 # ----------------------------------------------------------------------------------------------------------
 def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.nullcontext, engine=None,
@@ -356,7 +331,9 @@ def rollout(model, processor, rows: list[dict], args: Args, autocast=contextlib.
         out = engine.generate(prompts, images, max_new_tokens=args.max_completion_length,
                               temperature=args.temperature, top_p=args.top_p, num_samples=args.num_generations,
                               processor=processor, seed=seed)
-    scores = score(out["texts"], answers, args)
+    scores = jigsaw.score_completions(out["texts"], answers, args.prompt_style == "thinking", w_hit=args.w_hit,
+                                      w_acc=args.w_acc, w_fmt=args.w_fmt)
+    scores = {k: v if k == "errors" else torch.tensor(v) for k, v in scores.items()}
     advantages = group_advantages(scores["reward"], args.num_generations, scale=args.scale_rewards)
     return {"prompt_batch": out["batch"], "completion_ids": out["completion_ids"], "texts": out["texts"],
             "truncated": torch.tensor(out["truncated"]), "scores": scores, "advantages": advantages,
@@ -533,24 +510,6 @@ def operational_flags(args: Args) -> tuple[str, ...]:
     return OPERATIONAL + (("max_steps",) if args.min_lr_ratio == 1.0 else ())
 
 
-def keep_final_as_snapshot(output_dir: Path, step: int, max_steps: int, save_steps: int, save_at: list[int]) -> None:
-    """A run continued past the --max_steps it finished at (run_all.sh's pilot) left that step's weights in final/,
-    which the longer run would have saved as checkpoint-{step}/ (runs.snapshot_due): copy it there, so the run
-    has the snapshots of one uninterrupted run. final/ holds exactly those weights only when it was written at
-    this step (its trainer_state.json says so)."""
-    final, target = output_dir / "final", output_dir / f"checkpoint-{step}"
-    state = final / "trainer_state.json"
-    if not runs.snapshot_due(step, max_steps, save_steps, save_at)[0] or target.exists() or not state.exists():
-        return
-    if json.loads(state.read_text()).get("step") != step:
-        return
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp)
-    files.write_json_atomic(tmp / "trainer_state.json", {"step": step})
-    tmp.rename(target)
-
-
 def resolve_precision(args: Args) -> tuple[str, str, str, str]:
     """(precision name, accelerate mixed_precision, policy dtype, reference dtype); a --dry_run plans for a GPU."""
     cuda = torch.cuda.is_available() or args.dry_run
@@ -623,16 +582,9 @@ def main(argv=None) -> dict:
     accelerator = runs.make_accelerator(mixed_precision, args.report_to, output_dir)
     resume_from = runs.prepare_run(accelerator, output_dir, "rft.py", dataclasses.asdict(args), args.resume,
                                      args.overwrite, operational_flags(args))
-    if resume_from is not None:   # before any model is loaded: a finished run, or one asked to go back
-        resumed_at = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        if resumed_at > args.max_steps:
-            common.fail(f"--resume: {output_dir} is at step {resumed_at}, past --max_steps {args.max_steps}; a run "
-                        "cannot go back. Give --max_steps >= its step, or start a new --output_dir.")
-        if resumed_at == args.max_steps and (output_dir / "final" / "config.json").exists():
-            accelerator.print(f"[rft] {output_dir} already finished --max_steps {args.max_steps}: nothing to do")
-            return {"step": resumed_at}
-        if accelerator.is_main_process:
-            keep_final_as_snapshot(output_dir, resumed_at, args.max_steps, args.save_steps, save_at)
+    # before any model is loaded: a finished run stops here, one continued past its end keeps that end's snapshot
+    if runs.continue_run(accelerator, resume_from, output_dir, args.max_steps, args.save_steps, save_at, "rft"):
+        return {"step": args.max_steps}
     # Each process samples with its own seed and draws its own puzzles (common.data_indices at its rank's
     # positions): N GPUs must not generate N copies of the same rollouts.
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -316,6 +316,35 @@ def start_or_resume(accelerator, resume_from, output_dir, resume_asked: bool, ta
     return {"step": 0, "data_position": 0}
 
 
+def continue_run(accelerator, resume_from, output_dir, max_steps: int, save_steps: int, save_at: list[int],
+                 tag: str) -> bool:
+    """Before any model loads, a resume state's step against --max_steps: past it stops (a run cannot go back),
+    at it with final/ written is a finished run (True: nothing to do). A run continued past the --max_steps it
+    finished at (run_all.sh's pilot, then rft) left that step's weights in final/, which one uninterrupted run
+    would have saved as checkpoint-{step}/ (snapshot_due): they are copied there, so the run has the same
+    snapshots. final/ holds exactly those weights only when its trainer_state.json says it was written then."""
+    if resume_from is None:
+        return False
+    output_dir = Path(output_dir)
+    step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["step"]
+    if step > max_steps:
+        fail(f"--resume: {output_dir} is at step {step}, past --max_steps {max_steps}; a run cannot go back. Give "
+             "--max_steps >= its step, or start a new --output_dir.")
+    final, target = output_dir / "final", output_dir / f"checkpoint-{step}"
+    if step == max_steps and (final / "config.json").exists():
+        accelerator.print(f"[{tag}] {output_dir} already finished --max_steps {max_steps}: nothing to do")
+        return True
+    state = final / "trainer_state.json"
+    if (accelerator.is_main_process and snapshot_due(step, max_steps, save_steps, save_at)[0]
+            and not target.exists() and state.exists() and json.loads(state.read_text()).get("step") == step):
+        tmp = output_dir / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(final, tmp)
+        files.write_json_atomic(tmp / "trainer_state.json", {"step": step})
+        tmp.rename(target)
+    return False
+
+
 def save_checkpoint(accelerator, model, processor, output_dir, step: int, dtype: torch.dtype,
                     trainer_state: dict | None, snapshot: bool = True, keep_snapshots: int = 0) -> None:
     """After optimizer step `step`: the model-only snapshot checkpoint-{step}/ (when `snapshot`), the one resume

@@ -221,7 +221,7 @@ def think_check(results_path: str, jigsaw_data: str) -> dict:
     puzzles' images (the jigsaw data folder): for every cell the think text names a colour for (think_claims),
     whether that is the piece's true colour (chance: 25%), whether the answer puts the piece in the column the
     colour says (red and yellow right; chance 50%), and whether it puts it in the colour's home cell (COLOR_CODES;
-    chance 25%). Issue 13: the base's prior must be true and used, and this measures it instead of assuming it."""
+    chance 25%). The base's prior must be true and used (docs/LOG.md), and this measures it instead of assuming it."""
     import common
     results = common.read_json(results_path, "Point --think_check at the results.json eval.py wrote (rerun eval.py if "
                                "it was cut short).")

@@ -129,13 +129,15 @@ def test_data_order_is_a_function_of_position():
 
 
 def test_score_never_crashes_on_bad_completions():
-    args = rft.Args()
     answer = [2, 1, 4, 3]
     texts = ["", "<answer>", "<think>x</think><answer>2 1\n4 3</answer>", "<answer>1e9 ; rm -rf</answer>",
              "\x00" * 50, "<think></think><answer>" + "9" * 10_000 + "</answer>"]
-    scores = rft.score(texts, [answer] * len(texts), args)
-    assert scores["reward"].tolist() == [0.0, 0.0, 3.0, 0.0, 0.0, 0.0]
+    scores = jigsaw.score_completions(texts, [answer] * len(texts))
+    assert scores["reward"] == [0.0, 0.0, 3.0, 0.0, 0.0, 0.0]
     assert scores["errors"] == 0
+    # an answer that makes the reward raise scores 0 and is counted, the others are still scored
+    broken = jigsaw.score_completions(texts[2:3] * 2, [answer, []])
+    assert broken["reward"] == [3.0, 0.0] and broken["errors"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
