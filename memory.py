@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common import OPTIMIZER_STATE_BYTES, count_parameters, fail
+from common import OPTIMIZER_STATE_BYTES, count_parameters, fail, freeze_vision
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 REAL_CONFIGS = {"Qwen/Qwen2.5-VL-3B-Instruct": CONFIGS_DIR / "qwen2_5_vl_3b_instruct.json",
@@ -123,6 +123,26 @@ def print_memory_plan(plan: dict, title: str) -> None:
         fits = plan["total"] * MEMORY_HEADROOM / GiB <= gib
         print(f"  fits on {label} ({cards}; {gib:g} GiB usable) with {MEMORY_HEADROOM}x headroom: "
               f"{'yes' if fits else 'no'}")
+
+
+def stage_plan(model_name: str, title: str, optimizer: str, precision: str, micro_batch: int, seq_len: int,
+               completion_len: int, gradient_checkpointing: bool, shards: int = 1, frozen=(False, False),
+               generation_sequences: int = 0, reference_bytes: int = 0) -> dict:
+    """A training stage's --dry_run (sft.py, rft.py): the architecture on the meta device with the stage's frozen
+    parts (vision tower, merger), its activations, the plan per GPU, printed under `title`. reference_bytes: bytes
+    per parameter of GRPO's frozen reference model (0: none); generation_sequences: GRPO's rollout batch."""
+    model = meta_model(model_name)
+    freeze_vision(model, *frozen)
+    acts = activation_plan(model.config, micro_batch, seq_len, completion_len, gradient_checkpointing,
+                           generation_sequences=generation_sequences)
+    plan = memory_plan(model, optimizer, precision, reference_model=reference_bytes > 0,
+                       activations_bytes=acts["peak"], reference_bytes=reference_bytes or 2, shards=shards)
+    sharding = f", FSDP over {shards} GPUs (per GPU; torch AdamW)" if shards > 1 else ""
+    print_memory_plan(plan, title + sharding)
+    if generation_sequences:
+        print(f"  activations: training {acts['training'] / GiB:.2f} GiB, generation KV cache "
+              f"{acts['generation'] / GiB:.2f} GiB (not at the same time)")
+    return plan
 
 
 # Measured peaks reached 1.45x the plan (GRPO, 3B, H100, fp32 master weights + autocast: README memory table):

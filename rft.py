@@ -462,24 +462,16 @@ def policy_update(accelerator, model, ref_model, optimizer, scheduler, chunks: l
 # Memory plan (--dry_run)
 # ----------------------------------------------------------------------------------------------------------
 def dry_run(args: Args, precision: str, ref_dtype: str) -> dict:
-    model = memory.meta_model(args.model)
-    if args.freeze_vision_tower:
-        common.freeze_vision(model, True, False)
-    seq = args.plan_prompt_length + args.max_completion_length
-    acts = memory.activation_plan(model.config, min(args.micro_batch_size, args.batch_size * args.num_generations),
-                                  seq, args.max_completion_length, args.gradient_checkpointing,
-                                  generation_sequences=args.batch_size * args.num_generations)
-    plan = memory.memory_plan(model, args.optimizer, precision, reference_model=args.beta != 0.0,
-                              activations_bytes=acts["peak"], reference_bytes=common.DTYPES[ref_dtype].itemsize,
-                              shards=args.plan_processes)
-    sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
-    memory.print_memory_plan(plan, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} "
-                                   f"micro={args.micro_batch_size} prompt~{args.plan_prompt_length} "
-                                   f"completion<={args.max_completion_length}, {args.optimizer}, precision "
-                                   f"{precision}, beta={args.beta}{sharding}")
-    print(f"  activations: training {acts['training'] / memory.GiB:.2f} GiB, generation KV cache "
-          f"{acts['generation'] / memory.GiB:.2f} GiB (not at the same time)")
-    return plan
+    sequences_per_step = args.batch_size * args.num_generations
+    return memory.stage_plan(
+        args.model, f"GRPO memory plan: {args.model}, B={args.batch_size} G={args.num_generations} micro="
+                    f"{args.micro_batch_size} prompt~{args.plan_prompt_length} completion<="
+                    f"{args.max_completion_length}, {args.optimizer}, precision {precision}, beta={args.beta}",
+        args.optimizer, precision,
+        min(args.micro_batch_size, sequences_per_step), args.plan_prompt_length + args.max_completion_length,
+        args.max_completion_length, args.gradient_checkpointing, args.plan_processes, (args.freeze_vision_tower, False),
+        generation_sequences=sequences_per_step,
+        reference_bytes=common.DTYPES[ref_dtype].itemsize if args.beta != 0.0 else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,8 +700,8 @@ def main(argv=None) -> dict:
             "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
             # the step's loss over all processes (each rank's loss is normalised by the step's global counts)
             "loss": float(accelerator.reduce(torch.tensor(first["loss"], device=accelerator.device), "mean")),
-            "kl": first["kl"], "clip_fraction": sum(p["clip_fraction"]
-                                                                           for p in update["passes"]) / len(update["passes"]),
+            "kl": first["kl"],
+            "clip_fraction": sum(p["clip_fraction"] for p in update["passes"]) / len(update["passes"]),
             "ratio_max": max(p["ratio_max"] for p in update["passes"]), "grad_norm": first["grad_norm"],
             "skipped_updates": update["skipped"], "time_generation": t1 - t0, "time_training": t2 - t1,
             "sampling_logp_difference_mean": update["sampling_logp_difference_mean"],

@@ -183,18 +183,12 @@ def main(argv=None):
     mixed, load_dtype = common.PRECISIONS[precision]
 
     if args.dry_run:
-        model = memory.meta_model(args.model)
-        common.freeze_vision(model, args.freeze_vision_tower, args.freeze_merger)
-        acts = memory.activation_plan(model.config, args.batch_size, args.plan_prompt_length + args.max_completion_length,
-                                      args.max_completion_length, args.gradient_checkpointing)
-        plan = memory.memory_plan(model, args.optimizer, precision, activations_bytes=acts["peak"],
-                                  shards=args.plan_processes)
-        sharding = f", FSDP over {args.plan_processes} GPUs (per GPU; torch AdamW)" if args.plan_processes > 1 else ""
-        memory.print_memory_plan(plan, f"SFT memory plan: {args.model}, precision {precision}, optimizer "
-                                       f"{args.optimizer}, batch {args.batch_size} x ({args.plan_prompt_length} + "
-                                       f"{args.max_completion_length}) tokens, gradient checkpointing "
-                                       f"{args.gradient_checkpointing}{sharding}")
-        return plan
+        return memory.stage_plan(
+            args.model, f"SFT memory plan: {args.model}, precision {precision}, optimizer {args.optimizer}, batch "
+                        f"{args.batch_size} x ({args.plan_prompt_length} + {args.max_completion_length}) tokens, "
+                        f"gradient checkpointing {args.gradient_checkpointing}", args.optimizer, precision,
+            args.batch_size, args.plan_prompt_length + args.max_completion_length, args.max_completion_length,
+            args.gradient_checkpointing, args.plan_processes, (args.freeze_vision_tower, args.freeze_merger))
 
     # ======================================================================================================
     # The output folder (writable, ours, locked: a second sft.py on it stops here) and the model folder
