@@ -221,7 +221,7 @@ def test_a_plan_that_does_not_fit_stops_before_any_stage(tmp_path):
     fake = fake_python(tmp_path, f'  *) echo "$@" >> {log}; exit 0 ;;')
     run = tmp_path / "run"
     # The toy preset: the stages before sft_non_rea need ~60 MB, so sft_non_rea is the stage named on any machine
-    # (with 3b the pilot's 45 GB already fails on a CI disk with less than that free, and names the pilot).
+    # (with 3b the data and the pilot plan 31 GB, and a CI disk with less than that free names the pilot).
     huge = dict(SFT_STEPS=1_000_000, SAVE_STEPS=1)   # 1e6 checkpoints of 4.7 MB: 4.7 TB
     result = run_all(PRESET="toy", RUN=run, PY=fake, **huge)
     assert result.returncode == 2, result.stdout + result.stderr
