@@ -42,7 +42,6 @@ import sft  # noqa: E402
 from bench_real_arch import build_random_model  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-HEADROOM = 1.45   # memory.print_memory_plan's rule: measured peaks reached 1.45x the plan (3B, H100)
 
 
 @dataclass
@@ -140,7 +139,7 @@ def main(argv=None):
             [r["time_generation"] + r["time_training"] for r in records]
         results[stage] = {"status": status, "wall_s": time.time() - t0, "steps": records,
                           "peak_memory_gib": peak, "s_per_step": seconds, "plan_gib": plan["total"] / memory.GiB,
-                          "plan_x_headroom_gib": plan["total"] * HEADROOM / memory.GiB,
+                          "plan_x_headroom_gib": plan["total"] * memory.MEMORY_HEADROOM / memory.GiB,
                           "peak_over_plan": peak / (plan["total"] / memory.GiB) if peak else None}
         if stage == "rft":
             results[stage]["s_generation"] = [r["time_generation"] for r in records]
@@ -150,7 +149,7 @@ def main(argv=None):
     for stage in stages:
         r = results[stage]
         print(f"  {stage}: {r['status']}; peak {r['peak_memory_gib']} GiB (rank 0) against the plan {r['plan_gib']:.1f} GiB"
-              f" (x{HEADROOM} = {r['plan_x_headroom_gib']:.1f}); s/step {[round(x, 1) for x in r['s_per_step']]}")
+              f" (x{memory.MEMORY_HEADROOM} = {r['plan_x_headroom_gib']:.1f}); s/step {[round(x, 1) for x in r['s_per_step']]}")
     print(f"  details: {out / 'bench_fsdp_7b.json'}")
     return results
 
