@@ -298,10 +298,10 @@ def count_parameters(model) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # Optimizers and schedules
 # ----------------------------------------------------------------------------------------------------------
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adamw8bit_sr")
-# Bytes of optimizer state per trainable parameter (the memory plan): fp32 m and v, or 8-bit m and v (block-wise
-# scales add ~1%).
+# The optimizers, with their bytes of state per trainable parameter (the memory plan): fp32 m and v, or 8-bit m
+# and v (block-wise scales add ~1%).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "adamw8bit_sr": 2}
+OPTIMIZERS = tuple(OPTIMIZER_STATE_BYTES)
 TORCHAO_HINT = "pip install -r requirements-torchao.txt"
 
 

@@ -163,6 +163,27 @@ def write_guard(folder, what: str, kept):
         fail(f"writing {what} failed: {reason}. {kept() if callable(kept) else kept}")
 
 
+def read_jsonl(path, fix: str) -> list[dict]:
+    """The records of a JSON-lines file a stage wrote (metrics.jsonl); [] when it is absent. A line cut short (a
+    run killed while writing it) is skipped; bytes that are not UTF-8 text are no such line (the stages write
+    ASCII JSON): the file is named with `fix` and the run stops."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            fail(f"{path}: not UTF-8 text (byte {err.start}), so not the metrics a stage wrote. " + fix)
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                rows.append(record)
+    return rows
+
+
 def read_shard(path) -> dict[str, dict]:
     """Records by id of an append-only JSONL shard (the resume state of rollout_sft.py's sampling and of the
     teacher). A torn or unreadable line (a crash during a write) is dropped and the file rewritten without it,

@@ -31,7 +31,7 @@ def enable_on_cpu(accelerator, mixed_precision: str) -> None:
 
 def is_sharded(accelerator) -> bool:
     """Whether the prepared model's parameters are FSDP shards (DTensors): what decides the optimizer
-    (common.make_optimizer) and the memory plan."""
+    (common.make_optimizer; the memory plan reads --plan_processes instead)."""
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 

@@ -152,8 +152,6 @@ def needed_gib(peaks: dict) -> tuple[float, str]:
     return peaks[phase]["total"] * memory.MEMORY_HEADROOM / memory.GiB, phase
 
 
-
-
 def find_gpu(environ: dict, probe_torch: bool = True) -> dict:
     """What the run will get: {"gpu": the GPU torch will use or None, "listed": what nvidia-smi lists}.
     GPU_MEMORY_GB (GiB) overrides the memory (GPU_NAME its name): to plan for another card, or where the
@@ -239,7 +237,8 @@ def advice(gib: float, exclude: str = "") -> str:
 def gpu_check(settings: dict, preset: str, environ: dict, warn_only: bool = False) -> int:
     """run_all.sh's GPU check. Exit 2 (unless warn_only or IGNORE_GPU_PLAN=1) when nvidia-smi lists a GPU torch
     cannot use, when a preset's plan does not fit the GPU found (naming presets that do), when a preset trains
-    a real model in bf16 on a card without bf16, or when it trains a >1B model without any GPU."""
+    a real model in bf16 on a card without bf16. Without any GPU, a preset that trains a >1B model gets a note, not
+    an error."""
     gpu_preset = settings.get("PLAN_DEVICE", "gpu") == "gpu"
     found = find_gpu(environ, probe_torch=gpu_preset)
     gpu, listed = found["gpu"], found["listed"]
@@ -266,8 +265,8 @@ def gpu_check(settings: dict, preset: str, environ: dict, warn_only: bool = Fals
                 problems.append(f"preset {preset} needs {need:.1f} GiB of GPU memory ({phase}, with "
                                 f"{memory.MEMORY_HEADROOM}x headroom) and {gpu['name']} has {gpu['gib']:.1f} GiB: it "
                                 f"would run out of memory. " + advice(gpu["gib"], exclude=preset))
-    elif gpu_preset and not listed and params() > 1e9:
-        print(f"[run_all] note: no CUDA GPU found; preset {preset} trains a {params() / 1e9:.1f}B-parameter model, "
+    elif gpu_preset and not listed and (count := params()) > 1e9:
+        print(f"[run_all] note: no CUDA GPU found; preset {preset} trains a {count / 1e9:.1f}B-parameter model, "
               "which on a CPU takes weeks (PRESET=toy runs the experiment on the CPU)", file=sys.stderr)
     if not problems:
         return 0
@@ -293,8 +292,8 @@ def choose_preset(environ: dict) -> tuple[str, str]:
         need, _ = needed_gib(memory_peaks(plan.preset_settings(name)))
         if need <= gpu["gib"]:
             return name, f"CUDA GPU {label}: preset {name} (its plan needs {need:.1f} GiB)"
-    return "toy", (f"CUDA GPU {label}: no preset of the 3B experiment fits it (3b_40gb needs "
-                   f"{needed_gib(memory_peaks(plan.preset_settings('3b_40gb')))[0]:.1f} GiB): preset toy")
+    return "toy", (f"CUDA GPU {label}: no preset of the 3B experiment fits it ({name} needs {need:.1f} GiB): "
+                   "preset toy")
 
 
 def cards_table(presets: list[str]) -> str:

@@ -32,17 +32,6 @@ import files
 import plan
 
 
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def median(values: list[float]) -> float | None:
     values = sorted(v for v in values if v is not None)
     if not values:
@@ -152,7 +141,8 @@ def advice(settings: dict, decision: dict, measured: dict, replanned: dict) -> l
 
 
 def report(settings: dict, run: Path, stages: list[str], ignore: bool) -> tuple[bool, str, dict]:
-    metrics = read_metrics(run / "rft" / "metrics.jsonl")
+    metrics = files.read_jsonl(run / "rft" / "metrics.jsonl",
+                               "Move the rft/ folder away and rerun the pilot (run_all.sh --from pilot).")
     pilot_steps = int(settings["PILOT_STEPS"])
     measured = measure(metrics, pilot_steps)
     if measured["steps"] < pilot_steps:

@@ -258,9 +258,6 @@ def checkpoints(steps: int, save_steps: int, save_at: str = "") -> int:
     return len(due)
 
 
-TRAINING_STAGES = ("base", "sft_non_rea", "pilot", "rft", "sft_sources")   # the stages run_all.sh runs under LAUNCH
-
-
 def launcher(settings: dict) -> dict | None:
     """What LAUNCH (the prefix of sft.py / rft.py in run_all.sh) starts: None for plain processes, else the accelerate
     config it names, parsed ({"config", "processes", "distributed_type", "fsdp_version", "fsdp"}). --num_processes
@@ -506,7 +503,7 @@ def plan(settings: dict, stages: list[str], measured: dict | None = None) -> dic
                 seconds *= _i(s, variable, measured_at) / measured_at
             rows[stage]["seconds"] = seconds
     if gpu and processes > 1:   # GPU-hours: every process holds a GPU for the stage's whole wall time
-        for stage in TRAINING_STAGES:
+        for stage in experiment.PRESET_VARIABLES["LAUNCH"][0]:   # the stages run_all.sh runs under LAUNCH
             if stage in rows and (stage != "base" or s.get("BUILD_TOY_BASE") == "1"):   # a hub base trains nothing
                 rows[stage]["seconds"] *= processes
                 rows[stage]["note"] += f"; x {processes} GPUs"
@@ -678,8 +675,9 @@ def check_settings(settings: dict, preset: str, environ: dict) -> list[str]:
             continue
         if not experiment.in_range(number, spec):
             problems.append(f"{name}={value} must be {spec.replace(' ', '')}.")
+    launch = None
     try:
-        launcher(settings)
+        launch = launcher(settings)
     except ValueError as err:
         problems.append(str(err))
     if not problems:
@@ -690,7 +688,6 @@ def check_settings(settings: dict, preset: str, environ: dict) -> list[str]:
         if settings["ROLLOUT_BACKEND"] not in BACKENDS:
             problems.append(f"ROLLOUT_BACKEND={settings['ROLLOUT_BACKEND']} must be one of {', '.join(BACKENDS)} "
                             "(the decoding of GRPO's rollouts and of the sampled sources).")
-        launch = launcher(settings)
         if settings["ROLLOUT_BACKEND"] == "vllm" and launch and launch["processes"] > 1:
             problems.append(f"ROLLOUT_BACKEND=vllm with LAUNCH's {launch['processes']} processes: the vLLM backend runs "
                             "one in-process engine (vllm_engine.py); set ROLLOUT_BACKEND=hf under several processes.")

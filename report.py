@@ -12,7 +12,6 @@ writes report.md with its figures under report/ (compare.png/.json: the changes 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -51,23 +50,7 @@ def read_json(path: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records. A line cut short (a run killed while writing it) is skipped; bytes that are not
-    UTF-8 text are no such line (the stages write ASCII JSON): the file is named and the report stops."""
-    rows = []
-    if path.exists():
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            common.fail(f"{path}: not UTF-8 text (byte {err.start}), so not the metrics a stage wrote. "
-                        + UNREADABLE_FIX)
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                rows.append(record)
-    return rows
+    return files.read_jsonl(path, UNREADABLE_FIX)
 
 
 def fmt(value, digits: int = 1, signed: bool = False, spec: str = "", missing: str = "-") -> str:

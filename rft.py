@@ -152,7 +152,7 @@ class Args:
     """linear warmup optimizer steps (TRL default 0)"""
     min_lr_ratio: float = 1.0
     """cosine floor as a share of --lr; 1.0 = constant lr (nano-aha-moment and Jigsaw-R1 use a constant lr)"""
-    # --- one GPU ---
+    # --- memory and precision ---
     optimizer: str = "adamw8bit"
     """adamw, adamw8bit or paged_adamw8bit (bitsandbytes 8-bit states: 2 B/param instead of 8), adamw8bit_sr
     (torchao 8-bit states with bf16 stochastic rounding, for --precision bf16; requirements-torchao.txt)"""

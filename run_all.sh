@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole paper, end to end: base model -> jigsaw data -> base evaluation -> SFT-Non-Rea -> RFT (GRPO) -> the
-# SFT data sources -> SFT on each source -> evaluation of every model and checkpoint -> learning dynamics ->
-# report.md.
+# The whole paper, end to end: base model -> jigsaw data -> base evaluation -> RFT pilot (GPU presets) ->
+# SFT-Non-Rea -> RFT (GRPO) -> the SFT data sources -> SFT on each source -> evaluation of every model and
+# checkpoint -> learning dynamics -> report.md.
 #
-#   bash run_all.sh                    # toy preset without a CUDA GPU, 3b with one
+#   bash run_all.sh                    # 3b where its plan fits the GPU, 3b_40gb on a 40 GB card, else toy
 #   PRESET=7b bash run_all.sh          # Qwen2.5-VL-7B-Instruct (presets/7b.env says what it needs)
 #   PRESET=smoke bash run_all.sh       # a few steps of every stage (what the tests run)
 #   PRESET=rehearsal bash run_all.sh   # the 3b preset's stages and flags on a CPU, against a local fake mirror

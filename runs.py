@@ -158,14 +158,15 @@ def export_model(accelerator, model, processor, path, dtype: torch.dtype | None 
     path = Path(path)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        for key in getattr(accelerator.unwrap_model(model), "all_tied_weights_keys", None) or {}:
+        unwrapped = accelerator.unwrap_model(model)
+        for key in getattr(unwrapped, "all_tied_weights_keys", None) or {}:
             state_dict.pop(key, None)   # a tied copy (lm_head of 3B): FSDP's full state dict lists it as a tensor of its own
         if dtype is not None:
             state_dict = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in state_dict.items()}
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if dtype is not None:  # config.json must say what the files hold (save_pretrained writes the live dtype)
                 name = str(dtype).replace("torch.", "")
                 config = json.loads((tmp / "config.json").read_text())
@@ -262,7 +263,6 @@ def resume_state(output_dir) -> Path | None:
 
 def rng_fingerprint() -> str:
     """A short hash of this process's Python and torch RNG states: what the sampler and the data draws depend on."""
-    import hashlib
     digest = hashlib.sha256(repr(random.getstate()).encode())
     digest.update(torch.get_rng_state().numpy().tobytes())
     return digest.hexdigest()[:16]
