@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-TRAINING_STAGES = ("base", "sft_non_rea", "rft", "sft_sources")   # resume from their resume/ state
 # Small durable outputs: what the stages write besides models and data sets, by file suffix (settings, logs,
 # metrics, completions, rollout/teacher shards, results, the report and its figures, the analysis tables).
 SMALL_SUFFIXES = (".json", ".jsonl", ".log", ".md", ".png", ".seconds", ".txt", ".csv")

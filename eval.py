@@ -163,15 +163,15 @@ def model_identity(model: str, previous: dict | None = None) -> dict:
     folder = Path(model).expanduser()
     if folder.is_dir():
         known = (previous or {}).get("files", {})
-        files = {}
+        hashes = {}
         for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in runs.NOT_OUTPUTS):
             stat = path.stat()
             old = known.get(path.name, {})
             same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns and old.get("sha256")
-            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                "sha256": old["sha256"] if same else file_sha256(path)}
-        digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode())
-        return {"path": str(folder.resolve()), "files": files, "digest": digest.hexdigest()}
+            hashes[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                 "sha256": old["sha256"] if same else file_sha256(path)}
+        digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in hashes.items()}, sort_keys=True).encode())
+        return {"path": str(folder.resolve()), "files": hashes, "digest": digest.hexdigest()}
     commit = None
     try:
         from huggingface_hub import try_to_load_from_cache

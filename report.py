@@ -687,13 +687,13 @@ def common_rows(results: list[dict]) -> dict[str, set[str]] | None:
     None when a results file kept no samples (--no-save_samples, or a hand-made file): then the points cannot be
     aligned and keep their own metrics."""
     names = set.intersection(*[set((r.get("benchmarks") or {})) for r in results]) if results else set()
-    common = {}
+    shared = {}
     for name in names:
         ids = [set(r["benchmarks"][name].get("samples") or {}) for r in results]
         if not all(ids):
             return None
-        common[name] = set.intersection(*ids)
-    return common
+        shared[name] = set.intersection(*ids)
+    return shared
 
 
 def on_rows(results: dict, rows: dict[str, set[str]] | None) -> dict:

@@ -35,7 +35,7 @@ an uninterrupted run. The data set folder is built from the shard at the end (at
         --output_dir runs/3b/data/sources/rea_grpo_rollout
     #   run_all.sh adds a prediction from RFT's own rollouts, checked before any decoding (too few rows: stop):
     #   --sampler_metrics runs/3b/rft/metrics.jsonl --sampler_step 500 --min_rows 200
-    python rollout_sft.py --source rea_self_generated --data runs/3b/data/jigsaw --model runs/3b/rft/checkpoint-100 \\
+    python rollout_sft.py --source rea_self_generated --data runs/3b/data/jigsaw --model runs/3b/rft/checkpoint-48 \\
         --num_generations 4 --max_rows 880 --output_dir runs/3b/data/sources/rea_self_generated
     # rea_external from reasoning written elsewhere
     python rollout_sft.py --source rea_external --data runs/3b/data/jigsaw --output_dir runs/3b/data/sources/rea_4o \\
@@ -184,8 +184,8 @@ class Args:
     sampler_window: int = 20
     """training steps averaged for the prediction (20 x B x G rollouts: the accuracy of one step is noisy)"""
     min_rows: int = 0
-    """stop before decoding when the predicted rows are fewer (0: never). run_all.sh: MIN_SOURCE_ROWS, a quarter of
-    what SFT reads, so no row is read more than ~4 times"""
+    """stop before decoding when the predicted rows are fewer (0: never). run_all.sh: MIN_SOURCE_ROWS (3b: 200 of the
+    800 rows SFT reads, so no row is read more than ~4 times)"""
 
 
 RANGES = {"num_generations": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_completion_length": ">= 1",
@@ -467,14 +467,9 @@ def expected_rows(args: Args, puzzles: int) -> dict:
     if not path.is_file():
         common.fail(f"--sampler_metrics {path}: no such file (the metrics.jsonl of the training run --model comes "
                     "from); drop the flag to sample without a prediction.")
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "reward" in record and args.sampler_step - args.sampler_window < record.get("step", -1) <= args.sampler_step:
-            steps.append(record)
+    first, last = args.sampler_step - args.sampler_window, args.sampler_step
+    records = files.read_jsonl(path, "Point --sampler_metrics at the training run's metrics.jsonl, or drop the flag.")
+    steps = [r for r in records if "reward" in r and first < r.get("step", -1) <= last]
     if not steps:
         common.fail(f"--sampler_metrics {path}: no training step in ({args.sampler_step - args.sampler_window}, "
                     f"{args.sampler_step}]; give the step of --model as --sampler_step.")
